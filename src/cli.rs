@@ -1,0 +1,234 @@
+//! The admin CLI (`sparky`). Every command exits non-zero on failure with one line saying why;
+//! listing commands take `--json` for scripts.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::credentials::seal_row;
+use crate::domain::{CredentialEnv, ExchangeKind};
+use crate::queue::Queue;
+use crate::secrets::{generate_webhook_secret, hash_webhook_secret};
+use crate::store::{CredentialRow, Store};
+
+#[derive(Parser, Debug)]
+#[command(name = "sparky", version, about = "Sparky admin CLI")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Apply the database migrations.
+    Migrate,
+    /// Manage users and their webhook secrets.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage exchange credentials (bot_credentials).
+    #[command(subcommand)]
+    Credentials(CredentialsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Create a user and print its webhook secret (shown once; only its hash is stored).
+    Create {
+        #[arg(long)]
+        user_id: Option<Uuid>,
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke the user's webhook secrets and print a new one.
+    RotateSecret {
+        #[arg(long)]
+        user: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CredentialsCommand {
+    /// Add or replace a user's credentials for an exchange (encrypted when SPARKY_MASTER_KEY is set).
+    Set(SetCredentials),
+    /// Encrypt every plaintext api_key/api_secret (rows inserted directly, as the original system did).
+    EncryptExisting,
+}
+
+#[derive(Args, Debug)]
+pub struct SetCredentials {
+    #[arg(long)]
+    pub user: Uuid,
+    #[arg(long)]
+    pub exchange: String,
+    #[arg(long)]
+    pub api_key: String,
+    #[arg(long)]
+    pub api_secret: String,
+    #[arg(long)]
+    pub account_id: Option<String>,
+    #[arg(long, default_value = "production")]
+    pub environment: String,
+    #[arg(long)]
+    pub label: Option<String>,
+    /// extra_config as a JSON object, e.g. '{"leverage": 5}'
+    #[arg(long)]
+    pub extra: Option<String>,
+}
+
+/// Run a parsed command. Errors are for the caller to print as one line.
+pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database_url, 2).await?;
+    match cli.command {
+        Command::Migrate => {
+            store.migrate().await?;
+            println!("database migrated");
+        }
+        Command::User(UserCommand::Create {
+            user_id,
+            label,
+            json,
+        }) => {
+            store.check_migrated().await?;
+            let user_id = user_id.unwrap_or_else(Uuid::now_v7);
+            let secret = generate_webhook_secret();
+            store
+                .create_user(
+                    user_id,
+                    label.as_deref(),
+                    &hash_webhook_secret(secret.expose()),
+                )
+                .await?;
+            print_secret(user_id, secret.expose(), json);
+        }
+        Command::User(UserCommand::RotateSecret { user, json }) => {
+            store.check_migrated().await?;
+            let secret = generate_webhook_secret();
+            store
+                .rotate_secret(user, &hash_webhook_secret(secret.expose()))
+                .await?;
+            print_secret(user, secret.expose(), json);
+        }
+        Command::Credentials(CredentialsCommand::Set(s)) => {
+            store.check_migrated().await?;
+            let exchange: ExchangeKind = s
+                .exchange
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--exchange: {e}"))?;
+            let environment: CredentialEnv = s
+                .environment
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--environment: {e}"))?;
+            let extra_config = match &s.extra {
+                None => json!({}),
+                Some(t) => match serde_json::from_str(t) {
+                    Ok(v @ serde_json::Value::Object(_)) => v,
+                    _ => anyhow::bail!("--extra: must be a JSON object"),
+                },
+            };
+            let mut row = CredentialRow {
+                user_id: s.user,
+                exchange: exchange.as_str().into(),
+                api_key: s.api_key,
+                api_secret: s.api_secret,
+                account_id: s.account_id,
+                environment: environment.as_str().into(),
+                extra_config,
+                label: s.label,
+            };
+            if config.master_key.is_none() {
+                eprintln!("warning: SPARKY_MASTER_KEY is not set; credentials are stored in plaintext (run `sparky credentials encrypt-existing` once a key is set)");
+            }
+            seal_row(&mut row, config.master_key.as_ref());
+            store.upsert_credentials(&row).await?;
+            invalidate_cache(&config, s.user, exchange).await;
+            println!(
+                "saved {} {} credentials for user {}",
+                exchange,
+                environment.as_str(),
+                s.user
+            );
+        }
+        Command::Credentials(CredentialsCommand::EncryptExisting) => {
+            store.check_migrated().await?;
+            let Some(key) = config.master_key.as_ref() else {
+                anyhow::bail!("SPARKY_MASTER_KEY: required to encrypt credentials");
+            };
+            let n = encrypt_existing(&store, key).await?;
+            println!("encrypted {n} credential rows");
+        }
+    }
+    Ok(())
+}
+
+fn print_secret(user_id: Uuid, secret: &str, json: bool) {
+    if json {
+        println!("{}", json!({"user_id": user_id, "secret": secret}));
+    } else {
+        println!("user_id: {user_id}\nsecret:  {secret}\n(the secret is shown once; only its hash is stored)");
+    }
+}
+
+/// Drop cached credential rows of the user+exchange so a change is seen at once.
+async fn invalidate_cache(config: &Config, user: Uuid, exchange: ExchangeKind) {
+    let Ok(q) = Queue::connect(
+        &config.redis_url,
+        &config.namespace,
+        config.partitions,
+        Duration::from_secs(2),
+    )
+    .await
+    else {
+        eprintln!("warning: Redis unreachable; cached credentials expire within the cache TTL");
+        return;
+    };
+    let keys: Vec<String> = ["default", "production", "sandbox"]
+        .iter()
+        .map(|e| q.keys.credentials(&user, exchange.as_str(), e))
+        .collect();
+    let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut q.conn()).await;
+}
+
+/// Encrypt every plaintext credential row in place; returns how many rows changed.
+pub async fn encrypt_existing(
+    store: &Store,
+    key: &crate::secrets::MasterKey,
+) -> anyhow::Result<u64> {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT id, user_id, exchange, api_key, api_secret FROM bot_credentials
+         WHERE api_key NOT LIKE 'enc:v1:%' OR api_secret NOT LIKE 'enc:v1:%'",
+    )
+    .fetch_all(&store.pool)
+    .await?;
+    let mut n = 0;
+    for r in rows {
+        let mut row = CredentialRow {
+            user_id: r.get("user_id"),
+            exchange: r.get::<String, _>("exchange").to_ascii_lowercase(),
+            api_key: r.get("api_key"),
+            api_secret: r.get("api_secret"),
+            account_id: None,
+            environment: String::new(),
+            extra_config: serde_json::Value::Null,
+            label: None,
+        };
+        seal_row(&mut row, Some(key));
+        n += sqlx::query(
+            "UPDATE bot_credentials SET api_key = $2, api_secret = $3, updated_at = now() WHERE id = $1",
+        )
+        .bind(r.get::<i64, _>("id"))
+        .bind(&row.api_key)
+        .bind(&row.api_secret)
+        .execute(&store.pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(n)
+}

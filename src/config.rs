@@ -1,0 +1,318 @@
+//! Configuration from the environment (and `.env` when present).
+//!
+//! Every variable has the default of `design.md`; a value that does not parse stops start-up with one
+//! line naming the variable (`ConfigError`), never a panic. `Config::from_env` is what the binaries
+//! call; tests build a `Config` by hand (`Config::default()` plus the fields they care about).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::secrets::MasterKey;
+
+/// A configuration value that could not be used. Its `Display` is the one line printed at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Which kind of deployment this is. Outside `dev`, a master key is required (credentials must be
+/// encrypted at rest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Environment {
+    Dev,
+    Production,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub redis_url: String,
+    /// Prefix of every Redis key (isolates deployments and tests).
+    pub namespace: String,
+    pub master_key: Option<MasterKey>,
+    pub environment: Environment,
+    /// Ingress port.
+    pub port: u16,
+    /// Worker health/metrics port.
+    pub worker_port: u16,
+    pub partitions: u32,
+    pub worker_concurrency: usize,
+    pub max_signal_age: Duration,
+    /// How long a webhook secret lookup is cached in the ingress (rotation takes effect within this).
+    pub secret_cache_ttl: Duration,
+    /// How long credentials stay in the Redis cache.
+    pub credential_cache_ttl: Duration,
+    /// Transient exchange failures are retried this many times (after the first attempt).
+    pub exchange_retries: usize,
+    /// ... and for at most this long in total.
+    pub exchange_retry_max: Duration,
+    pub aster_base_url: Option<String>,
+    pub oanda_base_url: Option<String>,
+    pub tradier_base_url: Option<String>,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("namespace", &self.namespace)
+            .field(
+                "master_key",
+                &self.master_key.as_ref().map(|_| "[redacted]"),
+            )
+            .field("environment", &self.environment)
+            .field("port", &self.port)
+            .field("worker_port", &self.worker_port)
+            .field("partitions", &self.partitions)
+            .field("worker_concurrency", &self.worker_concurrency)
+            .field("max_signal_age", &self.max_signal_age)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hide the password of a `scheme://user:password@host` URL.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: "postgres://postgres@127.0.0.1:5432/sparky".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            namespace: "sparky".into(),
+            master_key: None,
+            environment: Environment::Dev,
+            port: 3000,
+            worker_port: 9100,
+            partitions: 16,
+            worker_concurrency: 64,
+            max_signal_age: Duration::from_secs(60),
+            secret_cache_ttl: Duration::from_secs(30),
+            credential_cache_ttl: Duration::from_secs(60),
+            exchange_retries: 5,
+            exchange_retry_max: Duration::from_secs(30),
+            aster_base_url: None,
+            oanda_base_url: None,
+            tradier_base_url: None,
+            log_level: "info".into(),
+            log_format: LogFormat::Pretty,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `.env` (if present, without overriding the real environment), then the environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let _ = dotenvy::dotenv();
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::from_map(&vars)
+    }
+
+    /// The parser behind `from_env`, over any map (unit-testable without touching the process env).
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let get = |k: &str| vars.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let environment = match get("SPARKY_ENV") {
+            None | Some("dev") | Some("development") => Environment::Dev,
+            Some("production") | Some("prod") => Environment::Production,
+            Some(other) => {
+                return Err(err(
+                    "SPARKY_ENV",
+                    format!("expected `dev` or `production`, got `{other}`"),
+                ))
+            }
+        };
+        let master_key = match get("SPARKY_MASTER_KEY") {
+            Some(v) => Some(
+                MasterKey::from_base64(v).map_err(|m| err("SPARKY_MASTER_KEY", m.to_string()))?,
+            ),
+            None => None,
+        };
+        if environment == Environment::Production && master_key.is_none() {
+            return Err(err(
+                "SPARKY_MASTER_KEY",
+                "required when SPARKY_ENV=production (base64 of 32 random bytes, e.g. `openssl rand -base64 32`)".into(),
+            ));
+        }
+        let namespace = get("SPARKY_NAMESPACE").unwrap_or(&d.namespace).to_string();
+        if !namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
+            return Err(err(
+                "SPARKY_NAMESPACE",
+                "only letters, digits, `_`, `-` and `.` are allowed".into(),
+            ));
+        }
+        let log_format = match get("LOG_FORMAT") {
+            None | Some("pretty") | Some("text") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(err(
+                    "LOG_FORMAT",
+                    format!("expected `pretty` or `json`, got `{other}`"),
+                ))
+            }
+        };
+        let url = |k: &'static str, default: &str| -> Result<String, ConfigError> {
+            let v = get(k).unwrap_or(default).to_string();
+            if !v.contains("://") {
+                return Err(err(k, format!("`{v}` is not a URL")));
+            }
+            Ok(v)
+        };
+        let opt_url = |k: &'static str| -> Result<Option<String>, ConfigError> {
+            match get(k) {
+                Some(v) if v.starts_with("http://") || v.starts_with("https://") => {
+                    Ok(Some(v.trim_end_matches('/').to_string()))
+                }
+                Some(v) => Err(err(k, format!("`{v}` is not an http(s) URL"))),
+                None => Ok(None),
+            }
+        };
+        let partitions: u32 = num(vars, "SPARKY_PARTITIONS", d.partitions)?;
+        if partitions == 0 || partitions > 4096 {
+            return Err(err(
+                "SPARKY_PARTITIONS",
+                "must be between 1 and 4096".into(),
+            ));
+        }
+        let worker_concurrency: usize =
+            num(vars, "SPARKY_WORKER_CONCURRENCY", d.worker_concurrency)?;
+        if worker_concurrency == 0 {
+            return Err(err(
+                "SPARKY_WORKER_CONCURRENCY",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(Config {
+            database_url: url("DATABASE_URL", &d.database_url)?,
+            redis_url: url("REDIS_URL", &d.redis_url)?,
+            namespace,
+            master_key,
+            environment,
+            port: num(vars, "PORT", d.port)?,
+            worker_port: num(vars, "WORKER_PORT", d.worker_port)?,
+            partitions,
+            worker_concurrency,
+            max_signal_age: Duration::from_secs(num(
+                vars,
+                "SPARKY_MAX_SIGNAL_AGE_SECS",
+                d.max_signal_age.as_secs(),
+            )?),
+            secret_cache_ttl: Duration::from_secs(num(
+                vars,
+                "SPARKY_SECRET_CACHE_TTL_SECS",
+                d.secret_cache_ttl.as_secs(),
+            )?),
+            credential_cache_ttl: Duration::from_secs(num(
+                vars,
+                "SPARKY_CREDENTIAL_CACHE_TTL_SECS",
+                d.credential_cache_ttl.as_secs(),
+            )?),
+            exchange_retries: num(vars, "SPARKY_EXCHANGE_RETRIES", d.exchange_retries)?,
+            exchange_retry_max: Duration::from_secs(num(
+                vars,
+                "SPARKY_EXCHANGE_RETRY_MAX_SECS",
+                d.exchange_retry_max.as_secs(),
+            )?),
+            aster_base_url: opt_url("ASTER_BASE_URL")?,
+            oanda_base_url: opt_url("OANDA_BASE_URL")?,
+            tradier_base_url: opt_url("TRADIER_BASE_URL")?,
+            log_level: get("LOG_LEVEL").unwrap_or(&d.log_level).to_string(),
+            log_format,
+        })
+    }
+}
+
+fn err(var: &'static str, message: String) -> ConfigError {
+    ConfigError { var, message }
+}
+
+fn num<T: std::str::FromStr>(
+    vars: &HashMap<String, String>,
+    key: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
+    match vars.get(key).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| err(key, format!("`{v}` is not a valid non-negative number"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::from_map(&HashMap::new()).unwrap();
+        assert_eq!(c.port, 3000);
+        assert_eq!(c.worker_port, 9100);
+        assert_eq!(c.partitions, 16);
+        assert_eq!(c.worker_concurrency, 64);
+        assert_eq!(c.max_signal_age, Duration::from_secs(60));
+        assert_eq!(c.namespace, "sparky");
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = Config::from_map(&map(&[("SPARKY_PARTITIONS", "many")])).unwrap_err();
+        assert_eq!(e.var, "SPARKY_PARTITIONS");
+        assert!(e.to_string().contains("SPARKY_PARTITIONS"), "{e}");
+        let e = Config::from_map(&map(&[("PORT", "-1")])).unwrap_err();
+        assert_eq!(e.var, "PORT");
+        let e = Config::from_map(&map(&[("LOG_FORMAT", "xml")])).unwrap_err();
+        assert_eq!(e.var, "LOG_FORMAT");
+        let e = Config::from_map(&map(&[("SPARKY_MASTER_KEY", "short")])).unwrap_err();
+        assert_eq!(e.var, "SPARKY_MASTER_KEY");
+        let e = Config::from_map(&map(&[("SPARKY_ENV", "production")])).unwrap_err();
+        assert_eq!(e.var, "SPARKY_MASTER_KEY");
+        let e = Config::from_map(&map(&[("SPARKY_PARTITIONS", "0")])).unwrap_err();
+        assert_eq!(e.var, "SPARKY_PARTITIONS");
+    }
+
+    #[test]
+    fn debug_hides_passwords() {
+        let c = Config {
+            database_url: "postgres://u:hunter2@db/x".into(),
+            ..Config::default()
+        };
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter2"), "{s}");
+        assert!(s.contains("postgres://u:***@db/x"), "{s}");
+    }
+}

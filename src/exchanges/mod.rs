@@ -1,0 +1,274 @@
+//! The exchange boundary: one [`Exchange`] trait the executor uses, one error type with the taxonomy
+//! every client maps its failures into, and the factory that turns a `bot_credentials` row into a
+//! client.
+//!
+//! Error taxonomy ([`ErrorClass`]):
+//! - `Transient`: nothing was executed (connect error, timeout before sending, 5xx, 429/418) -> retry
+//!   with backoff, honouring `retry_after`.
+//! - `Unknown`: the request may have been executed (timeout after sending, 503, Aster -1007) -> look
+//!   the order up by its client order id and resend only if it does not exist.
+//! - `Permanent`: retrying cannot help (auth, margin, invalid symbol, precision, min notional) -> the
+//!   job is `rejected` with the broker's own message.
+
+pub mod paper;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::credentials::Credentials;
+use crate::domain::{ExchangeKind, OrderSide, OrderType, Side, Symbol};
+use crate::store::Store;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorClass {
+    Transient,
+    Unknown,
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Unknown => "unknown",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+/// A failure of an exchange call. `message` is the broker's own text where there is one; it never
+/// contains credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeError {
+    pub class: ErrorClass,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl ExchangeError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        ExchangeError {
+            class: ErrorClass::Transient,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    pub fn unknown(message: impl Into<String>) -> Self {
+        ExchangeError {
+            class: ErrorClass::Unknown,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        ExchangeError {
+            class: ErrorClass::Permanent,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} error: {}", self.class.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for ExchangeError {}
+
+/// Which order of a job this is. Part of the client order id, so every retry of one leg carries the
+/// same id and a job can never produce two orders for one leg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Leg {
+    Open,
+    Close,
+    StopLoss,
+    TakeProfit,
+}
+
+impl Leg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Leg::Open => "open",
+            Leg::Close => "close",
+            Leg::StopLoss => "sl",
+            Leg::TakeProfit => "tp",
+        }
+    }
+}
+
+/// The client order id of a job's leg: `sp` + the job id as 32 hex digits + one letter for the leg
+/// (`o`pen, `c`lose, `s`top-loss, `t`ake-profit): 35 characters, letters and digits only, so it is
+/// valid for Aster (`^[.A-Z:/a-z0-9_-]{1,36}$`), OANDA client ids and Tradier tags alike.
+pub fn client_order_id(job_id: Uuid, leg: Leg) -> String {
+    let l = match leg {
+        Leg::Open => 'o',
+        Leg::Close => 'c',
+        Leg::StopLoss => 's',
+        Leg::TakeProfit => 't',
+    };
+    format!("sp{}{l}", job_id.simple())
+}
+
+/// Trading rules of a symbol, applied before an order is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolRules {
+    /// Quantities are multiples of this.
+    pub step: Decimal,
+    pub min_qty: Decimal,
+    /// Minimum price x quantity (in the quote currency).
+    pub min_notional: Decimal,
+    /// Prices are multiples of this.
+    pub tick: Decimal,
+}
+
+/// An open position as the exchange reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExPosition {
+    pub side: Side,
+    pub quantity: Decimal,
+    pub entry_price: Option<Decimal>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderRequest {
+    pub symbol: Symbol,
+    pub side: OrderSide,
+    pub quantity: Decimal,
+    pub order_type: OrderType,
+    pub limit_price: Option<Decimal>,
+    pub reduce_only: bool,
+    pub leg: Leg,
+    pub client_order_id: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderState {
+    /// Completely filled.
+    Filled,
+    /// Accepted, not (yet) filled (a resting limit order).
+    Accepted,
+}
+
+/// The exchange's answer to an order (or to a look-up of one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderAck {
+    pub exchange_order_id: String,
+    pub client_order_id: String,
+    pub state: OrderState,
+    pub filled_qty: Decimal,
+    pub avg_price: Option<Decimal>,
+}
+
+/// Protective orders to attach to a newly opened position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Protection {
+    pub symbol: Symbol,
+    /// The side of the position they protect.
+    pub position_side: Side,
+    pub quantity: Decimal,
+    pub stop_loss: Option<Decimal>,
+    pub take_profit: Option<Decimal>,
+    pub job_id: Uuid,
+}
+
+/// What the executor needs from an exchange.
+#[async_trait]
+pub trait Exchange: Send + Sync {
+    fn kind(&self) -> ExchangeKind;
+    async fn symbol_rules(&self, symbol: &Symbol) -> Result<SymbolRules, ExchangeError>;
+    /// The current price (last trade or mid).
+    async fn price(&self, symbol: &Symbol) -> Result<Decimal, ExchangeError>;
+    /// The open position in `symbol`, if any.
+    async fn position(&self, symbol: &Symbol) -> Result<Option<ExPosition>, ExchangeError>;
+    async fn place_order(&self, order: &OrderRequest) -> Result<OrderAck, ExchangeError>;
+    /// Close `position` entirely (reduce-only) with the given client order id.
+    async fn close_position(
+        &self,
+        symbol: &Symbol,
+        position: &ExPosition,
+        client_order_id: &str,
+    ) -> Result<OrderAck, ExchangeError>;
+    /// Look an order up by its client order id; `None` if the exchange has no such order.
+    async fn find_order(
+        &self,
+        symbol: &Symbol,
+        client_order_id: &str,
+    ) -> Result<Option<OrderAck>, ExchangeError>;
+    /// Place exchange-native stop-loss / take-profit orders for a new position.
+    async fn protect(&self, protection: &Protection) -> Result<(), ExchangeError>;
+}
+
+/// What the factory needs besides the credentials.
+#[derive(Clone)]
+pub struct ExchangeContext {
+    pub store: Store,
+    pub http: reqwest::Client,
+    pub aster_base_url: Option<String>,
+    pub oanda_base_url: Option<String>,
+    pub tradier_base_url: Option<String>,
+}
+
+impl ExchangeContext {
+    pub fn new(config: &Config, store: Store) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .expect("the HTTP client builds");
+        ExchangeContext {
+            store,
+            http,
+            aster_base_url: config.aster_base_url.clone(),
+            oanda_base_url: config.oanda_base_url.clone(),
+            tradier_base_url: config.tradier_base_url.clone(),
+        }
+    }
+}
+
+/// Build the client for a user's credentials.
+pub fn build_exchange(
+    creds: &Credentials,
+    ctx: &ExchangeContext,
+) -> Result<Box<dyn Exchange>, ExchangeError> {
+    match creds.exchange {
+        ExchangeKind::Paper => Ok(Box::new(paper::PaperExchange::new(
+            ctx.store.clone(),
+            creds.user_id,
+        ))),
+        other => Err(ExchangeError::permanent(format!(
+            "the {other} client is not available in this build yet (see the exchanges issue); use `paper`"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_order_ids_fit_every_exchange() {
+        let job = Uuid::now_v7();
+        for leg in [Leg::Open, Leg::Close, Leg::StopLoss, Leg::TakeProfit] {
+            let id = client_order_id(job, leg);
+            assert!(id.len() <= 36, "{id}");
+            assert!(id.chars().all(|c| c.is_ascii_alphanumeric()), "{id}");
+            assert_eq!(id, client_order_id(job, leg), "deterministic");
+        }
+        assert_ne!(
+            client_order_id(job, Leg::Open),
+            client_order_id(job, Leg::Close)
+        );
+    }
+}

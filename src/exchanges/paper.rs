@@ -1,0 +1,202 @@
+//! The built-in paper exchange: the local default, so the whole pipeline runs with no broker account.
+//!
+//! - Prices and lot sizes are deterministic per symbol: a few well-known symbols have fixed values
+//!   ([`KNOWN`]); any other symbol gets a price derived from a hash of its name (so a test or a demo
+//!   always sees the same numbers).
+//! - Market orders fill at once at the paper price. Limit orders fill at once at the paper price when
+//!   they are marketable (buy limit >= price, sell limit <= price); a paper exchange keeps no order
+//!   book, so a non-marketable limit order is rejected with a message saying so.
+//! - Orders below the minimum quantity or notional, or not a multiple of the step, are rejected.
+//! - Its "account" is Sparky's own `positions`/`trades` tables: the position it reports is the stored
+//!   one and an order look-up by client order id reads `trades`. Since those rows are written in the
+//!   same transaction as the job's final state, a paper order that was "placed" by a worker that
+//!   crashed before committing never existed, and a redelivery places it again: exactly once.
+
+use async_trait::async_trait;
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use uuid::Uuid;
+
+use super::{
+    ExPosition, Exchange, ExchangeError, OrderAck, OrderRequest, OrderState, Protection,
+    SymbolRules,
+};
+use crate::domain::{ExchangeKind, OrderSide, OrderType, Symbol};
+use crate::store::Store;
+
+/// (symbol, price, step, min notional)
+pub const KNOWN: &[(&str, Decimal, Decimal, Decimal)] = &[
+    ("BTCUSDT", dec!(65000), dec!(0.001), dec!(5)),
+    ("ETHUSDT", dec!(3000), dec!(0.001), dec!(5)),
+    ("SOLUSDT", dec!(150), dec!(0.01), dec!(5)),
+    ("EUR_USD", dec!(1.0850), dec!(1), dec!(0)),
+    ("GBP_USD", dec!(1.2700), dec!(1), dec!(0)),
+    ("USD_JPY", dec!(150.25), dec!(1), dec!(0)),
+    ("AAPL", dec!(190), dec!(1), dec!(0)),
+    ("SPY", dec!(500), dec!(1), dec!(0)),
+];
+
+/// The paper rules and price of a symbol.
+pub fn paper_market(symbol: &str) -> (Decimal, SymbolRules) {
+    if let Some((_, price, step, min_notional)) = KNOWN.iter().find(|(s, ..)| *s == symbol) {
+        return (
+            *price,
+            SymbolRules {
+                step: *step,
+                min_qty: *step,
+                min_notional: *min_notional,
+                tick: dec!(0.01),
+            },
+        );
+    }
+    // FNV-1a of the name: a stable price between 1.00 and 999.99, step 0.01, min notional 1.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in symbol.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let cents = 100 + (h % 99_900);
+    (
+        Decimal::new(cents as i64, 2),
+        SymbolRules {
+            step: dec!(0.01),
+            min_qty: dec!(0.01),
+            min_notional: dec!(1),
+            tick: dec!(0.01),
+        },
+    )
+}
+
+pub struct PaperExchange {
+    store: Store,
+    user_id: Uuid,
+}
+
+impl PaperExchange {
+    pub fn new(store: Store, user_id: Uuid) -> Self {
+        PaperExchange { store, user_id }
+    }
+
+    fn fill(&self, client_order_id: &str, qty: Decimal, price: Decimal) -> OrderAck {
+        OrderAck {
+            exchange_order_id: format!("paper-{client_order_id}"),
+            client_order_id: client_order_id.to_string(),
+            state: OrderState::Filled,
+            filled_qty: qty,
+            avg_price: Some(price),
+        }
+    }
+}
+
+fn db_error(e: crate::store::StoreError) -> ExchangeError {
+    ExchangeError::transient(format!("paper exchange storage: {e}"))
+}
+
+#[async_trait]
+impl Exchange for PaperExchange {
+    fn kind(&self) -> ExchangeKind {
+        ExchangeKind::Paper
+    }
+
+    async fn symbol_rules(&self, symbol: &Symbol) -> Result<SymbolRules, ExchangeError> {
+        Ok(paper_market(symbol.as_str()).1)
+    }
+
+    async fn price(&self, symbol: &Symbol) -> Result<Decimal, ExchangeError> {
+        Ok(paper_market(symbol.as_str()).0)
+    }
+
+    async fn position(&self, symbol: &Symbol) -> Result<Option<ExPosition>, ExchangeError> {
+        let p = self
+            .store
+            .position(self.user_id, symbol.as_str())
+            .await
+            .map_err(db_error)?;
+        Ok(p.map(|p| ExPosition {
+            side: p.side,
+            quantity: p.quantity,
+            entry_price: Some(p.entry_price),
+        }))
+    }
+
+    async fn place_order(&self, o: &OrderRequest) -> Result<OrderAck, ExchangeError> {
+        let (price, rules) = paper_market(o.symbol.as_str());
+        if o.quantity <= Decimal::ZERO || !(o.quantity % rules.step).is_zero() {
+            return Err(ExchangeError::permanent(format!(
+                "paper: quantity {} of {} is not a positive multiple of the step {}",
+                o.quantity, o.symbol, rules.step
+            )));
+        }
+        if !o.reduce_only {
+            if o.quantity < rules.min_qty {
+                return Err(ExchangeError::permanent(format!(
+                    "paper: quantity {} of {} is below the minimum {}",
+                    o.quantity, o.symbol, rules.min_qty
+                )));
+            }
+            if o.quantity * price < rules.min_notional {
+                return Err(ExchangeError::permanent(format!(
+                    "paper: notional {} of {} is below the minimum {}",
+                    o.quantity * price,
+                    o.symbol,
+                    rules.min_notional
+                )));
+            }
+        }
+        if o.order_type == OrderType::Limit {
+            let limit = o
+                .limit_price
+                .ok_or_else(|| ExchangeError::permanent("paper: a limit order needs a price"))?;
+            let marketable = match o.side {
+                OrderSide::Buy => limit >= price,
+                OrderSide::Sell => limit <= price,
+            };
+            if !marketable {
+                return Err(ExchangeError::permanent(format!(
+                    "paper: limit {} {} at {} is not marketable against the paper price {}; the paper exchange keeps no resting orders",
+                    o.side.as_str(),
+                    o.symbol,
+                    limit,
+                    price
+                )));
+            }
+        }
+        Ok(self.fill(&o.client_order_id, o.quantity, price))
+    }
+
+    async fn close_position(
+        &self,
+        symbol: &Symbol,
+        position: &ExPosition,
+        client_order_id: &str,
+    ) -> Result<OrderAck, ExchangeError> {
+        let (price, _) = paper_market(symbol.as_str());
+        Ok(self.fill(client_order_id, position.quantity, price))
+    }
+
+    async fn find_order(
+        &self,
+        _symbol: &Symbol,
+        client_order_id: &str,
+    ) -> Result<Option<OrderAck>, ExchangeError> {
+        let t = self
+            .store
+            .trade_by_client_order_id(self.user_id, client_order_id)
+            .await
+            .map_err(db_error)?;
+        Ok(t.map(|t| OrderAck {
+            exchange_order_id: t
+                .exchange_order_id
+                .unwrap_or_else(|| format!("paper-{client_order_id}")),
+            client_order_id: t.client_order_id,
+            state: OrderState::Filled,
+            filled_qty: t.quantity,
+            avg_price: t.price,
+        }))
+    }
+
+    async fn protect(&self, _protection: &Protection) -> Result<(), ExchangeError> {
+        // The paper exchange has no triggers to run; the levels are recorded on the position row.
+        Ok(())
+    }
+}

@@ -1,0 +1,544 @@
+//! The trade executor: turns one job into orders on one exchange (design.md "Trade semantics").
+//!
+//! - `buy`/`sell` with no position: open; quantity = `position_size_usd / price`, rounded DOWN to the
+//!   exchange's step; below the minimum quantity or notional -> `rejected` with the numbers.
+//! - Same side as the open position: `skipped`.
+//! - Opposite side: a reversal. The new leg is sized and checked first (so a too-small reversal does
+//!   not close anything), then the position is closed reduce-only, and only once that close is
+//!   confirmed filled is the new side opened.
+//! - `close`: close the whole position; no position -> `skipped`.
+//! - Stop-loss / take-profit: exchange-native protective orders after the open; if they cannot be
+//!   placed the job is `succeeded_unprotected` with the reason.
+//!
+//! The executor never writes to the database: it returns an [`Outcome`] (status, the fills to record,
+//! the position change) which the worker commits in one transaction.
+//!
+//! Failures follow the exchange error taxonomy. Transient errors are retried with exponential backoff
+//! and jitter (`backon`'s schedule, bounded by attempts and total time); an unknown outcome is resolved
+//! by looking the order up by its client order id; from the first retry on (and on any redelivery of
+//! the job, `recover = true`) every leg is looked up before it is placed, so a leg the exchange
+//! already has is recorded, not sent again.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::Serialize;
+
+use crate::domain::{Job, OrderSide, OrderType, Side};
+use crate::exchanges::{
+    client_order_id, ErrorClass, ExPosition, Exchange, ExchangeError, Leg, OrderAck, OrderRequest,
+    OrderState, Protection,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Executing,
+    Succeeded,
+    SucceededUnprotected,
+    Skipped,
+    Rejected,
+    Dead,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Executing => "executing",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::SucceededUnprotected => "succeeded_unprotected",
+            JobStatus::Skipped => "skipped",
+            JobStatus::Rejected => "rejected",
+            JobStatus::Dead => "dead",
+        }
+    }
+    /// Does a job in this state belong in the dead-letter stream?
+    pub fn is_failure(self) -> bool {
+        matches!(self, JobStatus::Rejected | JobStatus::Dead)
+    }
+}
+
+/// One order leg the exchange executed (or accepted), to be recorded as a trade row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Fill {
+    pub leg: Leg,
+    pub side: OrderSide,
+    pub quantity: Decimal,
+    pub price: Option<Decimal>,
+    pub client_order_id: String,
+    pub exchange_order_id: Option<String>,
+    /// `filled` or `accepted`.
+    pub status: String,
+}
+
+/// How the user's position in the job's symbol changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum PositionChange {
+    Unchanged,
+    Flat,
+    Open {
+        side: Side,
+        quantity: Decimal,
+        entry_price: Decimal,
+        stop_loss_price: Option<Decimal>,
+        take_profit_price: Option<Decimal>,
+    },
+}
+
+/// One failed attempt, kept in the job's history and the dead-letter record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AttemptError {
+    pub at: DateTime<Utc>,
+    pub class: String,
+    pub message: String,
+}
+
+/// The result of executing a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    pub status: JobStatus,
+    pub fills: Vec<Fill>,
+    pub position: PositionChange,
+    /// Why it was skipped / rejected / dead / unprotected.
+    pub message: Option<String>,
+    pub error_class: Option<String>,
+    pub history: Vec<AttemptError>,
+}
+
+impl Outcome {
+    pub fn new(status: JobStatus, message: impl Into<String>) -> Outcome {
+        Outcome {
+            status,
+            fills: vec![],
+            position: PositionChange::Unchanged,
+            message: Some(message.into()),
+            error_class: None,
+            history: vec![],
+        }
+    }
+    /// A job that fails before reaching the exchange (no credentials, stale, ...).
+    pub fn failed(status: JobStatus, class: &str, message: impl Into<String>) -> Outcome {
+        let message = message.into();
+        Outcome {
+            error_class: Some(class.to_string()),
+            history: vec![AttemptError {
+                at: Utc::now(),
+                class: class.to_string(),
+                message: message.clone(),
+            }],
+            ..Outcome::new(status, message)
+        }
+    }
+}
+
+/// How transient exchange failures are retried.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub max_retries: usize,
+    pub max_total: Duration,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    fn schedule(&self) -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_max_times(self.max_retries)
+            .with_total_delay(Some(self.max_total))
+            .build()
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 5,
+            max_total: Duration::from_secs(30),
+            min_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Round `x` down to a multiple of `step`.
+pub fn round_down(x: Decimal, step: Decimal) -> Decimal {
+    if step <= Decimal::ZERO {
+        return x;
+    }
+    ((x / step).round_dp_with_strategy(0, RoundingStrategy::ToZero) * step).normalize()
+}
+
+/// Round a price to the nearest multiple of `tick`.
+pub fn round_to_tick(x: Decimal, tick: Decimal) -> Decimal {
+    if tick <= Decimal::ZERO {
+        return x;
+    }
+    ((x / tick).round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero) * tick)
+        .normalize()
+}
+
+/// Execute `job` on `ex`, retrying transient failures. `recover` says a previous delivery of this job
+/// may already have placed orders.
+pub async fn execute(
+    ex: &dyn Exchange,
+    job: &Job,
+    mut recover: bool,
+    policy: &RetryPolicy,
+) -> Outcome {
+    let mut schedule = policy.schedule();
+    let mut history = Vec::new();
+    loop {
+        let mut fills = Vec::new();
+        let result = attempt(ex, job, recover, &mut fills).await;
+        let err = match result {
+            Ok(mut outcome) => {
+                outcome.history.splice(0..0, history);
+                return outcome;
+            }
+            Err(e) => e,
+        };
+        history.push(AttemptError {
+            at: Utc::now(),
+            class: err.class.as_str().into(),
+            message: err.message.clone(),
+        });
+        let status = match err.class {
+            ErrorClass::Permanent => JobStatus::Rejected,
+            ErrorClass::Transient | ErrorClass::Unknown => match schedule.next() {
+                Some(delay) => {
+                    let delay = err.retry_after.map_or(delay, |r| r.max(delay));
+                    tracing::warn!(error = %err, ?delay, "exchange call failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    recover = true;
+                    continue;
+                }
+                None => JobStatus::Dead,
+            },
+        };
+        let position = if fills.iter().any(|f| f.leg == Leg::Close) {
+            PositionChange::Flat
+        } else {
+            PositionChange::Unchanged
+        };
+        let message = if status == JobStatus::Dead {
+            format!("gave up after {} attempts: {}", history.len(), err.message)
+        } else {
+            err.message.clone()
+        };
+        return Outcome {
+            status,
+            fills,
+            position,
+            message: Some(message),
+            error_class: Some(err.class.as_str().into()),
+            history,
+        };
+    }
+}
+
+fn fill_of(leg: Leg, side: OrderSide, ack: &OrderAck, fallback_qty: Decimal) -> Fill {
+    let quantity = if ack.filled_qty > Decimal::ZERO {
+        ack.filled_qty
+    } else {
+        fallback_qty
+    };
+    Fill {
+        leg,
+        side,
+        quantity,
+        price: ack.avg_price,
+        client_order_id: ack.client_order_id.clone(),
+        exchange_order_id: Some(ack.exchange_order_id.clone()),
+        status: match ack.state {
+            OrderState::Filled => "filled".into(),
+            OrderState::Accepted => "accepted".into(),
+        },
+    }
+}
+
+/// Place one leg exactly once: look it up first when recovering, and resolve an unknown outcome by
+/// looking it up before anything is sent again.
+async fn place_leg(
+    ex: &dyn Exchange,
+    order: &OrderRequest,
+    close_of: Option<&ExPosition>,
+) -> Result<OrderAck, ExchangeError> {
+    let sent = match close_of {
+        Some(p) => {
+            ex.close_position(&order.symbol, p, &order.client_order_id)
+                .await
+        }
+        None => ex.place_order(order).await,
+    };
+    match sent {
+        Err(e) if e.class == ErrorClass::Unknown => {
+            match ex.find_order(&order.symbol, &order.client_order_id).await? {
+                Some(ack) => Ok(ack),
+                None => Err(ExchangeError {
+                    class: ErrorClass::Transient,
+                    message: format!(
+                        "{} (order {} not found afterwards; it will be sent again)",
+                        e.message, order.client_order_id
+                    ),
+                    retry_after: e.retry_after,
+                }),
+            }
+        }
+        other => other,
+    }
+}
+
+async fn attempt(
+    ex: &dyn Exchange,
+    job: &Job,
+    recover: bool,
+    fills: &mut Vec<Fill>,
+) -> Result<Outcome, ExchangeError> {
+    let a = &job.alert;
+    let sym = &a.symbol;
+    let close_id = client_order_id(job.job_id, Leg::Close);
+    let open_id = client_order_id(job.job_id, Leg::Open);
+
+    // Legs a previous delivery already placed.
+    let (prev_close, prev_open) = if recover {
+        (
+            ex.find_order(sym, &close_id).await?,
+            ex.find_order(sym, &open_id).await?,
+        )
+    } else {
+        (None, None)
+    };
+    let position = ex.position(sym).await?;
+
+    let Some(side) = a.action.side() else {
+        // close
+        if let Some(ack) = prev_close {
+            let side = position
+                .as_ref()
+                .map(|p| OrderSide::closing(p.side))
+                .unwrap_or(OrderSide::Sell);
+            fills.push(fill_of(Leg::Close, side, &ack, Decimal::ZERO));
+            return Ok(done(fills, PositionChange::Flat));
+        }
+        let Some(p) = position else {
+            return Ok(Outcome::new(
+                JobStatus::Skipped,
+                format!("no open position in {sym} to close"),
+            ));
+        };
+        let ack = close(ex, job, &p).await?;
+        fills.push(fill_of(
+            Leg::Close,
+            OrderSide::closing(p.side),
+            &ack,
+            p.quantity,
+        ));
+        return Ok(done(fills, PositionChange::Flat));
+    };
+
+    if let Some(ack) = &prev_close {
+        let close_side = OrderSide::closing(side.opposite());
+        fills.push(fill_of(Leg::Close, close_side, ack, Decimal::ZERO));
+    }
+    if let Some(ack) = prev_open {
+        // The whole job got as far as the open leg before: record it, do not send anything.
+        fills.push(fill_of(
+            Leg::Open,
+            OrderSide::opening(side),
+            &ack,
+            Decimal::ZERO,
+        ));
+        let entry = ack.avg_price.unwrap_or_default();
+        return Ok(done(
+            fills,
+            PositionChange::Open {
+                side,
+                quantity: ack.filled_qty,
+                entry_price: entry,
+                stop_loss_price: None,
+                take_profit_price: None,
+            },
+        ));
+    }
+
+    if let Some(p) = &position {
+        if p.side == side {
+            return Ok(Outcome::new(
+                JobStatus::Skipped,
+                format!(
+                    "already {} {} {}; {} ignored",
+                    p.side.as_str(),
+                    p.quantity,
+                    sym,
+                    a.action.as_str()
+                ),
+            ));
+        }
+    }
+
+    // Size the new leg before touching the existing position.
+    let rules = ex.symbol_rules(sym).await?;
+    let reference_price = match (a.order_type, a.price) {
+        (OrderType::Limit, Some(p)) => round_to_tick(p, rules.tick),
+        _ => ex.price(sym).await?,
+    };
+    if reference_price <= Decimal::ZERO {
+        return Err(ExchangeError::permanent(format!(
+            "{sym} has no usable price ({reference_price})"
+        )));
+    }
+    let usd = a.position_size_usd.unwrap_or_default();
+    let raw_qty = usd / reference_price;
+    let qty = round_down(raw_qty, rules.step);
+    if qty < rules.min_qty || qty <= Decimal::ZERO {
+        return Err(ExchangeError::permanent(format!(
+            "order too small: {usd} USD at {reference_price} is {} {sym}, which rounds down to {qty} (step {}), below the minimum quantity {}",
+            raw_qty.round_dp(8).normalize(),
+            rules.step,
+            rules.min_qty
+        )));
+    }
+    if qty * reference_price < rules.min_notional {
+        return Err(ExchangeError::permanent(format!(
+            "order too small: {qty} {sym} at {reference_price} is {} notional, below the minimum {}",
+            (qty * reference_price).normalize(),
+            rules.min_notional
+        )));
+    }
+
+    // Reversal: close first, and only go on once the close is confirmed.
+    if let Some(p) = &position {
+        if prev_close.is_none() {
+            let ack = close(ex, job, p).await?;
+            fills.push(fill_of(
+                Leg::Close,
+                OrderSide::closing(p.side),
+                &ack,
+                p.quantity,
+            ));
+        }
+    }
+
+    let order = OrderRequest {
+        symbol: sym.clone(),
+        side: OrderSide::opening(side),
+        quantity: qty,
+        order_type: a.order_type,
+        limit_price: (a.order_type == OrderType::Limit).then_some(reference_price),
+        reduce_only: false,
+        leg: Leg::Open,
+        client_order_id: open_id,
+    };
+    let ack = place_leg(ex, &order, None).await?;
+    fills.push(fill_of(Leg::Open, order.side, &ack, qty));
+    if ack.state != OrderState::Filled {
+        // A resting limit order: no position yet.
+        let position = if position.is_some() {
+            PositionChange::Flat
+        } else {
+            PositionChange::Unchanged
+        };
+        return Ok(done(fills, position));
+    }
+    let entry = ack.avg_price.unwrap_or(reference_price);
+    let filled = if ack.filled_qty > Decimal::ZERO {
+        ack.filled_qty
+    } else {
+        qty
+    };
+    let pct = |p: Decimal| p / Decimal::ONE_HUNDRED;
+    let (sl, tp) = match side {
+        Side::Long => (
+            a.stop_loss_percent.map(|p| entry * (Decimal::ONE - pct(p))),
+            a.take_profit_percent
+                .map(|p| entry * (Decimal::ONE + pct(p))),
+        ),
+        Side::Short => (
+            a.stop_loss_percent.map(|p| entry * (Decimal::ONE + pct(p))),
+            a.take_profit_percent
+                .map(|p| entry * (Decimal::ONE - pct(p))),
+        ),
+    };
+    let sl = sl.map(|p| round_to_tick(p, rules.tick));
+    let tp = tp.map(|p| round_to_tick(p, rules.tick));
+    let mut outcome = done(
+        fills,
+        PositionChange::Open {
+            side,
+            quantity: filled,
+            entry_price: entry,
+            stop_loss_price: sl,
+            take_profit_price: tp,
+        },
+    );
+    if sl.is_some() || tp.is_some() {
+        let protection = Protection {
+            symbol: sym.clone(),
+            position_side: side,
+            quantity: filled,
+            stop_loss: sl,
+            take_profit: tp,
+            job_id: job.job_id,
+        };
+        if let Err(e) = ex.protect(&protection).await {
+            outcome.status = JobStatus::SucceededUnprotected;
+            outcome.message = Some(format!("position opened but not protected: {}", e.message));
+            outcome.error_class = Some(e.class.as_str().into());
+        }
+    }
+    Ok(outcome)
+}
+
+async fn close(ex: &dyn Exchange, job: &Job, p: &ExPosition) -> Result<OrderAck, ExchangeError> {
+    let order = OrderRequest {
+        symbol: job.alert.symbol.clone(),
+        side: OrderSide::closing(p.side),
+        quantity: p.quantity,
+        order_type: OrderType::Market,
+        limit_price: None,
+        reduce_only: true,
+        leg: Leg::Close,
+        client_order_id: client_order_id(job.job_id, Leg::Close),
+    };
+    let ack = place_leg(ex, &order, Some(p)).await?;
+    if ack.state != OrderState::Filled {
+        return Err(ExchangeError::permanent(format!(
+            "closing {} {} was not confirmed filled (order {}); the new side was not opened",
+            p.quantity, job.alert.symbol, ack.exchange_order_id
+        )));
+    }
+    Ok(ack)
+}
+
+fn done(fills: &mut Vec<Fill>, position: PositionChange) -> Outcome {
+    Outcome {
+        status: JobStatus::Succeeded,
+        fills: std::mem::take(fills),
+        position,
+        message: None,
+        error_class: None,
+        history: vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn rounding() {
+        assert_eq!(round_down(dec!(0.0333333), dec!(0.001)), dec!(0.033));
+        assert_eq!(round_down(dec!(5.999), dec!(1)), dec!(5));
+        assert_eq!(round_down(dec!(0.0009), dec!(0.001)), dec!(0));
+        assert_eq!(round_to_tick(dec!(2849.996), dec!(0.01)), dec!(2850));
+        assert_eq!(round_to_tick(dec!(1.23456), dec!(0.0001)), dec!(1.2346));
+    }
+}

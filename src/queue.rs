@@ -1,0 +1,475 @@
+//! The job queue: Redis Streams partitioned by user.
+//!
+//! # Design
+//! A user's partition is `fnv1a64(user_id as 16 bytes) % P` ([`partition_of`]); it never changes
+//! while `P` (`SPARKY_PARTITIONS`) is unchanged, and every process checks `P` against the value
+//! recorded in Redis at start-up ([`Queue::check_partitions`]) so two processes can never disagree on
+//! where a user's jobs live. Each partition is one stream with one consumer group (`workers`).
+//!
+//! The ingress appends with one atomic script ([`Queue::enqueue`]): the idempotency check and the
+//! `XADD` happen in one round trip, so a repeated `alert_id` can never enqueue twice, and a `202` is
+//! only answered after the `XADD` returned.
+//!
+//! A worker reads with `XREADGROUP` and acknowledges an entry (`XACK`) only after the job's final
+//! state is committed to Postgres; an entry that is read but never acked stays in the group's pending
+//! list and is delivered again (to the same consumer on restart, see [`Queue::claim_all_pending`]).
+//!
+//! # Redis keys (`{ns}` is `SPARKY_NAMESPACE`, `{pN}` the partition's Redis Cluster hash tag)
+//! | key | type | meaning |
+//! | --- | --- | --- |
+//! | `{ns}:meta:partitions` | string | the partition count every process must agree on |
+//! | `{ns}:{pN}:stream` | stream | the partition's jobs; field `job` = [`Job`] as JSON; group `workers` |
+//! | `{ns}:{pN}:idem:{user}:{alert_id}` | string, TTL 24 h | job id first accepted for that key |
+//! | `{ns}:dlq` | stream | dead-letter entries (rejected, dead, unreadable), replayable |
+//! | `{ns}:cred:{user}:{exchange}:{env}` | string, TTL 60 s | credential cache (see `credentials`) |
+//!
+//! All keys of one partition share the hash tag `{pN}`, so the enqueue script touches one slot and the
+//! design runs on Redis Cluster unchanged.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Script, Value};
+use uuid::Uuid;
+
+use crate::domain::Job;
+
+pub const GROUP: &str = "workers";
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("partition count mismatch: this process has SPARKY_PARTITIONS={configured}, but Redis namespace `{namespace}` was set up with {recorded}. Changing it would move users to other partitions and break per-user order; start every process with SPARKY_PARTITIONS={recorded} (or use a new SPARKY_NAMESPACE)")]
+    PartitionMismatch {
+        configured: u32,
+        recorded: u32,
+        namespace: String,
+    },
+    #[error("unexpected reply from redis: {0}")]
+    Protocol(String),
+}
+
+/// Stable partition of a user: FNV-1a (64 bit) over the UUID's 16 bytes, modulo `partitions`.
+/// Written out here (rather than `std`'s hasher, which is not stable across releases) because the
+/// value is persisted in effect: it decides which stream a user's jobs live in.
+pub fn partition_of(user_id: &Uuid, partitions: u32) -> u32 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in user_id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % u64::from(partitions)) as u32
+}
+
+/// Key names of one namespace.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    pub ns: String,
+}
+
+impl Keys {
+    pub fn partitions_meta(&self) -> String {
+        format!("{}:meta:partitions", self.ns)
+    }
+    pub fn stream(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:stream", self.ns)
+    }
+    pub fn idempotency(&self, partition: u32, user: &Uuid, alert_id: &str) -> String {
+        format!("{}:{{p{partition}}}:idem:{user}:{alert_id}", self.ns)
+    }
+    pub fn dlq(&self) -> String {
+        format!("{}:dlq", self.ns)
+    }
+    pub fn credentials(&self, user: &Uuid, exchange: &str, env: &str) -> String {
+        format!("{}:cred:{user}:{exchange}:{env}", self.ns)
+    }
+}
+
+/// One stream entry read by a worker.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub partition: u32,
+    pub id: String,
+    /// The job, or why the entry could not be read as one (it goes to the dead-letter stream).
+    pub job: Result<Job, String>,
+    /// The raw `job` field, kept for the dead-letter stream when it does not parse.
+    pub raw: Option<String>,
+}
+
+/// The answer of [`Queue::enqueue`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Appended with this stream entry id.
+    Queued { entry_id: String },
+    /// The idempotency key was already used; this is the first job's id.
+    Duplicate { job_id: Uuid },
+}
+
+// KEYS[1] stream, KEYS[2] idempotency key (optional)
+// ARGV[1] job id, ARGV[2] job JSON, ARGV[3] idempotency TTL (s)
+const ENQUEUE_LUA: &str = r#"
+if KEYS[2] then
+  local first = redis.call('GET', KEYS[2])
+  if first then return {0, first} end
+end
+local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+if KEYS[2] then redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[3])) end
+return {1, id}
+"#;
+
+/// The Redis side of the pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    client: Client,
+    conn: ConnectionManager,
+    pub keys: Keys,
+    pub partitions: u32,
+    enqueue_script: Script,
+}
+
+impl Queue {
+    /// Connect. Commands time out after `response_timeout` so a dead Redis gives a fast error
+    /// (the ingress turns it into 503) instead of a hung request.
+    pub async fn connect(
+        redis_url: &str,
+        namespace: &str,
+        partitions: u32,
+        response_timeout: Duration,
+    ) -> Result<Queue, QueueError> {
+        let client = Client::open(redis_url)?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(response_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = client.get_connection_manager_with_config(cfg).await?;
+        Ok(Queue {
+            client,
+            conn,
+            keys: Keys {
+                ns: namespace.to_string(),
+            },
+            partitions,
+            enqueue_script: Script::new(ENQUEUE_LUA),
+        })
+    }
+
+    /// A shared multiplexed connection for ordinary commands.
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// A dedicated connection for blocking reads (a blocking command would stall every other command
+    /// multiplexed on a shared connection).
+    pub async fn blocking_conn(
+        &self,
+        block: Duration,
+    ) -> Result<MultiplexedConnection, QueueError> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(block + Duration::from_secs(5)));
+        Ok(self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await?)
+    }
+
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Record the partition count on first use; refuse a different one afterwards.
+    pub async fn check_partitions(&self) -> Result<(), QueueError> {
+        let key = self.keys.partitions_meta();
+        let mut c = self.conn();
+        let _: Value = redis::cmd("SET")
+            .arg(&key)
+            .arg(self.partitions)
+            .arg("NX")
+            .query_async(&mut c)
+            .await?;
+        let recorded: u32 = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+        if recorded != self.partitions {
+            return Err(QueueError::PartitionMismatch {
+                configured: self.partitions,
+                recorded,
+                namespace: self.keys.ns.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn partition_of(&self, user: &Uuid) -> u32 {
+        partition_of(user, self.partitions)
+    }
+
+    /// Append a job to its user's partition, unless its idempotency key was seen in the last 24 h.
+    pub async fn enqueue(&self, job: &Job) -> Result<(u32, Enqueued), QueueError> {
+        let p = self.partition_of(&job.alert.user_id);
+        let json = serde_json::to_string(job).expect("a job serialises");
+        let mut inv = self.enqueue_script.key(self.keys.stream(p));
+        if let Some(a) = &job.alert.alert_id {
+            inv.key(self.keys.idempotency(p, &job.alert.user_id, a));
+        }
+        inv.arg(job.job_id.to_string())
+            .arg(json)
+            .arg(IDEMPOTENCY_TTL_SECS);
+        let (fresh, value): (i64, String) = inv.invoke_async(&mut self.conn()).await?;
+        if fresh == 1 {
+            Ok((p, Enqueued::Queued { entry_id: value }))
+        } else {
+            let job_id = Uuid::parse_str(&value)
+                .map_err(|_| QueueError::Protocol(format!("idempotency key holds `{value}`")))?;
+            Ok((p, Enqueued::Duplicate { job_id }))
+        }
+    }
+
+    /// Create the consumer group of every partition (idempotent).
+    pub async fn ensure_groups(&self) -> Result<(), QueueError> {
+        let mut c = self.conn();
+        for p in 0..self.partitions {
+            let r: Result<Value, _> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.keys.stream(p))
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut c)
+                .await;
+            match r {
+                Ok(_) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Move every pending entry of `partition` (whoever it was delivered to) to `consumer`, so that
+    /// the next read with id `0` returns them in stream order. Used when a worker takes a partition.
+    pub async fn claim_all_pending(
+        &self,
+        partition: u32,
+        consumer: &str,
+    ) -> Result<u64, QueueError> {
+        let mut c = self.conn();
+        let mut cursor = "0-0".to_string();
+        let mut n = 0u64;
+        loop {
+            let v: Value = redis::cmd("XAUTOCLAIM")
+                .arg(self.keys.stream(partition))
+                .arg(GROUP)
+                .arg(consumer)
+                .arg(0)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(500)
+                .arg("JUSTID")
+                .query_async(&mut c)
+                .await?;
+            let Value::Array(parts) = v else {
+                return Err(QueueError::Protocol("XAUTOCLAIM reply".into()));
+            };
+            cursor = parts
+                .first()
+                .and_then(as_string)
+                .unwrap_or_else(|| "0-0".into());
+            if let Some(Value::Array(ids)) = parts.get(1) {
+                n += ids.len() as u64;
+            }
+            if cursor == "0-0" {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// `XREADGROUP` over several partitions at once. `cursors[i]` is `">"` for new entries or an id
+    /// to re-read this consumer's pending entries after it.
+    pub async fn read(
+        &self,
+        conn: &mut MultiplexedConnection,
+        consumer: &str,
+        cursors: &[(u32, String)],
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, QueueError> {
+        if cursors.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(vec![]);
+        }
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS");
+        for (p, _) in cursors {
+            cmd.arg(self.keys.stream(*p));
+        }
+        for (_, id) in cursors {
+            cmd.arg(id);
+        }
+        let v: Value = cmd.query_async(conn).await?;
+        self.parse_read(v)
+    }
+
+    fn parse_read(&self, v: Value) -> Result<Vec<Entry>, QueueError> {
+        let mut out = Vec::new();
+        let streams: Vec<(Value, Value)> = match v {
+            Value::Nil => return Ok(out),
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|s| match s {
+                    Value::Array(mut kv) if kv.len() == 2 => {
+                        let entries = kv.pop().unwrap();
+                        let key = kv.pop().unwrap();
+                        Some((key, entries))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Value::Map(kvs) => kvs,
+            other => return Err(QueueError::Protocol(format!("XREADGROUP reply {other:?}"))),
+        };
+        for (key, entries) in streams {
+            let key = as_string(&key).unwrap_or_default();
+            let partition = self
+                .partition_of_key(&key)
+                .ok_or_else(|| QueueError::Protocol(format!("reply for unknown stream `{key}`")))?;
+            let Value::Array(entries) = entries else {
+                continue;
+            };
+            for e in entries {
+                let Value::Array(mut parts) = e else { continue };
+                if parts.is_empty() {
+                    continue;
+                }
+                let fields = if parts.len() > 1 {
+                    parts.pop().unwrap()
+                } else {
+                    Value::Nil
+                };
+                let id = as_string(&parts[0]).unwrap_or_default();
+                let raw = field(&fields, "job");
+                let job = match &raw {
+                    Some(s) => serde_json::from_str::<Job>(s)
+                        .map_err(|e| format!("entry is not a job: {e}")),
+                    None => Err("entry has no `job` field (deleted or foreign)".to_string()),
+                };
+                out.push(Entry {
+                    partition,
+                    id,
+                    job,
+                    raw,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn partition_of_key(&self, key: &str) -> Option<u32> {
+        let rest = key.strip_prefix(&self.keys.ns)?.strip_prefix(":{p")?;
+        rest.split_once('}')?.0.parse().ok()
+    }
+
+    pub async fn ack(&self, partition: u32, id: &str) -> Result<(), QueueError> {
+        let _: i64 = redis::cmd("XACK")
+            .arg(self.keys.stream(partition))
+            .arg(GROUP)
+            .arg(id)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Append a dead-letter record (flat field/value pairs).
+    pub async fn dead_letter(&self, fields: &[(&str, String)]) -> Result<String, QueueError> {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.keys.dlq()).arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(v);
+        }
+        Ok(cmd.query_async(&mut self.conn()).await?)
+    }
+
+    /// Entries in a partition stream that were delivered and not yet acked.
+    pub async fn pending_count(&self, partition: u32) -> Result<u64, QueueError> {
+        let v: Value = redis::cmd("XPENDING")
+            .arg(self.keys.stream(partition))
+            .arg(GROUP)
+            .query_async(&mut self.conn())
+            .await?;
+        match v {
+            Value::Array(parts) => Ok(match parts.first() {
+                Some(Value::Int(n)) => *n as u64,
+                _ => 0,
+            }),
+            _ => Ok(0),
+        }
+    }
+
+    /// Total entries in all partition streams (acked or not).
+    pub async fn stream_len(&self, partition: u32) -> Result<u64, QueueError> {
+        Ok(redis::cmd("XLEN")
+            .arg(self.keys.stream(partition))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn field(fields: &Value, name: &str) -> Option<String> {
+    match fields {
+        Value::Array(kv) => kv
+            .chunks(2)
+            .find(|c| c.len() == 2 && as_string(&c[0]).as_deref() == Some(name))
+            .and_then(|c| as_string(&c[1])),
+        Value::Map(kv) => kv
+            .iter()
+            .find(|(k, _)| as_string(k).as_deref() == Some(name))
+            .and_then(|(_, v)| as_string(v)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        let u = Uuid::parse_str("0195f3d0-0000-7000-8000-000000000001").unwrap();
+        // Pinned: changing the hash would move every user to another stream.
+        assert_eq!(partition_of(&u, 16), partition_of(&u, 16));
+        assert_eq!(partition_of(&u, 1), 0);
+        let pinned = partition_of(&u, 1024);
+        assert_eq!(pinned, 187, "partition hash changed");
+        for _ in 0..1000 {
+            assert!(partition_of(&Uuid::new_v4(), 16) < 16);
+        }
+    }
+
+    #[test]
+    fn keys_share_the_partition_hash_tag() {
+        let k = Keys { ns: "ns".into() };
+        let u = Uuid::nil();
+        assert_eq!(k.stream(3), "ns:{p3}:stream");
+        assert!(k.idempotency(3, &u, "a").starts_with("ns:{p3}:"));
+    }
+}

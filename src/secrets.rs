@@ -1,0 +1,249 @@
+//! Secret values and the crypto around them.
+//!
+//! - [`SecretString`]: a decrypted credential or webhook secret in memory. `Debug`/`Display` print
+//!   `[redacted]`, the bytes are zeroized on drop; the only way to read it is `expose()`.
+//! - [`MasterKey`]: `SPARKY_MASTER_KEY` (base64 of 32 bytes). Encrypts `bot_credentials.api_key` and
+//!   `api_secret` with AES-256-GCM. A stored value is `enc:v1:<key id>:<base64(nonce || ciphertext)>`;
+//!   the key id (8 hex chars derived from the key) says which key wrote it so keys can be rotated. The
+//!   associated data binds a ciphertext to its user and column, so a value copied to another row does
+//!   not decrypt. A value without the `enc:v1:` prefix is a legacy plaintext row (the original system
+//!   wrote those) and is used as it is.
+//! - Webhook secrets: 32 random bytes, shown once as `sk_<hex>`; only their SHA-256 is stored. They are
+//!   high-entropy random tokens, not passwords, so a fast hash is the right tool (no salt/KDF needed).
+
+use std::fmt;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// A string that must never be printed. Zeroized on drop.
+#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(s: impl Into<String>) -> Self {
+        SecretString(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    #[error("expected base64 of exactly 32 bytes")]
+    BadKey,
+    #[error("value was encrypted with key id {0}, which is not configured (SPARKY_MASTER_KEY / SPARKY_OLD_MASTER_KEYS)")]
+    UnknownKey(String),
+    #[error("value is encrypted but no SPARKY_MASTER_KEY is configured")]
+    NoKey,
+    #[error("encrypted value is malformed or was tampered with")]
+    Corrupt,
+}
+
+const PREFIX: &str = "enc:v1:";
+
+/// The AES-256 key that protects credentials at rest.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct MasterKey {
+    key: [u8; 32],
+    #[zeroize(skip)]
+    id: String,
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MasterKey(id={}, [redacted])", self.id)
+    }
+}
+
+impl MasterKey {
+    pub fn from_base64(s: &str) -> Result<MasterKey, CryptoError> {
+        let mut bytes = B64.decode(s.trim()).map_err(|_| CryptoError::BadKey)?;
+        if bytes.len() != 32 {
+            bytes.zeroize();
+            return Err(CryptoError::BadKey);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&bytes);
+        bytes.zeroize();
+        let digest = Sha256::new()
+            .chain_update(b"sparky-key-id")
+            .chain_update(key)
+            .finalize();
+        Ok(MasterKey {
+            key,
+            id: hex::encode(&digest[..4]),
+        })
+    }
+
+    /// A new random key, base64-encoded (what `scripts/run-local` writes into `.env`).
+    pub fn generate_base64() -> String {
+        let mut k = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut k);
+        let s = B64.encode(k);
+        k.zeroize();
+        s
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Encrypt `plaintext`, bound to `aad` (e.g. `"<user_id>:api_secret"`).
+    pub fn encrypt(&self, plaintext: &str, aad: &str) -> String {
+        let cipher = Aes256Gcm::new_from_slice(&self.key).expect("32-byte key");
+        let mut nonce = [0u8; 12];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let ct = cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad: aad.as_bytes(),
+                },
+            )
+            .expect("AES-GCM encryption of a short value cannot fail");
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&ct);
+        format!("{PREFIX}{}:{}", self.id, B64.encode(blob))
+    }
+
+    fn decrypt_blob(&self, b64: &str, aad: &str) -> Result<SecretString, CryptoError> {
+        let blob = B64.decode(b64).map_err(|_| CryptoError::Corrupt)?;
+        if blob.len() < 12 + 16 {
+            return Err(CryptoError::Corrupt);
+        }
+        let cipher = Aes256Gcm::new_from_slice(&self.key).expect("32-byte key");
+        let mut pt = cipher
+            .decrypt(
+                Nonce::from_slice(&blob[..12]),
+                Payload {
+                    msg: &blob[12..],
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| CryptoError::Corrupt)?;
+        let s = String::from_utf8(pt.clone()).map_err(|_| CryptoError::Corrupt);
+        pt.zeroize();
+        s.map(SecretString::new)
+    }
+}
+
+/// Is this stored value encrypted (as opposed to a legacy plaintext row)?
+pub fn is_encrypted(stored: &str) -> bool {
+    stored.starts_with(PREFIX)
+}
+
+/// Decrypt a stored value with whichever of `keys` wrote it; plaintext values pass through.
+pub fn open(stored: &str, aad: &str, keys: &[&MasterKey]) -> Result<SecretString, CryptoError> {
+    let Some(rest) = stored.strip_prefix(PREFIX) else {
+        return Ok(SecretString::new(stored));
+    };
+    let (kid, b64) = rest.split_once(':').ok_or(CryptoError::Corrupt)?;
+    if keys.is_empty() {
+        return Err(CryptoError::NoKey);
+    }
+    let key = keys
+        .iter()
+        .find(|k| k.id == kid)
+        .ok_or_else(|| CryptoError::UnknownKey(kid.to_string()))?;
+    key.decrypt_blob(b64, aad)
+}
+
+/// A fresh webhook secret, as shown to the user once.
+pub fn generate_webhook_secret() -> SecretString {
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    let s = SecretString::new(format!("sk_{}", hex::encode(b)));
+    b.zeroize();
+    s
+}
+
+/// What is stored for a webhook secret: hex SHA-256.
+pub fn hash_webhook_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> MasterKey {
+        MasterKey::from_base64(&MasterKey::generate_base64()).unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_binding() {
+        let k = key();
+        let c = k.encrypt("my-api-secret", "u1:api_secret");
+        assert!(is_encrypted(&c));
+        assert!(!c.contains("my-api-secret"));
+        assert_eq!(
+            open(&c, "u1:api_secret", &[&k]).unwrap().expose(),
+            "my-api-secret"
+        );
+        // copied to another user's row: does not decrypt
+        assert_eq!(
+            open(&c, "u2:api_secret", &[&k]).unwrap_err(),
+            CryptoError::Corrupt
+        );
+        // another key
+        let other = key();
+        assert!(matches!(
+            open(&c, "u1:api_secret", &[&other]),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        assert_eq!(
+            open(&c, "u1:api_secret", &[]).unwrap_err(),
+            CryptoError::NoKey
+        );
+        // legacy plaintext passes through
+        assert_eq!(open("plain", "x", &[]).unwrap().expose(), "plain");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = SecretString::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+        let k = key();
+        assert!(!format!("{k:?}").contains(&B64.encode(k.key)));
+    }
+
+    #[test]
+    fn bad_master_keys_are_refused() {
+        assert!(MasterKey::from_base64("not base64!").is_err());
+        assert!(MasterKey::from_base64(&B64.encode([0u8; 16])).is_err());
+    }
+
+    #[test]
+    fn webhook_secret_hash_is_stable() {
+        let s = generate_webhook_secret();
+        assert!(s.expose().starts_with("sk_") && s.expose().len() == 67);
+        assert_eq!(
+            hash_webhook_secret(s.expose()),
+            hash_webhook_secret(s.expose())
+        );
+        assert_ne!(hash_webhook_secret("a"), hash_webhook_secret("b"));
+    }
+}

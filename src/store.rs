@@ -1,0 +1,547 @@
+//! Postgres: the source of truth for users, webhook secrets, credentials, jobs, trades and positions.
+//!
+//! The worker writes a job's final state, its trade rows and the position change in ONE transaction
+//! ([`Store::finish_job`]); only after that commit does it `XACK` the stream entry. `jobs.job_id` is
+//! the primary key and `trades` is `UNIQUE (job_id, leg)`, so a job can never be recorded as having
+//! placed two orders for one leg, whatever the worker does.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Row};
+use std::str::FromStr;
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::domain::{Job, Side};
+use crate::executor::{Fill, JobStatus, Outcome, PositionChange};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the database is not migrated ({0}); run `sparky migrate` first")]
+    NotMigrated(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A `bot_credentials` row as stored (api_key/api_secret still encrypted).
+#[derive(Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct CredentialRow {
+    pub user_id: Uuid,
+    pub exchange: String,
+    pub api_key: String,
+    pub api_secret: String,
+    pub account_id: Option<String>,
+    pub environment: String,
+    pub extra_config: serde_json::Value,
+    pub label: Option<String>,
+}
+
+impl std::fmt::Debug for CredentialRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialRow")
+            .field("user_id", &self.user_id)
+            .field("exchange", &self.exchange)
+            .field("api_key", &"[redacted]")
+            .field("api_secret", &"[redacted]")
+            .field("account_id", &self.account_id)
+            .field("environment", &self.environment)
+            .field("label", &self.label)
+            .finish()
+    }
+}
+
+/// A stored open position.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PositionRow {
+    pub user_id: Uuid,
+    pub symbol: String,
+    pub exchange: String,
+    pub side: Side,
+    pub quantity: Decimal,
+    pub entry_price: Decimal,
+    pub stop_loss_price: Option<Decimal>,
+    pub take_profit_price: Option<Decimal>,
+}
+
+/// A stored trade (one order leg).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TradeRow {
+    pub job_id: Uuid,
+    pub user_id: Uuid,
+    pub exchange: String,
+    pub symbol: String,
+    pub leg: String,
+    pub side: String,
+    pub quantity: Decimal,
+    pub price: Option<Decimal>,
+    pub client_order_id: String,
+    pub exchange_order_id: Option<String>,
+    pub status: String,
+}
+
+/// A stored job.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct JobRow {
+    pub job_id: Uuid,
+    pub user_id: Uuid,
+    pub partition: i32,
+    pub entry_id: String,
+    pub exchange: String,
+    pub action: String,
+    pub symbol: String,
+    pub status: String,
+    pub attempts: i32,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+    pub accepted_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What [`Store::begin_job`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// Run it; `attempt` counts deliveries (1 on the first). On `attempt > 1` the previous delivery
+    /// may have placed orders already: the executor looks them up before placing anything.
+    Execute { attempt: i32 },
+    /// The job already reached this final state: ack the entry, do nothing.
+    Finished(String),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pub pool: PgPool,
+}
+
+impl Store {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        let opts = PgConnectOptions::from_str(url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts)
+            .await?;
+        Ok(Store { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Refuse to run against a database that lacks any of this build's migrations.
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.tables WHERE table_name = '_sqlx_migrations')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if !exists {
+            return Err(StoreError::NotMigrated("no migrations applied".into()));
+        }
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?;
+        let missing: Vec<String> = MIGRATOR
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .map(|m| format!("{} {}", m.version, m.description))
+            .collect();
+        if !missing.is_empty() {
+            return Err(StoreError::NotMigrated(format!(
+                "missing: {}",
+                missing.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- users and webhook secrets ----
+
+    /// Create a user with a first webhook secret (given as its hash).
+    pub async fn create_user(
+        &self,
+        user_id: Uuid,
+        label: Option<&str>,
+        secret_hash: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO users (user_id, label) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(label)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!(
+                "user {user_id} already exists (use `sparky user rotate-secret --user {user_id}` for a new secret)"
+            )));
+        }
+        sqlx::query("INSERT INTO webhook_secrets (secret_hash, user_id) VALUES ($1, $2)")
+            .bind(secret_hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Revoke every secret of the user and add a new one (given as its hash).
+    pub async fn rotate_secret(&self, user_id: Uuid, secret_hash: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE user_id = $1)")
+                .bind(user_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !exists {
+            return Err(StoreError::Conflict(format!("no user {user_id}")));
+        }
+        sqlx::query(
+            "UPDATE webhook_secrets SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO webhook_secrets (secret_hash, user_id) VALUES ($1, $2)")
+            .bind(secret_hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The owner of a (non-revoked) webhook secret hash.
+    pub async fn secret_owner(&self, secret_hash: &str) -> Result<Option<Uuid>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT user_id FROM webhook_secrets WHERE secret_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(secret_hash)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    // ---- credentials ----
+
+    /// Insert or replace the credential row of (user, exchange, environment).
+    pub async fn upsert_credentials(&self, row: &CredentialRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO bot_credentials (user_id, exchange, api_key, api_secret, account_id, environment, extra_config, label)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (user_id, exchange, environment) DO UPDATE SET
+               api_key = EXCLUDED.api_key, api_secret = EXCLUDED.api_secret, account_id = EXCLUDED.account_id,
+               extra_config = EXCLUDED.extra_config, label = EXCLUDED.label, updated_at = now()",
+        )
+        .bind(row.user_id)
+        .bind(&row.exchange)
+        .bind(&row.api_key)
+        .bind(&row.api_secret)
+        .bind(&row.account_id)
+        .bind(&row.environment)
+        .bind(&row.extra_config)
+        .bind(&row.label)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The credential row for (user, exchange). With `environment` given, exactly that row; without,
+    /// the `production` row if there is one, else the `sandbox` row.
+    pub async fn load_credentials(
+        &self,
+        user_id: Uuid,
+        exchange: &str,
+        environment: Option<&str>,
+    ) -> Result<Option<CredentialRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT user_id, exchange, api_key, api_secret, account_id, environment, extra_config, label
+             FROM bot_credentials
+             WHERE user_id = $1 AND lower(exchange) = $2 AND ($3::text IS NULL OR environment = $3)
+             ORDER BY (environment = 'production') DESC, id
+             LIMIT 1",
+        )
+        .bind(user_id)
+        .bind(exchange)
+        .bind(environment)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| CredentialRow {
+            user_id: r.get("user_id"),
+            exchange: r.get("exchange"),
+            api_key: r.get("api_key"),
+            api_secret: r.get("api_secret"),
+            account_id: r.get("account_id"),
+            environment: r.get("environment"),
+            extra_config: r
+                .get::<Option<serde_json::Value>, _>("extra_config")
+                .unwrap_or(serde_json::Value::Null),
+            label: r.get("label"),
+        }))
+    }
+
+    // ---- jobs ----
+
+    /// Record that a delivery of `job` starts executing, or learn that it already finished.
+    pub async fn begin_job(
+        &self,
+        job: &Job,
+        partition: u32,
+        entry_id: &str,
+    ) -> Result<Begin, StoreError> {
+        let a = &job.alert;
+        let row = sqlx::query(
+            "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action, symbol, alert, status, attempts, accepted_at, started_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'executing', 1, $9, now())
+             ON CONFLICT (job_id) DO UPDATE SET
+               attempts = jobs.attempts + 1, status = 'executing', partition = EXCLUDED.partition,
+               entry_id = EXCLUDED.entry_id, started_at = now(), updated_at = now()
+             WHERE jobs.status IN ('queued', 'executing')
+             RETURNING attempts",
+        )
+        .bind(job.job_id)
+        .bind(a.user_id)
+        .bind(partition as i32)
+        .bind(entry_id)
+        .bind(a.exchange.as_str())
+        .bind(a.action.as_str())
+        .bind(a.symbol.as_str())
+        .bind(serde_json::to_value(a).expect("alert serialises"))
+        .bind(job.accepted_at)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok(Begin::Execute {
+                attempt: r.get("attempts"),
+            }),
+            None => {
+                let status: String =
+                    sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = $1")
+                        .bind(job.job_id)
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(Begin::Finished(status))
+            }
+        }
+    }
+
+    /// Commit a job's final state, its trades and the position change, in one transaction.
+    pub async fn finish_job(&self, job: &Job, outcome: &Outcome) -> Result<(), StoreError> {
+        let a = &job.alert;
+        let mut tx = self.pool.begin().await?;
+        let history = serde_json::to_value(&outcome.history).expect("history serialises");
+        sqlx::query(
+            "UPDATE jobs SET status = $2, error_class = $3, error = $4,
+               history = history || $5::jsonb, finished_at = now(), updated_at = now()
+             WHERE job_id = $1",
+        )
+        .bind(job.job_id)
+        .bind(outcome.status.as_str())
+        .bind(outcome.error_class.as_deref())
+        .bind(outcome.message.as_deref())
+        .bind(history)
+        .execute(&mut *tx)
+        .await?;
+        for f in &outcome.fills {
+            insert_trade(&mut tx, job, f).await?;
+        }
+        match &outcome.position {
+            PositionChange::Unchanged => {}
+            PositionChange::Flat => {
+                sqlx::query("DELETE FROM positions WHERE user_id = $1 AND symbol = $2")
+                    .bind(a.user_id)
+                    .bind(a.symbol.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            PositionChange::Open {
+                side,
+                quantity,
+                entry_price,
+                stop_loss_price,
+                take_profit_price,
+            } => {
+                sqlx::query(
+                    "INSERT INTO positions (user_id, symbol, exchange, side, quantity, entry_price, stop_loss_price, take_profit_price, last_job_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (user_id, symbol) DO UPDATE SET
+                       exchange = EXCLUDED.exchange, side = EXCLUDED.side, quantity = EXCLUDED.quantity,
+                       entry_price = EXCLUDED.entry_price, stop_loss_price = EXCLUDED.stop_loss_price,
+                       take_profit_price = EXCLUDED.take_profit_price, last_job_id = EXCLUDED.last_job_id,
+                       opened_at = now(), updated_at = now()",
+                )
+                .bind(a.user_id)
+                .bind(a.symbol.as_str())
+                .bind(a.exchange.as_str())
+                .bind(side.as_str())
+                .bind(quantity)
+                .bind(entry_price)
+                .bind(stop_loss_price)
+                .bind(take_profit_price)
+                .bind(job.job_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Record a job that never got as far as `begin_job` (an unreadable entry is not a job; this is
+    /// for jobs whose state must be written without executing, e.g. stale ones).
+    pub async fn get_job(&self, job_id: Uuid) -> Result<Option<JobRow>, StoreError> {
+        let r = sqlx::query(
+            "SELECT job_id, user_id, partition, entry_id, exchange, action, symbol, status, attempts,
+                    error_class, error, accepted_at, finished_at
+             FROM jobs WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.map(|r| JobRow {
+            job_id: r.get("job_id"),
+            user_id: r.get("user_id"),
+            partition: r.get("partition"),
+            entry_id: r.get("entry_id"),
+            exchange: r.get("exchange"),
+            action: r.get("action"),
+            symbol: r.get("symbol"),
+            status: r.get("status"),
+            attempts: r.get("attempts"),
+            error_class: r.get("error_class"),
+            error: r.get("error"),
+            accepted_at: r.get("accepted_at"),
+            finished_at: r.get("finished_at"),
+        }))
+    }
+
+    pub async fn trades_of_job(&self, job_id: Uuid) -> Result<Vec<TradeRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id,
+                    exchange_order_id, status
+             FROM trades WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(trade_row).collect())
+    }
+
+    pub async fn trades_of_user(&self, user_id: Uuid) -> Result<Vec<TradeRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id,
+                    exchange_order_id, status
+             FROM trades WHERE user_id = $1 ORDER BY id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(trade_row).collect())
+    }
+
+    /// A trade by its client order id (how the paper exchange answers order look-ups).
+    pub async fn trade_by_client_order_id(
+        &self,
+        user_id: Uuid,
+        client_order_id: &str,
+    ) -> Result<Option<TradeRow>, StoreError> {
+        let r = sqlx::query(
+            "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id,
+                    exchange_order_id, status
+             FROM trades WHERE user_id = $1 AND client_order_id = $2",
+        )
+        .bind(user_id)
+        .bind(client_order_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.as_ref().map(trade_row))
+    }
+
+    pub async fn position(
+        &self,
+        user_id: Uuid,
+        symbol: &str,
+    ) -> Result<Option<PositionRow>, StoreError> {
+        let r = sqlx::query(
+            "SELECT user_id, symbol, exchange, side, quantity, entry_price, stop_loss_price, take_profit_price
+             FROM positions WHERE user_id = $1 AND symbol = $2",
+        )
+        .bind(user_id)
+        .bind(symbol)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.map(|r| PositionRow {
+            user_id: r.get("user_id"),
+            symbol: r.get("symbol"),
+            exchange: r.get("exchange"),
+            side: Side::from_str(r.get::<&str, _>("side")).unwrap_or(Side::Long),
+            quantity: r.get("quantity"),
+            entry_price: r.get("entry_price"),
+            stop_loss_price: r.get("stop_loss_price"),
+            take_profit_price: r.get("take_profit_price"),
+        }))
+    }
+}
+
+async fn insert_trade(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: &Job,
+    f: &Fill,
+) -> Result<(), StoreError> {
+    let a = &job.alert;
+    sqlx::query(
+        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(job.job_id)
+    .bind(a.user_id)
+    .bind(a.exchange.as_str())
+    .bind(a.symbol.as_str())
+    .bind(f.leg.as_str())
+    .bind(f.side.as_str())
+    .bind(f.quantity)
+    .bind(f.price)
+    .bind(&f.client_order_id)
+    .bind(&f.exchange_order_id)
+    .bind(&f.status)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn trade_row(r: &sqlx::postgres::PgRow) -> TradeRow {
+    TradeRow {
+        job_id: r.get("job_id"),
+        user_id: r.get("user_id"),
+        exchange: r.get("exchange"),
+        symbol: r.get("symbol"),
+        leg: r.get("leg"),
+        side: r.get("side"),
+        quantity: r.get("quantity"),
+        price: r.get("price"),
+        client_order_id: r.get("client_order_id"),
+        exchange_order_id: r.get("exchange_order_id"),
+        status: r.get("status"),
+    }
+}
+
+impl JobStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::Executing)
+    }
+}

@@ -1,0 +1,363 @@
+//! Test harness: every test gets its own Postgres database (created and migrated here) and its own
+//! Redis key namespace, a real ingress on port 0, and a real worker it can run until the queue is
+//! empty. `REDIS_URL` / `DATABASE_URL` point at the servers (defaults: the local ones).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sparky::config::Config;
+use sparky::ingress::{AppState, SecretCache};
+use sparky::queue::Queue;
+use sparky::secrets::{generate_webhook_secret, hash_webhook_secret};
+use sparky::store::{CredentialRow, JobRow, PositionRow, Store, TradeRow};
+use sparky::worker::{RunMode, Worker};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn admin_database_url() -> String {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/sparky".into());
+    match url.rfind('/') {
+        Some(i) => format!("{}/postgres", &url[..i]),
+        None => url,
+    }
+}
+
+/// Everything the tests log, for assertions about log lines (and about secrets never appearing).
+pub static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logs() {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = LogWriter(buf.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info,sqlx=warn")
+            .with_ansi(false)
+            .compact()
+            .with_writer(move || w.clone())
+            .try_init();
+        buf
+    });
+}
+
+/// The captured log text so far.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.get().unwrap().lock().unwrap()).into_owned()
+}
+
+/// A fresh, migrated database. Names carry a unix timestamp so leftovers of crashed runs older than
+/// an hour are dropped by the next run.
+pub async fn fresh_database() -> (String, String) {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    let admin = Store::connect(&admin_database_url(), 2)
+        .await
+        .expect("connect to Postgres (is it running? scripts/test starts it)");
+    let now = chrono::Utc::now().timestamp();
+    SWEPT
+        .get_or_init(|| async {
+            let names: Vec<String> = sqlx::query_scalar(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'sparky_test_%'",
+            )
+            .fetch_all(&admin.pool)
+            .await
+            .unwrap_or_default();
+            for n in names {
+                let ts: i64 = n
+                    .split('_')
+                    .nth(2)
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                if now - ts > 3600 {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
+                        .execute(&admin.pool)
+                        .await;
+                }
+            }
+        })
+        .await;
+    let name = format!(
+        "sparky_test_{now}_{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    );
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin.pool)
+        .await
+        .expect("create test database");
+    admin.pool.close().await;
+    let url = format!(
+        "{}/{name}",
+        admin_database_url().rsplit_once('/').unwrap().0
+    );
+    (name, url)
+}
+
+pub struct TestApp {
+    pub config: Config,
+    pub store: Store,
+    pub queue: Queue,
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub shutdown: CancellationToken,
+    db_name: String,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Spawn with a tweaked config (e.g. another Redis).
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+        init_logs();
+        let (db_name, database_url) = fresh_database().await;
+        let mut config = Config {
+            database_url,
+            redis_url: redis_url(),
+            namespace: format!("t{}", Uuid::new_v4().simple()),
+            partitions: 4,
+            worker_concurrency: 8,
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let store = Store::connect(&config.database_url, 8).await.unwrap();
+        store.migrate().await.unwrap();
+        let queue = Queue::connect(
+            &config.redis_url,
+            &config.namespace,
+            config.partitions,
+            Duration::from_millis(1000),
+        )
+        .await
+        .expect("connect to Redis (is it running? scripts/test starts it)");
+        queue.check_partitions().await.unwrap();
+        queue.ensure_groups().await.unwrap();
+        let state = AppState {
+            queue: queue.clone(),
+            store: store.clone(),
+            secrets: Arc::new(SecretCache::new(config.secret_cache_ttl)),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(sparky::ingress::serve(state, listener, shutdown.clone()));
+        TestApp {
+            config,
+            store,
+            queue,
+            addr,
+            http: reqwest::Client::new(),
+            shutdown,
+            db_name,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A user with a webhook secret (as `sparky user create` makes one).
+    pub async fn create_user(&self) -> (Uuid, String) {
+        let user = Uuid::now_v7();
+        let secret = generate_webhook_secret();
+        self.store
+            .create_user(user, Some("test"), &hash_webhook_secret(secret.expose()))
+            .await
+            .unwrap();
+        (user, secret.expose().to_string())
+    }
+
+    /// Paper credentials for `user`, encrypted like the CLI would when a master key is configured.
+    pub async fn set_credentials(&self, user: Uuid, exchange: &str, label: &str) {
+        let mut row = CredentialRow {
+            user_id: user,
+            exchange: exchange.into(),
+            api_key: format!("key-{user}"),
+            api_secret: format!("secret-{user}"),
+            account_id: None,
+            environment: "production".into(),
+            extra_config: json!({}),
+            label: Some(label.into()),
+        };
+        sparky::credentials::seal_row(&mut row, self.config.master_key.as_ref());
+        self.store.upsert_credentials(&row).await.unwrap();
+    }
+
+    /// A user with paper credentials.
+    pub async fn paper_user(&self) -> (Uuid, String) {
+        let (u, s) = self.create_user().await;
+        self.set_credentials(u, "paper", "Main Account").await;
+        (u, s)
+    }
+
+    pub async fn post_webhook(&self, body: &Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(self.url("/webhook"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Post and expect 202; returns the job id.
+    pub async fn enqueue(&self, body: &Value) -> Uuid {
+        let (status, v) = self.post_webhook(body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        v["job_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub fn worker(&self) -> Worker {
+        Worker::new(
+            self.config.clone(),
+            self.store.clone(),
+            self.queue.clone(),
+            CancellationToken::new(),
+        )
+    }
+
+    /// Run a worker until every partition is empty and nothing is in flight.
+    pub async fn run_worker_until_idle(&self) {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            self.worker()
+                .run(RunMode::UntilIdle, Duration::from_secs(30)),
+        )
+        .await
+        .expect("the worker drained the queue within 60 s")
+        .unwrap();
+    }
+
+    pub async fn job(&self, id: Uuid) -> JobRow {
+        self.store.get_job(id).await.unwrap().expect("job row")
+    }
+
+    pub async fn trades(&self, user: Uuid) -> Vec<TradeRow> {
+        self.store.trades_of_user(user).await.unwrap()
+    }
+
+    pub async fn position(&self, user: Uuid, symbol: &str) -> Option<PositionRow> {
+        self.store.position(user, symbol).await.unwrap()
+    }
+
+    /// Entries in all partition streams (acked or not).
+    pub async fn queued_entries(&self) -> u64 {
+        let mut n = 0;
+        for p in 0..self.config.partitions {
+            n += self.queue.stream_len(p).await.unwrap();
+        }
+        n
+    }
+
+    /// Drop the database and the Redis keys of this test.
+    pub async fn cleanup(self) {
+        self.shutdown.cancel();
+        self.store.pool.close().await;
+        if let Ok(admin) = Store::connect(&admin_database_url(), 1).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .execute(&admin.pool)
+            .await;
+        }
+        let mut c = self.queue.conn();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.config.namespace))
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+        }
+    }
+}
+
+/// A valid alert for `user` (paper exchange).
+pub fn alert(user: Uuid, secret: &str, action: &str) -> Value {
+    json!({
+        "secret": secret,
+        "user_id": user,
+        "exchange": "paper",
+        "action": action,
+        "symbol": "BINANCE:ETHUSDT",
+        "order_type": "market",
+        "position_size_usd": 100
+    })
+}
+
+/// A private `redis-server` on a free port (for tests that stop Redis).
+pub struct PrivateRedis {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return PrivateRedis { port, child };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("private redis-server did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

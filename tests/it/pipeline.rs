@@ -1,0 +1,354 @@
+//! webhook -> Redis Stream -> worker -> paper exchange -> Postgres, end to end.
+
+use rust_decimal_macros::dec;
+use serde_json::json;
+use sparky::domain::Side;
+use sparky::queue::GROUP;
+use sparky::store::Begin;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn webhook_becomes_a_filled_paper_trade_and_a_position() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+
+    let job_id = app.enqueue(&alert(user, &secret, "buy")).await;
+    app.run_worker_until_idle().await;
+
+    let job = app.job(job_id).await;
+    assert_eq!(job.status, "succeeded", "{job:?}");
+    assert_eq!(job.user_id, user);
+    assert_eq!(job.attempts, 1);
+    let trades = app.trades(user).await;
+    assert_eq!(trades.len(), 1, "{trades:?}");
+    let t = &trades[0];
+    assert_eq!((t.leg.as_str(), t.side.as_str()), ("open", "buy"));
+    // 100 USD at the paper price 3000 = 0.0333.. rounded down to the 0.001 step
+    assert_eq!(t.quantity, dec!(0.033));
+    assert_eq!(t.price, Some(dec!(3000)));
+    assert_eq!(t.symbol, "ETHUSDT");
+    assert_eq!(t.client_order_id.len(), 35);
+    let p = app.position(user, "ETHUSDT").await.expect("position");
+    assert_eq!(
+        (p.side, p.quantity, p.entry_price),
+        (Side::Long, dec!(0.033), dec!(3000))
+    );
+
+    // The entry was acked only after the commit: nothing pending.
+    for part in 0..app.config.partitions {
+        assert_eq!(app.queue.pending_count(part).await.unwrap(), 0);
+    }
+
+    // The job's status is visible to its owner through the API, and to no one else.
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/jobs/{job_id}")))
+        .header("X-Sparky-Secret", &secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "succeeded");
+    assert_eq!(
+        v["orders"][0]["exchange_order_id"],
+        format!("paper-{}", t.client_order_id)
+    );
+    let (_, other_secret) = app.paper_user().await;
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/jobs/{job_id}")))
+        .header("X-Sparky-Secret", &other_secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // The three log lines of the original system, inside the job's span.
+    let logs = captured_logs();
+    let job_lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(&job_id.to_string()))
+        .collect();
+    for needle in [
+        format!("Loading paper credentials for user {user}"),
+        "Loaded paper credentials for user (label: Main Account)".to_string(),
+        format!("Created paper executor for user {user}"),
+    ] {
+        assert!(
+            job_lines
+                .iter()
+                .any(|l| l.contains(&needle) && l.contains(&user.to_string())),
+            "no log line with job_id and user_id containing {needle:?} in:\n{}",
+            job_lines.join("\n")
+        );
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn buy_skip_reverse_close_skip() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let step = |action: &'static str| {
+        let app = &app;
+        let body = alert(user, &secret, action);
+        async move {
+            let id = app.enqueue(&body).await;
+            app.run_worker_until_idle().await;
+            (
+                app.job(id).await,
+                app.store.trades_of_job(id).await.unwrap(),
+            )
+        }
+    };
+
+    let (job, trades) = step("buy").await;
+    assert_eq!(job.status, "succeeded");
+    assert_eq!(trades.len(), 1);
+    let p = app.position(user, "ETHUSDT").await.unwrap();
+    assert_eq!((p.side, p.quantity), (Side::Long, dec!(0.033)));
+
+    let (job, trades) = step("buy").await;
+    assert_eq!(job.status, "skipped", "same side is skipped");
+    assert!(job.error.unwrap().contains("already long"));
+    assert!(trades.is_empty());
+    let p = app.position(user, "ETHUSDT").await.unwrap();
+    assert_eq!((p.side, p.quantity), (Side::Long, dec!(0.033)));
+
+    let (job, trades) = step("sell").await;
+    assert_eq!(job.status, "succeeded", "{job:?}");
+    let legs: Vec<(&str, &str, _)> = trades
+        .iter()
+        .map(|t| (t.leg.as_str(), t.side.as_str(), t.quantity))
+        .collect();
+    assert_eq!(
+        legs,
+        vec![
+            ("close", "sell", dec!(0.033)),
+            ("open", "sell", dec!(0.033))
+        ],
+        "reversal: close first, then open"
+    );
+    let p = app.position(user, "ETHUSDT").await.unwrap();
+    assert_eq!((p.side, p.quantity), (Side::Short, dec!(0.033)));
+
+    let (job, trades) = step("close").await;
+    assert_eq!(job.status, "succeeded");
+    assert_eq!(trades.len(), 1);
+    assert_eq!(
+        (trades[0].leg.as_str(), trades[0].side.as_str()),
+        ("close", "buy")
+    );
+    assert!(app.position(user, "ETHUSDT").await.is_none());
+
+    let (job, trades) = step("close").await;
+    assert_eq!(job.status, "skipped");
+    assert!(trades.is_empty());
+    assert!(app.position(user, "ETHUSDT").await.is_none());
+
+    assert_eq!(app.trades(user).await.len(), 4);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn too_small_orders_are_rejected_with_the_numbers_and_dead_lettered() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let mut body = alert(user, &secret, "buy");
+    body["position_size_usd"] = json!("2"); // 2 USD of ETH at 3000 rounds down to 0
+    let id = app.enqueue(&body).await;
+    app.run_worker_until_idle().await;
+    let job = app.job(id).await;
+    assert_eq!(job.status, "rejected");
+    let err = job.error.unwrap();
+    assert!(
+        err.contains("2 USD at 3000") && err.contains("minimum quantity 0.001"),
+        "{err}"
+    );
+    assert!(app.trades(user).await.is_empty());
+    assert!(app.position(user, "ETHUSDT").await.is_none());
+    let dlq: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg(app.queue.keys.dlq())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut app.queue.conn())
+        .await
+        .unwrap();
+    assert_eq!(dlq.len(), 1);
+    let text = format!("{dlq:?}");
+    assert!(text.contains(&id.to_string()));
+
+    // A user without credentials for the exchange: rejected, saying so.
+    let (bare, bare_secret) = app.create_user().await;
+    let id = app.enqueue(&alert(bare, &bare_secret, "buy")).await;
+    app.run_worker_until_idle().await;
+    let job = app.job(id).await;
+    assert_eq!(job.status, "rejected");
+    assert!(job.error.unwrap().contains("no paper credentials"));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_redelivered_finished_entry_does_not_execute_again() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let id = app.enqueue(&alert(user, &secret, "buy")).await;
+    app.run_worker_until_idle().await;
+    assert_eq!(app.job(id).await.status, "succeeded");
+
+    // Rewind every consumer group: the same stream entries are delivered again.
+    let mut c = app.queue.conn();
+    for p in 0..app.config.partitions {
+        let _: () = redis::cmd("XGROUP")
+            .arg("SETID")
+            .arg(app.queue.keys.stream(p))
+            .arg(GROUP)
+            .arg("0")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    app.run_worker_until_idle().await;
+    let job = app.job(id).await;
+    assert_eq!(job.status, "succeeded");
+    assert_eq!(job.attempts, 1, "not executed a second time");
+    assert_eq!(app.trades(user).await.len(), 1);
+    for p in 0..app.config.partitions {
+        assert_eq!(
+            app.queue.pending_count(p).await.unwrap(),
+            0,
+            "redelivery was acked"
+        );
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_entry_left_pending_by_a_crashed_worker_runs_once_on_redelivery() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let id = app.enqueue(&alert(user, &secret, "buy")).await;
+
+    // A worker read the entry and recorded the start, then died before committing or acking.
+    let mut conn = app
+        .queue
+        .blocking_conn(std::time::Duration::from_millis(100))
+        .await
+        .unwrap();
+    let cursors: Vec<(u32, String)> = (0..app.config.partitions)
+        .map(|p| (p, ">".into()))
+        .collect();
+    let entries = app
+        .queue
+        .read(
+            &mut conn,
+            "crashed-worker",
+            &cursors,
+            10,
+            std::time::Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0];
+    let job = e.job.as_ref().unwrap();
+    assert_eq!(
+        app.store.begin_job(job, e.partition, &e.id).await.unwrap(),
+        Begin::Execute { attempt: 1 }
+    );
+    assert_eq!(app.queue.pending_count(e.partition).await.unwrap(), 1);
+
+    app.run_worker_until_idle().await;
+    let row = app.job(id).await;
+    assert_eq!(row.status, "succeeded");
+    assert_eq!(row.attempts, 2);
+    assert_eq!(app.trades(user).await.len(), 1, "exactly one order");
+    assert_eq!(app.queue.pending_count(e.partition).await.unwrap(), 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn users_orders_follow_the_ingress_order() {
+    let app = TestApp::spawn().await;
+    let mut users = vec![];
+    for _ in 0..5 {
+        users.push(app.paper_user().await);
+    }
+    // Interleave buy/close/sell/close per user; each must see its own sequence in order.
+    let actions = ["buy", "close", "sell", "close", "buy"];
+    let mut ids = vec![];
+    for a in actions {
+        for (u, s) in &users {
+            ids.push((*u, app.enqueue(&alert(*u, s, a)).await));
+        }
+    }
+    app.run_worker_until_idle().await;
+    for (u, _) in &users {
+        let legs: Vec<(String, String)> = app
+            .trades(*u)
+            .await
+            .into_iter()
+            .map(|t| (t.leg, t.side))
+            .collect();
+        let expect: Vec<(String, String)> = [
+            ("open", "buy"),
+            ("close", "sell"),
+            ("open", "sell"),
+            ("close", "buy"),
+            ("open", "buy"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        assert_eq!(legs, expect, "user {u}");
+        assert_eq!(app.position(*u, "ETHUSDT").await.unwrap().side, Side::Long);
+    }
+    for (_, id) in ids {
+        assert_eq!(app.job(id).await.status, "succeeded");
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn binaries_refuse_an_unmigrated_database() {
+    let (_name, url) = fresh_database().await;
+    let config = sparky::config::Config {
+        database_url: url,
+        namespace: format!("t{}", uuid::Uuid::new_v4().simple()),
+        ..sparky::config::Config::default()
+    };
+    let err = sparky::ingress::connect(&config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{err:#}").contains("run `sparky migrate`"),
+        "{err:#}"
+    );
+    let err = sparky::worker::Worker::connect(config, Default::default())
+        .await
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("not migrated"), "{err:#}");
+}
+
+#[tokio::test]
+async fn a_different_partition_count_is_refused() {
+    let app = TestApp::spawn().await;
+    let other = sparky::queue::Queue::connect(
+        &app.config.redis_url,
+        &app.config.namespace,
+        app.config.partitions + 1,
+        std::time::Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    let err = other.check_partitions().await.unwrap_err().to_string();
+    assert!(
+        err.contains("SPARKY_PARTITIONS=5") && err.contains("set up with 4"),
+        "{err}"
+    );
+    app.cleanup().await;
+}

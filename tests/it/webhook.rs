@@ -1,0 +1,313 @@
+//! The ingress contract: every field rule and every answer.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn bad_inputs_get_the_right_answer_and_enqueue_nothing() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let (other_user, other_secret) = app.paper_user().await;
+    let good = alert(user, &secret, "buy");
+    let with = |k: &str, v: Value| {
+        let mut b = good.clone();
+        b[k] = v;
+        b
+    };
+    let without = |k: &str| {
+        let mut b = good.clone();
+        b.as_object_mut().unwrap().remove(k);
+        b
+    };
+    // (case, body, expected status, field that must be named)
+    let cases: Vec<(&str, Value, StatusCode, &str)> = vec![
+        (
+            "missing user_id",
+            without("user_id"),
+            StatusCode::BAD_REQUEST,
+            "user_id",
+        ),
+        (
+            "user_id not a uuid",
+            with("user_id", json!("bob")),
+            StatusCode::BAD_REQUEST,
+            "user_id",
+        ),
+        (
+            "user_id wrong type",
+            with("user_id", json!([1])),
+            StatusCode::BAD_REQUEST,
+            "user_id",
+        ),
+        (
+            "missing exchange",
+            without("exchange"),
+            StatusCode::BAD_REQUEST,
+            "exchange",
+        ),
+        (
+            "unknown exchange",
+            with("exchange", json!("kraken")),
+            StatusCode::BAD_REQUEST,
+            "exchange",
+        ),
+        (
+            "missing action",
+            without("action"),
+            StatusCode::BAD_REQUEST,
+            "action",
+        ),
+        (
+            "unknown action",
+            with("action", json!("hold")),
+            StatusCode::BAD_REQUEST,
+            "action",
+        ),
+        (
+            "action wrong type",
+            with("action", json!(true)),
+            StatusCode::BAD_REQUEST,
+            "action",
+        ),
+        (
+            "missing symbol",
+            without("symbol"),
+            StatusCode::BAD_REQUEST,
+            "symbol",
+        ),
+        (
+            "bad symbol",
+            with("symbol", json!("ETH USDT!")),
+            StatusCode::BAD_REQUEST,
+            "symbol",
+        ),
+        (
+            "missing size",
+            without("position_size_usd"),
+            StatusCode::BAD_REQUEST,
+            "position_size_usd",
+        ),
+        (
+            "zero size",
+            with("position_size_usd", json!(0)),
+            StatusCode::BAD_REQUEST,
+            "position_size_usd",
+        ),
+        (
+            "negative size",
+            with("position_size_usd", json!("-5")),
+            StatusCode::BAD_REQUEST,
+            "position_size_usd",
+        ),
+        (
+            "size not a number",
+            with("position_size_usd", json!("lots")),
+            StatusCode::BAD_REQUEST,
+            "position_size_usd",
+        ),
+        (
+            "size wrong type",
+            with("position_size_usd", json!({"usd": 1})),
+            StatusCode::BAD_REQUEST,
+            "position_size_usd",
+        ),
+        (
+            "limit without price",
+            with("order_type", json!("limit")),
+            StatusCode::BAD_REQUEST,
+            "price",
+        ),
+        (
+            "unknown order type",
+            with("order_type", json!("stop")),
+            StatusCode::BAD_REQUEST,
+            "order_type",
+        ),
+        (
+            "negative price",
+            with("price", json!(-1)),
+            StatusCode::BAD_REQUEST,
+            "price",
+        ),
+        (
+            "stop loss 100%",
+            with("stop_loss_percent", json!(100)),
+            StatusCode::BAD_REQUEST,
+            "stop_loss_percent",
+        ),
+        (
+            "take profit 0",
+            with("take_profit_percent", json!("0")),
+            StatusCode::BAD_REQUEST,
+            "take_profit_percent",
+        ),
+        (
+            "bad timestamp",
+            with("timestamp", json!("noon")),
+            StatusCode::BAD_REQUEST,
+            "timestamp",
+        ),
+        (
+            "bad environment",
+            with("environment", json!("staging")),
+            StatusCode::BAD_REQUEST,
+            "environment",
+        ),
+        (
+            "missing secret",
+            without("secret"),
+            StatusCode::UNAUTHORIZED,
+            "",
+        ),
+        (
+            "wrong secret, same length",
+            with("secret", json!(format!("sk_{}", "0".repeat(64)))),
+            StatusCode::UNAUTHORIZED,
+            "",
+        ),
+        (
+            "wrong secret, other length",
+            with("secret", json!("nope")),
+            StatusCode::UNAUTHORIZED,
+            "",
+        ),
+        (
+            "secret of another user",
+            with("secret", json!(other_secret)),
+            StatusCode::UNAUTHORIZED,
+            "",
+        ),
+        (
+            "own secret, other user's id",
+            with("user_id", json!(other_user)),
+            StatusCode::UNAUTHORIZED,
+            "",
+        ),
+    ];
+    for (case, body, status, field) in cases {
+        let (got, v) = app.post_webhook(&body).await;
+        assert_eq!(got, status, "{case}: {v}");
+        if !field.is_empty() {
+            let named: Vec<&str> = v["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["field"].as_str().unwrap())
+                .collect();
+            assert!(named.contains(&field), "{case}: {field} not named in {v}");
+            assert!(v["error"].as_str().unwrap().contains(field), "{case}: {v}");
+            assert!(v["field"].is_string(), "{case}: {v}");
+        } else {
+            assert!(v["error"].is_string(), "{case}: {v}");
+        }
+    }
+
+    // Several problems at once: all named.
+    let (got, v) = app
+        .post_webhook(&json!({"secret": secret, "user_id": user, "exchange": "x", "action": "y"}))
+        .await;
+    assert_eq!(got, StatusCode::BAD_REQUEST);
+    let named: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    for f in ["exchange", "action", "symbol"] {
+        assert!(named.contains(&f), "{f} not in {v}");
+    }
+
+    // Not JSON, not an object, too large.
+    for (case, raw, status) in [
+        ("not json", b"buy ETH now".to_vec(), StatusCode::BAD_REQUEST),
+        ("json array", b"[1,2]".to_vec(), StatusCode::BAD_REQUEST),
+        ("empty", Vec::new(), StatusCode::BAD_REQUEST),
+        (
+            "oversized",
+            vec![b' '; 64 * 1024 + 1],
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ] {
+        let r = app
+            .http
+            .post(app.url("/webhook"))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{case}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["field"], "body", "{case}: {v}");
+    }
+
+    assert_eq!(app.queued_entries().await, 0, "nothing was enqueued");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn accepted_forms_of_a_webhook() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+
+    // text/plain (TradingView), aliases, numeric strings, secret in a header.
+    let body = json!({"user_id": user, "exchange": "PAPER", "action": "long",
+                      "symbol": "ethusdt", "position_size_usd": "100.50"});
+    let r = app
+        .http
+        .post(app.url("/webhook"))
+        .header("content-type", "text/plain")
+        .header("X-Sparky-Secret", &secret)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "queued");
+    assert!(v["partition"].as_u64().unwrap() < 4);
+    assert_eq!(app.queued_entries().await, 1);
+
+    // The same alert_id again: the first job's id, 200 duplicate, nothing more enqueued.
+    let mut b = alert(user, &secret, "sell");
+    b["alert_id"] = json!("tv-123");
+    let (s1, v1) = app.post_webhook(&b).await;
+    assert_eq!(s1, StatusCode::ACCEPTED);
+    let (s2, v2) = app.post_webhook(&b).await;
+    assert_eq!(s2, StatusCode::OK);
+    assert_eq!(v2["status"], "duplicate");
+    assert_eq!(v2["job_id"], v1["job_id"]);
+    assert_eq!(app.queued_entries().await, 2);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_down_means_503_never_202() {
+    let mut redis = PrivateRedis::start().await;
+    let url = redis.url();
+    let app = TestApp::spawn_with(|c| c.redis_url = url).await;
+    let (user, secret) = app.paper_user().await;
+    assert_eq!(
+        app.enqueue(&alert(user, &secret, "buy"))
+            .await
+            .get_version_num(),
+        7
+    );
+
+    redis.kill();
+    for _ in 0..3 {
+        let (status, v) = app.post_webhook(&alert(user, &secret, "buy")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert!(v["error"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was accepted"));
+    }
+    let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let r = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    app.shutdown.cancel();
+}

@@ -1,0 +1,52 @@
+//! `sparky-worker`: consumes the partition streams. All logic lives in `sparky::worker`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use sparky::config::Config;
+use sparky::worker::{RunMode, Worker};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    sparky::telemetry::init(&config);
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("sparky-worker: {e:#}");
+            eprintln!("sparky-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = Worker::connect(config.clone(), shutdown.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", config.worker_port)).await?;
+    tracing::info!(consumer = %worker.consumer, health = %listener.local_addr()?, partitions = config.partitions, "sparky-worker started");
+    let health = worker.health_router();
+    let hs = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, health)
+            .with_graceful_shutdown(async move { hs.cancelled().await })
+            .await;
+    });
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        sparky::shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight jobs");
+        s.cancel();
+    });
+    worker
+        .run(RunMode::Forever, Duration::from_secs(30))
+        .await?;
+    tracing::info!("sparky-worker stopped");
+    Ok(())
+}
