@@ -84,6 +84,13 @@ pub struct SetCredentials {
 
 /// Run a parsed command. Errors are for the caller to print as one line.
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Migrate) {
+        use sqlx::migrate::MigrateDatabase;
+        if !sqlx::Postgres::database_exists(&config.database_url).await? {
+            sqlx::Postgres::create_database(&config.database_url).await?;
+            println!("created the database");
+        }
+    }
     let store = Store::connect(&config.database_url, 2).await?;
     match cli.command {
         Command::Migrate => {
