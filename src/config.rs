@@ -47,6 +47,10 @@ pub struct Config {
     pub worker_port: u16,
     pub partitions: u32,
     pub worker_concurrency: usize,
+    /// How long a worker's partition lease lasts without renewal (takeover time after a crash).
+    pub lease_ttl: Duration,
+    /// An entry delivered more often than this goes to the dead-letter stream as `poison`.
+    pub max_deliveries: u32,
     pub max_signal_age: Duration,
     /// How long a webhook secret lookup is cached in the ingress (rotation takes effect within this).
     pub secret_cache_ttl: Duration,
@@ -109,6 +113,8 @@ impl Default for Config {
             worker_port: 9100,
             partitions: 16,
             worker_concurrency: 64,
+            lease_ttl: Duration::from_secs(10),
+            max_deliveries: 5,
             max_signal_age: Duration::from_secs(60),
             secret_cache_ttl: Duration::from_secs(30),
             credential_cache_ttl: Duration::from_secs(60),
@@ -208,6 +214,17 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let lease_ttl = Duration::from_millis(num(
+            vars,
+            "SPARKY_LEASE_TTL_MS",
+            d.lease_ttl.as_millis() as u64,
+        )?);
+        if lease_ttl < Duration::from_millis(500) {
+            return Err(err(
+                "SPARKY_LEASE_TTL_MS",
+                "must be at least 500 (ms)".into(),
+            ));
+        }
         Ok(Config {
             database_url: url("DATABASE_URL", &d.database_url)?,
             redis_url: url("REDIS_URL", &d.redis_url)?,
@@ -218,6 +235,8 @@ impl Config {
             worker_port: num(vars, "WORKER_PORT", d.worker_port)?,
             partitions,
             worker_concurrency,
+            lease_ttl,
+            max_deliveries: num(vars, "SPARKY_MAX_DELIVERIES", d.max_deliveries)?,
             max_signal_age: Duration::from_secs(num(
                 vars,
                 "SPARKY_MAX_SIGNAL_AGE_SECS",

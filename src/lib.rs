@@ -18,6 +18,7 @@ pub mod domain;
 pub mod exchanges;
 pub mod executor;
 pub mod ingress;
+pub mod lease;
 pub mod queue;
 pub mod secrets;
 pub mod store;

@@ -12,7 +12,8 @@
 //!
 //! A worker reads with `XREADGROUP` and acknowledges an entry (`XACK`) only after the job's final
 //! state is committed to Postgres; an entry that is read but never acked stays in the group's pending
-//! list and is delivered again (to the same consumer on restart, see [`Queue::claim_all_pending`]).
+//! list and is delivered again: the next owner of the partition claims it before reading anything
+//! new (see [`Queue::claim_all_pending`] and the `lease` module).
 //!
 //! # Redis keys (`{ns}` is `SPARKY_NAMESPACE`, `{pN}` the partition's Redis Cluster hash tag)
 //! | key | type | meaning |
@@ -20,6 +21,8 @@
 //! | `{ns}:meta:partitions` | string | the partition count every process must agree on |
 //! | `{ns}:{pN}:stream` | stream | the partition's jobs; field `job` = [`Job`] as JSON; group `workers` |
 //! | `{ns}:{pN}:idem:{user}:{alert_id}` | string, TTL 24 h | job id first accepted for that key |
+//! | `{ns}:{pN}:lease` | string, PX TTL | id of the worker that owns the partition (see `lease`) |
+//! | `{ns}:workers` | sorted set | live workers, scored by heartbeat expiry (ms, Redis clock) |
 //! | `{ns}:dlq` | stream | dead-letter entries (rejected, dead, unreadable), replayable |
 //! | `{ns}:cred:{user}:{exchange}:{env}` | string, TTL 60 s | credential cache (see `credentials`) |
 //!
@@ -79,6 +82,12 @@ impl Keys {
     }
     pub fn idempotency(&self, partition: u32, user: &Uuid, alert_id: &str) -> String {
         format!("{}:{{p{partition}}}:idem:{user}:{alert_id}", self.ns)
+    }
+    pub fn lease(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:lease", self.ns)
+    }
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.ns)
     }
     pub fn dlq(&self) -> String {
         format!("{}:dlq", self.ns)

@@ -7,12 +7,14 @@
 //! committed and acked), while different users' lanes run concurrently, bounded by
 //! `SPARKY_WORKER_CONCURRENCY` permits. A slow user or exchange holds one permit, not the worker.
 //!
-//! # Ownership (this version)
-//! A worker consumes **all** partitions. On start it claims every pending entry of every partition
-//! (`XAUTOCLAIM` to itself), re-reads them in stream order (`XREADGROUP ... 0`), then reads new ones
-//! (`>`). That is only safe with **one worker process per namespace**: two workers sharing
-//! partitions could run one user's jobs concurrently. Partition leases for a horizontally scaled pool
-//! are the ordering issue's work; the README says to run one worker until then.
+//! # Ownership
+//! A worker consumes only the partitions whose lease it holds (see the `lease` module): leases are
+//! shared fairly among the live workers and handed over when one joins, leaves or dies. A new owner
+//! claims every pending entry of the partition (`XAUTOCLAIM`), re-reads them in stream order
+//! (`XREADGROUP ... 0`), then reads new ones (`>`). A partition that is handed over (or whose lease
+//! is lost) is no longer read; its entries that were read but not started are dropped from the
+//! lanes (they stay pending for the next owner) and the lease is released once the started ones are
+//! committed and acked. So at any time at most one worker runs a given user's jobs, in order.
 //!
 //! # Never lose, never repeat
 //! - An entry is acked only after its job's final state is committed in Postgres
@@ -25,9 +27,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -46,6 +48,7 @@ use crate::credentials::{CredentialError, CredentialLoader};
 use crate::domain::Job;
 use crate::exchanges::{build_exchange, ExchangeContext};
 use crate::executor::{self, JobStatus, Outcome, PositionChange, RetryPolicy};
+use crate::lease::{assignment, Leases};
 use crate::queue::{Entry, Queue};
 use crate::store::{Begin, Store, StoreError};
 
@@ -64,6 +67,7 @@ pub struct Worker {
     pub queue: Queue,
     pub consumer: String,
     processor: Arc<Processor>,
+    parts: Arc<PartState>,
 }
 
 struct Processor {
@@ -73,6 +77,7 @@ struct Processor {
     ctx: ExchangeContext,
     policy: RetryPolicy,
     max_signal_age: Duration,
+    max_deliveries: u32,
     shutdown: CancellationToken,
 }
 
@@ -122,12 +127,14 @@ impl Worker {
                 ..RetryPolicy::default()
             },
             max_signal_age: config.max_signal_age,
+            max_deliveries: config.max_deliveries,
             store: store.clone(),
             queue: queue.clone(),
             shutdown,
         });
         Worker {
             consumer: format!("worker-{}", Uuid::now_v7().simple()),
+            parts: Arc::new(PartState::new(config.partitions)),
             config,
             store,
             queue,
@@ -135,46 +142,54 @@ impl Worker {
         }
     }
 
-    /// Consume every partition until shutdown (or until idle). In-flight jobs are finished before
-    /// this returns; on shutdown they get `drain_timeout` to do so.
+    /// Consume the partitions this worker owns until shutdown (or until idle). In-flight jobs are
+    /// finished before this returns (given `drain_timeout` on shutdown), then the leases are released
+    /// so other workers take over at once.
     pub async fn run(&self, mode: RunMode, drain_timeout: Duration) -> anyhow::Result<()> {
         let shutdown = self.processor.shutdown.clone();
-        let partitions: Vec<u32> = (0..self.config.partitions).collect();
-        for &p in &partitions {
-            let n = self.queue.claim_all_pending(p, &self.consumer).await?;
-            if n > 0 {
-                tracing::info!(
-                    partition = p,
-                    entries = n,
-                    "claimed pending entries; they run first"
-                );
-            }
-        }
-        let inflight: Arc<Vec<AtomicUsize>> =
-            Arc::new(partitions.iter().map(|_| AtomicUsize::new(0)).collect());
+        let ttl = self.config.lease_ttl;
+        let leases = Leases::new(
+            self.queue.clone(),
+            self.consumer.clone(),
+            ttl.as_millis() as u64,
+        );
+        let parts = self.parts.clone();
         let lanes = Lanes::new(
             self.config.worker_concurrency,
             self.processor.clone(),
-            inflight.clone(),
+            parts.clone(),
         );
-        // "0"-style cursors re-read this consumer's pending entries; ">" reads new ones.
-        let mut cursors: HashMap<u32, String> =
-            partitions.iter().map(|&p| (p, "0".to_string())).collect();
-        let mut conn = self.queue.blocking_conn(READ_BLOCK).await?;
+        let block = READ_BLOCK.min(ttl / 6);
+        let tick = ttl / 3;
+        let mut owned: HashMap<u32, Owned> = HashMap::new();
+        let mut epoch = 0u64;
+        let mut next_tick = Instant::now();
+        let mut conn = self.queue.blocking_conn(block).await?;
         let mut failures = 0u32;
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            let wanted: Vec<(u32, String)> = partitions
+            if Instant::now() >= next_tick {
+                self.rebalance(&leases, &mut owned, epoch).await;
+                next_tick = Instant::now() + tick;
+            }
+            self.finish_handovers(&leases, &mut owned, epoch).await;
+
+            let wanted: Vec<(u32, String)> = owned
                 .iter()
-                .filter(|&&p| {
-                    inflight[p as usize].load(Ordering::Acquire) < MAX_INFLIGHT_PER_PARTITION
+                .filter(|(p, o)| {
+                    o.releasing_since.is_none()
+                        && parts.inflight[**p as usize].load(Ordering::Acquire)
+                            < MAX_INFLIGHT_PER_PARTITION
                 })
-                .map(|p| (*p, cursors[p].clone()))
+                .map(|(p, o)| (*p, o.cursor.clone()))
                 .collect();
+            let read_all_new = wanted.len() == owned.len()
+                && owned.len() == parts.desired.load(Ordering::Acquire)
+                && wanted.iter().all(|(_, c)| c == ">");
             let read = tokio::select! {
-                r = self.queue.read(&mut conn, &self.consumer, &wanted, READ_COUNT, READ_BLOCK) => r,
+                r = self.queue.read(&mut conn, &self.consumer, &wanted, READ_COUNT, block) => r,
                 _ = shutdown.cancelled() => break,
             };
             let entries = match read {
@@ -190,31 +205,38 @@ impl Worker {
                         _ = tokio::time::sleep(delay) => {},
                         _ = shutdown.cancelled() => break,
                     }
-                    if let Ok(c) = self.queue.blocking_conn(READ_BLOCK).await {
+                    if let Ok(c) = self.queue.blocking_conn(block).await {
                         conn = c;
                     }
                     continue;
                 }
             };
-            let read_all_new =
-                wanted.len() == partitions.len() && wanted.iter().all(|(_, c)| c == ">");
             // Pending-mode cursors advance past what was returned; a partition with nothing more
             // pending switches to new entries.
             for (p, cursor) in &wanted {
                 if cursor != ">" {
-                    let last = entries.iter().rev().find(|e| e.partition == *p);
-                    let next = last.map_or_else(|| ">".to_string(), |e| e.id.clone());
-                    cursors.insert(*p, next);
+                    if let Some(o) = owned.get_mut(p) {
+                        let last = entries.iter().rev().find(|e| e.partition == *p);
+                        o.cursor = last.map_or_else(|| ">".to_string(), |e| e.id.clone());
+                    }
                 }
             }
             let got = entries.len();
             for e in entries {
-                inflight[e.partition as usize].fetch_add(1, Ordering::AcqRel);
+                parts.inflight[e.partition as usize].fetch_add(1, Ordering::AcqRel);
                 lanes.push(e);
             }
+            // Every entry of this read is dispatched: a hand-over started before it may complete.
+            epoch += 1;
             if mode == RunMode::UntilIdle && got == 0 && read_all_new && lanes.is_idle() {
                 break;
             }
+        }
+
+        // Stop: drop what was read but not started (it stays pending for the next owner), finish
+        // what was started, then release the leases and leave the member set.
+        for a in parts.active.iter() {
+            a.store(false, Ordering::Release);
         }
         lanes.tracker.close();
         if tokio::time::timeout(drain_timeout, lanes.tracker.wait())
@@ -225,7 +247,125 @@ impl Worker {
                 "in-flight jobs did not finish within {drain_timeout:?}; their entries stay pending and are redelivered"
             );
         }
+        for p in owned.keys() {
+            if let Err(e) = leases.release(*p).await {
+                tracing::warn!(partition = p, error = %e, "could not release the lease; it expires by itself");
+            }
+        }
+        parts.owned.store(0, Ordering::Release);
+        if let Err(e) = leases.leave().await {
+            tracing::warn!(error = %e, "could not leave the member set; the heartbeat expires by itself");
+        }
         Ok(())
+    }
+
+    /// Heartbeat, renew owned leases, acquire newly assigned partitions and start handing over the
+    /// ones no longer assigned.
+    async fn rebalance(&self, leases: &Leases, owned: &mut HashMap<u32, Owned>, epoch: u64) {
+        let parts = &self.parts;
+        let live = match leases.heartbeat().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                vec![]
+            }
+        };
+        // Renew; a lease that is someone else's now (or could not be renewed for a whole TTL) is
+        // lost: stop touching that partition at once.
+        let mut lost = vec![];
+        for (p, o) in owned.iter_mut() {
+            match leases.renew(*p).await {
+                Ok(true) => o.renewed_at = Instant::now(),
+                Ok(false) => lost.push(*p),
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "lease renewal failed");
+                    if o.renewed_at.elapsed() >= self.config.lease_ttl {
+                        lost.push(*p);
+                    }
+                }
+            }
+        }
+        for p in lost {
+            tracing::error!(
+                partition = p,
+                "lost the lease of a partition; stopped consuming it"
+            );
+            parts.active[p as usize].store(false, Ordering::Release);
+            owned.remove(&p);
+        }
+        if live.is_empty() {
+            parts.owned.store(owned.len(), Ordering::Release);
+            return;
+        }
+        let desired = assignment(&self.consumer, &live, self.config.partitions);
+        parts.desired.store(desired.len(), Ordering::Release);
+        for p in &desired {
+            if owned.contains_key(p) {
+                continue;
+            }
+            match leases.try_acquire(*p).await {
+                Ok(true) => match self.queue.claim_all_pending(*p, &self.consumer).await {
+                    Ok(n) => {
+                        tracing::info!(
+                            partition = p,
+                            pending = n,
+                            "acquired partition; its pending entries run first"
+                        );
+                        parts.active[*p as usize].store(true, Ordering::Release);
+                        owned.insert(
+                            *p,
+                            Owned {
+                                cursor: "0".into(),
+                                releasing_since: None,
+                                renewed_at: Instant::now(),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "could not claim pending entries; releasing for now");
+                        let _ = leases.release(*p).await;
+                    }
+                },
+                Ok(false) => {} // still held by its previous owner, who hands it over soon
+                Err(e) => tracing::warn!(partition = p, error = %e, "lease acquisition failed"),
+            }
+        }
+        for (p, o) in owned.iter_mut() {
+            if o.releasing_since.is_none() && !desired.contains(p) {
+                tracing::info!(partition = p, "partition reassigned; handing it over");
+                o.releasing_since = Some(epoch);
+                parts.active[*p as usize].store(false, Ordering::Release);
+            }
+        }
+        parts.owned.store(
+            owned
+                .values()
+                .filter(|o| o.releasing_since.is_none())
+                .count(),
+            Ordering::Release,
+        );
+    }
+
+    /// Release partitions whose hand-over is complete: no read that could still include them is
+    /// outstanding (a read finished after the hand-over began) and none of their jobs is running.
+    async fn finish_handovers(&self, leases: &Leases, owned: &mut HashMap<u32, Owned>, epoch: u64) {
+        let done: Vec<u32> = owned
+            .iter()
+            .filter(|(p, o)| {
+                o.releasing_since.is_some_and(|e| epoch > e)
+                    && self.parts.inflight[**p as usize].load(Ordering::Acquire) == 0
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in done {
+            owned.remove(&p);
+            match leases.release(p).await {
+                Ok(_) => tracing::info!(partition = p, "handed the partition over"),
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "could not release the lease; it expires by itself")
+                }
+            }
+        }
     }
 
     /// `/healthz` and `/readyz` for the worker (served on `WORKER_PORT`).
@@ -240,12 +380,51 @@ impl Worker {
 async fn worker_ready(State(w): State<Worker>) -> (StatusCode, Json<serde_json::Value>) {
     let redis = w.queue.ping().await.is_ok();
     let postgres = w.store.ping().await.is_ok();
-    let code = if redis && postgres {
+    let owned = w.parts.owned.load(Ordering::Acquire);
+    let desired = w.parts.desired.load(Ordering::Acquire);
+    let code = if redis && postgres && owned >= desired {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(json!({"redis": redis, "postgres": postgres})))
+    let desired = (desired != usize::MAX).then_some(desired);
+    (
+        code,
+        Json(
+            json!({"redis": redis, "postgres": postgres, "partitions_owned": owned, "partitions_assigned": desired}),
+        ),
+    )
+}
+
+/// A partition this worker holds the lease of.
+struct Owned {
+    /// `">"` for new entries, else the id after which to re-read this consumer's pending entries.
+    cursor: String,
+    /// Set when the partition was reassigned: the read epoch at that moment.
+    releasing_since: Option<u64>,
+    renewed_at: Instant,
+}
+
+/// Per-partition state shared by the read loop and the lanes.
+struct PartState {
+    /// Entries of the partition may be started (we own it and are not handing it over).
+    active: Vec<AtomicBool>,
+    /// Entries read and not yet finished (or dropped).
+    inflight: Vec<AtomicUsize>,
+    /// Partitions owned / assigned (readiness).
+    owned: AtomicUsize,
+    desired: AtomicUsize,
+}
+
+impl PartState {
+    fn new(partitions: u32) -> Self {
+        PartState {
+            active: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
+            inflight: (0..partitions).map(|_| AtomicUsize::new(0)).collect(),
+            owned: AtomicUsize::new(0),
+            desired: AtomicUsize::new(usize::MAX),
+        }
+    }
 }
 
 /// Per-user FIFO lanes. A lane exists (is in the map) exactly while one task drives it.
@@ -253,17 +432,17 @@ struct Lanes {
     queues: Arc<Mutex<HashMap<Uuid, VecDeque<Entry>>>>,
     permits: Arc<Semaphore>,
     processor: Arc<Processor>,
-    inflight: Arc<Vec<AtomicUsize>>,
+    parts: Arc<PartState>,
     tracker: TaskTracker,
 }
 
 impl Lanes {
-    fn new(concurrency: usize, processor: Arc<Processor>, inflight: Arc<Vec<AtomicUsize>>) -> Self {
+    fn new(concurrency: usize, processor: Arc<Processor>, parts: Arc<PartState>) -> Self {
         Lanes {
             queues: Arc::default(),
             permits: Arc::new(Semaphore::new(concurrency)),
             processor,
-            inflight,
+            parts,
             tracker: TaskTracker::new(),
         }
     }
@@ -290,7 +469,7 @@ impl Lanes {
         let queues = self.queues.clone();
         let permits = self.permits.clone();
         let processor = self.processor.clone();
-        let inflight = self.inflight.clone();
+        let parts = self.parts.clone();
         self.tracker.spawn(async move {
             loop {
                 let next = {
@@ -305,11 +484,14 @@ impl Lanes {
                     }
                 };
                 let partition = next.partition as usize;
-                let Ok(_permit) = permits.acquire().await else {
-                    return;
-                };
-                processor.process(next).await;
-                inflight[partition].fetch_sub(1, Ordering::AcqRel);
+                // Not ours any more (handed over, lost, shutting down): leave it pending for the
+                // next owner, which claims it before anything newer of this user.
+                if parts.active[partition].load(Ordering::Acquire) {
+                    if let Ok(_permit) = permits.acquire().await {
+                        processor.process(next).await;
+                    }
+                }
+                parts.inflight[partition].fetch_sub(1, Ordering::AcqRel);
             }
         });
     }
@@ -403,7 +585,21 @@ impl Processor {
             }
             Some(Begin::Execute { attempt }) => attempt,
         };
-        let outcome = match self.run_job(job, attempt).await {
+        let outcome = if attempt > self.max_deliveries as i32 {
+            // Delivered again and again without reaching a final state (each delivery died or was
+            // cut off mid-way): stop the loop, keep it for an operator.
+            Some(Outcome::failed(
+                JobStatus::Dead,
+                "poison",
+                format!(
+                    "poison: delivered {attempt} times without finishing (SPARKY_MAX_DELIVERIES={})",
+                    self.max_deliveries
+                ),
+            ))
+        } else {
+            self.run_job(job, attempt).await
+        };
+        let outcome = match outcome {
             Some(o) => o,
             None => return,
         };

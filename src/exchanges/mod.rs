@@ -243,10 +243,7 @@ pub fn build_exchange(
     ctx: &ExchangeContext,
 ) -> Result<Box<dyn Exchange>, ExchangeError> {
     match creds.exchange {
-        ExchangeKind::Paper => Ok(Box::new(paper::PaperExchange::new(
-            ctx.store.clone(),
-            creds.user_id,
-        ))),
+        ExchangeKind::Paper => Ok(Box::new(paper::PaperExchange::new(ctx.store.clone(), creds))),
         other => Err(ExchangeError::permanent(format!(
             "the {other} client is not available in this build yet (see the exchanges issue); use `paper`"
         ))),

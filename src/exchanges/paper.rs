@@ -21,6 +21,7 @@ use super::{
     ExPosition, Exchange, ExchangeError, OrderAck, OrderRequest, OrderState, Protection,
     SymbolRules,
 };
+use crate::credentials::Credentials;
 use crate::domain::{ExchangeKind, OrderSide, OrderType, Symbol};
 use crate::store::Store;
 
@@ -70,11 +71,40 @@ pub fn paper_market(symbol: &str) -> (Decimal, SymbolRules) {
 pub struct PaperExchange {
     store: Store,
     user_id: Uuid,
+    /// Simulated order latency, uniformly in `min..=max` ms (`extra_config.latency_ms`).
+    latency_ms: Option<(u64, u64)>,
 }
 
 impl PaperExchange {
-    pub fn new(store: Store, user_id: Uuid) -> Self {
-        PaperExchange { store, user_id }
+    /// `extra_config.latency_ms` (a number, or `[min, max]`) makes every order take that long, to
+    /// stand in for a real broker in tests and benchmarks.
+    pub fn new(store: Store, creds: &Credentials) -> Self {
+        let latency_ms = match creds.extra_config.get("latency_ms") {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| (v, v)),
+            Some(serde_json::Value::Array(a)) if a.len() == 2 => {
+                match (a[0].as_u64(), a[1].as_u64()) {
+                    (Some(lo), Some(hi)) if lo <= hi => Some((lo, hi)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        PaperExchange {
+            store,
+            user_id: creds.user_id,
+            latency_ms,
+        }
+    }
+
+    async fn simulate_latency(&self) {
+        if let Some((lo, hi)) = self.latency_ms {
+            let ms = if hi > lo {
+                rand::Rng::gen_range(&mut rand::thread_rng(), lo..=hi)
+            } else {
+                lo
+            };
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
     }
 
     fn fill(&self, client_order_id: &str, qty: Decimal, price: Decimal) -> OrderAck {
@@ -120,6 +150,7 @@ impl Exchange for PaperExchange {
     }
 
     async fn place_order(&self, o: &OrderRequest) -> Result<OrderAck, ExchangeError> {
+        self.simulate_latency().await;
         let (price, rules) = paper_market(o.symbol.as_str());
         if o.quantity <= Decimal::ZERO || !(o.quantity % rules.step).is_zero() {
             return Err(ExchangeError::permanent(format!(
@@ -170,6 +201,7 @@ impl Exchange for PaperExchange {
         position: &ExPosition,
         client_order_id: &str,
     ) -> Result<OrderAck, ExchangeError> {
+        self.simulate_latency().await;
         let (price, _) = paper_market(symbol.as_str());
         Ok(self.fill(client_order_id, position.quantity, price))
     }

@@ -3,5 +3,7 @@
 
 mod credentials;
 mod helpers;
+mod ordering;
 mod pipeline;
+mod procs;
 mod webhook;

@@ -1,0 +1,265 @@
+//! Per-user order across a pool of real worker processes, with a worker killed (SIGKILL) or
+//! stopped (SIGTERM) mid-run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::*;
+use crate::procs::*;
+
+const LEASE_MS: u64 = 2000;
+
+/// Users with paper credentials whose orders take 1-5 ms ("a small random latency").
+async fn users(app: &TestApp, n: usize) -> Vec<(Uuid, String)> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (u, s) = app.create_user().await;
+        let row = sparky::store::CredentialRow {
+            user_id: u,
+            exchange: "paper".into(),
+            api_key: "k".into(),
+            api_secret: "s".into(),
+            account_id: None,
+            environment: "production".into(),
+            extra_config: json!({"latency_ms": [1, 5]}),
+            label: None,
+        };
+        app.store.upsert_credentials(&row).await.unwrap();
+        out.push((u, s));
+    }
+    out
+}
+
+/// Alert `i` of a user: alternating buy/sell of SOLUSDT (paper price 150, step 0.01) for
+/// 150 + 15 i USD, so the opened quantity is exactly 1 + 0.1 i: the order of the open legs at the
+/// exchange spells out the order in which the user's jobs ran.
+fn nth_alert(user: Uuid, secret: &str, i: usize) -> serde_json::Value {
+    json!({"secret": secret, "user_id": user, "exchange": "paper",
+           "action": if i.is_multiple_of(2) { "buy" } else { "sell" }, "symbol": "SOLUSDT",
+           "position_size_usd": (150 + 15 * i).to_string()})
+}
+
+fn expected_qty(i: usize) -> Decimal {
+    Decimal::ONE + Decimal::new(i as i64, 1)
+}
+
+/// Post every user's alerts in order (one user's alerts sequentially, users concurrently).
+fn post_all(
+    app: &Arc<TestApp>,
+    users: &[(Uuid, String)],
+    per_user: usize,
+) -> tokio::task::JoinHandle<()> {
+    let app = app.clone();
+    let users = users.to_vec();
+    tokio::spawn(async move {
+        let mut tasks = vec![];
+        for (u, s) in users {
+            let app = app.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per_user {
+                    app.enqueue(&nth_alert(u, &s, i)).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    })
+}
+
+async fn finished_jobs(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status NOT IN ('queued', 'executing')")
+        .fetch_one(&app.store.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_finished(app: &TestApp, n: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let done = finished_jobs(app).await;
+        if done >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {n} jobs finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every job succeeded; each user's legs are exactly open, (close, open) x (n-1), with the open
+/// quantities in ingress order; no leg twice.
+async fn assert_exactly_once_in_order(app: &TestApp, users: &[(Uuid, String)], per_user: usize) {
+    let bad: Vec<(String, String)> = sqlx::query_as(
+        "SELECT job_id::text, status || ': ' || coalesce(error, '') FROM jobs WHERE status <> 'succeeded'",
+    )
+    .fetch_all(&app.store.pool)
+    .await
+    .unwrap();
+    assert!(bad.is_empty(), "jobs not succeeded: {bad:?}");
+    for (u, _) in users {
+        let trades = app.trades(*u).await;
+        let legs: Vec<&str> = trades.iter().map(|t| t.leg.as_str()).collect();
+        let mut expect = vec!["open"];
+        for _ in 1..per_user {
+            expect.extend(["close", "open"]);
+        }
+        assert_eq!(legs, expect, "user {u}: legs");
+        let opens: Vec<Decimal> = trades
+            .iter()
+            .filter(|t| t.leg == "open")
+            .map(|t| t.quantity)
+            .collect();
+        let want: Vec<Decimal> = (0..per_user).map(expected_qty).collect();
+        assert_eq!(
+            opens, want,
+            "user {u}: orders reached the exchange out of ingress order"
+        );
+    }
+}
+
+async fn lease_owners(app: &TestApp) -> Vec<Option<String>> {
+    let mut c = app.queue.conn();
+    let mut out = vec![];
+    for p in 0..app.config.partitions {
+        let o: Option<String> = redis::cmd("GET")
+            .arg(app.queue.keys.lease(p))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        out.push(o);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_workers_one_killed_every_alert_once_and_in_order() {
+    let app = Arc::new(
+        TestApp::spawn_with(|c| {
+            c.partitions = 8;
+            c.secret_cache_ttl = Duration::from_secs(60);
+        })
+        .await,
+    );
+    let (n_users, per_user) = (200, 20);
+    let users = users(&app, n_users).await;
+    let env = [
+        ("SPARKY_LEASE_TTL_MS", LEASE_MS.to_string()),
+        ("SPARKY_WORKER_CONCURRENCY", "8".to_string()),
+    ];
+    let mut workers = vec![];
+    for _ in 0..3 {
+        workers.push(spawn_worker(&app, &env).await);
+    }
+    let victim = workers[0].id().await;
+    let posting = post_all(&app, &users, per_user);
+
+    // Kill one worker once a quarter of the jobs are done, start a fresh one.
+    let total = (n_users * per_user) as i64;
+    wait_finished(&app, total / 4, Duration::from_secs(120)).await;
+    let owned_before = lease_owners(&app)
+        .await
+        .iter()
+        .filter(|o| o.as_deref() == Some(&victim))
+        .count();
+    workers[0].kill9();
+    let killed_at = Instant::now();
+    workers.push(spawn_worker(&app, &env).await);
+
+    // Takeover: every partition owned again, none by the dead worker.
+    loop {
+        let owners = lease_owners(&app).await;
+        if owners
+            .iter()
+            .all(|o| o.is_some() && o.as_deref() != Some(&victim))
+        {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "no takeover: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let takeover = killed_at.elapsed();
+    println!(
+        "takeover of {owned_before} partitions after SIGKILL: {takeover:?} (lease TTL {LEASE_MS} ms; {:.2} lease periods)",
+        takeover.as_secs_f64() * 1000.0 / LEASE_MS as f64
+    );
+
+    posting.await.unwrap();
+    wait_finished(&app, total, Duration::from_secs(300)).await;
+    assert_eq!(
+        finished_jobs(&app).await,
+        total,
+        "every alert became exactly one job"
+    );
+    assert_exactly_once_in_order(&app, &users, per_user).await;
+    let retried: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE attempts > 1")
+        .fetch_one(&app.store.pool)
+        .await
+        .unwrap();
+    println!("jobs redelivered after the kill: {retried}");
+    for p in 0..app.config.partitions {
+        assert_eq!(
+            app.queue.pending_count(p).await.unwrap(),
+            0,
+            "partition {p} has unacked entries"
+        );
+    }
+    drop(workers);
+    Arc::try_unwrap(app).ok().unwrap().cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_mid_run_retries_nothing_and_loses_nothing() {
+    let app = Arc::new(TestApp::spawn_with(|c| c.partitions = 8).await);
+    let (n_users, per_user) = (60, 10);
+    let users = users(&app, n_users).await;
+    let env = [
+        ("SPARKY_LEASE_TTL_MS", LEASE_MS.to_string()),
+        ("SPARKY_WORKER_CONCURRENCY", "4".to_string()),
+    ];
+    let mut a = spawn_worker(&app, &env).await;
+    let b = spawn_worker(&app, &env).await;
+    let _ = (a.id().await, b.id().await);
+    let posting = post_all(&app, &users, per_user);
+    let total = (n_users * per_user) as i64;
+    wait_finished(&app, total / 3, Duration::from_secs(120)).await;
+    let stopped_at = Instant::now();
+    let code = a.terminate().await;
+    assert_eq!(code, 0, "graceful shutdown exits 0");
+    println!("worker stopped gracefully in {:?}", stopped_at.elapsed());
+
+    posting.await.unwrap();
+    wait_finished(&app, total, Duration::from_secs(300)).await;
+    assert_exactly_once_in_order(&app, &users, per_user).await;
+    let retried: Vec<(String, i32)> =
+        sqlx::query_as("SELECT job_id::text, attempts FROM jobs WHERE attempts <> 1")
+            .fetch_all(&app.store.pool)
+            .await
+            .unwrap();
+    assert!(
+        retried.is_empty(),
+        "jobs retried after a graceful shutdown: {retried:?}"
+    );
+    let owners = lease_owners(&app).await;
+    let by: HashMap<_, usize> = owners.iter().fold(HashMap::new(), |mut m, o| {
+        *m.entry(o.clone()).or_default() += 1;
+        m
+    });
+    assert_eq!(
+        by.len(),
+        1,
+        "the remaining worker owns every partition: {owners:?}"
+    );
+    drop(b);
+    Arc::try_unwrap(app).ok().unwrap().cleanup().await;
+}

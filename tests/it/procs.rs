@@ -1,0 +1,113 @@
+//! Real `sparky-worker` processes for the multi-process tests.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::sync::OnceCell;
+
+use crate::helpers::TestApp;
+
+/// The workspace's binaries, built once per test run if `scripts/test` did not build them already.
+pub async fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceCell<PathBuf> = OnceCell::const_new();
+    let dir = BUILT
+        .get_or_init(|| async {
+            // <target>/debug/deps/it-<hash> -> <target>/debug
+            let exe = std::env::current_exe().unwrap();
+            let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+            if !dir.join("sparky-worker").exists() || !dir.join("sparky-ingress").exists() {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let st = tokio::process::Command::new(cargo)
+                    .args(["build", "-p", "sparky-worker", "-p", "sparky-ingress"])
+                    .current_dir(env!("CARGO_MANIFEST_DIR"))
+                    .status()
+                    .await
+                    .unwrap();
+                assert!(st.success(), "building the binaries failed");
+            }
+            dir
+        })
+        .await;
+    dir.join(name)
+}
+
+pub struct WorkerProc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProc {
+    /// The worker's consumer id, from its start-up log line.
+    pub async fn id(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(i) = text.find("\"consumer\":\"") {
+                let rest = &text[i + 12..];
+                return rest[..rest.find('"').unwrap()].to_string();
+            }
+            assert!(Instant::now() < deadline, "worker did not start:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit code.
+    pub async fn terminate(&mut self) -> i32 {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not stop after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start a `sparky-worker` process on the test's database and namespace.
+pub async fn spawn_worker(app: &TestApp, env: &[(&str, String)]) -> WorkerProc {
+    let bin = bin("sparky-worker").await;
+    let dir = std::env::temp_dir().join(format!("sparky-it-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("worker.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(&dir) // no stray .env
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &app.config.database_url)
+        .env("REDIS_URL", &app.config.redis_url)
+        .env("SPARKY_NAMESPACE", &app.config.namespace)
+        .env("SPARKY_PARTITIONS", app.config.partitions.to_string())
+        .env("SPARKY_MAX_SIGNAL_AGE_SECS", "600")
+        .env("WORKER_PORT", "0")
+        .env("LOG_FORMAT", "json")
+        .env("LOG_LEVEL", "info,sqlx=warn")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    WorkerProc {
+        child: cmd.spawn().expect("spawn sparky-worker"),
+        log,
+    }
+}
