@@ -59,6 +59,12 @@ pub enum CredentialsCommand {
     Set(SetCredentials),
     /// Encrypt every plaintext api_key/api_secret (rows inserted directly, as the original system did).
     EncryptExisting,
+    /// Re-encrypt every row under the current SPARKY_MASTER_KEY; rows written under an older key need
+    /// that key in SPARKY_OLD_MASTER_KEYS. Plaintext rows are encrypted too.
+    RotateKey {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -170,6 +176,49 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             let n = encrypt_existing(&store, key).await?;
             println!("encrypted {n} credential rows");
         }
+        Command::Credentials(CredentialsCommand::RotateKey { json }) => {
+            store.check_migrated().await?;
+            let Some(key) = config.master_key.as_ref() else {
+                anyhow::bail!("SPARKY_MASTER_KEY: required (the key to re-encrypt under)");
+            };
+            let report = rotate_key(&store, key).await?;
+            let flushed = flush_credential_cache(&config).await;
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "key_id": key.id(),
+                        "rotated": report.rotated,
+                        "current": report.current,
+                        "failed": report.failed,
+                        "cache_flushed": flushed,
+                    })
+                );
+            } else {
+                println!(
+                    "re-encrypted {} credential rows under key {} ({} already were)",
+                    report.rotated,
+                    key.id(),
+                    report.current
+                );
+                if !flushed {
+                    eprintln!("warning: Redis unreachable; cached credential rows (old ciphertext) expire within SPARKY_CREDENTIAL_CACHE_TTL_SECS: keep the old key configured until then");
+                }
+            }
+            if !report.failed.is_empty() {
+                anyhow::bail!(
+                    "{} rows could not be re-encrypted (ids {}): {}",
+                    report.failed.len(),
+                    report
+                        .failed
+                        .iter()
+                        .map(|(id, _)| id.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    report.failed[0].1
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -200,6 +249,135 @@ async fn invalidate_cache(config: &Config, user: Uuid, exchange: ExchangeKind) {
         .map(|e| q.keys.credentials(&user, exchange.as_str(), e))
         .collect();
     let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut q.conn()).await;
+}
+
+/// What `sparky credentials rotate-key` did.
+#[derive(Debug, Default)]
+pub struct RotateReport {
+    /// Rows re-encrypted (or encrypted, if they were plaintext) under the current key.
+    pub rotated: u64,
+    /// Rows that already were under the current key.
+    pub current: u64,
+    /// Rows left as they were: (row id, why). The reason never contains a credential.
+    pub failed: Vec<(i64, String)>,
+}
+
+/// Re-encrypt every credential row under `key` (which carries the retired keys that can still
+/// decrypt). Each row is updated only if it still holds what was read, so a concurrent
+/// `credentials set` is never overwritten; such a row is read again.
+pub async fn rotate_key(
+    store: &Store,
+    key: &crate::secrets::MasterKey,
+) -> anyhow::Result<RotateReport> {
+    use crate::credentials::aad;
+    use crate::secrets::reseal;
+    use sqlx::Row;
+    let mut report = RotateReport::default();
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM bot_credentials ORDER BY id")
+        .fetch_all(&store.pool)
+        .await?;
+    for id in ids {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let Some(r) = sqlx::query(
+                "SELECT user_id, exchange, api_key, api_secret FROM bot_credentials WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&store.pool)
+            .await?
+            else {
+                break; // deleted meanwhile
+            };
+            let user: Uuid = r.get("user_id");
+            let exchange: String = r.get("exchange");
+            let (old_key, old_secret): (String, String) = (r.get("api_key"), r.get("api_secret"));
+            let sealed = reseal(&old_key, &aad(&user, &exchange, "api_key"), key)
+                .map_err(|e| format!("api_key: {e}"))
+                .and_then(|k| {
+                    reseal(&old_secret, &aad(&user, &exchange, "api_secret"), key)
+                        .map(|s| (k, s))
+                        .map_err(|e| format!("api_secret: {e}"))
+                });
+            let (new_key, new_secret) = match sealed {
+                Ok((None, None)) => {
+                    report.current += 1;
+                    break;
+                }
+                Ok((k, s)) => (
+                    k.unwrap_or_else(|| old_key.clone()),
+                    s.unwrap_or_else(|| old_secret.clone()),
+                ),
+                Err(why) => {
+                    report.failed.push((id, format!("row {id}: {why}")));
+                    break;
+                }
+            };
+            let n = sqlx::query(
+                "UPDATE bot_credentials SET api_key = $2, api_secret = $3, updated_at = now()
+                 WHERE id = $1 AND api_key = $4 AND api_secret = $5",
+            )
+            .bind(id)
+            .bind(&new_key)
+            .bind(&new_secret)
+            .bind(&old_key)
+            .bind(&old_secret)
+            .execute(&store.pool)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                report.rotated += 1;
+                break;
+            }
+            if attempts >= 3 {
+                report
+                    .failed
+                    .push((id, format!("row {id}: changed concurrently; run again")));
+                break;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Delete every cached credential row of the namespace (they hold ciphertext under the old key).
+/// `false` when Redis could not be reached.
+pub async fn flush_credential_cache(config: &Config) -> bool {
+    let Ok(q) = Queue::connect(
+        &config.redis_url,
+        &config.namespace,
+        config.partitions,
+        Duration::from_secs(2),
+    )
+    .await
+    else {
+        return false;
+    };
+    let mut c = q.conn();
+    let mut cursor: u64 = 0;
+    loop {
+        let res: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{}:cred:*", q.keys.ns))
+            .arg("COUNT")
+            .arg(500)
+            .query_async(&mut c)
+            .await;
+        let Ok((next, keys)) = res else {
+            return false;
+        };
+        if !keys.is_empty() {
+            let r: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+            if r.is_err() {
+                return false;
+            }
+        }
+        if next == 0 {
+            return true;
+        }
+        cursor = next;
+    }
 }
 
 /// Encrypt every plaintext credential row in place; returns how many rows changed.

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
+use crate::net::{self, IpNet};
+use crate::queue::RateLimit;
 use crate::secrets::MasterKey;
 
 /// A configuration value that could not be used. Its `Display` is the one line printed at start-up.
@@ -60,6 +62,15 @@ pub struct Config {
     pub exchange_retries: usize,
     /// ... and for at most this long in total.
     pub exchange_retry_max: Duration,
+    /// Per-user webhook rate limit: a token bucket in Redis shared by every ingress replica.
+    pub rate_limit: RateLimit,
+    /// Failed authentications allowed per client address per `auth_fail_window` (0 = no limit).
+    pub auth_fail_limit: u32,
+    pub auth_fail_window: Duration,
+    /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the ingress).
+    pub trusted_proxies: Vec<IpNet>,
+    /// When set, only these client addresses may `POST /webhook`.
+    pub ip_allowlist: Option<Vec<IpNet>>,
     pub aster_base_url: Option<String>,
     pub oanda_base_url: Option<String>,
     pub tradier_base_url: Option<String>,
@@ -83,6 +94,12 @@ impl fmt::Debug for Config {
             .field("partitions", &self.partitions)
             .field("worker_concurrency", &self.worker_concurrency)
             .field("max_signal_age", &self.max_signal_age)
+            .field("secret_cache_ttl", &self.secret_cache_ttl)
+            .field("rate_limit", &self.rate_limit)
+            .field("auth_fail_limit", &self.auth_fail_limit)
+            .field("auth_fail_window", &self.auth_fail_window)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("ip_allowlist", &self.ip_allowlist)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +137,14 @@ impl Default for Config {
             credential_cache_ttl: Duration::from_secs(60),
             exchange_retries: 5,
             exchange_retry_max: Duration::from_secs(30),
+            rate_limit: RateLimit {
+                per_sec: 10.0,
+                burst: 20,
+            },
+            auth_fail_limit: 20,
+            auth_fail_window: Duration::from_secs(60),
+            trusted_proxies: Vec::new(),
+            ip_allowlist: None,
             aster_base_url: None,
             oanda_base_url: None,
             tradier_base_url: None,
@@ -151,12 +176,33 @@ impl Config {
                 ))
             }
         };
-        let master_key = match get("SPARKY_MASTER_KEY") {
+        let mut master_key = match get("SPARKY_MASTER_KEY") {
             Some(v) => Some(
                 MasterKey::from_base64(v).map_err(|m| err("SPARKY_MASTER_KEY", m.to_string()))?,
             ),
             None => None,
         };
+        if let Some(list) = get("SPARKY_OLD_MASTER_KEYS") {
+            let Some(current) = master_key.take() else {
+                return Err(err(
+                    "SPARKY_OLD_MASTER_KEYS",
+                    "set, but SPARKY_MASTER_KEY is not: old keys only decrypt, the current key encrypts".into(),
+                ));
+            };
+            let mut old = Vec::new();
+            for (i, item) in list.split(',').map(str::trim).enumerate() {
+                if item.is_empty() {
+                    continue;
+                }
+                // The error names the position, never the value.
+                old.push(
+                    MasterKey::from_base64(item).map_err(|m| {
+                        err("SPARKY_OLD_MASTER_KEYS", format!("entry {}: {m}", i + 1))
+                    })?,
+                );
+            }
+            master_key = Some(current.with_retired(old));
+        }
         if environment == Environment::Production && master_key.is_none() {
             return Err(err(
                 "SPARKY_MASTER_KEY",
@@ -225,6 +271,47 @@ impl Config {
                 "must be at least 500 (ms)".into(),
             ));
         }
+        let secret_cache_ttl = Duration::from_secs(num(
+            vars,
+            "SPARKY_SECRET_CACHE_TTL_SECS",
+            d.secret_cache_ttl.as_secs(),
+        )?);
+        if secret_cache_ttl > Duration::from_secs(60) {
+            return Err(err(
+                "SPARKY_SECRET_CACHE_TTL_SECS",
+                "at most 60: a rotated or revoked secret must stop working within a minute".into(),
+            ));
+        }
+        let per_sec: f64 = num(vars, "SPARKY_RATE_LIMIT_PER_SEC", d.rate_limit.per_sec)?;
+        if !per_sec.is_finite() || per_sec < 0.0 {
+            return Err(err(
+                "SPARKY_RATE_LIMIT_PER_SEC",
+                "must be a number >= 0 (0 turns the limit off)".into(),
+            ));
+        }
+        let burst: u32 = num(vars, "SPARKY_RATE_LIMIT_BURST", d.rate_limit.burst)?;
+        if burst == 0 && per_sec > 0.0 {
+            return Err(err(
+                "SPARKY_RATE_LIMIT_BURST",
+                "must be at least 1 (to turn the limit off set SPARKY_RATE_LIMIT_PER_SEC=0)".into(),
+            ));
+        }
+        let auth_fail_window = Duration::from_secs(num(
+            vars,
+            "SPARKY_AUTH_FAIL_WINDOW_SECS",
+            d.auth_fail_window.as_secs(),
+        )?);
+        if auth_fail_window.is_zero() {
+            return Err(err(
+                "SPARKY_AUTH_FAIL_WINDOW_SECS",
+                "must be at least 1".into(),
+            ));
+        }
+        let nets = |k: &'static str| -> Result<Vec<IpNet>, ConfigError> {
+            net::parse_list(get(k).unwrap_or("")).map_err(|m| err(k, m))
+        };
+        let trusted_proxies = nets("SPARKY_TRUSTED_PROXIES")?;
+        let ip_allowlist = Some(nets("SPARKY_IP_ALLOWLIST")?).filter(|l| !l.is_empty());
         Ok(Config {
             database_url: url("DATABASE_URL", &d.database_url)?,
             redis_url: url("REDIS_URL", &d.redis_url)?,
@@ -242,11 +329,7 @@ impl Config {
                 "SPARKY_MAX_SIGNAL_AGE_SECS",
                 d.max_signal_age.as_secs(),
             )?),
-            secret_cache_ttl: Duration::from_secs(num(
-                vars,
-                "SPARKY_SECRET_CACHE_TTL_SECS",
-                d.secret_cache_ttl.as_secs(),
-            )?),
+            secret_cache_ttl,
             credential_cache_ttl: Duration::from_secs(num(
                 vars,
                 "SPARKY_CREDENTIAL_CACHE_TTL_SECS",
@@ -258,6 +341,11 @@ impl Config {
                 "SPARKY_EXCHANGE_RETRY_MAX_SECS",
                 d.exchange_retry_max.as_secs(),
             )?),
+            rate_limit: RateLimit { per_sec, burst },
+            auth_fail_limit: num(vars, "SPARKY_AUTH_FAIL_LIMIT", d.auth_fail_limit)?,
+            auth_fail_window,
+            trusted_proxies,
+            ip_allowlist,
             aster_base_url: opt_url("ASTER_BASE_URL")?,
             oanda_base_url: opt_url("OANDA_BASE_URL")?,
             tradier_base_url: opt_url("TRADIER_BASE_URL")?,
@@ -322,6 +410,102 @@ mod tests {
         assert_eq!(e.var, "SPARKY_MASTER_KEY");
         let e = Config::from_map(&map(&[("SPARKY_PARTITIONS", "0")])).unwrap_err();
         assert_eq!(e.var, "SPARKY_PARTITIONS");
+    }
+
+    #[test]
+    fn security_settings_parse_and_bad_ones_name_the_variable() {
+        let c = Config::from_map(&HashMap::new()).unwrap();
+        assert_eq!(c.rate_limit.per_sec, 10.0);
+        assert_eq!(c.rate_limit.burst, 20);
+        assert_eq!(c.auth_fail_limit, 20);
+        assert!(c.ip_allowlist.is_none() && c.trusted_proxies.is_empty());
+
+        let k1 = MasterKey::generate_base64();
+        let k2 = MasterKey::generate_base64();
+        let c = Config::from_map(&map(&[
+            ("SPARKY_MASTER_KEY", &k1),
+            ("SPARKY_OLD_MASTER_KEYS", &format!("{k2}, {k1}")),
+            ("SPARKY_RATE_LIMIT_PER_SEC", "0.5"),
+            ("SPARKY_RATE_LIMIT_BURST", "3"),
+            ("SPARKY_TRUSTED_PROXIES", "10.0.0.0/8"),
+            ("SPARKY_IP_ALLOWLIST", "tradingview"),
+        ]))
+        .unwrap();
+        let mk = c.master_key.unwrap();
+        let old = MasterKey::from_base64(&k2).unwrap();
+        assert_eq!(
+            mk.retired_ids(),
+            vec![old.id()],
+            "the current key is not its own retired key"
+        );
+        assert_eq!(c.rate_limit.per_sec, 0.5);
+        assert_eq!(c.ip_allowlist.unwrap().len(), 4);
+        assert_eq!(c.trusted_proxies.len(), 1);
+
+        for (pairs, var) in [
+            (
+                vec![("SPARKY_OLD_MASTER_KEYS", k2.as_str())],
+                "SPARKY_OLD_MASTER_KEYS",
+            ),
+            (
+                vec![
+                    ("SPARKY_MASTER_KEY", k1.as_str()),
+                    ("SPARKY_OLD_MASTER_KEYS", "c2hvcnQ="),
+                ],
+                "SPARKY_OLD_MASTER_KEYS",
+            ),
+            (
+                vec![("SPARKY_SECRET_CACHE_TTL_SECS", "61")],
+                "SPARKY_SECRET_CACHE_TTL_SECS",
+            ),
+            (
+                vec![("SPARKY_RATE_LIMIT_PER_SEC", "fast")],
+                "SPARKY_RATE_LIMIT_PER_SEC",
+            ),
+            (
+                vec![("SPARKY_RATE_LIMIT_PER_SEC", "-1")],
+                "SPARKY_RATE_LIMIT_PER_SEC",
+            ),
+            (
+                vec![("SPARKY_RATE_LIMIT_PER_SEC", "NaN")],
+                "SPARKY_RATE_LIMIT_PER_SEC",
+            ),
+            (
+                vec![("SPARKY_RATE_LIMIT_BURST", "0")],
+                "SPARKY_RATE_LIMIT_BURST",
+            ),
+            (
+                vec![("SPARKY_AUTH_FAIL_LIMIT", "x")],
+                "SPARKY_AUTH_FAIL_LIMIT",
+            ),
+            (
+                vec![("SPARKY_AUTH_FAIL_WINDOW_SECS", "0")],
+                "SPARKY_AUTH_FAIL_WINDOW_SECS",
+            ),
+            (
+                vec![("SPARKY_TRUSTED_PROXIES", "lb.internal")],
+                "SPARKY_TRUSTED_PROXIES",
+            ),
+            (
+                vec![("SPARKY_IP_ALLOWLIST", "1.2.3.4/40")],
+                "SPARKY_IP_ALLOWLIST",
+            ),
+        ] {
+            let e = Config::from_map(&map(&pairs)).unwrap_err();
+            assert_eq!(e.var, var, "{e}");
+            assert!(e.to_string().contains(var), "{e}");
+            assert!(
+                !e.to_string().contains(&k2) && !e.to_string().contains(&k1),
+                "{e}"
+            );
+        }
+        // the limit can be turned off
+        let c = Config::from_map(&map(&[
+            ("SPARKY_RATE_LIMIT_PER_SEC", "0"),
+            ("SPARKY_RATE_LIMIT_BURST", "0"),
+        ]))
+        .unwrap();
+        assert!(!c.rate_limit.enabled());
     }
 
     #[test]

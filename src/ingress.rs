@@ -1,25 +1,38 @@
 //! The ingress: `POST /webhook` validates, authenticates and enqueues; nothing else.
 //!
 //! Order of checks for a webhook:
+//! 0. the client address ([`crate::net::client_ip`]: the TCP peer, or `X-Forwarded-For` when the peer
+//!    is in `SPARKY_TRUSTED_PROXIES`) must be in `SPARKY_IP_ALLOWLIST` when one is set, else 403;
 //! 1. body size (64 KiB, 413) and JSON object (400, `field: "body"`);
 //! 2. the secret (body `secret` or header `X-Sparky-Secret`): missing or unknown -> 401. Checked before
 //!    the fields so an unauthenticated caller learns nothing about what a valid alert looks like;
 //! 3. every field (400 naming each problem);
 //! 4. the body's `user_id` must be the secret's owner, else 401 (and nothing is enqueued);
-//! 5. the enqueue script (idempotency + `XADD`), then `202`; Redis unavailable -> 503.
+//! 5. the enqueue script (idempotency + the user's token bucket + `XADD`, one round trip), then `202`;
+//!    an empty bucket -> 429 with `Retry-After`; Redis unavailable -> 503.
 //!
-//! Secret look-ups go through an in-process cache ([`SecretCache`], TTL `SPARKY_SECRET_CACHE_TTL_SECS`)
-//! so steady-state requests do not touch Postgres; a rotated or revoked secret stops working within
-//! that TTL.
+//! Secret look-ups go through an in-process cache ([`SecretCache`], TTL `SPARKY_SECRET_CACHE_TTL_SECS`,
+//! at most 60 s) so steady-state requests do not touch Postgres; a rotated or revoked secret stops
+//! working within that TTL (each replica caches independently, so the bound holds for all of them).
+//! The secret is looked up by its SHA-256, never compared byte by byte (see `secrets`).
+//!
+//! Failed authentications (2 and 4) are counted per client address in Redis (`{ns}:authfail:{ip}`,
+//! a fixed window shared by all replicas, [`AuthFailures`]). An address over the limit gets 429 for
+//! every request whose secret is not already known-good in this replica's cache, without a Postgres
+//! query: that stops secret guessing and query floods, while alerts of users whose secret is cached
+//! keep flowing even when they share the address (TradingView sends every user's alerts from the same
+//! four addresses).
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{header::RETRY_AFTER, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -32,7 +45,8 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::domain::{self, FieldError, Job};
-use crate::queue::{Enqueued, Queue};
+use crate::net::{self, IpNet};
+use crate::queue::{Enqueued, Queue, RateLimit};
 use crate::secrets::hash_webhook_secret;
 use crate::store::Store;
 
@@ -44,6 +58,105 @@ pub struct AppState {
     pub queue: Queue,
     pub store: Store,
     pub secrets: Arc<SecretCache>,
+    pub auth_failures: Arc<AuthFailures>,
+    pub rate_limit: RateLimit,
+    pub trusted_proxies: Arc<Vec<IpNet>>,
+    pub ip_allowlist: Option<Arc<Vec<IpNet>>>,
+}
+
+impl AppState {
+    /// The state of one ingress process over already connected `store` and `queue`.
+    pub fn new(config: &Config, store: Store, queue: Queue) -> AppState {
+        AppState {
+            auth_failures: Arc::new(AuthFailures::new(
+                config.auth_fail_limit,
+                config.auth_fail_window,
+            )),
+            queue,
+            store,
+            secrets: Arc::new(SecretCache::new(config.secret_cache_ttl)),
+            rate_limit: config.rate_limit,
+            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+            ip_allowlist: config.ip_allowlist.clone().map(Arc::new),
+        }
+    }
+}
+
+/// Failed authentications per client address: counted in Redis (shared by all replicas, fixed
+/// window), with a local note of the addresses found over the limit so that checking costs nothing
+/// on the hot path. A replica learns that an address is over the limit on that address's next
+/// failure there.
+pub struct AuthFailures {
+    limit: u32,
+    window: Duration,
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
+    script: redis::Script,
+}
+
+// KEYS[1] the address's counter; ARGV[1] window (ms). Returns {count, ms left in the window}.
+const AUTH_FAIL_LUA: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  left = tonumber(ARGV[1])
+end
+return {n, left}
+"#;
+
+impl AuthFailures {
+    pub fn new(limit: u32, window: Duration) -> Self {
+        AuthFailures {
+            limit,
+            window,
+            blocked: Mutex::new(HashMap::new()),
+            script: redis::Script::new(AUTH_FAIL_LUA),
+        }
+    }
+
+    /// How long `ip` stays over the limit, if it is.
+    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        if self.limit == 0 {
+            return None;
+        }
+        let until = *self.blocked.lock().expect("blocked lock").get(&ip)?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// Count a failure of `ip`; returns how long it is blocked when this failure put it over the
+    /// limit. A Redis error is logged and the failure not counted (the request is refused anyway).
+    pub async fn record(&self, queue: &Queue, ip: IpAddr) -> Option<Duration> {
+        if self.limit == 0 {
+            return None;
+        }
+        let key = format!("{}:authfail:{ip}", queue.keys.ns);
+        let res: Result<(u64, u64), _> = self
+            .script
+            .key(key)
+            .arg(self.window.as_millis() as u64)
+            .invoke_async(&mut queue.conn())
+            .await;
+        let (count, left_ms) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not count a failed authentication");
+                return None;
+            }
+        };
+        if count <= u64::from(self.limit) {
+            return None;
+        }
+        let left = Duration::from_millis(left_ms.max(1));
+        let mut map = self.blocked.lock().expect("blocked lock");
+        if map.len() > 10_000 {
+            let now = Instant::now();
+            map.retain(|_, until| *until > now);
+        }
+        map.insert(ip, Instant::now() + left);
+        tracing::warn!(client_ip = %ip, failures = count, "too many failed authentications from this address");
+        Some(left)
+    }
 }
 
 /// Webhook secret hash -> owner, cached for a short TTL (unknown secrets too, for less time, so a
@@ -61,6 +174,13 @@ impl SecretCache {
             negative_ttl: ttl.min(Duration::from_secs(5)),
             map: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The owner of `secret` if this cache holds it as valid and fresh (no Postgres query).
+    pub fn cached_owner(&self, secret: &str) -> Option<Uuid> {
+        let hash = hash_webhook_secret(secret);
+        let (owner, at) = self.map.lock().expect("cache lock").get(&hash).copied()?;
+        owner.filter(|_| at.elapsed() < self.ttl)
     }
 
     /// The owner of `secret`, or `None` if it is not a valid secret.
@@ -95,6 +215,13 @@ impl SecretCache {
 pub enum ApiError {
     Invalid(Vec<FieldError>),
     Unauthorized,
+    /// The client address is not in `SPARKY_IP_ALLOWLIST`.
+    Forbidden,
+    /// Too many requests (the user's bucket) or failed authentications (the address): retry after.
+    TooMany {
+        retry_after: Duration,
+        message: &'static str,
+    },
     TooLarge,
     NotFound,
     Unavailable(String),
@@ -124,6 +251,25 @@ impl IntoResponse for ApiError {
                 Json(json!({"error": "missing or invalid webhook secret for this user_id"})),
             )
                 .into_response(),
+            ApiError::Forbidden => (
+                StatusCode::FORBIDDEN,
+                Json(json!({"error": "requests from this address are not allowed"})),
+            )
+                .into_response(),
+            ApiError::TooMany {
+                retry_after,
+                message,
+            } => {
+                // Whole seconds, rounded up: retrying at the announced time must succeed.
+                let secs = retry_after.as_millis().div_ceil(1000).max(1) as u64;
+                let mut r = (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Json(json!({"error": message, "retry_after_secs": secs})),
+                )
+                    .into_response();
+                r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+                r
+            }
             ApiError::TooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Json(
@@ -163,11 +309,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
     )
     .await?;
     queue.check_partitions().await?;
-    Ok(AppState {
-        queue,
-        store,
-        secrets: Arc::new(SecretCache::new(config.secret_cache_ttl)),
-    })
+    Ok(AppState::new(config, store, queue))
 }
 
 /// Serve on `listener` until `shutdown`; in-flight requests are drained.
@@ -176,9 +318,63 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+/// The TCP peer's address (from `ConnectInfo`; `0.0.0.0` when the router is served without it, which
+/// no allowlist contains, so the allowlist fails closed).
+struct Peer(IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip())
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        ))
+    }
+}
+
+const TOO_MANY_FAILURES: &str = "too many failed authentications from this address; retry later";
+
+/// Who owns `secret`, with the per-address failed-authentication limit applied: an address over the
+/// limit is only served from the cache of known-good secrets. `Err` is the answer to give.
+async fn authenticate(st: &AppState, ip: IpAddr, secret: Option<&str>) -> Result<Uuid, ApiError> {
+    if let Some(retry_after) = st.auth_failures.blocked(ip) {
+        return secret
+            .and_then(|s| st.secrets.cached_owner(s))
+            .ok_or(ApiError::TooMany {
+                retry_after,
+                message: TOO_MANY_FAILURES,
+            });
+    }
+    let owner = match secret {
+        Some(s) => st.secrets.owner(&st.store, s).await?,
+        None => None,
+    };
+    match owner {
+        Some(o) => Ok(o),
+        None => Err(auth_failed(st, ip).await),
+    }
+}
+
+/// Count a failed authentication of `ip` and say what to answer (401, or 429 once over the limit).
+async fn auth_failed(st: &AppState, ip: IpAddr) -> ApiError {
+    match st.auth_failures.record(&st.queue, ip).await {
+        Some(retry_after) => ApiError::TooMany {
+            retry_after,
+            message: TOO_MANY_FAILURES,
+        },
+        None => ApiError::Unauthorized,
+    }
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -191,9 +387,17 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 async fn webhook(
     State(st): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let ip = net::client_ip(peer, &headers, &st.trusted_proxies);
+    if let Some(allow) = &st.ip_allowlist {
+        if !allow.iter().any(|n| n.contains(ip)) {
+            tracing::warn!(client_ip = %ip, "webhook from an address outside SPARKY_IP_ALLOWLIST");
+            return Err(ApiError::Forbidden);
+        }
+    }
     let body = match body {
         Ok(b) => b,
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(ApiError::TooLarge),
@@ -205,26 +409,20 @@ async fn webhook(
         }
     };
     let obj = domain::parse_body(&body).map_err(|e| ApiError::Invalid(vec![e]))?;
-    let secret = domain::body_secret(&obj)
-        .or_else(|| header(&headers, "x-sparky-secret"))
-        .ok_or(ApiError::Unauthorized)?;
-    let owner = st
-        .secrets
-        .owner(&st.store, secret)
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
+    let secret = domain::body_secret(&obj).or_else(|| header(&headers, "x-sparky-secret"));
+    let owner = authenticate(&st, ip, secret).await?;
     let alert = domain::parse_alert(&obj, header(&headers, "idempotency-key"))
         .map_err(ApiError::Invalid)?;
     if !bool::from(alert.user_id.as_bytes().ct_eq(owner.as_bytes())) {
-        tracing::warn!(claimed_user = %alert.user_id, "webhook secret does not belong to the claimed user_id");
-        return Err(ApiError::Unauthorized);
+        tracing::warn!(claimed_user = %alert.user_id, client_ip = %ip, "webhook secret does not belong to the claimed user_id");
+        return Err(auth_failed(&st, ip).await);
     }
     let job = Job {
         job_id: Uuid::now_v7(),
         accepted_at: Utc::now(),
         alert,
     };
-    match st.queue.enqueue(&job).await {
+    match st.queue.enqueue_limited(&job, st.rate_limit).await {
         Ok((partition, Enqueued::Queued { .. })) => Ok((
             StatusCode::ACCEPTED,
             Json(json!({"job_id": job.job_id, "status": "queued", "partition": partition})),
@@ -235,6 +433,13 @@ async fn webhook(
             Json(json!({"job_id": job_id, "status": "duplicate"})),
         )
             .into_response()),
+        Ok((_, Enqueued::RateLimited { retry_after })) => {
+            tracing::info!(user_id = %job.alert.user_id, "webhook rate limit reached");
+            Err(ApiError::TooMany {
+                retry_after,
+                message: "rate limit of this user reached; nothing was accepted, retry after Retry-After seconds",
+            })
+        }
         Err(e) => {
             tracing::error!(error = %e, "enqueue failed");
             Err(ApiError::Unavailable(
@@ -247,15 +452,12 @@ async fn webhook(
 /// `GET /v1/jobs/{job_id}`: the job's status and orders, for the owner's secret only.
 async fn get_job(
     State(st): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     Path(job_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let secret = header(&headers, "x-sparky-secret").ok_or(ApiError::Unauthorized)?;
-    let owner = st
-        .secrets
-        .owner(&st.store, secret)
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
+    let ip = net::client_ip(peer, &headers, &st.trusted_proxies);
+    let owner = authenticate(&st, ip, header(&headers, "x-sparky-secret")).await?;
     let job_id = Uuid::parse_str(&job_id).map_err(|_| ApiError::NotFound)?;
     let unavailable = |e: crate::store::StoreError| {
         tracing::error!(error = %e, "job look-up failed");

@@ -19,6 +19,7 @@ pub mod exchanges;
 pub mod executor;
 pub mod ingress;
 pub mod lease;
+pub mod net;
 pub mod queue;
 pub mod secrets;
 pub mod store;

@@ -6,9 +6,10 @@
 //! recorded in Redis at start-up ([`Queue::check_partitions`]) so two processes can never disagree on
 //! where a user's jobs live. Each partition is one stream with one consumer group (`workers`).
 //!
-//! The ingress appends with one atomic script ([`Queue::enqueue`]): the idempotency check and the
-//! `XADD` happen in one round trip, so a repeated `alert_id` can never enqueue twice, and a `202` is
-//! only answered after the `XADD` returned.
+//! The ingress appends with one atomic script ([`Queue::enqueue_limited`]): the idempotency check,
+//! the user's rate-limit token bucket and the `XADD` happen in one round trip, so a repeated
+//! `alert_id` can never enqueue twice, every ingress replica draws from the same bucket, and a `202`
+//! is only answered after the `XADD` returned.
 //!
 //! A worker reads with `XREADGROUP` and acknowledges an entry (`XACK`) only after the job's final
 //! state is committed to Postgres; an entry that is read but never acked stays in the group's pending
@@ -21,8 +22,10 @@
 //! | `{ns}:meta:partitions` | string | the partition count every process must agree on |
 //! | `{ns}:{pN}:stream` | stream | the partition's jobs; field `job` = [`Job`] as JSON; group `workers` |
 //! | `{ns}:{pN}:idem:{user}:{alert_id}` | string, TTL 24 h | job id first accepted for that key |
+//! | `{ns}:{pN}:rl:{user}` | hash `tokens`, `ts` (ms, Redis clock), TTL = time to refill | the user's webhook token bucket |
 //! | `{ns}:{pN}:lease` | string, PX TTL | id of the worker that owns the partition (see `lease`) |
 //! | `{ns}:workers` | sorted set | live workers, scored by heartbeat expiry (ms, Redis clock) |
+//! | `{ns}:authfail:{ip}` | string, TTL `SPARKY_AUTH_FAIL_WINDOW_SECS` | failed authentications of a client address (see `ingress`) |
 //! | `{ns}:dlq` | stream | dead-letter entries (rejected, dead, unreadable), replayable |
 //! | `{ns}:cred:{user}:{exchange}:{env}` | string, TTL 60 s | credential cache (see `credentials`) |
 //!
@@ -115,17 +118,61 @@ pub enum Enqueued {
     Queued { entry_id: String },
     /// The idempotency key was already used; this is the first job's id.
     Duplicate { job_id: Uuid },
+    /// The user's token bucket is empty; nothing was appended. A token is available after this.
+    RateLimited { retry_after: Duration },
 }
 
-// KEYS[1] stream, KEYS[2] idempotency key (optional)
-// ARGV[1] job id, ARGV[2] job JSON, ARGV[3] idempotency TTL (s)
+/// A per-user token bucket: `burst` requests at once, refilled at `per_sec` (`per_sec == 0`: no limit).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub per_sec: f64,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    pub const NONE: RateLimit = RateLimit {
+        per_sec: 0.0,
+        burst: 0,
+    };
+    pub fn enabled(&self) -> bool {
+        self.per_sec > 0.0
+    }
+}
+
+// KEYS[1] stream, KEYS[2] the user's token bucket, KEYS[3] idempotency key (optional)
+// ARGV[1] job id, ARGV[2] job JSON, ARGV[3] idempotency TTL (s), ARGV[4] tokens per second
+// (0 = no limit), ARGV[5] burst
+// Returns {1, entry id} | {0, first job id} (duplicate) | {2, ms until a token is available}.
+// The bucket uses the Redis clock (TIME), so replicas with skewed clocks still share one bucket.
+// A duplicate is answered before the bucket is touched: a retried alert costs no token.
 const ENQUEUE_LUA: &str = r#"
-if KEYS[2] then
-  local first = redis.call('GET', KEYS[2])
+if KEYS[3] then
+  local first = redis.call('GET', KEYS[3])
   if first then return {0, first} end
 end
+local rate = tonumber(ARGV[4])
+if rate > 0 then
+  local burst = tonumber(ARGV[5])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local b = redis.call('HMGET', KEYS[2], 'tokens', 'ts')
+  local tokens = tonumber(b[1]) or burst
+  local ts = tonumber(b[2]) or now
+  if now > ts then
+    tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+    ts = now
+  end
+  local ttl = math.ceil(burst * 1000 / rate) + 1000
+  if tokens < 1 then
+    redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'ts', tostring(ts))
+    redis.call('PEXPIRE', KEYS[2], ttl)
+    return {2, tostring(math.ceil((1 - tokens) * 1000 / rate))}
+  end
+  redis.call('HSET', KEYS[2], 'tokens', tostring(tokens - 1), 'ts', tostring(ts))
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
 local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
-if KEYS[2] then redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[3])) end
+if KEYS[3] then redis.call('SET', KEYS[3], ARGV[1], 'EX', tonumber(ARGV[3])) end
 return {1, id}
 "#;
 
@@ -217,23 +264,56 @@ impl Queue {
     }
 
     /// Append a job to its user's partition, unless its idempotency key was seen in the last 24 h.
+    /// No rate limit (for operators, e.g. replays); the ingress uses [`Queue::enqueue_limited`].
     pub async fn enqueue(&self, job: &Job) -> Result<(u32, Enqueued), QueueError> {
-        let p = self.partition_of(&job.alert.user_id);
+        self.enqueue_limited(job, RateLimit::NONE).await
+    }
+
+    /// [`Queue::enqueue`] that first takes a token from the user's bucket (`{ns}:{pN}:rl:{user}`),
+    /// in the same script and round trip; an empty bucket answers [`Enqueued::RateLimited`].
+    pub async fn enqueue_limited(
+        &self,
+        job: &Job,
+        limit: RateLimit,
+    ) -> Result<(u32, Enqueued), QueueError> {
+        let user = &job.alert.user_id;
+        let p = self.partition_of(user);
         let json = serde_json::to_string(job).expect("a job serialises");
         let mut inv = self.enqueue_script.key(self.keys.stream(p));
+        inv.key(format!("{}:{{p{p}}}:rl:{user}", self.keys.ns));
         if let Some(a) = &job.alert.alert_id {
-            inv.key(self.keys.idempotency(p, &job.alert.user_id, a));
+            inv.key(self.keys.idempotency(p, user, a));
         }
+        let (per_sec, burst) = if limit.enabled() {
+            (limit.per_sec, limit.burst.max(1))
+        } else {
+            (0.0, 0)
+        };
         inv.arg(job.job_id.to_string())
             .arg(json)
-            .arg(IDEMPOTENCY_TTL_SECS);
-        let (fresh, value): (i64, String) = inv.invoke_async(&mut self.conn()).await?;
-        if fresh == 1 {
-            Ok((p, Enqueued::Queued { entry_id: value }))
-        } else {
-            let job_id = Uuid::parse_str(&value)
-                .map_err(|_| QueueError::Protocol(format!("idempotency key holds `{value}`")))?;
-            Ok((p, Enqueued::Duplicate { job_id }))
+            .arg(IDEMPOTENCY_TTL_SECS)
+            .arg(per_sec)
+            .arg(burst);
+        let (code, value): (i64, String) = inv.invoke_async(&mut self.conn()).await?;
+        match code {
+            1 => Ok((p, Enqueued::Queued { entry_id: value })),
+            0 => {
+                let job_id = Uuid::parse_str(&value).map_err(|_| {
+                    QueueError::Protocol(format!("idempotency key holds `{value}`"))
+                })?;
+                Ok((p, Enqueued::Duplicate { job_id }))
+            }
+            _ => {
+                let ms: u64 = value
+                    .parse()
+                    .map_err(|_| QueueError::Protocol(format!("rate limit wait `{value}`")))?;
+                Ok((
+                    p,
+                    Enqueued::RateLimited {
+                        retry_after: Duration::from_millis(ms.max(1)),
+                    },
+                ))
+            }
         }
     }
 

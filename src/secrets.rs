@@ -4,12 +4,20 @@
 //!   `[redacted]`, the bytes are zeroized on drop; the only way to read it is `expose()`.
 //! - [`MasterKey`]: `SPARKY_MASTER_KEY` (base64 of 32 bytes). Encrypts `bot_credentials.api_key` and
 //!   `api_secret` with AES-256-GCM. A stored value is `enc:v1:<key id>:<base64(nonce || ciphertext)>`;
-//!   the key id (8 hex chars derived from the key) says which key wrote it so keys can be rotated. The
-//!   associated data binds a ciphertext to its user and column, so a value copied to another row does
+//!   the key id (8 hex chars derived from the key) says which key wrote it so keys can be rotated: a
+//!   `MasterKey` carries the retired keys it replaced (`SPARKY_OLD_MASTER_KEYS`), which still decrypt
+//!   but never encrypt, and `sparky credentials rotate-key` re-encrypts every row under the current
+//!   key ([`reseal`]). The associated data binds a ciphertext to its user and column, so a value copied to another row does
 //!   not decrypt. A value without the `enc:v1:` prefix is a legacy plaintext row (the original system
 //!   wrote those) and is used as it is.
 //! - Webhook secrets: 32 random bytes, shown once as `sk_<hex>`; only their SHA-256 is stored. They are
 //!   high-entropy random tokens, not passwords, so a fast hash is the right tool (no salt/KDF needed).
+//!   A presented secret is never compared with a stored one byte by byte: it is hashed, and the hash
+//!   is the look-up key (in-process cache, then the `webhook_secrets` primary key). The time a
+//!   look-up takes depends only on the SHA-256 of what the caller sent, which the caller cannot steer
+//!   towards a stored hash, so timing reveals nothing about any stored secret. The one comparison of
+//!   two secret-derived values that remains (the secret's owner against the body's `user_id`) uses
+//!   `subtle::ConstantTimeEq`.
 
 use std::fmt;
 
@@ -69,11 +77,19 @@ pub struct MasterKey {
     key: [u8; 32],
     #[zeroize(skip)]
     id: String,
+    /// Keys this one replaced: they decrypt values they wrote, never encrypt. Each zeroizes itself.
+    #[zeroize(skip)]
+    retired: Vec<MasterKey>,
 }
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MasterKey(id={}, [redacted])", self.id)
+        write!(f, "MasterKey(id={}, [redacted]", self.id)?;
+        if !self.retired.is_empty() {
+            let ids: Vec<&str> = self.retired.iter().map(|k| k.id.as_str()).collect();
+            write!(f, ", retired={}", ids.join(","))?;
+        }
+        f.write_str(")")
     }
 }
 
@@ -94,7 +110,35 @@ impl MasterKey {
         Ok(MasterKey {
             key,
             id: hex::encode(&digest[..4]),
+            retired: Vec::new(),
         })
+    }
+
+    /// This key, still able to decrypt what `retired` keys wrote (key rotation). A retired key equal
+    /// to this one is dropped; retired keys of the retired keys are not kept.
+    pub fn with_retired(mut self, retired: Vec<MasterKey>) -> MasterKey {
+        let mut kept: Vec<MasterKey> = Vec::new();
+        for mut k in retired {
+            if k.id != self.id && !kept.iter().any(|x| x.id == k.id) {
+                k.retired.clear();
+                kept.push(k);
+            }
+        }
+        self.retired = kept;
+        self
+    }
+
+    /// Ids of the retired keys this key still decrypts for.
+    pub fn retired_ids(&self) -> Vec<&str> {
+        self.retired.iter().map(|k| k.id.as_str()).collect()
+    }
+
+    /// The key (this one or a retired one) with id `kid`.
+    fn find(&self, kid: &str) -> Option<&MasterKey> {
+        if self.id == kid {
+            return Some(self);
+        }
+        self.retired.iter().find(|k| k.id == kid)
     }
 
     /// A new random key, base64-encoded (what `scripts/run-local` writes into `.env`).
@@ -166,9 +210,25 @@ pub fn open(stored: &str, aad: &str, keys: &[&MasterKey]) -> Result<SecretString
     }
     let key = keys
         .iter()
-        .find(|k| k.id == kid)
+        .find_map(|k| k.find(kid))
         .ok_or_else(|| CryptoError::UnknownKey(kid.to_string()))?;
     key.decrypt_blob(b64, aad)
+}
+
+/// The id of the key that encrypted a stored value (`None` for legacy plaintext).
+pub fn key_id_of(stored: &str) -> Option<&str> {
+    stored.strip_prefix(PREFIX)?.split_once(':').map(|(k, _)| k)
+}
+
+/// A stored value as it should be under `key`: plaintext and values written by a retired key are
+/// (re-)encrypted under `key`; `None` when the value already is. The plaintext exists only inside a
+/// zeroizing [`SecretString`] during the call.
+pub fn reseal(stored: &str, aad: &str, key: &MasterKey) -> Result<Option<String>, CryptoError> {
+    if key_id_of(stored) == Some(key.id()) {
+        return Ok(None);
+    }
+    let plain = open(stored, aad, &[key])?;
+    Ok(Some(key.encrypt(plain.expose(), aad)))
 }
 
 /// A fresh webhook secret, as shown to the user once.
@@ -220,6 +280,32 @@ mod tests {
         );
         // legacy plaintext passes through
         assert_eq!(open("plain", "x", &[]).unwrap().expose(), "plain");
+    }
+
+    #[test]
+    fn retired_keys_decrypt_and_reseal_moves_to_the_current_key() {
+        let old = key();
+        let c = old.encrypt("s3cr3t", "u1:api_key");
+        let new = key().with_retired(vec![old.clone()]);
+        assert_eq!(new.retired_ids(), vec![old.id()]);
+        assert_eq!(open(&c, "u1:api_key", &[&new]).unwrap().expose(), "s3cr3t");
+        let moved = reseal(&c, "u1:api_key", &new).unwrap().unwrap();
+        assert_eq!(key_id_of(&moved), Some(new.id()));
+        assert_eq!(reseal(&moved, "u1:api_key", &new).unwrap(), None);
+        // once the old key is no longer configured, the re-encrypted value still opens
+        let only_new = new.clone().with_retired(vec![]);
+        assert_eq!(
+            open(&moved, "u1:api_key", &[&only_new]).unwrap().expose(),
+            "s3cr3t"
+        );
+        assert!(matches!(
+            open(&c, "u1:api_key", &[&only_new]),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        // plaintext is sealed; a retired key's debug shows ids only
+        let sealed = reseal("plain", "u1:api_key", &new).unwrap().unwrap();
+        assert!(is_encrypted(&sealed) && !sealed.contains("plain"));
+        assert!(format!("{new:?}").contains(&format!("retired={}", old.id())));
     }
 
     #[test]

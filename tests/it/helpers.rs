@@ -10,7 +10,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sparky::config::Config;
-use sparky::ingress::{AppState, SecretCache};
+use sparky::ingress::AppState;
 use sparky::queue::Queue;
 use sparky::secrets::{generate_webhook_secret, hash_webhook_secret};
 use sparky::store::{CredentialRow, JobRow, PositionRow, Store, TradeRow};
@@ -152,15 +152,8 @@ impl TestApp {
         .expect("connect to Redis (is it running? scripts/test starts it)");
         queue.check_partitions().await.unwrap();
         queue.ensure_groups().await.unwrap();
-        let state = AppState {
-            queue: queue.clone(),
-            store: store.clone(),
-            secrets: Arc::new(SecretCache::new(config.secret_cache_ttl)),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(sparky::ingress::serve(state, listener, shutdown.clone()));
+        let addr = spawn_ingress(&config, store.clone(), queue.clone(), shutdown.clone()).await;
         TestApp {
             config,
             store,
@@ -293,6 +286,21 @@ impl TestApp {
             let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
         }
     }
+}
+
+/// Another ingress process in effect: its own state (secret cache, Redis connection, failure notes)
+/// on its own port, over the same database and Redis namespace as `config` says.
+pub async fn spawn_ingress(
+    config: &Config,
+    store: Store,
+    queue: Queue,
+    shutdown: CancellationToken,
+) -> SocketAddr {
+    let state = AppState::new(config, store, queue);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(sparky::ingress::serve(state, listener, shutdown));
+    addr
 }
 
 /// A valid alert for `user` (paper exchange).
