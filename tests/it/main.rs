@@ -6,4 +6,5 @@ mod helpers;
 mod ordering;
 mod pipeline;
 mod procs;
+mod security;
 mod webhook;
