@@ -10,10 +10,16 @@
 //! - `Permanent`: retrying cannot help (auth, margin, invalid symbol, precision, min notional) -> the
 //!   job is `rejected` with the broker's own message.
 
+pub mod aster;
+pub mod http;
+pub mod oanda;
 pub mod paper;
+pub mod tradier;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
@@ -217,6 +223,57 @@ pub struct ExchangeContext {
     pub aster_base_url: Option<String>,
     pub oanda_base_url: Option<String>,
     pub tradier_base_url: Option<String>,
+    /// State that outlives one job's client (clients are built per job): symbol rules and the
+    /// Aster clock offset.
+    pub shared: Arc<SharedState>,
+}
+
+/// How long fetched symbol rules (Aster `exchangeInfo`, OANDA instruments) are reused.
+pub const RULES_TTL: Duration = Duration::from_secs(600);
+
+/// A small TTL cache shared by every client of one worker.
+pub struct TtlCache<V> {
+    entries: Mutex<HashMap<String, (Instant, V)>>,
+    ttl: Duration,
+}
+
+impl<V: Clone> TtlCache<V> {
+    pub fn new(ttl: Duration) -> Self {
+        TtlCache {
+            entries: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+    pub fn get(&self, key: &str) -> Option<V> {
+        let map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, v)| v.clone())
+    }
+    pub fn put(&self, key: String, value: V) {
+        let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(key, (Instant::now(), value));
+    }
+}
+
+/// Caches shared by all clients built from one [`ExchangeContext`].
+pub struct SharedState {
+    /// `{base url}|{symbol}` -> Aster filters.
+    pub aster_rules: TtlCache<aster::AsterRules>,
+    /// `{base url}` -> server time minus local time, in ms (Aster -1021 handling).
+    pub aster_clock_offset_ms: TtlCache<i64>,
+    /// `{base url}|{account}|{instrument}` -> OANDA instrument rules.
+    pub oanda_rules: TtlCache<SymbolRules>,
+}
+
+impl Default for SharedState {
+    fn default() -> Self {
+        SharedState {
+            aster_rules: TtlCache::new(RULES_TTL),
+            aster_clock_offset_ms: TtlCache::new(Duration::from_secs(3600)),
+            oanda_rules: TtlCache::new(RULES_TTL),
+        }
+    }
 }
 
 impl ExchangeContext {
@@ -233,6 +290,7 @@ impl ExchangeContext {
             aster_base_url: config.aster_base_url.clone(),
             oanda_base_url: config.oanda_base_url.clone(),
             tradier_base_url: config.tradier_base_url.clone(),
+            shared: Arc::new(SharedState::default()),
         }
     }
 }
@@ -243,9 +301,42 @@ pub fn build_exchange(
     ctx: &ExchangeContext,
 ) -> Result<Box<dyn Exchange>, ExchangeError> {
     match creds.exchange {
-        ExchangeKind::Paper => Ok(Box::new(paper::PaperExchange::new(ctx.store.clone(), creds))),
-        other => Err(ExchangeError::permanent(format!(
-            "the {other} client is not available in this build yet (see the exchanges issue); use `paper`"
+        ExchangeKind::Paper => Ok(Box::new(paper::PaperExchange::new(
+            ctx.store.clone(),
+            creds,
+        ))),
+        ExchangeKind::Aster => Ok(Box::new(aster::AsterClient::new(creds, ctx)?)),
+        ExchangeKind::Oanda => Ok(Box::new(oanda::OandaClient::new(creds, ctx)?)),
+        ExchangeKind::Tradier => Ok(Box::new(tradier::TradierClient::new(creds, ctx)?)),
+    }
+}
+
+/// The bearer token of a token-based broker (OANDA, Tradier): `api_key`, or `api_secret` when
+/// `api_key` is empty (rows written with the token in the secret column still work).
+pub(crate) fn bearer_token(
+    creds: &Credentials,
+) -> Result<crate::secrets::SecretString, ExchangeError> {
+    let t = if creds.api_key.expose().trim().is_empty() {
+        &creds.api_secret
+    } else {
+        &creds.api_key
+    };
+    if t.expose().trim().is_empty() {
+        return Err(ExchangeError::permanent(format!(
+            "the {} credentials have no access token (set it as the api key)",
+            creds.exchange
+        )));
+    }
+    Ok(crate::secrets::SecretString::new(t.expose().trim()))
+}
+
+/// The account id a broker needs (OANDA, Tradier), from `bot_credentials.account_id`.
+pub(crate) fn account_id(creds: &Credentials) -> Result<String, ExchangeError> {
+    match creds.account_id.as_deref().map(str::trim) {
+        Some(a) if !a.is_empty() => Ok(a.to_string()),
+        _ => Err(ExchangeError::permanent(format!(
+            "the {} credentials have no account id; set it with `sparky credentials set --account-id`",
+            creds.exchange
         ))),
     }
 }

@@ -2,6 +2,7 @@
 //! database and Redis namespace).
 
 mod credentials;
+mod exchanges;
 mod helpers;
 mod ordering;
 mod pipeline;

@@ -1,0 +1,596 @@
+//! OANDA v20 REST (forex/CFDs).
+//!
+//! - Hosts by `environment`: `sandbox` = practice (`api-fxpractice`), `production` = live
+//!   (`api-fxtrade`); `OANDA_BASE_URL` overrides both. `Authorization: Bearer <token>` (the token is
+//!   the credential's api key) and the account id from `bot_credentials.account_id`.
+//! - Sizing: `units` are signed (negative = short) and rounded down to the instrument's
+//!   `tradeUnitsPrecision`; `minimumTradeSize` is the minimum; prices are rounded to
+//!   `displayPrecision`. Instrument rules are cached per account and instrument.
+//! - A 201 is not a fill: only `orderFillTransaction` is. A 201 carrying `orderCancelTransaction`
+//!   (INSUFFICIENT_MARGIN, MARKET_HALTED, ...) is a permanent rejection with OANDA's reason.
+//! - Exactly once: every order carries `clientExtensions.id` (the job's deterministic id); an
+//!   opening order also gives the resulting trade that id (`tradeClientExtensions`), which is how
+//!   stop-loss / take-profit find the trade. After an unknown outcome the order is looked up at
+//!   `GET /orders/@{id}`; a CLIENT_ORDER_ID_ALREADY_EXISTS (400 reject or 201 cancel; the live
+//!   shape is unverified, both are handled) means "already placed" and is answered by that look-up.
+//! - Closing goes through `PUT /positions/{instrument}/close` (`longUnits`/`shortUnits` = `ALL`),
+//!   with the close leg's id as the closing order's client id.
+//! - Stop-loss / take-profit are the trade's dependent orders (`PUT /trades/@{id}/orders`, the same
+//!   orders `stopLossOnFill`/`takeProfitOnFill` create), set right after the fill from the actual
+//!   fill price.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::Method;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+use super::http::{self, dec, id_text, Call, Reply};
+use super::{
+    client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext, ExchangeError, Leg,
+    OrderAck, OrderRequest, OrderState, Protection, SharedState, SymbolRules,
+};
+use crate::credentials::Credentials;
+use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
+use crate::executor::{round_down, round_to_tick};
+use crate::secrets::SecretString;
+
+pub const LIVE_URL: &str = "https://api-fxtrade.oanda.com";
+pub const PRACTICE_URL: &str = "https://api-fxpractice.oanda.com";
+const NAME: &str = "oanda";
+const TAG: &str = "sparky";
+
+pub struct OandaClient {
+    http: reqwest::Client,
+    base: String,
+    token: SecretString,
+    account: String,
+    shared: Arc<SharedState>,
+}
+
+impl fmt::Debug for OandaClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OandaClient")
+            .field("base", &self.base)
+            .field("account", &self.account)
+            .field("token", &"[redacted]")
+            .finish()
+    }
+}
+
+/// The parts of an OANDA error body worth showing: `errorMessage`, `errorCode` and any reject
+/// reason.
+fn error_text(v: &Value, text: &str) -> String {
+    let mut parts = Vec::new();
+    if let Some(m) = v["errorMessage"].as_str() {
+        parts.push(m.to_string());
+    }
+    let mut codes = Vec::new();
+    if let Some(c) = v["errorCode"].as_str() {
+        codes.push(c.to_string());
+    }
+    if let Some(obj) = v.as_object() {
+        for (k, t) in obj {
+            if k.ends_with("RejectTransaction") {
+                if let Some(r) = t["rejectReason"].as_str() {
+                    if !codes.iter().any(|c| c == r) {
+                        codes.push(r.to_string());
+                    }
+                }
+            }
+        }
+    }
+    if !codes.is_empty() {
+        parts.push(format!("({})", codes.join(", ")));
+    }
+    if parts.is_empty() {
+        http::snippet(text)
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// Does this error body say the client id is taken (the order was placed before)?
+fn id_already_used(v: &Value) -> bool {
+    let s = v.to_string();
+    s.contains("CLIENT_ORDER_ID_ALREADY_EXISTS") || s.contains("CLIENT_TRADE_ID_ALREADY_EXISTS")
+}
+
+fn check(reply: Reply, call: Call) -> Result<Value, (Value, ExchangeError)> {
+    if reply.status.is_success() {
+        return Ok(reply.json);
+    }
+    let message = error_text(&reply.json, &reply.text);
+    let e = http::status_error(NAME, &reply, call, &message);
+    Err((reply.json, e))
+}
+
+/// `10^-places` (the step of `places` decimals).
+fn step_of(places: &Value) -> Option<Decimal> {
+    let p = places.as_u64()?;
+    Some(Decimal::new(1, u32::try_from(p).ok()?))
+}
+
+impl OandaClient {
+    pub fn new(creds: &Credentials, ctx: &ExchangeContext) -> Result<OandaClient, ExchangeError> {
+        let base = match (&ctx.oanda_base_url, creds.environment) {
+            (Some(u), _) => http::base_url(u, "/v3"),
+            (None, CredentialEnv::Production) => LIVE_URL.to_string(),
+            (None, CredentialEnv::Sandbox) => PRACTICE_URL.to_string(),
+        };
+        Ok(OandaClient {
+            http: ctx.http.clone(),
+            base,
+            token: super::bearer_token(creds)?,
+            account: super::account_id(creds)?,
+            shared: ctx.shared.clone(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v3/accounts/{}{path}", self.base, self.account)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        call: Call,
+    ) -> Result<Value, (Value, ExchangeError)> {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(self.token.expose())
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_string());
+        }
+        let reply = http::send(NAME, req, call)
+            .await
+            .map_err(|e| (Value::Null, e))?;
+        check(reply, call)
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, ExchangeError> {
+        self.call(Method::GET, path, None, Call::Read)
+            .await
+            .map_err(|(_, e)| e)
+    }
+
+    async fn rules(&self, symbol: &Symbol) -> Result<SymbolRules, ExchangeError> {
+        let key = format!("{}|{}|{symbol}", self.base, self.account);
+        if let Some(r) = self.shared.oanda_rules.get(&key) {
+            return Ok(r);
+        }
+        let v = self
+            .get(&format!("/instruments?instruments={symbol}"))
+            .await?;
+        let inst = v["instruments"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == symbol.as_str()))
+            .ok_or_else(|| {
+                ExchangeError::permanent(format!(
+                    "oanda: unknown instrument {symbol} for this account"
+                ))
+            })?;
+        let step = step_of(&inst["tradeUnitsPrecision"])
+            .ok_or_else(|| http::unexpected(NAME, "instrument without `tradeUnitsPrecision`"))?;
+        let tick = step_of(&inst["displayPrecision"]).unwrap_or(Decimal::new(1, 5));
+        let min = dec(&inst["minimumTradeSize"]).unwrap_or(step).max(step);
+        let rules = SymbolRules {
+            step,
+            min_qty: min.normalize(),
+            min_notional: Decimal::ZERO,
+            tick,
+        };
+        self.shared.oanda_rules.put(key, rules.clone());
+        Ok(rules)
+    }
+
+    /// The transaction `id` (to read a fill's units and price).
+    async fn transaction(&self, id: &str) -> Result<Value, ExchangeError> {
+        let v = self.get(&format!("/transactions/{id}")).await?;
+        Ok(v["transaction"].clone())
+    }
+
+    /// What to do when OANDA says the client id is already taken: the order exists; return it.
+    async fn already_placed(
+        &self,
+        symbol: &Symbol,
+        coid: &str,
+        why: &str,
+    ) -> Result<OrderAck, ExchangeError> {
+        match self.find_order(symbol, coid).await? {
+            Some(ack) => Ok(ack),
+            None => Err(ExchangeError::permanent(format!(
+                "oanda: {why}, but no order {coid} can be found; not sent again"
+            ))),
+        }
+    }
+
+    /// Read the result of an order create (201) or a position close (200); `prefix` is "" or
+    /// "long"/"short" (the close reply prefixes its transaction names).
+    async fn order_result(
+        &self,
+        v: &Value,
+        prefix: &str,
+        symbol: &Symbol,
+        coid: &str,
+    ) -> Result<OrderAck, ExchangeError> {
+        let field = |name: &str| {
+            if prefix.is_empty() {
+                let mut s = name.to_string();
+                s[..1].make_ascii_lowercase();
+                v[s].clone()
+            } else {
+                v[format!("{prefix}{name}")].clone()
+            }
+        };
+        let fill = field("OrderFillTransaction");
+        if fill.is_object() {
+            return fill_ack(&fill, coid);
+        }
+        let cancel = field("OrderCancelTransaction");
+        if cancel.is_object() {
+            let reason = cancel["reason"].as_str().unwrap_or("no reason given");
+            if matches!(
+                reason,
+                "CLIENT_ORDER_ID_ALREADY_EXISTS" | "CLIENT_TRADE_ID_ALREADY_EXISTS"
+            ) {
+                return self
+                    .already_placed(symbol, coid, &format!("order cancelled: {reason}"))
+                    .await;
+            }
+            return Err(ExchangeError::permanent(format!(
+                "oanda cancelled the order {coid}: {reason}"
+            )));
+        }
+        let create = field("OrderCreateTransaction");
+        if let Some(id) = id_text(&create["id"]) {
+            // Created, not (yet) filled: a resting limit order.
+            return Ok(OrderAck {
+                exchange_order_id: id,
+                client_order_id: coid.to_string(),
+                state: OrderState::Accepted,
+                filled_qty: Decimal::ZERO,
+                avg_price: None,
+            });
+        }
+        Err(ExchangeError::unknown(format!(
+            "oanda: unexpected order reply {}; the order {coid} may have been placed",
+            http::snippet(&v.to_string())
+        )))
+    }
+
+    /// Send an order-creating request and read the result.
+    async fn write_order(
+        &self,
+        method: Method,
+        path: &str,
+        body: Value,
+        prefix: &str,
+        symbol: &Symbol,
+        coid: &str,
+    ) -> Result<OrderAck, ExchangeError> {
+        match self.call(method, path, Some(body), Call::Write).await {
+            Ok(v) => self.order_result(&v, prefix, symbol, coid).await,
+            Err((body, e)) if e.class == ErrorClass::Permanent && id_already_used(&body) => {
+                self.already_placed(symbol, coid, &e.message).await
+            }
+            Err((_, e)) => Err(e),
+        }
+    }
+}
+
+fn fill_ack(fill: &Value, coid: &str) -> Result<OrderAck, ExchangeError> {
+    let units = dec(&fill["units"]).unwrap_or_default().abs();
+    let price = dec(&fill["fullVWAP"])
+        .or_else(|| dec(&fill["price"]))
+        .filter(|p| *p > Decimal::ZERO);
+    let order_id = id_text(&fill["orderID"])
+        .or_else(|| id_text(&fill["id"]))
+        .unwrap_or_default();
+    Ok(OrderAck {
+        exchange_order_id: order_id,
+        client_order_id: fill["clientOrderID"].as_str().unwrap_or(coid).to_string(),
+        state: OrderState::Filled,
+        filled_qty: units.normalize(),
+        avg_price: price,
+    })
+}
+
+fn side_units(side: OrderSide, qty: Decimal) -> String {
+    let q = qty.normalize();
+    match side {
+        OrderSide::Buy => q.to_string(),
+        OrderSide::Sell => (-q).to_string(),
+    }
+}
+
+#[async_trait]
+impl Exchange for OandaClient {
+    fn kind(&self) -> ExchangeKind {
+        ExchangeKind::Oanda
+    }
+
+    async fn symbol_rules(&self, symbol: &Symbol) -> Result<SymbolRules, ExchangeError> {
+        self.rules(symbol).await
+    }
+
+    async fn price(&self, symbol: &Symbol) -> Result<Decimal, ExchangeError> {
+        let v = self.get(&format!("/pricing?instruments={symbol}")).await?;
+        let p = v["prices"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["instrument"] == symbol.as_str()))
+            .ok_or_else(|| {
+                ExchangeError::permanent(format!("oanda: no price for instrument {symbol}"))
+            })?;
+        let bid = dec(&p["bids"][0]["price"]).or_else(|| dec(&p["closeoutBid"]));
+        let ask = dec(&p["asks"][0]["price"]).or_else(|| dec(&p["closeoutAsk"]));
+        match (bid, ask) {
+            (Some(b), Some(a)) => Ok(((b + a) / Decimal::TWO).normalize()),
+            (Some(x), None) | (None, Some(x)) => Ok(x),
+            (None, None) => Err(http::unexpected(NAME, "price without bids or asks")),
+        }
+    }
+
+    async fn position(&self, symbol: &Symbol) -> Result<Option<ExPosition>, ExchangeError> {
+        let v = self.get("/openPositions").await?;
+        let Some(p) = v["positions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["instrument"] == symbol.as_str()))
+        else {
+            return Ok(None);
+        };
+        let long = dec(&p["long"]["units"]).unwrap_or_default();
+        let short = dec(&p["short"]["units"]).unwrap_or_default();
+        let net = long + short;
+        if net.is_zero() {
+            return Ok(None);
+        }
+        let (side, entry) = if net > Decimal::ZERO {
+            (Side::Long, dec(&p["long"]["averagePrice"]))
+        } else {
+            (Side::Short, dec(&p["short"]["averagePrice"]))
+        };
+        Ok(Some(ExPosition {
+            side,
+            quantity: net.abs().normalize(),
+            entry_price: entry,
+        }))
+    }
+
+    async fn place_order(&self, o: &OrderRequest) -> Result<OrderAck, ExchangeError> {
+        let rules = self.rules(&o.symbol).await?;
+        let qty = round_down(o.quantity, rules.step);
+        if qty <= Decimal::ZERO || qty < rules.min_qty {
+            return Err(ExchangeError::permanent(format!(
+                "oanda: order too small: {} {} rounds down to {qty} units (precision {}), below the minimum trade size {}",
+                o.quantity, o.symbol, rules.step, rules.min_qty
+            )));
+        }
+        let ext = json!({"id": o.client_order_id, "tag": TAG});
+        let mut order = json!({
+            "instrument": o.symbol.as_str(),
+            "units": side_units(o.side, qty),
+            "positionFill": if o.reduce_only { "REDUCE_ONLY" } else { "DEFAULT" },
+            "clientExtensions": ext,
+        });
+        if !o.reduce_only {
+            order["tradeClientExtensions"] = ext.clone();
+        }
+        match o.order_type {
+            OrderType::Market => {
+                order["type"] = json!("MARKET");
+                order["timeInForce"] = json!("FOK");
+            }
+            OrderType::Limit => {
+                let p = o.limit_price.ok_or_else(|| {
+                    ExchangeError::permanent("oanda: a limit order needs a price")
+                })?;
+                order["type"] = json!("LIMIT");
+                order["timeInForce"] = json!("GTC");
+                order["price"] = json!(round_to_tick(p, rules.tick).normalize().to_string());
+            }
+        }
+        self.write_order(
+            Method::POST,
+            "/orders",
+            json!({ "order": order }),
+            "",
+            &o.symbol,
+            &o.client_order_id,
+        )
+        .await
+    }
+
+    async fn close_position(
+        &self,
+        symbol: &Symbol,
+        position: &ExPosition,
+        client_order_id: &str,
+    ) -> Result<OrderAck, ExchangeError> {
+        let ext = json!({"id": client_order_id, "tag": TAG});
+        let (prefix, body) = match position.side {
+            Side::Long => (
+                "long",
+                json!({"longUnits": "ALL", "longClientExtensions": ext}),
+            ),
+            Side::Short => (
+                "short",
+                json!({"shortUnits": "ALL", "shortClientExtensions": ext}),
+            ),
+        };
+        self.write_order(
+            Method::PUT,
+            &format!("/positions/{symbol}/close"),
+            body,
+            prefix,
+            symbol,
+            client_order_id,
+        )
+        .await
+    }
+
+    async fn find_order(
+        &self,
+        _symbol: &Symbol,
+        client_order_id: &str,
+    ) -> Result<Option<OrderAck>, ExchangeError> {
+        let v = match self
+            .call(
+                Method::GET,
+                &format!("/orders/@{client_order_id}"),
+                None,
+                Call::Read,
+            )
+            .await
+        {
+            Ok(v) => v,
+            Err((_, e)) if e.message.contains("HTTP 404") => return Ok(None),
+            Err((_, e)) => return Err(e),
+        };
+        let o = &v["order"];
+        let id = id_text(&o["id"]).unwrap_or_default();
+        match o["state"].as_str().unwrap_or_default() {
+            "FILLED" => {
+                let fill_id = id_text(&o["fillingTransactionID"])
+                    .ok_or_else(|| http::unexpected(NAME, "filled order without a fill"))?;
+                let fill = self.transaction(&fill_id).await?;
+                let mut ack = fill_ack(&fill, client_order_id)?;
+                ack.exchange_order_id = id;
+                ack.client_order_id = client_order_id.to_string();
+                Ok(Some(ack))
+            }
+            "CANCELLED" => {
+                // Whether OANDA lets a cancelled order's client id be reused is unverified, so the
+                // order is not sent again: the job fails with OANDA's reason.
+                let reason = match id_text(&o["cancellingTransactionID"]) {
+                    Some(t) => self
+                        .transaction(&t)
+                        .await
+                        .ok()
+                        .and_then(|t| t["reason"].as_str().map(str::to_string)),
+                    None => None,
+                };
+                Err(ExchangeError::permanent(format!(
+                    "oanda cancelled the order {client_order_id}: {}",
+                    reason.as_deref().unwrap_or("no reason given")
+                )))
+            }
+            _ => Ok(Some(OrderAck {
+                exchange_order_id: id,
+                client_order_id: client_order_id.to_string(),
+                state: OrderState::Accepted,
+                filled_qty: Decimal::ZERO,
+                avg_price: None,
+            })),
+        }
+    }
+
+    async fn protect(&self, p: &Protection) -> Result<(), ExchangeError> {
+        let trade_id = client_order_id(p.job_id, Leg::Open);
+        let mut body = json!({});
+        let mut wanted = Vec::new();
+        for (leg, key, price) in [
+            (Leg::StopLoss, "stopLoss", p.stop_loss),
+            (Leg::TakeProfit, "takeProfit", p.take_profit),
+        ] {
+            let Some(price) = price else { continue };
+            let coid = client_order_id(p.job_id, leg);
+            body[key] = json!({
+                "price": price.normalize().to_string(),
+                "timeInForce": "GTC",
+                "clientExtensions": {"id": coid, "tag": TAG},
+            });
+            wanted.push(coid);
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut last = None;
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                let mut all = true;
+                for coid in &wanted {
+                    if !matches!(self.find_order(&p.symbol, coid).await, Ok(Some(_))) {
+                        all = false;
+                    }
+                }
+                if all {
+                    return Ok(());
+                }
+                let wait = last
+                    .as_ref()
+                    .and_then(|e: &ExchangeError| e.retry_after)
+                    .unwrap_or(Duration::from_millis(300 * u64::from(attempt)))
+                    .min(Duration::from_secs(5));
+                tokio::time::sleep(wait).await;
+            }
+            match self
+                .call(
+                    Method::PUT,
+                    &format!("/trades/@{trade_id}/orders"),
+                    Some(body.clone()),
+                    Call::Write,
+                )
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err((_, e)) if e.class == ErrorClass::Permanent => return Err(e),
+                Err((_, e)) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ExchangeError::transient("oanda: protection not set")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn units_are_signed_decimal_strings() {
+        assert_eq!(side_units(OrderSide::Buy, dec!(92.000)), "92");
+        assert_eq!(side_units(OrderSide::Sell, dec!(92.5)), "-92.5");
+    }
+
+    #[test]
+    fn steps_from_precision() {
+        assert_eq!(step_of(&json!(0)), Some(dec!(1)));
+        assert_eq!(step_of(&json!(2)), Some(dec!(0.01)));
+        assert_eq!(step_of(&json!("x")), None);
+    }
+
+    #[test]
+    fn error_text_keeps_oanda_words() {
+        let v = json!({
+            "errorMessage": "The Client Order ID specified is already in use",
+            "errorCode": "CLIENT_ORDER_ID_ALREADY_EXISTS",
+            "orderRejectTransaction": {"rejectReason": "CLIENT_ORDER_ID_ALREADY_EXISTS"}
+        });
+        assert_eq!(
+            error_text(&v, ""),
+            "The Client Order ID specified is already in use (CLIENT_ORDER_ID_ALREADY_EXISTS)"
+        );
+        assert!(id_already_used(&v));
+        assert_eq!(error_text(&Value::Null, " oops "), "oops");
+    }
+
+    #[test]
+    fn fills_are_read_exactly() {
+        let fill = json!({"type": "ORDER_FILL", "orderID": "6372", "clientOrderID": "abc",
+            "units": "-92", "fullVWAP": "1.08512", "price": "1.08500"});
+        let a = fill_ack(&fill, "abc").unwrap();
+        assert_eq!(a.exchange_order_id, "6372");
+        assert_eq!(a.filled_qty, dec!(92));
+        assert_eq!(a.avg_price, Some(dec!(1.08512)));
+    }
+}
