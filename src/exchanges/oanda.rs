@@ -99,13 +99,24 @@ fn id_already_used(v: &Value) -> bool {
     s.contains("CLIENT_ORDER_ID_ALREADY_EXISTS") || s.contains("CLIENT_TRADE_ID_ALREADY_EXISTS")
 }
 
-fn check(reply: Reply, call: Call) -> Result<Value, (Value, ExchangeError)> {
+/// A failed call: the HTTP status (none when no reply arrived), the error body and the error.
+struct Failure {
+    status: Option<u16>,
+    body: Value,
+    error: ExchangeError,
+}
+
+fn check(reply: Reply, call: Call) -> Result<Value, Failure> {
     if reply.status.is_success() {
         return Ok(reply.json);
     }
     let message = error_text(&reply.json, &reply.text);
-    let e = http::status_error(NAME, &reply, call, &message);
-    Err((reply.json, e))
+    let error = http::status_error(NAME, &reply, call, &message);
+    Err(Failure {
+        status: Some(reply.status.as_u16()),
+        body: reply.json,
+        error,
+    })
 }
 
 /// `10^-places` (the step of `places` decimals).
@@ -140,7 +151,7 @@ impl OandaClient {
         path: &str,
         body: Option<Value>,
         call: Call,
-    ) -> Result<Value, (Value, ExchangeError)> {
+    ) -> Result<Value, Failure> {
         let mut req = self
             .http
             .request(method, self.url(path))
@@ -151,16 +162,18 @@ impl OandaClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(b.to_string());
         }
-        let reply = http::send(NAME, req, call)
-            .await
-            .map_err(|e| (Value::Null, e))?;
+        let reply = http::send(NAME, req, call).await.map_err(|error| Failure {
+            status: None,
+            body: Value::Null,
+            error,
+        })?;
         check(reply, call)
     }
 
     async fn get(&self, path: &str) -> Result<Value, ExchangeError> {
         self.call(Method::GET, path, None, Call::Read)
             .await
-            .map_err(|(_, e)| e)
+            .map_err(|f| f.error)
     }
 
     async fn rules(&self, symbol: &Symbol) -> Result<SymbolRules, ExchangeError> {
@@ -280,10 +293,10 @@ impl OandaClient {
     ) -> Result<OrderAck, ExchangeError> {
         match self.call(method, path, Some(body), Call::Write).await {
             Ok(v) => self.order_result(&v, prefix, symbol, coid).await,
-            Err((body, e)) if e.class == ErrorClass::Permanent && id_already_used(&body) => {
-                self.already_placed(symbol, coid, &e.message).await
+            Err(f) if f.error.class == ErrorClass::Permanent && id_already_used(&f.body) => {
+                self.already_placed(symbol, coid, &f.error.message).await
             }
-            Err((_, e)) => Err(e),
+            Err(f) => Err(f.error),
         }
     }
 }
@@ -453,8 +466,8 @@ impl Exchange for OandaClient {
             .await
         {
             Ok(v) => v,
-            Err((_, e)) if e.message.contains("HTTP 404") => return Ok(None),
-            Err((_, e)) => return Err(e),
+            Err(f) if f.status == Some(404) => return Ok(None),
+            Err(f) => return Err(f.error),
         };
         let o = &v["order"];
         let id = id_text(&o["id"]).unwrap_or_default();
@@ -543,8 +556,8 @@ impl Exchange for OandaClient {
                 .await
             {
                 Ok(_) => return Ok(()),
-                Err((_, e)) if e.class == ErrorClass::Permanent => return Err(e),
-                Err((_, e)) => last = Some(e),
+                Err(f) if f.error.class == ErrorClass::Permanent => return Err(f.error),
+                Err(f) => last = Some(f.error),
             }
         }
         Err(last.unwrap_or_else(|| ExchangeError::transient("oanda: protection not set")))
