@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::credentials::seal_row;
 use crate::domain::{CredentialEnv, ExchangeKind};
 use crate::queue::Queue;
+use crate::replay;
 use crate::secrets::{generate_webhook_secret, hash_webhook_secret};
 use crate::store::{CredentialRow, Store};
 
@@ -31,6 +32,52 @@ pub enum Command {
     /// Manage exchange credentials (bot_credentials).
     #[command(subcommand)]
     Credentials(CredentialsCommand),
+    /// The dead-letter list: rejected and dead jobs with their reasons.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Re-enqueue failed (rejected/dead) jobs on their user's partition.
+    Replay(ReplayArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// List rejected and dead jobs, newest first.
+    List {
+        #[arg(long)]
+        user: Option<Uuid>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["job", "user", "since", "all"])))]
+pub struct ReplayArgs {
+    /// Job id(s) to replay (repeat the flag, or give several).
+    #[arg(long = "job", num_args = 1..)]
+    pub job: Vec<Uuid>,
+    /// Every failed job of this user, oldest first.
+    #[arg(long)]
+    pub user: Option<Uuid>,
+    /// Jobs whose entries are in the partition streams from this time (RFC 3339)...
+    #[arg(long, requires = "until")]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// ...to this time (RFC 3339).
+    #[arg(long, requires = "since")]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Every rejected and dead job.
+    #[arg(long)]
+    pub all: bool,
+    /// Only list what would be replayed.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run jobs that would be stale (older than SPARKY_MAX_SIGNAL_AGE_SECS / their max_lag_secs).
+    #[arg(long)]
+    pub allow_stale: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,6 +222,76 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             };
             let n = encrypt_existing(&store, key).await?;
             println!("encrypted {n} credential rows");
+        }
+        Command::Dlq(DlqCommand::List { user, limit, json }) => {
+            store.check_migrated().await?;
+            let jobs = store.failed_jobs(user, None, None, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string(&jobs)?);
+            } else if jobs.is_empty() {
+                println!("no rejected or dead jobs");
+            } else {
+                println!(
+                    "{:<36}  {:<36}  {:<8}  {:<11}  {:<20}  error",
+                    "job_id", "user_id", "status", "class", "accepted_at"
+                );
+                for j in jobs {
+                    println!(
+                        "{:<36}  {:<36}  {:<8}  {:<11}  {:<20}  {}",
+                        j.job_id,
+                        j.user_id,
+                        j.status,
+                        j.error_class.as_deref().unwrap_or("-"),
+                        j.accepted_at.format("%Y-%m-%d %H:%M:%S"),
+                        j.error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Replay(r) => {
+            store.check_migrated().await?;
+            let queue = Queue::connect(
+                &config.redis_url,
+                &config.namespace,
+                config.partitions,
+                Duration::from_secs(5),
+            )
+            .await?;
+            queue.check_partitions().await?;
+            let selector = if !r.job.is_empty() {
+                replay::Selector::Jobs(r.job)
+            } else if let Some(u) = r.user {
+                replay::Selector::User(u)
+            } else if let (Some(since), Some(until)) = (r.since, r.until) {
+                replay::Selector::Range { since, until }
+            } else {
+                replay::Selector::AllFailed
+            };
+            let ids = replay::select(&store, &queue, &selector).await?;
+            let opts = replay::Options {
+                dry_run: r.dry_run,
+                allow_stale: r.allow_stale,
+                max_signal_age: config.max_signal_age,
+            };
+            let items = replay::replay(&store, &queue, &ids, &opts).await?;
+            if r.json {
+                println!("{}", serde_json::to_string(&items)?);
+            } else {
+                if items.is_empty() {
+                    println!("nothing to replay");
+                }
+                for i in &items {
+                    println!(
+                        "{}  {:<14}  {}",
+                        i.job_id,
+                        serde_json::to_value(&i.decision)?.as_str().unwrap_or(""),
+                        i.detail
+                    );
+                }
+            }
+            if items.iter().any(|i| i.decision == replay::Decision::Error) {
+                anyhow::bail!("some jobs could not be re-enqueued");
+            }
         }
         Command::Credentials(CredentialsCommand::RotateKey { json }) => {
             store.check_migrated().await?;

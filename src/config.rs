@@ -53,6 +53,9 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// An entry delivered more often than this goes to the dead-letter stream as `poison`.
     pub max_deliveries: u32,
+    /// Partition stream entries are kept this long (for `sparky replay --since`), never trimmed
+    /// while pending or unread.
+    pub stream_retention: Duration,
     pub max_signal_age: Duration,
     /// How long a webhook secret lookup is cached in the ingress (rotation takes effect within this).
     pub secret_cache_ttl: Duration,
@@ -132,6 +135,7 @@ impl Default for Config {
             worker_concurrency: 64,
             lease_ttl: Duration::from_secs(10),
             max_deliveries: 5,
+            stream_retention: Duration::from_secs(7 * 24 * 3600),
             max_signal_age: Duration::from_secs(60),
             secret_cache_ttl: Duration::from_secs(30),
             credential_cache_ttl: Duration::from_secs(60),
@@ -324,6 +328,11 @@ impl Config {
             worker_concurrency,
             lease_ttl,
             max_deliveries: num(vars, "SPARKY_MAX_DELIVERIES", d.max_deliveries)?,
+            stream_retention: Duration::from_secs(num(
+                vars,
+                "SPARKY_STREAM_RETENTION_SECS",
+                d.stream_retention.as_secs(),
+            )?),
             max_signal_age: Duration::from_secs(num(
                 vars,
                 "SPARKY_MAX_SIGNAL_AGE_SECS",

@@ -21,6 +21,7 @@ pub mod ingress;
 pub mod lease;
 pub mod net;
 pub mod queue;
+pub mod replay;
 pub mod secrets;
 pub mod store;
 pub mod telemetry;

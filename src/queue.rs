@@ -109,6 +109,16 @@ pub struct Entry {
     pub job: Result<Job, String>,
     /// The raw `job` field, kept for the dead-letter stream when it does not parse.
     pub raw: Option<String>,
+    /// Set when an operator re-enqueued the job (`sparky replay`).
+    pub replay: Option<Replay>,
+}
+
+/// The `replay` field of an entry written by `sparky replay`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Replay {
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// Run it even though it is older than `SPARKY_MAX_SIGNAL_AGE_SECS` (or its `max_lag_secs`).
+    pub allow_stale: bool,
 }
 
 /// The answer of [`Queue::enqueue`].
@@ -452,11 +462,13 @@ impl Queue {
                         .map_err(|e| format!("entry is not a job: {e}")),
                     None => Err("entry has no `job` field (deleted or foreign)".to_string()),
                 };
+                let replay = field(&fields, "replay").and_then(|r| serde_json::from_str(&r).ok());
                 out.push(Entry {
                     partition,
                     id,
                     job,
                     raw,
+                    replay,
                 });
             }
         }
@@ -466,6 +478,93 @@ impl Queue {
     fn partition_of_key(&self, key: &str) -> Option<u32> {
         let rest = key.strip_prefix(&self.keys.ns)?.strip_prefix(":{p")?;
         rest.split_once('}')?.0.parse().ok()
+    }
+
+    /// Append a job for an operator replay: no idempotency check (the original `alert_id` was
+    /// used by the first run) and no rate limit; the job keeps its id, so its client order ids.
+    pub async fn append_replay(
+        &self,
+        job: &Job,
+        replay: &Replay,
+    ) -> Result<(u32, String), QueueError> {
+        let p = self.partition_of(&job.alert.user_id);
+        let id: String = redis::cmd("XADD")
+            .arg(self.keys.stream(p))
+            .arg("*")
+            .arg("job")
+            .arg(serde_json::to_string(job).expect("a job serialises"))
+            .arg("replay")
+            .arg(serde_json::to_string(replay).expect("replay serialises"))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok((p, id))
+    }
+
+    /// The jobs of a partition stream between two times (entry ids are millisecond timestamps).
+    pub async fn range(
+        &self,
+        partition: u32,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<Entry>, QueueError> {
+        let v: Value = redis::cmd("XRANGE")
+            .arg(self.keys.stream(partition))
+            .arg(since_ms.max(0))
+            .arg(until_ms.max(0))
+            .query_async(&mut self.conn())
+            .await?;
+        // Same shape as one stream of an XREADGROUP reply.
+        self.parse_read(Value::Array(vec![Value::Array(vec![
+            Value::BulkString(self.keys.stream(partition).into_bytes()),
+            v,
+        ])]))
+    }
+
+    /// Trim a partition stream to `retention`, never past an entry that is pending (delivered and
+    /// not acked) or not yet delivered to the group. Returns the number of entries removed.
+    pub async fn trim(&self, partition: u32, retention: Duration) -> Result<u64, QueueError> {
+        let key = self.keys.stream(partition);
+        let mut c = self.conn();
+        let now_ms = chrono::Utc::now().timestamp_millis() as u64;
+        // (ms, seq): XTRIM MINID removes every entry whose id is lower.
+        let mut min = (now_ms.saturating_sub(retention.as_millis() as u64), 0u64);
+        let pending: Value = redis::cmd("XPENDING")
+            .arg(&key)
+            .arg(GROUP)
+            .query_async(&mut c)
+            .await?;
+        if let Value::Array(parts) = &pending {
+            if let Some(oldest) = parts.get(1).and_then(as_string).and_then(|i| parse_id(&i)) {
+                min = min.min(oldest);
+            }
+        }
+        let groups: Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&key)
+            .query_async(&mut c)
+            .await?;
+        let mut delivered = None;
+        if let Value::Array(gs) = groups {
+            for g in gs {
+                if field(&g, "name").as_deref() == Some(GROUP) {
+                    delivered = field(&g, "last-delivered-id").and_then(|l| parse_id(&l));
+                }
+            }
+        }
+        let Some((ms, seq)) = delivered else {
+            return Ok(0);
+        };
+        // Everything after the last delivered entry is unread.
+        min = min.min((ms, seq + 1));
+        if min == (0, 0) {
+            return Ok(0);
+        }
+        Ok(redis::cmd("XTRIM")
+            .arg(&key)
+            .arg("MINID")
+            .arg(format!("{}-{}", min.0, min.1))
+            .query_async(&mut c)
+            .await?)
     }
 
     pub async fn ack(&self, partition: u32, id: &str) -> Result<(), QueueError> {
@@ -511,6 +610,12 @@ impl Queue {
             .query_async(&mut self.conn())
             .await?)
     }
+}
+
+/// A stream entry id (`1700000000000-3`) as (ms, seq).
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 fn as_string(v: &Value) -> Option<String> {

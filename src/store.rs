@@ -402,8 +402,6 @@ impl Store {
         Ok(())
     }
 
-    /// Record a job that never got as far as `begin_job` (an unreadable entry is not a job; this is
-    /// for jobs whose state must be written without executing, e.g. stale ones).
     pub async fn get_job(&self, job_id: Uuid) -> Result<Option<JobRow>, StoreError> {
         let r = sqlx::query(
             "SELECT job_id, user_id, partition, entry_id, exchange, action, symbol, status, attempts,
@@ -413,21 +411,83 @@ impl Store {
         .bind(job_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(r.map(|r| JobRow {
-            job_id: r.get("job_id"),
-            user_id: r.get("user_id"),
-            partition: r.get("partition"),
-            entry_id: r.get("entry_id"),
-            exchange: r.get("exchange"),
-            action: r.get("action"),
-            symbol: r.get("symbol"),
-            status: r.get("status"),
-            attempts: r.get("attempts"),
-            error_class: r.get("error_class"),
-            error: r.get("error"),
-            accepted_at: r.get("accepted_at"),
-            finished_at: r.get("finished_at"),
-        }))
+        Ok(r.as_ref().map(job_row))
+    }
+
+    /// A stored job as it was enqueued (for replays).
+    pub async fn job_envelope(&self, job_id: Uuid) -> Result<Option<(Job, String)>, StoreError> {
+        let r = sqlx::query("SELECT alert, accepted_at, status FROM jobs WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(r) = r else { return Ok(None) };
+        let alert: serde_json::Value = r.get("alert");
+        let alert = serde_json::from_value(alert).map_err(|e| {
+            StoreError::Conflict(format!("job {job_id} has an unreadable alert: {e}"))
+        })?;
+        Ok(Some((
+            Job {
+                job_id,
+                accepted_at: r.get("accepted_at"),
+                alert,
+            },
+            r.get("status"),
+        )))
+    }
+
+    /// Failed (`rejected` / `dead`) jobs, newest first, optionally of one user and time range.
+    pub async fn failed_jobs(
+        &self,
+        user: Option<Uuid>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: i64,
+    ) -> Result<Vec<JobRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT job_id, user_id, partition, entry_id, exchange, action, symbol, status, attempts,
+                    error_class, error, accepted_at, finished_at
+             FROM jobs
+             WHERE status IN ('rejected', 'dead')
+               AND ($1::uuid IS NULL OR user_id = $1)
+               AND ($2::timestamptz IS NULL OR accepted_at >= $2)
+               AND ($3::timestamptz IS NULL OR accepted_at <= $3)
+             ORDER BY accepted_at DESC
+             LIMIT $4",
+        )
+        .bind(user)
+        .bind(since)
+        .bind(until)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job_row).collect())
+    }
+
+    /// Move a failed job back to `queued` for a replay (only one concurrent replay wins). Returns
+    /// the status it had, or `None` if it was not failed (any more).
+    pub async fn requeue_failed(&self, job_id: Uuid) -> Result<Option<String>, StoreError> {
+        let entry = serde_json::json!([{"at": Utc::now(), "class": "replay", "message": "re-enqueued by `sparky replay`"}]);
+        Ok(sqlx::query_scalar(
+            "UPDATE jobs j SET status = 'queued', attempts = 0, updated_at = now(),
+                    history = j.history || $2::jsonb
+             FROM (SELECT job_id, status AS old FROM jobs WHERE job_id = $1 FOR UPDATE) o
+             WHERE j.job_id = o.job_id AND o.old IN ('rejected', 'dead')
+             RETURNING o.old",
+        )
+        .bind(job_id)
+        .bind(entry)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Undo [`Store::requeue_failed`] when the re-enqueue itself failed.
+    pub async fn undo_requeue(&self, job_id: Uuid, status: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET status = $2 WHERE job_id = $1 AND status = 'queued'")
+            .bind(job_id)
+            .bind(status)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn trades_of_job(&self, job_id: Uuid) -> Result<Vec<TradeRow>, StoreError> {
@@ -506,7 +566,8 @@ async fn insert_trade(
     let a = &job.alert;
     sqlx::query(
         "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         ON CONFLICT (job_id, leg) DO NOTHING",
     )
     .bind(job.job_id)
     .bind(a.user_id)
@@ -522,6 +583,24 @@ async fn insert_trade(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+fn job_row(r: &sqlx::postgres::PgRow) -> JobRow {
+    JobRow {
+        job_id: r.get("job_id"),
+        user_id: r.get("user_id"),
+        partition: r.get("partition"),
+        entry_id: r.get("entry_id"),
+        exchange: r.get("exchange"),
+        action: r.get("action"),
+        symbol: r.get("symbol"),
+        status: r.get("status"),
+        attempts: r.get("attempts"),
+        error_class: r.get("error_class"),
+        error: r.get("error"),
+        accepted_at: r.get("accepted_at"),
+        finished_at: r.get("finished_at"),
+    }
 }
 
 fn trade_row(r: &sqlx::postgres::PgRow) -> TradeRow {

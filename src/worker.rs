@@ -49,7 +49,8 @@ use crate::domain::Job;
 use crate::exchanges::{build_exchange, ExchangeContext};
 use crate::executor::{self, JobStatus, Outcome, PositionChange, RetryPolicy};
 use crate::lease::{assignment, Leases};
-use crate::queue::{Entry, Queue};
+use crate::queue::{Entry, Queue, Replay};
+use crate::replay::would_be_stale;
 use crate::store::{Begin, Store, StoreError};
 
 /// How long one `XREADGROUP` blocks waiting for new entries.
@@ -58,6 +59,8 @@ const READ_BLOCK: Duration = Duration::from_millis(1000);
 const READ_COUNT: usize = 256;
 /// A partition is not read while this many of its entries are in flight (back-pressure).
 const MAX_INFLIGHT_PER_PARTITION: usize = 1024;
+/// How often an owner trims its partition streams to `SPARKY_STREAM_RETENTION_SECS`.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
 
 /// Everything a worker needs; built once by [`Worker::connect`].
 #[derive(Clone)]
@@ -164,6 +167,7 @@ impl Worker {
         let mut owned: HashMap<u32, Owned> = HashMap::new();
         let mut epoch = 0u64;
         let mut next_tick = Instant::now();
+        let mut next_trim = Instant::now() + TRIM_EVERY;
         let mut conn = self.queue.blocking_conn(block).await?;
         let mut failures = 0u32;
         loop {
@@ -175,6 +179,22 @@ impl Worker {
                 next_tick = Instant::now() + tick;
             }
             self.finish_handovers(&leases, &mut owned, epoch).await;
+            if Instant::now() >= next_trim {
+                next_trim = Instant::now() + TRIM_EVERY;
+                for (p, o) in &owned {
+                    if o.releasing_since.is_none() {
+                        match self.queue.trim(*p, self.config.stream_retention).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(
+                                partition = p,
+                                removed = n,
+                                "trimmed the partition stream"
+                            ),
+                            Err(e) => tracing::warn!(partition = p, error = %e, "trimming failed"),
+                        }
+                    }
+                }
+            }
 
             let wanted: Vec<(u32, String)> = owned
                 .iter()
@@ -597,7 +617,7 @@ impl Processor {
                 ),
             ))
         } else {
-            self.run_job(job, attempt).await
+            self.run_job(job, attempt, entry.replay.as_ref()).await
         };
         let outcome = match outcome {
             Some(o) => o,
@@ -629,27 +649,14 @@ impl Processor {
     }
 
     /// Execute the job; `None` only when shutting down mid-way.
-    async fn run_job(&self, job: &Job, attempt: i32) -> Option<Outcome> {
+    async fn run_job(&self, job: &Job, attempt: i32, replay: Option<&Replay>) -> Option<Outcome> {
         let a = &job.alert;
-        let now = Utc::now();
-        let age = (now - job.accepted_at).to_std().unwrap_or_default();
-        if age > self.max_signal_age {
-            return Some(Outcome::failed(
-                JobStatus::Dead,
-                "stale",
-                format!(
-                    "stale: reached {}s after acceptance (SPARKY_MAX_SIGNAL_AGE_SECS={})",
-                    age.as_secs(),
-                    self.max_signal_age.as_secs()
-                ),
-            ));
-        }
-        if let (Some(ts), Some(lag)) = (a.timestamp, a.max_lag_secs) {
-            if now > ts + chrono::Duration::seconds(lag as i64) {
+        if !replay.is_some_and(|r| r.allow_stale) {
+            if let Some(why) = would_be_stale(job, self.max_signal_age, Utc::now()) {
                 return Some(Outcome::failed(
                     JobStatus::Dead,
                     "stale",
-                    format!("stale: alert time {ts} is more than max_lag_secs={lag} ago"),
+                    format!("stale: {why}"),
                 ));
             }
         }
@@ -708,7 +715,9 @@ impl Processor {
             }
         };
         tracing::info!("✅ Created {exchange} executor for user {}", a.user_id);
-        let run = executor::execute(client.as_ref(), job, attempt > 1, &self.policy);
+        // A redelivery or a replay may follow orders that were placed: look legs up first.
+        let recover = attempt > 1 || replay.is_some();
+        let run = executor::execute(client.as_ref(), job, recover, &self.policy);
         // A shutdown does not interrupt an order in flight: it is given the drain timeout.
         Some(run.await)
     }

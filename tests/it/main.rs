@@ -3,6 +3,8 @@
 
 mod credentials;
 mod exchanges;
+mod failures;
+mod faults;
 mod helpers;
 mod ordering;
 mod pipeline;
