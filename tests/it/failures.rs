@@ -338,6 +338,10 @@ async fn postgres_going_away_mid_run_loses_and_acks_nothing() {
     let done_during = finished().await;
     assert!(done_during < total, "the outage should leave work undone");
     assert!(
+        proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the worker kept trying to reach Postgres"
+    );
+    assert!(
         acked(&app).await <= done_during as u64,
         "an entry was acked without its commit"
     );
