@@ -46,7 +46,7 @@ use crate::helpers::*;
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
-enum Fault {
+pub(crate) enum Fault {
     /// Answer this (status, JSON or text body, headers) without doing anything.
     Reply(u16, Value, Vec<(&'static str, String)>),
     /// Do the request, then answer this instead of the real answer.
@@ -66,13 +66,13 @@ struct Seen {
 }
 
 #[derive(Default)]
-struct Core {
+pub(crate) struct Core {
     faults: Mutex<HashMap<String, VecDeque<Fault>>>,
     seen: Mutex<Vec<Seen>>,
 }
 
 impl Core {
-    fn inject(&self, route: &str, fault: Fault) {
+    pub(crate) fn inject(&self, route: &str, fault: Fault) {
         self.faults
             .lock()
             .unwrap()
@@ -265,7 +265,7 @@ async fn run(ex: &dyn Exchange, job: &Job) -> Outcome {
 }
 
 /// Store credentials for `user` (encrypted as the CLI would).
-async fn store_credentials(
+pub(crate) async fn store_credentials(
     app: &TestApp,
     user: Uuid,
     exchange: &str,
@@ -288,7 +288,7 @@ async fn store_credentials(
     app.store.upsert_credentials(&row).await.unwrap();
 }
 
-fn webhook(
+pub(crate) fn webhook(
     user: Uuid,
     secret: &str,
     exchange: &str,
@@ -311,10 +311,12 @@ fn webhook(
 // Aster fake
 // ---------------------------------------------------------------------------------------------
 
-const ASTER_KEY: &str = "dbefbc809e3e83c283a984c3a1459732ea7db1360ca80c5c2c8867408d28cc83";
-const ASTER_SECRET: &str = "2b5eb11e18796d12d88f13dc27dbbd02c2cc51ff7059765ed9821957d82bb4d9";
+pub(crate) const ASTER_KEY: &str =
+    "dbefbc809e3e83c283a984c3a1459732ea7db1360ca80c5c2c8867408d28cc83";
+pub(crate) const ASTER_SECRET: &str =
+    "2b5eb11e18796d12d88f13dc27dbbd02c2cc51ff7059765ed9821957d82bb4d9";
 
-struct AsterState {
+pub(crate) struct AsterState {
     /// symbol -> (price, tick, lot step, lot min, market step, market min, min notional)
     markets: HashMap<&'static str, [Decimal; 7]>,
     positions: HashMap<String, Decimal>,
@@ -322,17 +324,17 @@ struct AsterState {
     next_id: u64,
     reject_duplicates: bool,
     clock_skew_ms: i64,
-    margin_limit: Option<Decimal>,
+    pub(crate) margin_limit: Option<Decimal>,
     leverage: Vec<(String, String)>,
 }
 
-struct AsterFake {
-    core: Core,
-    st: Mutex<AsterState>,
+pub(crate) struct AsterFake {
+    pub(crate) core: Core,
+    pub(crate) st: Mutex<AsterState>,
 }
 
 impl AsterFake {
-    async fn start() -> (Arc<AsterFake>, String) {
+    pub(crate) async fn start() -> (Arc<AsterFake>, String) {
         let mut markets = HashMap::new();
         markets.insert(
             "ETHUSDT",
@@ -377,11 +379,11 @@ impl AsterFake {
         (fake, serve(app).await)
     }
 
-    fn orders(&self) -> Vec<Value> {
+    pub(crate) fn orders(&self) -> Vec<Value> {
         self.st.lock().unwrap().orders.clone()
     }
 
-    fn orders_with(&self, coid: &str) -> usize {
+    pub(crate) fn orders_with(&self, coid: &str) -> usize {
         self.orders()
             .iter()
             .filter(|o| o["clientOrderId"] == coid)

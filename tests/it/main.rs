@@ -9,5 +9,6 @@ mod helpers;
 mod ordering;
 mod pipeline;
 mod procs;
+mod recovery;
 mod security;
 mod webhook;

@@ -1,0 +1,222 @@
+//! Failures against a real exchange client (the Aster fake of `exchanges.rs`): a broker failing for
+//! a while, a permanent rejection replayed after the fix, and a worker killed between the broker's
+//! acceptance and the commit.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sparky::exchanges::{client_order_id, Leg};
+use sparky::replay::{self, Decision, Options};
+
+use crate::exchanges::*;
+use crate::helpers::*;
+use crate::procs::spawn_worker;
+
+const ORDER: &str = "POST /fapi/v1/order";
+
+fn opts() -> Options {
+    Options {
+        dry_run: false,
+        allow_stale: false,
+        max_signal_age: Duration::from_secs(60),
+    }
+}
+
+#[tokio::test]
+async fn a_broker_failing_with_5xx_then_recovering_gives_one_order_and_keeps_the_users_order() {
+    let (fake, url) = AsterFake::start().await;
+    let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
+    let (user, secret) = app.create_user().await;
+    store_credentials(
+        &app,
+        user,
+        "aster",
+        ASTER_KEY,
+        ASTER_SECRET,
+        None,
+        json!({}),
+    )
+    .await;
+    for _ in 0..3 {
+        fake.core.inject(
+            ORDER,
+            Fault::Reply(502, json!({"code": -1001, "msg": "Bad gateway"}), vec![]),
+        );
+    }
+    let buy = app
+        .enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
+        .await;
+    let close = app
+        .enqueue(&webhook(user, &secret, "aster", "close", "ETHUSDT", 100))
+        .await;
+    app.run_worker_until_idle().await;
+
+    let job = app.job(buy).await;
+    assert_eq!(
+        (job.status.as_str(), job.attempts),
+        ("succeeded", 1),
+        "{job:?}"
+    );
+    assert_eq!(
+        fake.orders_with(&client_order_id(buy, Leg::Open)),
+        1,
+        "exactly one order"
+    );
+    assert_eq!(app.job(close).await.status, "succeeded");
+    // The user's next job reached the broker only after the retried one went through.
+    let order_ids: Vec<String> = fake
+        .orders()
+        .iter()
+        .map(|o| o["clientOrderId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        order_ids,
+        vec![
+            client_order_id(buy, Leg::Open),
+            client_order_id(close, Leg::Close)
+        ]
+    );
+    // Every failed attempt is in the job's history.
+    let history: serde_json::Value =
+        sqlx::query_scalar("SELECT history FROM jobs WHERE job_id = $1")
+            .bind(buy)
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap();
+    let failures = history.as_array().unwrap();
+    assert_eq!(failures.len(), 3, "{history}");
+    assert!(
+        failures.iter().all(|h| h["class"] == "transient"),
+        "{history}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_permanent_rejection_is_dead_lettered_and_replayed_once_after_the_fix() {
+    let (fake, url) = AsterFake::start().await;
+    let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
+    let (user, secret) = app.create_user().await;
+    store_credentials(
+        &app,
+        user,
+        "aster",
+        ASTER_KEY,
+        ASTER_SECRET,
+        None,
+        json!({}),
+    )
+    .await;
+    fake.st.lock().unwrap().margin_limit = Some(rust_decimal_macros::dec!(10));
+    let id = app
+        .enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
+        .await;
+    app.run_worker_until_idle().await;
+    let job = app.job(id).await;
+    assert_eq!(job.status, "rejected");
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("Margin is insufficient."),
+        "{job:?}"
+    );
+    assert_eq!(fake.orders().len(), 0);
+    let dlq: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg(app.queue.keys.dlq())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut app.queue.conn())
+        .await
+        .unwrap();
+    let text = format!("{dlq:?}");
+    assert!(
+        text.contains(&id.to_string()) && text.contains("Margin is insufficient."),
+        "{text}"
+    );
+
+    // The broker is told to accept; the operator replays the job.
+    fake.st.lock().unwrap().margin_limit = None;
+    let items = replay::replay(&app.store, &app.queue, &[id], &opts())
+        .await
+        .unwrap();
+    assert_eq!(items[0].decision, Decision::Replayed, "{items:?}");
+    app.run_worker_until_idle().await;
+    assert_eq!(app.job(id).await.status, "succeeded");
+    assert_eq!(fake.orders_with(&client_order_id(id, Leg::Open)), 1);
+
+    // Replaying it again does nothing.
+    let items = replay::replay(&app.store, &app.queue, &[id], &opts())
+        .await
+        .unwrap();
+    assert_eq!(items[0].decision, Decision::NotFailed);
+    app.run_worker_until_idle().await;
+    assert_eq!(fake.orders().len(), 1);
+    assert_eq!(app.trades(user).await.len(), 1);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_no_second_order() {
+    let (fake, url) = AsterFake::start().await;
+    let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
+    let (user, secret) = app.create_user().await;
+    store_credentials(
+        &app,
+        user,
+        "aster",
+        ASTER_KEY,
+        ASTER_SECRET,
+        None,
+        json!({}),
+    )
+    .await;
+    // The broker records the order, then does not answer: the worker is killed while waiting.
+    fake.core
+        .inject(ORDER, Fault::HangAfterDoing(Duration::from_secs(30)));
+    let env = [
+        ("SPARKY_LEASE_TTL_MS", "1500".to_string()),
+        ("ASTER_BASE_URL", url.clone()),
+    ];
+    let mut first = spawn_worker(&app, &env).await;
+    let id = app
+        .enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
+        .await;
+    let coid = client_order_id(id, Leg::Open);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.orders_with(&coid) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the order never reached the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill9();
+    assert_eq!(
+        app.job(id).await.status,
+        "executing",
+        "killed before the commit"
+    );
+
+    let _second = spawn_worker(&app, &env).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = app.job(id).await;
+        if job.status != "executing" {
+            assert_eq!(job.status, "succeeded", "{job:?}");
+            assert_eq!(job.attempts, 2, "redelivered once");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the redelivery did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        fake.orders_with(&coid),
+        1,
+        "the lookup found the order: exactly one exists"
+    );
+    let trades = app.trades(user).await;
+    assert_eq!(trades.len(), 1);
+    assert_eq!(trades[0].client_order_id, coid);
+    app.cleanup().await;
+}
