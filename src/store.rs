@@ -403,14 +403,10 @@ impl Store {
     }
 
     pub async fn get_job(&self, job_id: Uuid) -> Result<Option<JobRow>, StoreError> {
-        let r = sqlx::query(
-            "SELECT job_id, user_id, partition, entry_id, exchange, action, symbol, status, attempts,
-                    error_class, error, accepted_at, finished_at
-             FROM jobs WHERE job_id = $1",
-        )
-        .bind(job_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let r = sqlx::query(&format!("{JOB_SELECT} WHERE job_id = $1"))
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(r.as_ref().map(job_row))
     }
 
@@ -443,17 +439,15 @@ impl Store {
         until: Option<DateTime<Utc>>,
         limit: i64,
     ) -> Result<Vec<JobRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT job_id, user_id, partition, entry_id, exchange, action, symbol, status, attempts,
-                    error_class, error, accepted_at, finished_at
-             FROM jobs
+        let rows = sqlx::query(&format!(
+            "{JOB_SELECT}
              WHERE status IN ('rejected', 'dead')
                AND ($1::uuid IS NULL OR user_id = $1)
                AND ($2::timestamptz IS NULL OR accepted_at >= $2)
                AND ($3::timestamptz IS NULL OR accepted_at <= $3)
              ORDER BY accepted_at DESC
-             LIMIT $4",
-        )
+             LIMIT $4"
+        ))
         .bind(user)
         .bind(since)
         .bind(until)
@@ -491,26 +485,18 @@ impl Store {
     }
 
     pub async fn trades_of_job(&self, job_id: Uuid) -> Result<Vec<TradeRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id,
-                    exchange_order_id, status
-             FROM trades WHERE job_id = $1 ORDER BY id",
-        )
-        .bind(job_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&format!("{TRADE_SELECT} WHERE job_id = $1 ORDER BY id"))
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(trade_row).collect())
     }
 
     pub async fn trades_of_user(&self, user_id: Uuid) -> Result<Vec<TradeRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id,
-                    exchange_order_id, status
-             FROM trades WHERE user_id = $1 ORDER BY id",
-        )
-        .bind(user_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&format!("{TRADE_SELECT} WHERE user_id = $1 ORDER BY id"))
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(trade_row).collect())
     }
 
@@ -520,11 +506,9 @@ impl Store {
         user_id: Uuid,
         client_order_id: &str,
     ) -> Result<Option<TradeRow>, StoreError> {
-        let r = sqlx::query(
-            "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id,
-                    exchange_order_id, status
-             FROM trades WHERE user_id = $1 AND client_order_id = $2",
-        )
+        let r = sqlx::query(&format!(
+            "{TRADE_SELECT} WHERE user_id = $1 AND client_order_id = $2"
+        ))
         .bind(user_id)
         .bind(client_order_id)
         .fetch_optional(&self.pool)
@@ -584,6 +568,14 @@ async fn insert_trade(
     .await?;
     Ok(())
 }
+
+/// The columns [`job_row`] reads.
+const JOB_SELECT: &str = "SELECT job_id, user_id, partition, entry_id, exchange, action, symbol,
+    status, attempts, error_class, error, accepted_at, finished_at FROM jobs";
+
+/// The columns [`trade_row`] reads.
+const TRADE_SELECT: &str = "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price,
+    client_order_id, exchange_order_id, status FROM trades";
 
 fn job_row(r: &sqlx::postgres::PgRow) -> JobRow {
     JobRow {

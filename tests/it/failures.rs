@@ -125,13 +125,7 @@ async fn a_rejected_job_is_replayed_once_after_the_cause_is_fixed() {
         .unwrap()
         .contains("no paper credentials"));
     // The dead-letter stream has it, with the attempt history and the entry id.
-    let dlq: Vec<redis::Value> = redis::cmd("XRANGE")
-        .arg(app.queue.keys.dlq())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut app.queue.conn())
-        .await
-        .unwrap();
+    let dlq = app.dlq_entries().await;
     let text = format!("{dlq:?}");
     assert!(
         text.contains(&first.to_string())
@@ -278,25 +272,11 @@ async fn postgres_going_away_mid_run_loses_and_acks_nothing() {
         .unwrap();
     let proxy = Proxy::start(("127.0.0.1".into(), port)).await;
     let app = TestApp::spawn().await;
-    let (user_ids, direct) = {
-        let mut users = vec![];
-        for _ in 0..5 {
-            let (u, s) = app.create_user().await;
-            let row = sparky::store::CredentialRow {
-                user_id: u,
-                exchange: "paper".into(),
-                api_key: "k".into(),
-                api_secret: "s".into(),
-                account_id: None,
-                environment: "production".into(),
-                extra_config: json!({"latency_ms": 30}),
-                label: None,
-            };
-            app.store.upsert_credentials(&row).await.unwrap();
-            users.push((u, s));
-        }
-        (users, app.store.clone())
-    };
+    let mut user_ids = vec![];
+    for _ in 0..5 {
+        user_ids.push(app.paper_user_with(json!({"latency_ms": 30})).await);
+    }
+    let direct = app.store.clone();
     let per_user = 8;
     for i in 0..per_user {
         for (u, s) in &user_ids {

@@ -196,6 +196,34 @@ impl TestApp {
         self.store.upsert_credentials(&row).await.unwrap();
     }
 
+    /// A user with paper credentials whose `extra_config` is `extra` (e.g. `{"latency_ms": 5}`).
+    pub async fn paper_user_with(&self, extra: Value) -> (Uuid, String) {
+        let (u, s) = self.create_user().await;
+        let row = CredentialRow {
+            user_id: u,
+            exchange: "paper".into(),
+            api_key: "k".into(),
+            api_secret: "s".into(),
+            account_id: None,
+            environment: "production".into(),
+            extra_config: extra,
+            label: None,
+        };
+        self.store.upsert_credentials(&row).await.unwrap();
+        (u, s)
+    }
+
+    /// Every entry of the dead-letter stream, as Redis returned it.
+    pub async fn dlq_entries(&self) -> Vec<redis::Value> {
+        redis::cmd("XRANGE")
+            .arg(self.queue.keys.dlq())
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.queue.conn())
+            .await
+            .unwrap()
+    }
+
     /// A user with paper credentials.
     pub async fn paper_user(&self) -> (Uuid, String) {
         let (u, s) = self.create_user().await;

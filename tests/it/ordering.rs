@@ -18,19 +18,7 @@ const LEASE_MS: u64 = 2000;
 async fn users(app: &TestApp, n: usize) -> Vec<(Uuid, String)> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let (u, s) = app.create_user().await;
-        let row = sparky::store::CredentialRow {
-            user_id: u,
-            exchange: "paper".into(),
-            api_key: "k".into(),
-            api_secret: "s".into(),
-            account_id: None,
-            environment: "production".into(),
-            extra_config: json!({"latency_ms": [1, 5]}),
-            label: None,
-        };
-        app.store.upsert_credentials(&row).await.unwrap();
-        out.push((u, s));
+        out.push(app.paper_user_with(json!({"latency_ms": [1, 5]})).await);
     }
     out
 }

@@ -169,13 +169,7 @@ async fn too_small_orders_are_rejected_with_the_numbers_and_dead_lettered() {
     );
     assert!(app.trades(user).await.is_empty());
     assert!(app.position(user, "ETHUSDT").await.is_none());
-    let dlq: Vec<redis::Value> = redis::cmd("XRANGE")
-        .arg(app.queue.keys.dlq())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut app.queue.conn())
-        .await
-        .unwrap();
+    let dlq = app.dlq_entries().await;
     assert_eq!(dlq.len(), 1);
     let text = format!("{dlq:?}");
     assert!(text.contains(&id.to_string()));

@@ -2,11 +2,13 @@
 //! a while, a permanent rejection replayed after the fix, and a worker killed between the broker's
 //! acceptance and the commit.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sparky::exchanges::{client_order_id, Leg};
 use sparky::replay::{self, Decision, Options};
+use uuid::Uuid;
 
 use crate::exchanges::*;
 use crate::helpers::*;
@@ -14,16 +16,8 @@ use crate::procs::spawn_worker;
 
 const ORDER: &str = "POST /fapi/v1/order";
 
-fn opts() -> Options {
-    Options {
-        dry_run: false,
-        allow_stale: false,
-        max_signal_age: Duration::from_secs(60),
-    }
-}
-
-#[tokio::test]
-async fn a_broker_failing_with_5xx_then_recovering_gives_one_order_and_keeps_the_users_order() {
+/// An Aster fake, an app whose worker talks to it, and a user with Aster credentials.
+async fn aster_app() -> (Arc<AsterFake>, String, TestApp, Uuid, String) {
     let (fake, url) = AsterFake::start().await;
     let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
     let (user, secret) = app.create_user().await;
@@ -37,6 +31,20 @@ async fn a_broker_failing_with_5xx_then_recovering_gives_one_order_and_keeps_the
         json!({}),
     )
     .await;
+    (fake, url, app, user, secret)
+}
+
+fn opts() -> Options {
+    Options {
+        dry_run: false,
+        allow_stale: false,
+        max_signal_age: Duration::from_secs(60),
+    }
+}
+
+#[tokio::test]
+async fn a_broker_failing_with_5xx_then_recovering_gives_one_order_and_keeps_the_users_order() {
+    let (fake, _, app, user, secret) = aster_app().await;
     for _ in 0..3 {
         fake.core.inject(
             ORDER,
@@ -94,19 +102,7 @@ async fn a_broker_failing_with_5xx_then_recovering_gives_one_order_and_keeps_the
 
 #[tokio::test]
 async fn a_permanent_rejection_is_dead_lettered_and_replayed_once_after_the_fix() {
-    let (fake, url) = AsterFake::start().await;
-    let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "aster",
-        ASTER_KEY,
-        ASTER_SECRET,
-        None,
-        json!({}),
-    )
-    .await;
+    let (fake, _, app, user, secret) = aster_app().await;
     fake.st.lock().unwrap().margin_limit = Some(rust_decimal_macros::dec!(10));
     let id = app
         .enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
@@ -122,13 +118,7 @@ async fn a_permanent_rejection_is_dead_lettered_and_replayed_once_after_the_fix(
         "{job:?}"
     );
     assert_eq!(fake.orders().len(), 0);
-    let dlq: Vec<redis::Value> = redis::cmd("XRANGE")
-        .arg(app.queue.keys.dlq())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut app.queue.conn())
-        .await
-        .unwrap();
+    let dlq = app.dlq_entries().await;
     let text = format!("{dlq:?}");
     assert!(
         text.contains(&id.to_string()) && text.contains("Margin is insufficient."),
@@ -158,19 +148,7 @@ async fn a_permanent_rejection_is_dead_lettered_and_replayed_once_after_the_fix(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_no_second_order() {
-    let (fake, url) = AsterFake::start().await;
-    let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "aster",
-        ASTER_KEY,
-        ASTER_SECRET,
-        None,
-        json!({}),
-    )
-    .await;
+    let (fake, url, app, user, secret) = aster_app().await;
     // The broker records the order, then does not answer: the worker is killed while waiting.
     fake.core
         .inject(ORDER, Fault::HangAfterDoing(Duration::from_secs(30)));
