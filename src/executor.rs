@@ -184,6 +184,19 @@ pub fn round_to_tick(x: Decimal, tick: Decimal) -> Decimal {
         .normalize()
 }
 
+/// How many units of `symbol` `usd` buys at `price`. Quantities are in the base asset, so for a
+/// forex pair whose base is the US dollar (`USD_JPY`, OANDA's form) the size is the dollar amount
+/// itself; otherwise (`ETHUSDT`, `EUR_USD`, `AAPL`) it is `usd / price`. Crosses without USD
+/// (`EUR_GBP`) are sized as `usd / price`, i.e. as if the quote currency were USD: an
+/// approximation until home-currency conversion rates are fetched.
+pub fn units_for_usd(symbol: &str, usd: Decimal, price: Decimal) -> Decimal {
+    if symbol.starts_with("USD_") {
+        usd
+    } else {
+        usd / price
+    }
+}
+
 /// Execute `job` on `ex`, retrying transient failures. `recover` says a previous delivery of this job
 /// may already have placed orders.
 pub async fn execute(
@@ -395,7 +408,7 @@ async fn attempt(
         )));
     }
     let usd = a.position_size_usd.unwrap_or_default();
-    let raw_qty = usd / reference_price;
+    let raw_qty = units_for_usd(sym.as_str(), usd, reference_price);
     let qty = round_down(raw_qty, rules.step);
     if qty < rules.min_qty || qty <= Decimal::ZERO {
         return Err(ExchangeError::permanent(format!(
@@ -532,6 +545,13 @@ fn done(fills: &mut Vec<Fill>, position: PositionChange) -> Outcome {
 mod tests {
     use super::*;
     use rust_decimal_macros::dec;
+
+    #[test]
+    fn usd_based_pairs_are_sized_in_dollars() {
+        assert_eq!(units_for_usd("USD_JPY", dec!(100), dec!(150.25)), dec!(100));
+        assert_eq!(units_for_usd("EUR_USD", dec!(100), dec!(1.25)), dec!(80));
+        assert_eq!(units_for_usd("ETHUSDT", dec!(300), dec!(3000)), dec!(0.1));
+    }
 
     #[test]
     fn rounding() {
