@@ -28,8 +28,8 @@ use serde::Serialize;
 
 use crate::domain::{Job, OrderSide, OrderType, Side};
 use crate::exchanges::{
-    client_order_id, ErrorClass, ExPosition, Exchange, ExchangeError, Leg, OrderAck, OrderRequest,
-    OrderState, Protection,
+    client_order_id, ErrorClass, ExPosition, Exchange, ExchangeError, Leg, OnFill, OrderAck,
+    OrderRequest, OrderState, Protection,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -439,6 +439,18 @@ async fn attempt(
         }
     }
 
+    // Exchanges that protect on fill get the levels with the order, from the reference price.
+    let on_fill = if ex.protects_on_fill()
+        && (a.stop_loss_percent.is_some() || a.take_profit_percent.is_some())
+    {
+        let (sl, tp) = protective_prices(side, reference_price, a, rules.tick);
+        Some(OnFill {
+            stop_loss: sl,
+            take_profit: tp,
+        })
+    } else {
+        None
+    };
     let order = OrderRequest {
         symbol: sym.clone(),
         side: OrderSide::opening(side),
@@ -448,6 +460,7 @@ async fn attempt(
         reduce_only: false,
         leg: Leg::Open,
         client_order_id: open_id,
+        on_fill: on_fill.clone(),
     };
     let ack = place_leg(ex, &order, None).await?;
     fills.push(fill_of(Leg::Open, order.side, &ack, qty));
@@ -466,21 +479,10 @@ async fn attempt(
     } else {
         qty
     };
-    let pct = |p: Decimal| p / Decimal::ONE_HUNDRED;
-    let (sl, tp) = match side {
-        Side::Long => (
-            a.stop_loss_percent.map(|p| entry * (Decimal::ONE - pct(p))),
-            a.take_profit_percent
-                .map(|p| entry * (Decimal::ONE + pct(p))),
-        ),
-        Side::Short => (
-            a.stop_loss_percent.map(|p| entry * (Decimal::ONE + pct(p))),
-            a.take_profit_percent
-                .map(|p| entry * (Decimal::ONE - pct(p))),
-        ),
+    let (sl, tp) = match &on_fill {
+        Some(f) => (f.stop_loss, f.take_profit),
+        None => protective_prices(side, entry, a, rules.tick),
     };
-    let sl = sl.map(|p| round_to_tick(p, rules.tick));
-    let tp = tp.map(|p| round_to_tick(p, rules.tick));
     let mut outcome = done(
         fills,
         PositionChange::Open {
@@ -491,7 +493,7 @@ async fn attempt(
             take_profit_price: tp,
         },
     );
-    if sl.is_some() || tp.is_some() {
+    if on_fill.is_none() && (sl.is_some() || tp.is_some()) {
         let protection = Protection {
             symbol: sym.clone(),
             position_side: side,
@@ -509,6 +511,32 @@ async fn attempt(
     Ok(outcome)
 }
 
+/// Stop-loss and take-profit prices for a position of `side` entered at `entry`, rounded to `tick`.
+fn protective_prices(
+    side: Side,
+    entry: Decimal,
+    a: &crate::domain::Alert,
+    tick: Decimal,
+) -> (Option<Decimal>, Option<Decimal>) {
+    let pct = |p: Decimal| p / Decimal::ONE_HUNDRED;
+    let (sl, tp) = match side {
+        Side::Long => (
+            a.stop_loss_percent.map(|p| entry * (Decimal::ONE - pct(p))),
+            a.take_profit_percent
+                .map(|p| entry * (Decimal::ONE + pct(p))),
+        ),
+        Side::Short => (
+            a.stop_loss_percent.map(|p| entry * (Decimal::ONE + pct(p))),
+            a.take_profit_percent
+                .map(|p| entry * (Decimal::ONE - pct(p))),
+        ),
+    };
+    (
+        sl.map(|p| round_to_tick(p, tick)),
+        tp.map(|p| round_to_tick(p, tick)),
+    )
+}
+
 async fn close(ex: &dyn Exchange, job: &Job, p: &ExPosition) -> Result<OrderAck, ExchangeError> {
     let order = OrderRequest {
         symbol: job.alert.symbol.clone(),
@@ -519,6 +547,7 @@ async fn close(ex: &dyn Exchange, job: &Job, p: &ExPosition) -> Result<OrderAck,
         reduce_only: true,
         leg: Leg::Close,
         client_order_id: client_order_id(job.job_id, Leg::Close),
+        on_fill: None,
     };
     let ack = place_leg(ex, &order, Some(p)).await?;
     if ack.state != OrderState::Filled {

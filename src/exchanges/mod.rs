@@ -12,6 +12,7 @@
 
 pub mod aster;
 pub mod http;
+pub mod metered;
 pub mod oanda;
 pub mod paper;
 pub mod tradier;
@@ -116,13 +117,24 @@ impl Leg {
 /// (`o`pen, `c`lose, `s`top-loss, `t`ake-profit): 35 characters, letters and digits only, so it is
 /// valid for Aster (`^[.A-Z:/a-z0-9_-]{1,36}$`), OANDA client ids and Tradier tags alike.
 pub fn client_order_id(job_id: Uuid, leg: Leg) -> String {
-    let l = match leg {
+    format!("sp{}{}", job_id.simple(), leg_letter(leg))
+}
+
+fn leg_letter(leg: Leg) -> char {
+    match leg {
         Leg::Open => 'o',
         Leg::Close => 'c',
         Leg::StopLoss => 's',
         Leg::TakeProfit => 't',
-    };
-    format!("sp{}{l}", job_id.simple())
+    }
+}
+
+/// The client order id of another leg of the same job as `client_order_id`.
+pub fn sibling_client_order_id(client_order_id: &str, leg: Leg) -> String {
+    let stem = client_order_id
+        .strip_suffix(|c: char| c.is_ascii_lowercase())
+        .unwrap_or(client_order_id);
+    format!("{stem}{}", leg_letter(leg))
 }
 
 /// Trading rules of a symbol, applied before an order is sent.
@@ -155,6 +167,16 @@ pub struct OrderRequest {
     pub reduce_only: bool,
     pub leg: Leg,
     pub client_order_id: String,
+    /// Stop-loss / take-profit prices to attach to the fill, for exchanges that
+    /// [`Exchange::protects_on_fill`] (OANDA's `stopLossOnFill` / `takeProfitOnFill`).
+    pub on_fill: Option<OnFill>,
+}
+
+/// Protective prices sent with an opening order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnFill {
+    pub stop_loss: Option<Decimal>,
+    pub take_profit: Option<Decimal>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -213,6 +235,11 @@ pub trait Exchange: Send + Sync {
     ) -> Result<Option<OrderAck>, ExchangeError>;
     /// Place exchange-native stop-loss / take-profit orders for a new position.
     async fn protect(&self, protection: &Protection) -> Result<(), ExchangeError>;
+    /// Does this exchange attach stop-loss / take-profit to the opening order itself
+    /// ([`OrderRequest::on_fill`]) instead of placing them after the fill with [`Exchange::protect`]?
+    fn protects_on_fill(&self) -> bool {
+        false
+    }
 }
 
 /// What the factory needs besides the credentials.
@@ -280,7 +307,7 @@ impl ExchangeContext {
     pub fn new(config: &Config, store: Store) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
+            .timeout(config.exchange_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .expect("the HTTP client builds");
@@ -357,6 +384,10 @@ mod tests {
         assert_ne!(
             client_order_id(job, Leg::Open),
             client_order_id(job, Leg::Close)
+        );
+        assert_eq!(
+            sibling_client_order_id(&client_order_id(job, Leg::Open), Leg::StopLoss),
+            client_order_id(job, Leg::StopLoss)
         );
     }
 }

@@ -30,8 +30,8 @@ use serde_json::{json, Value};
 
 use super::http::{self, dec, id_text, Call, Reply};
 use super::{
-    client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext, ExchangeError, Leg,
-    OrderAck, OrderRequest, OrderState, Protection, SharedState, SymbolRules,
+    client_order_id, sibling_client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext,
+    ExchangeError, Leg, OrderAck, OrderRequest, OrderState, Protection, SharedState, SymbolRules,
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
@@ -328,6 +328,12 @@ fn side_units(side: OrderSide, qty: Decimal) -> String {
 
 #[async_trait]
 impl Exchange for OandaClient {
+    /// Stop-loss and take-profit ride on the opening order (`stopLossOnFill` /
+    /// `takeProfitOnFill`), so a position is never open without them.
+    fn protects_on_fill(&self) -> bool {
+        true
+    }
+
     fn kind(&self) -> ExchangeKind {
         ExchangeKind::Oanda
     }
@@ -397,6 +403,23 @@ impl Exchange for OandaClient {
         });
         if !o.reduce_only {
             order["tradeClientExtensions"] = ext.clone();
+        }
+        // Stop-loss / take-profit on fill: OANDA creates them with the trade, atomically; if it
+        // cannot (e.g. a level on the wrong side of the price), it cancels the order and says why.
+        if let Some(f) = &o.on_fill {
+            for (key, leg, price) in [
+                ("stopLossOnFill", Leg::StopLoss, f.stop_loss),
+                ("takeProfitOnFill", Leg::TakeProfit, f.take_profit),
+            ] {
+                if let Some(price) = price {
+                    let coid = sibling_client_order_id(&o.client_order_id, leg);
+                    order[key] = json!({
+                        "price": round_to_tick(price, rules.tick).normalize().to_string(),
+                        "timeInForce": "GTC",
+                        "clientExtensions": {"id": coid, "tag": TAG},
+                    });
+                }
+            }
         }
         match o.order_type {
             OrderType::Market => {

@@ -714,6 +714,7 @@ async fn aster_too_small_orders_never_reach_the_exchange() {
     let sym = Symbol::parse("ETHUSDT", ExchangeKind::Aster).unwrap();
     let e = ex
         .place_order(&OrderRequest {
+            on_fill: None,
             symbol: sym.clone(),
             side: OrderSide::Buy,
             quantity: dec!(0.0019),
@@ -735,6 +736,7 @@ async fn aster_too_small_orders_never_reach_the_exchange() {
     // A limit price is rounded to the tick before it is sent.
     let ack = ex
         .place_order(&OrderRequest {
+            on_fill: None,
             symbol: sym,
             side: OrderSide::Buy,
             quantity: dec!(0.01),
@@ -917,6 +919,7 @@ async fn aster_duplicate_id_4116_means_already_placed() {
     fake.st.lock().unwrap().reject_duplicates = true;
     let ex = aster_client(&url, Duration::from_secs(5), json!({}));
     let order = OrderRequest {
+        on_fill: None,
         symbol: Symbol::parse("ETHUSDT", ExchangeKind::Aster).unwrap(),
         side: OrderSide::Buy,
         quantity: dec!(0.01),
@@ -1283,9 +1286,22 @@ impl OandaFake {
                 let trade = o["tradeClientExtensions"]["id"]
                     .as_str()
                     .map(str::to_string);
-                let r = Self::fill(&mut st, &inst, units, &coid, trade.as_deref());
+                let mut r = Self::fill(&mut st, &inst, units, &coid, trade.as_deref());
                 if let Some(last) = st.orders.last_mut() {
                     last["request"] = o.clone();
+                }
+                // Stop-loss / take-profit on fill: pending orders created with the trade.
+                for (key, kind) in [
+                    ("stopLossOnFill", "stopLoss"),
+                    ("takeProfitOnFill", "takeProfit"),
+                ] {
+                    if o[key].is_object() {
+                        let id = st.next_id.to_string();
+                        st.next_id += 1;
+                        st.orders.push(json!({"id": id, "state": "PENDING", "type": kind, "price": o[key]["price"].clone(),
+                            "clientExtensions": o[key]["clientExtensions"].clone(), "tradeClientID": trade.clone()}));
+                        r[format!("{kind}OrderTransaction")] = json!({"id": id});
+                    }
                 }
                 (201, r)
             }
@@ -1403,11 +1419,32 @@ async fn oanda_market_order_shape_units_and_protection() {
     assert_eq!(req["tradeClientExtensions"]["id"], open_id.as_str());
     assert_eq!(out.fills[0].quantity, dec!(92));
     assert_eq!(out.fills[0].price, Some(dec!(1.085)));
-    // Stop-loss / take-profit on the trade, at 1% / 2% from the fill price, rounded to 5 places.
+    // Stop-loss / take-profit sent on fill with the order, at 1% / 2% from the reference price
+    // (the mid, 1.0851), rounded to the instrument's 5 places; no separate call afterwards.
+    assert_eq!(req["stopLossOnFill"]["price"], "1.09595");
+    assert_eq!(req["takeProfitOnFill"]["price"], "1.0634");
+    assert_eq!(
+        req["stopLossOnFill"]["clientExtensions"]["id"],
+        client_order_id(j.job_id, Leg::StopLoss).as_str()
+    );
     let sl = fake.orders_with(&client_order_id(j.job_id, Leg::StopLoss));
-    assert_eq!(sl[0]["price"], "1.09585");
+    assert_eq!(sl[0]["price"], "1.09595");
     let tp = fake.orders_with(&client_order_id(j.job_id, Leg::TakeProfit));
-    assert_eq!(tp[0]["price"], "1.0633");
+    assert_eq!(tp[0]["price"], "1.0634");
+    assert!(fake
+        .core
+        .routes()
+        .iter()
+        .all(|r| !r.starts_with("PUT /trades")));
+    let pos = match &out.position {
+        sparky::executor::PositionChange::Open {
+            stop_loss_price,
+            take_profit_price,
+            ..
+        } => (*stop_loss_price, *take_profit_price),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(pos, (Some(dec!(1.09595)), Some(dec!(1.0634))));
     assert_eq!(fake.st.lock().unwrap().positions["EUR_USD"], dec!(-92));
     let seen = &fake.core.seen("POST /orders")[0];
     assert_eq!(
@@ -1431,6 +1468,7 @@ async fn oanda_units_are_rounded_to_the_precision_and_minimum_enforced() {
     );
     let ack = ex
         .place_order(&OrderRequest {
+            on_fill: None,
             symbol: Symbol::parse("XAU_USD", ExchangeKind::Oanda).unwrap(),
             side: OrderSide::Buy,
             quantity: dec!(0.0567),
@@ -1549,6 +1587,7 @@ async fn oanda_timeout_and_503_after_recording_leave_one_order() {
 
     // a retried open whose first send got through: OANDA refuses the id, the client finds the order
     let order = OrderRequest {
+        on_fill: None,
         symbol: Symbol::parse("EUR_USD", ExchangeKind::Oanda).unwrap(),
         side: OrderSide::Buy,
         quantity: dec!(10),
@@ -1905,6 +1944,7 @@ async fn tradier_order_shape_sides_and_whole_shares() {
     assert!(out.message.unwrap().contains("rounds down to 0"));
     let e = ex
         .place_order(&OrderRequest {
+            on_fill: None,
             symbol: Symbol::parse("SPY", ExchangeKind::Tradier).unwrap(),
             side: OrderSide::Buy,
             quantity: dec!(0.4),
