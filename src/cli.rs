@@ -37,6 +37,11 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Re-enqueue failed (rejected/dead) jobs on their user's partition.
     Replay(ReplayArgs),
+    /// Partitions (owner, lag, pending, oldest pending age), live workers, dead-letter size.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,8 +140,47 @@ pub struct SetCredentials {
     pub extra: Option<String>,
 }
 
+/// `sparky status [--json]`. The partition count is the one recorded in Redis (what the workers
+/// use), whatever `SPARKY_PARTITIONS` this shell has.
+pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let probe = Queue::connect(
+        &config.redis_url,
+        &config.namespace,
+        config.partitions,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let recorded: Option<u32> = redis::cmd("GET")
+        .arg(probe.keys.partitions_meta())
+        .query_async(&mut probe.conn())
+        .await?;
+    let queue = match recorded {
+        Some(n) if n != config.partitions => {
+            Queue::connect(
+                &config.redis_url,
+                &config.namespace,
+                n,
+                Duration::from_secs(5),
+            )
+            .await?
+        }
+        _ => probe,
+    };
+    let status = crate::status::collect(&queue).await?;
+    if json {
+        println!("{}", serde_json::to_string(&status)?);
+    } else {
+        print!("{}", crate::status::render_table(&status));
+    }
+    Ok(())
+}
+
 /// Run a parsed command. Errors are for the caller to print as one line.
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    if let Command::Status { json } = cli.command {
+        // Redis only: it answers while Postgres is down.
+        return status(&config, json).await;
+    }
     if matches!(cli.command, Command::Migrate) {
         use sqlx::migrate::MigrateDatabase;
         if !sqlx::Postgres::database_exists(&config.database_url).await? {
@@ -248,6 +292,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Status { .. } => {} // answered above, without Postgres
         Command::Replay(r) => {
             store.check_migrated().await?;
             let queue = Queue::connect(

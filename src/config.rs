@@ -65,6 +65,10 @@ pub struct Config {
     pub exchange_retries: usize,
     /// ... and for at most this long in total.
     pub exchange_retry_max: Duration,
+    /// Timeout of one HTTP request to an exchange (the slowest a single exchange call can be).
+    pub exchange_timeout: Duration,
+    /// On SIGTERM: how long the ingress waits for in-flight requests and the worker for started jobs.
+    pub drain_timeout: Duration,
     /// Per-user webhook rate limit: a token bucket in Redis shared by every ingress replica.
     pub rate_limit: RateLimit,
     /// Failed authentications allowed per client address per `auth_fail_window` (0 = no limit).
@@ -96,6 +100,8 @@ impl fmt::Debug for Config {
             .field("worker_port", &self.worker_port)
             .field("partitions", &self.partitions)
             .field("worker_concurrency", &self.worker_concurrency)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("exchange_timeout", &self.exchange_timeout)
             .field("max_signal_age", &self.max_signal_age)
             .field("secret_cache_ttl", &self.secret_cache_ttl)
             .field("rate_limit", &self.rate_limit)
@@ -141,6 +147,8 @@ impl Default for Config {
             credential_cache_ttl: Duration::from_secs(60),
             exchange_retries: 5,
             exchange_retry_max: Duration::from_secs(30),
+            exchange_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
             rate_limit: RateLimit {
                 per_sec: 10.0,
                 burst: 20,
@@ -275,6 +283,17 @@ impl Config {
                 "must be at least 500 (ms)".into(),
             ));
         }
+        let exchange_timeout = Duration::from_millis(num(
+            vars,
+            "SPARKY_EXCHANGE_TIMEOUT_MS",
+            d.exchange_timeout.as_millis() as u64,
+        )?);
+        if exchange_timeout < Duration::from_millis(100) {
+            return Err(err(
+                "SPARKY_EXCHANGE_TIMEOUT_MS",
+                "must be at least 100 (ms)".into(),
+            ));
+        }
         let secret_cache_ttl = Duration::from_secs(num(
             vars,
             "SPARKY_SECRET_CACHE_TTL_SECS",
@@ -350,6 +369,12 @@ impl Config {
                 "SPARKY_EXCHANGE_RETRY_MAX_SECS",
                 d.exchange_retry_max.as_secs(),
             )?),
+            exchange_timeout,
+            drain_timeout: Duration::from_secs(num(
+                vars,
+                "SPARKY_DRAIN_TIMEOUT_SECS",
+                d.drain_timeout.as_secs(),
+            )?),
             rate_limit: RateLimit { per_sec, burst },
             auth_fail_limit: num(vars, "SPARKY_AUTH_FAIL_LIMIT", d.auth_fail_limit)?,
             auth_fail_window,
@@ -361,6 +386,26 @@ impl Config {
             log_level: get("LOG_LEVEL").unwrap_or(&d.log_level).to_string(),
             log_format,
         })
+    }
+}
+
+impl Config {
+    /// The worker's start-up check of its timing: a partition lease (which is also when a new owner
+    /// claims the pending entries) must outlast the slowest single exchange call. Otherwise a worker
+    /// that stops renewing (cut off from Redis) can still be waiting on an order when the next owner
+    /// claims the job, looks the order up, does not find it yet, and sends it again.
+    pub fn check_worker_timing(&self) -> Result<(), ConfigError> {
+        if self.lease_ttl < self.exchange_timeout {
+            return Err(err(
+                "SPARKY_LEASE_TTL_MS",
+                format!(
+                    "{} ms is shorter than the exchange request timeout SPARKY_EXCHANGE_TIMEOUT_MS={} ms: a partition could be claimed by another worker while an order is still in flight; raise the lease TTL or lower the timeout",
+                    self.lease_ttl.as_millis(),
+                    self.exchange_timeout.as_millis()
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -515,6 +560,29 @@ mod tests {
         ]))
         .unwrap();
         assert!(!c.rate_limit.enabled());
+    }
+
+    #[test]
+    fn a_lease_shorter_than_the_exchange_timeout_is_refused() {
+        let c = Config::from_map(&HashMap::new()).unwrap();
+        assert_eq!(c.exchange_timeout, Duration::from_secs(10));
+        c.check_worker_timing()
+            .expect("the defaults are consistent");
+        let c = Config::from_map(&map(&[("SPARKY_LEASE_TTL_MS", "2000")])).unwrap();
+        let e = c.check_worker_timing().unwrap_err();
+        assert_eq!(e.var, "SPARKY_LEASE_TTL_MS");
+        assert!(
+            e.to_string().contains("SPARKY_EXCHANGE_TIMEOUT_MS=10000"),
+            "{e}"
+        );
+        let c = Config::from_map(&map(&[
+            ("SPARKY_LEASE_TTL_MS", "2000"),
+            ("SPARKY_EXCHANGE_TIMEOUT_MS", "1500"),
+        ]))
+        .unwrap();
+        c.check_worker_timing().unwrap();
+        let e = Config::from_map(&map(&[("SPARKY_EXCHANGE_TIMEOUT_MS", "10")])).unwrap_err();
+        assert_eq!(e.var, "SPARKY_EXCHANGE_TIMEOUT_MS");
     }
 
     #[test]

@@ -69,11 +69,13 @@ pub struct CredentialLoader {
     queue: Queue,
     ttl: Duration,
     keys: Vec<MasterKey>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl CredentialLoader {
     pub fn new(store: Store, queue: Queue, ttl: Duration, keys: Vec<MasterKey>) -> Self {
         CredentialLoader {
+            metrics: crate::metrics::Metrics::new(&queue.keys.ns),
             store,
             queue,
             ttl,
@@ -93,7 +95,9 @@ impl CredentialLoader {
             self.queue
                 .keys
                 .credentials(&user_id, exchange.as_str(), env.unwrap_or("default"));
-        let row = match self.cache_get(&key).await {
+        let cached = self.cache_get(&key).await;
+        self.metrics.credential_cache(matches!(cached, Ok(Some(_))));
+        let row = match cached {
             Ok(Some(row)) => Some(row),
             Ok(None) => self.load_and_cache(&key, user_id, exchange, env).await?,
             Err(e) => {

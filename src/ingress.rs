@@ -24,15 +24,19 @@
 //! four addresses).
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Request, State,
+};
 use axum::http::request::Parts;
 use axum::http::{header::RETRY_AFTER, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -45,6 +49,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::domain::{self, FieldError, Job};
+use crate::metrics::Metrics;
 use crate::net::{self, IpNet};
 use crate::queue::{Enqueued, Queue, RateLimit};
 use crate::secrets::hash_webhook_secret;
@@ -62,6 +67,9 @@ pub struct AppState {
     pub rate_limit: RateLimit,
     pub trusted_proxies: Arc<Vec<IpNet>>,
     pub ip_allowlist: Option<Arc<Vec<IpNet>>>,
+    pub metrics: Metrics,
+    /// On shutdown, in-flight requests get this long to finish (`SPARKY_DRAIN_TIMEOUT_SECS`).
+    pub drain_timeout: Duration,
 }
 
 impl AppState {
@@ -72,6 +80,8 @@ impl AppState {
                 config.auth_fail_limit,
                 config.auth_fail_window,
             )),
+            metrics: Metrics::new(&queue.keys.ns),
+            drain_timeout: config.drain_timeout,
             queue,
             store,
             secrets: Arc::new(SecretCache::new(config.secret_cache_ttl)),
@@ -227,6 +237,22 @@ pub enum ApiError {
     Unavailable(String),
 }
 
+impl ApiError {
+    /// The `reason` label of `sparky_webhooks_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::Invalid(_) => "invalid",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden => "forbidden",
+            ApiError::TooMany { message, .. } if *message == TOO_MANY_FAILURES => "auth_blocked",
+            ApiError::TooMany { .. } => "rate_limited",
+            ApiError::TooLarge => "too_large",
+            ApiError::NotFound => "not_found",
+            ApiError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
@@ -293,8 +319,25 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{job_id}", get(get_job))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(crate::metrics::handler))
+        .route_layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            track_latency,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// `sparky_ingress_request_duration_seconds{route, status}` (the route template, never the path).
+async fn track_latency(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    metrics.ingress_request(route, resp.status().as_u16(), start.elapsed());
+    resp
 }
 
 /// Connect, run the start-up checks, and build the state.
@@ -309,21 +352,40 @@ pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
     )
     .await?;
     queue.check_partitions().await?;
+    for w in queue.durability_warnings().await {
+        tracing::warn!("{w}");
+    }
     Ok(AppState::new(config, store, queue))
 }
 
-/// Serve on `listener` until `shutdown`; in-flight requests are drained.
+/// Serve on `listener` until `shutdown`. Then the listener is closed at once (connections not yet
+/// accepted are refused, their requests never read), idle keep-alive connections are closed, and
+/// requests in flight get `state.drain_timeout` to be answered. A request is only ever answered
+/// 202 after its `XADD` returned, so a request cut off by the timeout was either never enqueued or
+/// enqueued without an answer (the sender retries; an `alert_id` makes the retry a duplicate).
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
+    let drain = state.drain_timeout;
+    let server = axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain).await;
+        } => {
+            tracing::warn!("in-flight requests did not finish within {drain:?}; stopped waiting for them");
+            Ok(())
+        }
+    }
 }
 
 /// The TCP peer's address (from `ConnectInfo`; `0.0.0.0` when the router is served without it, which
@@ -391,6 +453,21 @@ async fn webhook(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let answer = handle_webhook(&st, peer, headers, body).await;
+    match &answer {
+        Ok(r) if r.status() == StatusCode::ACCEPTED => st.metrics.webhook_accepted("queued"),
+        Ok(_) => st.metrics.webhook_accepted("duplicate"),
+        Err(e) => st.metrics.webhook_rejected(e.reason()),
+    }
+    answer
+}
+
+async fn handle_webhook(
+    st: &AppState,
+    peer: IpAddr,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let ip = net::client_ip(peer, &headers, &st.trusted_proxies);
     if let Some(allow) = &st.ip_allowlist {
         if !allow.iter().any(|n| n.contains(ip)) {
@@ -410,12 +487,12 @@ async fn webhook(
     };
     let obj = domain::parse_body(&body).map_err(|e| ApiError::Invalid(vec![e]))?;
     let secret = domain::body_secret(&obj).or_else(|| header(&headers, "x-sparky-secret"));
-    let owner = authenticate(&st, ip, secret).await?;
+    let owner = authenticate(st, ip, secret).await?;
     let alert = domain::parse_alert(&obj, header(&headers, "idempotency-key"))
         .map_err(ApiError::Invalid)?;
     if !bool::from(alert.user_id.as_bytes().ct_eq(owner.as_bytes())) {
         tracing::warn!(claimed_user = %alert.user_id, client_ip = %ip, "webhook secret does not belong to the claimed user_id");
-        return Err(auth_failed(&st, ip).await);
+        return Err(auth_failed(st, ip).await);
     }
     let job = Job {
         job_id: Uuid::now_v7(),
@@ -472,6 +549,14 @@ async fn get_job(
         .filter(|j| j.user_id == owner)
         .ok_or(ApiError::NotFound)?;
     let trades = st.store.trades_of_job(job_id).await.map_err(unavailable)?;
+    let ms = |from: chrono::DateTime<Utc>, to: Option<chrono::DateTime<Utc>>| {
+        to.map(|t| (t - from).num_milliseconds())
+    };
+    let timing = json!({
+        "queued_ms": ms(job.accepted_at, job.started_at),
+        "run_ms": job.started_at.and_then(|s| ms(s, job.finished_at)),
+        "total_ms": ms(job.accepted_at, job.finished_at),
+    });
     Ok(Json(json!({
         "job_id": job.job_id,
         "status": job.status,
@@ -482,7 +567,9 @@ async fn get_job(
         "action": job.action,
         "symbol": job.symbol,
         "accepted_at": job.accepted_at,
+        "started_at": job.started_at,
         "finished_at": job.finished_at,
+        "timing": timing,
         "orders": trades,
     })))
 }

@@ -612,6 +612,175 @@ impl Queue {
     }
 }
 
+/// The state of one partition stream, as `sparky status` and the worker's gauges show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionStats {
+    pub partition: u32,
+    /// Entries in the stream (acked ones included, until trimmed).
+    pub length: u64,
+    /// Entries not yet read by any worker (`None` when Redis cannot tell, e.g. after deletions).
+    pub lag: Option<u64>,
+    /// Entries read and not yet acknowledged.
+    pub pending: u64,
+    /// Age of the oldest pending entry (from its id, i.e. since it was accepted), on the Redis clock.
+    pub oldest_pending_age_ms: Option<u64>,
+}
+
+impl Queue {
+    /// Milliseconds since the epoch on the Redis clock.
+    pub async fn redis_now_ms(&self) -> Result<u64, QueueError> {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut self.conn()).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// Length, lag, pending count and oldest pending age of a partition stream.
+    pub async fn partition_stats(
+        &self,
+        partition: u32,
+        now_ms: u64,
+    ) -> Result<PartitionStats, QueueError> {
+        let key = self.keys.stream(partition);
+        let mut c = self.conn();
+        let length: u64 = redis::cmd("XLEN").arg(&key).query_async(&mut c).await?;
+        let mut stats = PartitionStats {
+            partition,
+            length,
+            lag: Some(length),
+            pending: 0,
+            oldest_pending_age_ms: None,
+        };
+        let groups: Result<Value, _> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&key)
+            .query_async(&mut c)
+            .await;
+        let groups = match groups {
+            Ok(g) => g,
+            // No stream (nothing ever enqueued, or no worker created the group yet).
+            Err(e) if e.to_string().to_lowercase().contains("no such key") => return Ok(stats),
+            Err(e) => return Err(e.into()),
+        };
+        if let Value::Array(gs) = groups {
+            for g in gs {
+                if field(&g, "name").as_deref() == Some(GROUP) {
+                    stats.lag = field(&g, "lag").and_then(|l| l.parse().ok());
+                }
+            }
+        }
+        let pending: Value = redis::cmd("XPENDING")
+            .arg(&key)
+            .arg(GROUP)
+            .query_async(&mut c)
+            .await?;
+        if let Value::Array(parts) = &pending {
+            if let Some(Value::Int(n)) = parts.first() {
+                stats.pending = *n as u64;
+            }
+            if let Some((ms, _)) = parts.get(1).and_then(as_string).and_then(|i| parse_id(&i)) {
+                stats.oldest_pending_age_ms = Some(now_ms.saturating_sub(ms));
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Entries in the dead-letter stream.
+    pub async fn dlq_len(&self) -> Result<u64, QueueError> {
+        Ok(redis::cmd("XLEN")
+            .arg(self.keys.dlq())
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// The live workers (heartbeat not expired) with how long their heartbeat still lasts (ms).
+    pub async fn live_workers(&self, now_ms: u64) -> Result<Vec<(String, u64)>, QueueError> {
+        let v: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.workers())
+            .arg(now_ms)
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(v.into_iter()
+            .map(|(w, exp)| (w, (exp as u64).saturating_sub(now_ms)))
+            .collect())
+    }
+
+    /// The worker holding a partition's lease, if any.
+    pub async fn lease_owner(&self, partition: u32) -> Result<Option<String>, QueueError> {
+        Ok(redis::cmd("GET")
+            .arg(self.keys.lease(partition))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// Start-up check of the Redis server: settings under which an accepted job could be lost. Each
+    /// item is a warning to log; a setting that cannot be read (managed Redis often disables
+    /// `CONFIG`) is reported as unknown rather than failing start-up.
+    pub async fn durability_warnings(&self) -> Vec<String> {
+        let mut c = self.conn();
+        let policy: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut c)
+            .await;
+        let policy = policy.ok().and_then(|v| v.get(1).cloned());
+        let info: Result<String, _> = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut c)
+            .await;
+        let info = info.ok();
+        let aof = info.as_deref().and_then(|i| info_field(i, "aof_enabled"));
+        let save: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("save")
+            .query_async(&mut c)
+            .await;
+        let save = save.ok().and_then(|v| v.get(1).cloned());
+        durability_risks(policy.as_deref(), aof.as_deref(), save.as_deref())
+    }
+}
+
+/// The warnings for a Redis with these settings (`None` = could not be read).
+pub fn durability_risks(
+    maxmemory_policy: Option<&str>,
+    aof_enabled: Option<&str>,
+    save: Option<&str>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    match maxmemory_policy {
+        Some("noeviction") => {}
+        Some(p) => out.push(format!(
+            "Redis maxmemory-policy is `{p}`: under memory pressure Redis may evict stream entries, leases or idempotency keys, losing accepted jobs; set `maxmemory-policy noeviction`"
+        )),
+        None => out.push(
+            "could not read Redis maxmemory-policy (CONFIG GET refused); make sure it is `noeviction`, or accepted jobs can be evicted".into(),
+        ),
+    }
+    let aof = aof_enabled.map(|a| a.trim() == "1");
+    let rdb = save.map(|s| !s.trim().is_empty());
+    match (aof, rdb) {
+        (Some(true), _) => {}
+        (Some(false), Some(true)) => out.push(
+            "Redis has no AOF (only RDB snapshots): a Redis crash loses the jobs accepted since the last snapshot; set `appendonly yes`".into(),
+        ),
+        (Some(false), Some(false)) => out.push(
+            "Redis has no persistence (no AOF, no RDB snapshots): a Redis restart loses every queued job; set `appendonly yes`".into(),
+        ),
+        _ => out.push(
+            "could not read the Redis persistence settings; make sure AOF is on (`appendonly yes`), or a Redis crash can lose accepted jobs".into(),
+        ),
+    }
+    out
+}
+
+fn info_field(info: &str, name: &str) -> Option<String> {
+    info.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(':')
+            .map(|v| v.trim().to_string())
+    })
+}
+
 /// A stream entry id (`1700000000000-3`) as (ms, seq).
 fn parse_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
@@ -657,6 +826,27 @@ mod tests {
         for _ in 0..1000 {
             assert!(partition_of(&Uuid::new_v4(), 16) < 16);
         }
+    }
+
+    #[test]
+    fn durability_risks_name_what_is_wrong() {
+        assert!(durability_risks(Some("noeviction"), Some("1"), Some("")).is_empty());
+        let w = durability_risks(Some("allkeys-lru"), Some("1"), Some("3600 1"));
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("allkeys-lru") && w[0].contains("noeviction"),
+            "{w:?}"
+        );
+        let w = durability_risks(Some("noeviction"), Some("0"), Some(""));
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("no persistence"), "{w:?}");
+        let w = durability_risks(Some("noeviction"), Some("0"), Some("3600 1 300 100"));
+        assert!(w[0].contains("no AOF"), "{w:?}");
+        assert_eq!(durability_risks(None, None, None).len(), 2);
+        assert_eq!(
+            info_field("# Persistence\r\naof_enabled:1\r\n", "aof_enabled").as_deref(),
+            Some("1")
+        );
     }
 
     #[test]

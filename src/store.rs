@@ -102,6 +102,8 @@ pub struct JobRow {
     pub error_class: Option<String>,
     pub error: Option<String>,
     pub accepted_at: DateTime<Utc>,
+    /// When the last delivery started executing it.
+    pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
 }
 
@@ -571,7 +573,7 @@ async fn insert_trade(
 
 /// The columns [`job_row`] reads.
 const JOB_SELECT: &str = "SELECT job_id, user_id, partition, entry_id, exchange, action, symbol,
-    status, attempts, error_class, error, accepted_at, finished_at FROM jobs";
+    status, attempts, error_class, error, accepted_at, started_at, finished_at FROM jobs";
 
 /// The columns [`trade_row`] reads.
 const TRADE_SELECT: &str = "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price,
@@ -591,6 +593,7 @@ fn job_row(r: &sqlx::postgres::PgRow) -> JobRow {
         error_class: r.get("error_class"),
         error: r.get("error"),
         accepted_at: r.get("accepted_at"),
+        started_at: r.get("started_at"),
         finished_at: r.get("finished_at"),
     }
 }

@@ -25,7 +25,7 @@
 //!   redelivered unfinished one runs in recovery mode (orders looked up by client order id first).
 //! - Entries that are not jobs go to the dead-letter stream (and are acked).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,9 +46,11 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::credentials::{CredentialError, CredentialLoader};
 use crate::domain::Job;
+use crate::exchanges::metered::Metered;
 use crate::exchanges::{build_exchange, ExchangeContext};
 use crate::executor::{self, JobStatus, Outcome, PositionChange, RetryPolicy};
 use crate::lease::{assignment, Leases};
+use crate::metrics::Metrics;
 use crate::queue::{Entry, Queue, Replay};
 use crate::replay::would_be_stale;
 use crate::store::{Begin, Store, StoreError};
@@ -61,6 +63,9 @@ const READ_COUNT: usize = 256;
 const MAX_INFLIGHT_PER_PARTITION: usize = 1024;
 /// How often an owner trims its partition streams to `SPARKY_STREAM_RETENTION_SECS`.
 const TRIM_EVERY: Duration = Duration::from_secs(60);
+/// How often the partition gauges (lag, pending, oldest pending age) and the dead-letter size are
+/// sampled from Redis.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 /// Everything a worker needs; built once by [`Worker::connect`].
 #[derive(Clone)]
@@ -69,6 +74,7 @@ pub struct Worker {
     pub store: Store,
     pub queue: Queue,
     pub consumer: String,
+    pub metrics: Metrics,
     processor: Arc<Processor>,
     parts: Arc<PartState>,
 }
@@ -82,6 +88,7 @@ struct Processor {
     max_signal_age: Duration,
     max_deliveries: u32,
     shutdown: CancellationToken,
+    metrics: Metrics,
 }
 
 /// How [`Worker::run`] ends.
@@ -96,6 +103,7 @@ pub enum RunMode {
 impl Worker {
     /// Connect to Postgres and Redis and run the start-up checks (migrations, partition count).
     pub async fn connect(config: Config, shutdown: CancellationToken) -> anyhow::Result<Worker> {
+        config.check_worker_timing()?;
         let store = Store::connect(
             &config.database_url,
             (config.worker_concurrency as u32 + 2).min(32),
@@ -110,12 +118,16 @@ impl Worker {
         )
         .await?;
         queue.check_partitions().await?;
+        for w in queue.durability_warnings().await {
+            tracing::warn!("{w}");
+        }
         queue.ensure_groups().await?;
         Ok(Worker::new(config, store, queue, shutdown))
     }
 
     pub fn new(config: Config, store: Store, queue: Queue, shutdown: CancellationToken) -> Worker {
         let keys = config.master_key.iter().cloned().collect();
+        let metrics = Metrics::new(&config.namespace);
         let processor = Arc::new(Processor {
             credentials: CredentialLoader::new(
                 store.clone(),
@@ -134,10 +146,12 @@ impl Worker {
             store: store.clone(),
             queue: queue.clone(),
             shutdown,
+            metrics: metrics.clone(),
         });
         Worker {
             consumer: format!("worker-{}", Uuid::now_v7().simple()),
             parts: Arc::new(PartState::new(config.partitions)),
+            metrics,
             config,
             store,
             queue,
@@ -170,6 +184,8 @@ impl Worker {
         let mut next_trim = Instant::now() + TRIM_EVERY;
         let mut conn = self.queue.blocking_conn(block).await?;
         let mut failures = 0u32;
+        let sampler_stop = CancellationToken::new();
+        let sampler = tokio::spawn(self.clone().sample_gauges(sampler_stop.clone()));
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -255,6 +271,8 @@ impl Worker {
 
         // Stop: drop what was read but not started (it stays pending for the next owner), finish
         // what was started, then release the leases and leave the member set.
+        sampler_stop.cancel();
+        let _ = sampler.await;
         for a in parts.active.iter() {
             a.store(false, Ordering::Release);
         }
@@ -273,6 +291,7 @@ impl Worker {
             }
         }
         parts.owned.store(0, Ordering::Release);
+        self.metrics.partitions(0, 0);
         if let Err(e) = leases.leave().await {
             tracing::warn!(error = %e, "could not leave the member set; the heartbeat expires by itself");
         }
@@ -357,13 +376,58 @@ impl Worker {
                 parts.active[*p as usize].store(false, Ordering::Release);
             }
         }
-        parts.owned.store(
-            owned
-                .values()
-                .filter(|o| o.releasing_since.is_none())
-                .count(),
-            Ordering::Release,
-        );
+        let n = owned
+            .values()
+            .filter(|o| o.releasing_since.is_none())
+            .count();
+        parts.owned.store(n, Ordering::Release);
+        self.metrics.partitions(n, desired.len());
+    }
+
+    /// Sample the gauges of the partitions this worker consumes every [`SAMPLE_EVERY`] until `stop`.
+    /// A partition it no longer consumes is reported as 0 once (its new owner reports it), so
+    /// `sum by (partition)` over all workers is right.
+    async fn sample_gauges(self, stop: CancellationToken) {
+        let mut reported: HashSet<u32> = HashSet::new();
+        loop {
+            let active: Vec<u32> = (0..self.config.partitions)
+                .filter(|p| self.parts.active[*p as usize].load(Ordering::Acquire))
+                .collect();
+            for p in reported.iter().filter(|p| !active.contains(p)) {
+                self.metrics.partition(*p, Some(0), 0, Duration::ZERO);
+            }
+            reported = active.iter().copied().collect();
+            if let Err(e) = self.record_partition_metrics(&active).await {
+                tracing::debug!(error = %e, "sampling the partition gauges failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        for p in reported {
+            self.metrics.partition(p, Some(0), 0, Duration::ZERO);
+        }
+    }
+
+    /// Set the lag / pending / oldest-pending-age gauges of `partitions` and the dead-letter size
+    /// gauge from Redis now.
+    pub async fn record_partition_metrics(
+        &self,
+        partitions: &[u32],
+    ) -> Result<(), crate::queue::QueueError> {
+        let now = self.queue.redis_now_ms().await?;
+        for p in partitions {
+            let s = self.queue.partition_stats(*p, now).await?;
+            self.metrics.partition(
+                *p,
+                s.lag,
+                s.pending,
+                Duration::from_millis(s.oldest_pending_age_ms.unwrap_or(0)),
+            );
+        }
+        self.metrics.dead_letter_size(self.queue.dlq_len().await?);
+        Ok(())
     }
 
     /// Release partitions whose hand-over is complete: no read that could still include them is
@@ -393,6 +457,7 @@ impl Worker {
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(worker_ready))
+            .route("/metrics", get(crate::metrics::handler))
             .with_state(self.clone())
     }
 }
@@ -575,6 +640,7 @@ impl Processor {
                     .await
                     .is_some()
                 {
+                    self.metrics.dead_lettered("dead", "poison".into());
                     self.ack(&entry).await;
                 }
                 return;
@@ -635,8 +701,17 @@ impl Processor {
             {
                 return;
             }
+            self.metrics.dead_lettered(
+                outcome.status.as_str(),
+                outcome.error_class.clone().unwrap_or_default(),
+            );
         }
         self.ack(entry).await;
+        let exchange = job.alert.exchange.as_str();
+        let since_accept = (Utc::now() - job.accepted_at).to_std().unwrap_or_default();
+        self.metrics
+            .job_finished(outcome.status.as_str(), exchange, since_accept);
+        self.metrics.exchange_retries(exchange, retries(&outcome));
         let latency_ms = (Utc::now() - job.accepted_at).num_milliseconds();
         tracing::info!(
             status = outcome.status.as_str(),
@@ -705,7 +780,7 @@ impl Processor {
             creds.label.as_deref().unwrap_or("none")
         );
         let client = match build_exchange(&creds, &self.ctx) {
-            Ok(c) => c,
+            Ok(c) => Metered::new(c, self.metrics.clone(), job.accepted_at),
             Err(e) => {
                 return Some(Outcome::failed(
                     JobStatus::Rejected,
@@ -717,7 +792,7 @@ impl Processor {
         tracing::info!("✅ Created {exchange} executor for user {}", a.user_id);
         // A redelivery or a replay may follow orders that were placed: look legs up first.
         let recover = attempt > 1 || replay.is_some();
-        let run = executor::execute(client.as_ref(), job, recover, &self.policy);
+        let run = executor::execute(&client, job, recover, &self.policy);
         // A shutdown does not interrupt an order in flight: it is given the drain timeout.
         Some(run.await)
     }
@@ -775,6 +850,16 @@ impl Processor {
             })
             .await;
     }
+}
+
+/// How many times the executor retried a transient or unknown exchange failure for `o`: each such
+/// failure in the history was retried, except the last one of a job that gave up (`dead` with that
+/// class).
+fn retries(o: &Outcome) -> u64 {
+    let retriable = |c: &str| c == "transient" || c == "unknown";
+    let failures = o.history.iter().filter(|h| retriable(&h.class)).count() as u64;
+    let gave_up = o.status == JobStatus::Dead && o.error_class.as_deref().is_some_and(retriable);
+    failures.saturating_sub(u64::from(gave_up))
 }
 
 fn dead_letter_fields(job: &Job, entry: &Entry, o: &Outcome) -> Vec<(&'static str, String)> {

@@ -1,10 +1,8 @@
 //! `sparky-worker`: consumes the partition streams. All logic lives in `sparky::worker`.
 
-use std::process::ExitCode;
-use std::time::Duration;
-
 use sparky::config::Config;
 use sparky::worker::{RunMode, Worker};
+use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -44,9 +42,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down: finishing in-flight jobs");
         s.cancel();
     });
-    worker
-        .run(RunMode::Forever, Duration::from_secs(30))
-        .await?;
+    worker.run(RunMode::Forever, config.drain_timeout).await?;
     tracing::info!("sparky-worker stopped");
     Ok(())
 }

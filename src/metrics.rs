@@ -1,0 +1,334 @@
+//! Prometheus metrics (`GET /metrics` on the ingress and on the worker's `WORKER_PORT`).
+//!
+//! One `metrics-exporter-prometheus` recorder is installed per process ([`install`], idempotent) and
+//! every `/metrics` route renders it. Each series carries the label `sparky_namespace`
+//! (`SPARKY_NAMESPACE`): one value per deployment, so it costs nothing in production, and it keeps
+//! the series of different deployments apart when several share a process (the integration tests
+//! run many ingresses and workers in one process, each on its own namespace, and read their own).
+//!
+//! Labels are bounded: statuses, reasons, exchange names, call names, partitions (at most
+//! `SPARKY_PARTITIONS`). Never a user id, job id, symbol or secret.
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `sparky_webhooks_accepted_total` | counter | `status` (`queued`, `duplicate`) |
+//! | `sparky_webhooks_rejected_total` | counter | `reason` |
+//! | `sparky_ingress_request_duration_seconds` | histogram | `route`, `status` |
+//! | `sparky_jobs_finished_total` | counter | `status`, `exchange` |
+//! | `sparky_job_duration_seconds` | histogram | `exchange` (acceptance to final state) |
+//! | `sparky_accept_to_order_seconds` | histogram | `exchange` (acceptance to the first order acknowledged) |
+//! | `sparky_exchange_request_duration_seconds` | histogram | `exchange`, `op`, `outcome` |
+//! | `sparky_exchange_retries_total` | counter | `exchange` |
+//! | `sparky_dead_letters_total` | counter | `status`, `error_class` |
+//! | `sparky_dead_letter_size` | gauge | (entries in `{ns}:dlq`) |
+//! | `sparky_partition_lag` | gauge | `partition` (entries not yet read) |
+//! | `sparky_partition_pending` | gauge | `partition` (read, not acked) |
+//! | `sparky_partition_oldest_pending_age_seconds` | gauge | `partition` |
+//! | `sparky_partitions_owned`, `sparky_partitions_assigned` | gauge | |
+//! | `sparky_credential_cache_hits_total`, `sparky_credential_cache_misses_total` | counter | |
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics::SharedString;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// The label every series carries.
+pub const NAMESPACE_LABEL: &str = "sparky_namespace";
+
+/// Histogram buckets (seconds): from a fast ingress answer to a slow broker with retries.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Install the process-wide recorder (first call; later calls return the same handle). `None` when
+/// another recorder was installed first (then `/metrics` is empty and a warning is logged once).
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .expect("static buckets are valid");
+            match builder.install_recorder() {
+                Ok(handle) => {
+                    // Histogram samples are folded into their buckets by upkeep (also on render);
+                    // this bounds memory when nobody scrapes.
+                    let h = handle.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("metrics-upkeep".into())
+                        .spawn(move || loop {
+                            std::thread::sleep(Duration::from_secs(5));
+                            h.run_upkeep();
+                        });
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a metrics recorder was already installed; /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// The Prometheus text exposition of everything this process recorded.
+pub fn render() -> String {
+    install().map(|h| h.render()).unwrap_or_default()
+}
+
+/// `GET /metrics`.
+pub async fn handler() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(),
+    )
+}
+
+/// Records metrics of one deployment (namespace). Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    ns: SharedString,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").field("ns", &&*self.ns).finish()
+    }
+}
+
+macro_rules! ns_labels {
+    ($self:ident $(, $k:expr => $v:expr)*) => {
+        [(NAMESPACE_LABEL, $self.ns.clone()) $(, ($k, SharedString::from($v)))*]
+    };
+}
+
+impl Metrics {
+    /// Metrics labelled with `namespace`; installs the recorder if needed.
+    pub fn new(namespace: &str) -> Metrics {
+        install();
+        Metrics {
+            ns: SharedString::from_shared(Arc::<str>::from(namespace)),
+        }
+    }
+
+    fn labels<const N: usize>(
+        &self,
+        pairs: [(&'static str, SharedString); N],
+    ) -> Vec<metrics::Label> {
+        pairs
+            .into_iter()
+            .map(|(k, v)| metrics::Label::new(k, v))
+            .collect()
+    }
+
+    pub fn webhook_accepted(&self, status: &'static str) {
+        metrics::counter!(
+            "sparky_webhooks_accepted_total",
+            self.labels(ns_labels!(self, "status" => status))
+        )
+        .increment(1);
+    }
+
+    pub fn webhook_rejected(&self, reason: &'static str) {
+        metrics::counter!(
+            "sparky_webhooks_rejected_total",
+            self.labels(ns_labels!(self, "reason" => reason))
+        )
+        .increment(1);
+    }
+
+    pub fn ingress_request(&self, route: String, status: u16, elapsed: Duration) {
+        metrics::histogram!(
+            "sparky_ingress_request_duration_seconds",
+            self.labels(ns_labels!(self, "route" => route, "status" => status.to_string()))
+        )
+        .record(elapsed.as_secs_f64());
+    }
+
+    pub fn job_finished(
+        &self,
+        status: &'static str,
+        exchange: &'static str,
+        since_accept: Duration,
+    ) {
+        metrics::counter!(
+            "sparky_jobs_finished_total",
+            self.labels(ns_labels!(self, "status" => status, "exchange" => exchange))
+        )
+        .increment(1);
+        metrics::histogram!(
+            "sparky_job_duration_seconds",
+            self.labels(ns_labels!(self, "exchange" => exchange))
+        )
+        .record(since_accept.as_secs_f64());
+    }
+
+    pub fn accept_to_order(&self, exchange: &'static str, elapsed: Duration) {
+        metrics::histogram!(
+            "sparky_accept_to_order_seconds",
+            self.labels(ns_labels!(self, "exchange" => exchange))
+        )
+        .record(elapsed.as_secs_f64());
+    }
+
+    pub fn exchange_request(
+        &self,
+        exchange: &'static str,
+        op: &'static str,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        metrics::histogram!(
+            "sparky_exchange_request_duration_seconds",
+            self.labels(ns_labels!(self, "exchange" => exchange, "op" => op, "outcome" => outcome))
+        )
+        .record(elapsed.as_secs_f64());
+    }
+
+    pub fn exchange_retries(&self, exchange: &'static str, n: u64) {
+        if n > 0 {
+            metrics::counter!(
+                "sparky_exchange_retries_total",
+                self.labels(ns_labels!(self, "exchange" => exchange))
+            )
+            .increment(n);
+        }
+    }
+
+    pub fn dead_lettered(&self, status: &'static str, error_class: String) {
+        metrics::counter!(
+            "sparky_dead_letters_total",
+            self.labels(ns_labels!(self, "status" => status, "error_class" => error_class))
+        )
+        .increment(1);
+    }
+
+    pub fn dead_letter_size(&self, n: u64) {
+        metrics::gauge!("sparky_dead_letter_size", self.labels(ns_labels!(self))).set(n as f64);
+    }
+
+    pub fn partition(&self, partition: u32, lag: Option<u64>, pending: u64, oldest_age: Duration) {
+        let p = partition.to_string();
+        if let Some(lag) = lag {
+            metrics::gauge!(
+                "sparky_partition_lag",
+                self.labels(ns_labels!(self, "partition" => p.clone()))
+            )
+            .set(lag as f64);
+        }
+        metrics::gauge!(
+            "sparky_partition_pending",
+            self.labels(ns_labels!(self, "partition" => p.clone()))
+        )
+        .set(pending as f64);
+        metrics::gauge!(
+            "sparky_partition_oldest_pending_age_seconds",
+            self.labels(ns_labels!(self, "partition" => p))
+        )
+        .set(oldest_age.as_secs_f64());
+    }
+
+    pub fn partitions(&self, owned: usize, assigned: usize) {
+        metrics::gauge!("sparky_partitions_owned", self.labels(ns_labels!(self))).set(owned as f64);
+        metrics::gauge!("sparky_partitions_assigned", self.labels(ns_labels!(self)))
+            .set(assigned as f64);
+    }
+
+    pub fn credential_cache(&self, hit: bool) {
+        if hit {
+            metrics::counter!(
+                "sparky_credential_cache_hits_total",
+                self.labels(ns_labels!(self))
+            )
+            .increment(1);
+        } else {
+            metrics::counter!(
+                "sparky_credential_cache_misses_total",
+                self.labels(ns_labels!(self))
+            )
+            .increment(1);
+        }
+    }
+}
+
+/// One parsed series: name, labels, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// Parse the exposition text into the samples whose `sparky_namespace` is `ns` (for tests and
+/// tools that read `/metrics`).
+pub fn samples(text: &str, ns: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels: Vec<(String, String)> = split_labels(labels);
+        if labels.iter().any(|(k, v)| k == NAMESPACE_LABEL && v == ns) {
+            out.push((name.to_string(), labels, value));
+        }
+    }
+    out
+}
+
+fn split_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(eq) = rest.find("=\"") {
+        let key = rest[..eq].trim_start_matches(',').trim().to_string();
+        let after = &rest[eq + 2..];
+        let mut end = 0;
+        let mut escaped = false;
+        for (i, c) in after.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = i;
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        out.push((
+            key,
+            after[..end].replace("\\\"", "\"").replace("\\\\", "\\"),
+        ));
+        rest = &after[end + 1..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_filtered_by_namespace_and_parsed() {
+        let text = "# TYPE a counter\n\
+                    a{sparky_namespace=\"x\",reason=\"invalid\"} 3\n\
+                    a{sparky_namespace=\"y\",reason=\"invalid\"} 5\n\
+                    b_bucket{sparky_namespace=\"x\",le=\"0.5\"} 2\n";
+        let s = samples(text, "x");
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].0, "a");
+        assert_eq!(s[0].1[1], ("reason".to_string(), "invalid".to_string()));
+        assert_eq!(s[0].2, 3.0);
+        assert_eq!(s[1].1[1], ("le".to_string(), "0.5".to_string()));
+    }
+}

@@ -1,0 +1,126 @@
+//! `sparky status`: what the queue looks like right now, from Redis alone (it works while Postgres
+//! is down): every partition with its owner, lag, pending count and oldest pending age; the live
+//! workers; the dead-letter size; and the Redis settings that could lose jobs.
+
+use serde::Serialize;
+
+use crate::queue::{Queue, QueueError};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub namespace: String,
+    pub partitions: Vec<PartitionStatus>,
+    pub workers: Vec<WorkerStatus>,
+    pub dead_letter_size: u64,
+    /// Sum of the partitions' lag (entries not read yet) and pending counts.
+    pub total_lag: u64,
+    pub total_pending: u64,
+    /// Redis settings under which accepted jobs could be lost (see the start-up checks).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    /// The worker holding the partition's lease (`None`: no live owner).
+    pub owner: Option<String>,
+    pub length: u64,
+    pub lag: Option<u64>,
+    pub pending: u64,
+    pub oldest_pending_age_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerStatus {
+    pub id: String,
+    /// Partitions whose lease it holds.
+    pub partitions: Vec<u32>,
+    /// Time left before its heartbeat expires (it is renewed every lease TTL / 3).
+    pub heartbeat_expires_in_ms: u64,
+}
+
+/// Read the status of `queue`'s namespace.
+pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
+    let now = queue.redis_now_ms().await?;
+    let mut partitions = Vec::with_capacity(queue.partitions as usize);
+    for p in 0..queue.partitions {
+        let s = queue.partition_stats(p, now).await?;
+        partitions.push(PartitionStatus {
+            partition: p,
+            owner: queue.lease_owner(p).await?,
+            length: s.length,
+            lag: s.lag,
+            pending: s.pending,
+            oldest_pending_age_secs: s.oldest_pending_age_ms.map(|ms| ms as f64 / 1000.0),
+        });
+    }
+    let workers = queue
+        .live_workers(now)
+        .await?
+        .into_iter()
+        .map(|(id, left)| WorkerStatus {
+            partitions: partitions
+                .iter()
+                .filter(|p| p.owner.as_deref() == Some(id.as_str()))
+                .map(|p| p.partition)
+                .collect(),
+            id,
+            heartbeat_expires_in_ms: left,
+        })
+        .collect();
+    Ok(Status {
+        namespace: queue.keys.ns.clone(),
+        total_lag: partitions.iter().filter_map(|p| p.lag).sum(),
+        total_pending: partitions.iter().map(|p| p.pending).sum(),
+        partitions,
+        workers,
+        dead_letter_size: queue.dlq_len().await?,
+        warnings: queue.durability_warnings().await,
+    })
+}
+
+/// The human table `sparky status` prints.
+pub fn render_table(s: &Status) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "namespace {}: {} workers alive, {} partitions, lag {}, pending {}, dead letters {}\n\n",
+        s.namespace,
+        s.workers.len(),
+        s.partitions.len(),
+        s.total_lag,
+        s.total_pending,
+        s.dead_letter_size
+    ));
+    out.push_str(&format!(
+        "{:>9}  {:<40}  {:>8}  {:>8}  {:>8}  {:>14}\n",
+        "partition", "owner", "length", "lag", "pending", "oldest pending"
+    ));
+    for p in &s.partitions {
+        out.push_str(&format!(
+            "{:>9}  {:<40}  {:>8}  {:>8}  {:>8}  {:>14}\n",
+            p.partition,
+            p.owner.as_deref().unwrap_or("-"),
+            p.length,
+            p.lag.map_or_else(|| "?".to_string(), |l| l.to_string()),
+            p.pending,
+            p.oldest_pending_age_secs
+                .map_or_else(|| "-".to_string(), |a| format!("{a:.1}s")),
+        ));
+    }
+    out.push_str("\nworkers:\n");
+    if s.workers.is_empty() {
+        out.push_str("  none alive\n");
+    }
+    for w in &s.workers {
+        out.push_str(&format!(
+            "  {}  partitions {:?}  heartbeat expires in {:.1}s\n",
+            w.id,
+            w.partitions,
+            w.heartbeat_expires_in_ms as f64 / 1000.0
+        ));
+    }
+    for w in &s.warnings {
+        out.push_str(&format!("\nwarning: {w}\n"));
+    }
+    out
+}
