@@ -715,7 +715,8 @@ impl Processor {
         let latency_ms = (Utc::now() - job.accepted_at).num_milliseconds();
         tracing::info!(
             status = outcome.status.as_str(),
-            message = outcome.message.as_deref().unwrap_or(""),
+            // Not `message`: in JSON logs that would collide with the line's own message.
+            detail = outcome.message.as_deref().unwrap_or(""),
             fills = outcome.fills.len(),
             attempt,
             latency_ms,

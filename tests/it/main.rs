@@ -6,6 +6,7 @@ mod exchanges;
 mod failures;
 mod faults;
 mod helpers;
+mod operations;
 mod ordering;
 mod pipeline;
 mod procs;

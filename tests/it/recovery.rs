@@ -154,6 +154,8 @@ async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_
         .inject(ORDER, Fault::HangAfterDoing(Duration::from_secs(30)));
     let env = [
         ("SPARKY_LEASE_TTL_MS", "1500".to_string()),
+        // A lease may not be shorter than the exchange timeout (start-up check).
+        ("SPARKY_EXCHANGE_TIMEOUT_MS", "1500".to_string()),
         ("ASTER_BASE_URL", url.clone()),
     ];
     let mut first = spawn_worker(&app, &env).await;
