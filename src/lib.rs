@@ -8,7 +8,8 @@
 //!
 //! Modules are named for what they own: [`config`], [`domain`] (typed webhook values and the parser),
 //! [`queue`] (Redis Streams), [`store`] (Postgres), [`credentials`], [`exchanges`], [`executor`],
-//! [`ingress`], [`worker`], [`cli`]. The binaries (`sparky`, `sparky-ingress`, `sparky-worker`) only
+//! [`ingress`], [`worker`], [`lease`], [`replay`], [`metrics`] (Prometheus), [`status`]
+//! (`sparky status`), [`telemetry`], [`cli`]. The binaries (`sparky`, `sparky-ingress`, `sparky-worker`) only
 //! call into this library, so tests run the real ingress and worker in-process.
 
 pub mod cli;
