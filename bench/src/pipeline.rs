@@ -1,0 +1,221 @@
+//! Part 2: a pre-filled backlog of N jobs over 1000 users through a real `sparky-worker` to the
+//! paper exchange (no simulated latency), against a ceiling: the same Postgres writes per job,
+//! issued by the store's own functions (`begin_job`: the job row insert; `finish_job`: job update,
+//! trade row and position upsert in one transaction), at the same concurrency and pool size, with no
+//! Redis, no exchange and no executor.
+//!
+//! Every job opens a position on a symbol its user has no position in, so each one is exactly one
+//! order, one trade row and one position upsert, in the worker and in the ceiling alike.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::json;
+use sparky::domain::{self, Job, OrderSide, Side};
+use sparky::exchanges::paper::paper_market;
+use sparky::exchanges::{client_order_id, Leg};
+use sparky::executor::{round_down, Fill, JobStatus, Outcome, PositionChange};
+use sparky::queue::Queue;
+use sparky::store::Store;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::cpu::{self, CpuUse};
+use crate::setup::{self, Ctx, Scope, User};
+
+const POSITION_USD: i64 = 1000;
+
+pub struct PipelineResult {
+    pub jobs: usize,
+    pub concurrency: usize,
+    /// Jobs/s of the worker: N / (last finished_at - first started_at).
+    pub rate: f64,
+    pub secs: f64,
+    pub ceiling_rate: f64,
+    pub ceiling_secs: f64,
+    pub cpu: CpuUse,
+    pub ceiling_cpu: CpuUse,
+    /// Per-job time inside the worker (started_at -> finished_at), p50 / p99 in ms.
+    pub run_p50_ms: f64,
+    pub run_p99_ms: f64,
+}
+
+/// `per_user` jobs for each user, interleaved (user 0..n, then again), each opening `{prefix}{k}`.
+pub fn make_jobs(users: &[User], per_user: usize, prefix: &str) -> Vec<Job> {
+    let mut jobs = Vec::with_capacity(users.len() * per_user);
+    for k in 0..per_user {
+        for u in users {
+            let body = json!({"user_id": u.id, "exchange": "paper", "action": "buy",
+                              "symbol": format!("{prefix}{k}"), "position_size_usd": POSITION_USD.to_string()});
+            let alert = domain::parse_alert(body.as_object().expect("object"), None)
+                .expect("a valid bench alert");
+            jobs.push(Job {
+                job_id: Uuid::now_v7(),
+                accepted_at: Utc::now(),
+                alert,
+            });
+        }
+    }
+    jobs
+}
+
+/// Append `jobs` to their partitions (concurrently, like many ingress requests would).
+pub async fn enqueue_all(queue: &Queue, jobs: &[Job]) -> anyhow::Result<()> {
+    let jobs = Arc::new(jobs.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut set = JoinSet::new();
+    for _ in 0..32 {
+        let (jobs, next, queue) = (jobs.clone(), next.clone(), queue.clone());
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else {
+                    return anyhow::Ok(());
+                };
+                queue.enqueue(job).await?;
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// What the paper exchange and the executor would record for an opening job.
+fn open_outcome(job: &Job) -> Outcome {
+    let (price, rules) = paper_market(job.alert.symbol.as_str());
+    let quantity = round_down(Decimal::from(POSITION_USD) / price, rules.step);
+    let coid = client_order_id(job.job_id, Leg::Open);
+    Outcome {
+        status: JobStatus::Succeeded,
+        fills: vec![Fill {
+            leg: Leg::Open,
+            side: OrderSide::Buy,
+            quantity,
+            price: Some(price),
+            exchange_order_id: Some(format!("paper-{coid}")),
+            client_order_id: coid,
+            status: "filled".into(),
+        }],
+        position: PositionChange::Open {
+            side: Side::Long,
+            quantity,
+            entry_price: price,
+            stop_loss_price: None,
+            take_profit_price: None,
+        },
+        message: None,
+        error_class: None,
+        history: vec![],
+    }
+}
+
+/// The ceiling: the worker's Postgres writes for every job, `concurrency` at a time.
+async fn ceiling(
+    db_url: &str,
+    jobs: &[Job],
+    concurrency: usize,
+    pool: u32,
+) -> anyhow::Result<(f64, CpuUse)> {
+    let store = Store::connect(db_url, pool).await?;
+    let jobs = Arc::new(jobs.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let before = cpu::snapshot(&[]);
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..concurrency {
+        let (jobs, next, store) = (jobs.clone(), next.clone(), store.clone());
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else {
+                    return anyhow::Ok(());
+                };
+                let p = sparky::queue::partition_of(&job.alert.user_id, setup::PARTITIONS);
+                store.begin_job(job, p, "0-0").await?;
+                store.finish_job(job, &open_outcome(job)).await?;
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let use_ = cpu::between(&before, &cpu::snapshot(&[]));
+    store.pool.close().await;
+    Ok((secs, use_))
+}
+
+pub async fn run(ctx: &Ctx, n_jobs: usize, concurrency: usize) -> anyhow::Result<PipelineResult> {
+    let scope = Scope::create(ctx, "pipeline").await?;
+    let r = run_in(ctx, &scope, n_jobs, concurrency).await;
+    scope.cleanup(ctx).await;
+    r
+}
+
+async fn run_in(
+    ctx: &Ctx,
+    scope: &Scope,
+    n_jobs: usize,
+    concurrency: usize,
+) -> anyhow::Result<PipelineResult> {
+    let users = setup::create_users(&scope.store, 1000, json!({})).await?;
+    let jobs = make_jobs(&users, n_jobs.div_ceil(users.len()), "PIPE");
+    let n = jobs.len();
+
+    // Ceiling first, on empty tables; then the same rows are removed so the worker starts alike.
+    // The worker's pool is min(concurrency + 2, 32) connections; the ceiling gets the same.
+    let pool = (concurrency as u32 + 2).min(32);
+    let (ceiling_secs, ceiling_cpu) = ceiling(&scope.db_url, &jobs, concurrency, pool).await?;
+    let trades: i64 = sqlx::query_scalar("SELECT count(*) FROM trades")
+        .fetch_one(&scope.store.pool)
+        .await?;
+    if trades != n as i64 {
+        bail!("the ceiling recorded {trades} trades for {n} jobs");
+    }
+    sqlx::query("TRUNCATE trades, positions, jobs")
+        .execute(&scope.store.pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE")
+        .execute(&scope.store.pool)
+        .await?;
+
+    enqueue_all(&scope.queue, &jobs).await?;
+    let env = setup::worker_env(ctx, scope, &scope.ns, concurrency);
+    let worker = setup::spawn(ctx, "sparky-worker", &env)?;
+    let before = cpu::snapshot(&[worker.pid()]);
+    let mut procs = [worker];
+    setup::wait_finished(&scope.store, n as i64, Duration::from_secs(240), &mut procs).await?;
+    let cpu_use = cpu::between(&before, &cpu::snapshot(&[procs[0].pid()]));
+    procs[0].stop(Duration::from_secs(5)).await;
+    let bad = setup::failed_summary(&scope.store).await?;
+    if !bad.is_empty() {
+        bail!("pipeline jobs did not all succeed: {bad:?}");
+    }
+    let (first, last, p50, p99): (DateTime<Utc>, DateTime<Utc>, f64, f64) = sqlx::query_as(
+        "SELECT min(started_at), max(finished_at),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at) * 1000),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at) * 1000)
+         FROM jobs",
+    )
+    .fetch_one(&scope.store.pool)
+    .await?;
+    let secs = (last - first).num_microseconds().unwrap_or(0) as f64 / 1e6;
+    Ok(PipelineResult {
+        jobs: n,
+        concurrency,
+        rate: n as f64 / secs.max(1e-9),
+        secs,
+        ceiling_rate: n as f64 / ceiling_secs,
+        ceiling_secs,
+        cpu: cpu_use,
+        ceiling_cpu,
+        run_p50_ms: p50,
+        run_p99_ms: p99,
+    })
+}
