@@ -640,26 +640,48 @@ impl Queue {
         now_ms: u64,
     ) -> Result<PartitionStats, QueueError> {
         let key = self.keys.stream(partition);
-        let mut c = self.conn();
-        let length: u64 = redis::cmd("XLEN").arg(&key).query_async(&mut c).await?;
         let mut stats = PartitionStats {
             partition,
-            length,
-            lag: Some(length),
+            length: 0,
+            lag: Some(0),
             pending: 0,
             oldest_pending_age_ms: None,
         };
-        let groups: Result<Value, _> = redis::cmd("XINFO")
+        // One transaction, so the numbers are one snapshot (a worker reading between two separate
+        // calls would count its entries both as lag and as pending).
+        let snapshot: Result<(u64, Value, Value), _> = redis::pipe()
+            .atomic()
+            .cmd("XLEN")
+            .arg(&key)
+            .cmd("XINFO")
             .arg("GROUPS")
             .arg(&key)
-            .query_async(&mut c)
+            .cmd("XPENDING")
+            .arg(&key)
+            .arg(GROUP)
+            .query_async(&mut self.conn())
             .await;
-        let groups = match groups {
-            Ok(g) => g,
-            // No stream (nothing ever enqueued, or no worker created the group yet).
-            Err(e) if e.to_string().to_lowercase().contains("no such key") => return Ok(stats),
+        let (length, groups, pending) = match snapshot {
+            Ok(v) => v,
+            // No stream or no group yet (nothing enqueued, no worker started): nothing to report.
+            Err(e)
+                if {
+                    let m = e.to_string().to_lowercase();
+                    m.contains("nogroup") || m.contains("no such key")
+                } =>
+            {
+                let length: u64 = redis::cmd("XLEN")
+                    .arg(&key)
+                    .query_async(&mut self.conn())
+                    .await?;
+                stats.length = length;
+                stats.lag = Some(length);
+                return Ok(stats);
+            }
             Err(e) => return Err(e.into()),
         };
+        stats.length = length;
+        stats.lag = None;
         if let Value::Array(gs) = groups {
             for g in gs {
                 if field(&g, "name").as_deref() == Some(GROUP) {
@@ -667,11 +689,6 @@ impl Queue {
                 }
             }
         }
-        let pending: Value = redis::cmd("XPENDING")
-            .arg(&key)
-            .arg(GROUP)
-            .query_async(&mut c)
-            .await?;
         if let Value::Array(parts) = &pending {
             if let Some(Value::Int(n)) = parts.first() {
                 stats.pending = *n as u64;

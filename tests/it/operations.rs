@@ -700,3 +700,58 @@ async fn json_log_lines_of_a_job_carry_job_user_exchange_and_partition() {
     }
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn start_up_warns_about_a_redis_that_can_lose_jobs() {
+    // A private Redis without persistence (helpers start it with no AOF and no RDB).
+    let redis = PrivateRedis::start().await;
+    let queue = sparky::queue::Queue::connect(&redis.url(), "warn", 1, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let w = queue.durability_warnings().await;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("no persistence"), "{w:?}");
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut queue.conn())
+        .await
+        .unwrap();
+    // RDB snapshots only (none falls due within the test, so nothing is written to disk).
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("save")
+        .arg("3600 1")
+        .query_async(&mut queue.conn())
+        .await
+        .unwrap();
+    let w = queue.durability_warnings().await;
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].contains("allkeys-lru") && w[0].contains("noeviction"),
+        "{w:?}"
+    );
+    assert!(w[1].contains("no AOF"), "{w:?}");
+}
+
+#[tokio::test]
+async fn a_worker_refuses_a_lease_shorter_than_the_exchange_timeout() {
+    let app = TestApp::spawn().await;
+    let config = sparky::config::Config {
+        lease_ttl: Duration::from_secs(2),
+        exchange_timeout: Duration::from_secs(10),
+        ..app.config.clone()
+    };
+    let err = Worker::connect(config, CancellationToken::new())
+        .await
+        .err()
+        .expect("refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("SPARKY_LEASE_TTL_MS") && msg.contains("SPARKY_EXCHANGE_TIMEOUT_MS"),
+        "{msg}"
+    );
+    app.cleanup().await;
+}
