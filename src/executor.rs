@@ -25,6 +25,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Job, OrderSide, OrderType, Side};
 use crate::exchanges::{
@@ -199,12 +200,23 @@ pub fn units_for_usd(symbol: &str, usd: Decimal, price: Decimal) -> Decimal {
 
 /// Execute `job` on `ex`, retrying transient failures. `recover` says a previous delivery of this job
 /// may already have placed orders.
-pub async fn execute(
+pub async fn execute(ex: &dyn Exchange, job: &Job, recover: bool, policy: &RetryPolicy) -> Outcome {
+    execute_until(ex, job, recover, policy, &CancellationToken::new())
+        .await
+        .expect("never abandoned")
+}
+
+/// [`execute`], but no new attempt is started once `abandon` is cancelled (the worker lost the
+/// partition's lease: the job's next owner will look its orders up and finish it). `None` then:
+/// nothing may be recorded or acked by this worker. An attempt already under way is not cut off,
+/// so what the exchange did is never unknown to the attempt that caused it.
+pub async fn execute_until(
     ex: &dyn Exchange,
     job: &Job,
     mut recover: bool,
     policy: &RetryPolicy,
-) -> Outcome {
+    abandon: &CancellationToken,
+) -> Option<Outcome> {
     let mut schedule = policy.schedule();
     let mut history = Vec::new();
     loop {
@@ -213,7 +225,7 @@ pub async fn execute(
         let err = match result {
             Ok(mut outcome) => {
                 outcome.history.splice(0..0, history);
-                return outcome;
+                return Some(outcome);
             }
             Err(e) => e,
         };
@@ -228,7 +240,10 @@ pub async fn execute(
                 Some(delay) => {
                     let delay = err.retry_after.map_or(delay, |r| r.max(delay));
                     tracing::warn!(error = %err, ?delay, "exchange call failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = abandon.cancelled() => return None,
+                    }
                     recover = true;
                     continue;
                 }
@@ -245,14 +260,14 @@ pub async fn execute(
         } else {
             err.message.clone()
         };
-        return Outcome {
+        return Some(Outcome {
             status,
             fills,
             position,
             message: Some(message),
             error_class: Some(err.class.as_str().into()),
             history,
-        };
+        });
     }
 }
 

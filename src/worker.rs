@@ -330,6 +330,7 @@ impl Worker {
                 "lost the lease of a partition; stopped consuming it"
             );
             parts.active[p as usize].store(false, Ordering::Release);
+            parts.lost[p as usize].lock().expect("lost lock").cancel();
             owned.remove(&p);
         }
         if live.is_empty() {
@@ -350,6 +351,8 @@ impl Worker {
                             pending = n,
                             "acquired partition; its pending entries run first"
                         );
+                        *parts.lost[*p as usize].lock().expect("lost lock") =
+                            CancellationToken::new();
                         parts.active[*p as usize].store(true, Ordering::Release);
                         owned.insert(
                             *p,
@@ -496,6 +499,9 @@ struct PartState {
     active: Vec<AtomicBool>,
     /// Entries read and not yet finished (or dropped).
     inflight: Vec<AtomicUsize>,
+    /// Cancelled when the partition's lease is lost (not on a graceful hand-over): jobs of it that
+    /// are retrying stop before their next attempt and leave the entry to the next owner.
+    lost: Vec<Mutex<CancellationToken>>,
     /// Partitions owned / assigned (readiness).
     owned: AtomicUsize,
     desired: AtomicUsize,
@@ -506,6 +512,9 @@ impl PartState {
         PartState {
             active: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
             inflight: (0..partitions).map(|_| AtomicUsize::new(0)).collect(),
+            lost: (0..partitions)
+                .map(|_| Mutex::new(CancellationToken::new()))
+                .collect(),
             owned: AtomicUsize::new(0),
             desired: AtomicUsize::new(usize::MAX),
         }
@@ -573,7 +582,8 @@ impl Lanes {
                 // next owner, which claims it before anything newer of this user.
                 if parts.active[partition].load(Ordering::Acquire) {
                     if let Ok(_permit) = permits.acquire().await {
-                        processor.process(next).await;
+                        let lost = parts.lost[partition].lock().expect("lost lock").clone();
+                        processor.process(next, lost).await;
                     }
                 }
                 parts.inflight[partition].fetch_sub(1, Ordering::AcqRel);
@@ -621,7 +631,7 @@ impl Processor {
         }
     }
 
-    async fn process(&self, entry: Entry) {
+    async fn process(&self, entry: Entry, lost: CancellationToken) {
         let job = match &entry.job {
             Ok(job) => job.clone(),
             Err(reason) => {
@@ -653,10 +663,10 @@ impl Processor {
             exchange = %job.alert.exchange,
             partition = entry.partition,
         );
-        self.process_job(&entry, &job).instrument(span).await
+        self.process_job(&entry, &job, &lost).instrument(span).await
     }
 
-    async fn process_job(&self, entry: &Entry, job: &Job) {
+    async fn process_job(&self, entry: &Entry, job: &Job, lost: &CancellationToken) {
         let begin = self
             .until_ok("recording the job start", || {
                 self.store.begin_job(job, entry.partition, &entry.id)
@@ -683,7 +693,8 @@ impl Processor {
                 ),
             ))
         } else {
-            self.run_job(job, attempt, entry.replay.as_ref()).await
+            self.run_job(job, attempt, entry.replay.as_ref(), lost)
+                .await
         };
         let outcome = match outcome {
             Some(o) => o,
@@ -724,8 +735,15 @@ impl Processor {
         );
     }
 
-    /// Execute the job; `None` only when shutting down mid-way.
-    async fn run_job(&self, job: &Job, attempt: i32, replay: Option<&Replay>) -> Option<Outcome> {
+    /// Execute the job; `None` when shutting down mid-way or when the partition's lease was lost
+    /// (the entry stays pending for the next owner).
+    async fn run_job(
+        &self,
+        job: &Job,
+        attempt: i32,
+        replay: Option<&Replay>,
+        lost: &CancellationToken,
+    ) -> Option<Outcome> {
         let a = &job.alert;
         if !replay.is_some_and(|r| r.allow_stale) {
             if let Some(why) = would_be_stale(job, self.max_signal_age, Utc::now()) {
@@ -793,9 +811,15 @@ impl Processor {
         tracing::info!("✅ Created {exchange} executor for user {}", a.user_id);
         // A redelivery or a replay may follow orders that were placed: look legs up first.
         let recover = attempt > 1 || replay.is_some();
-        let run = executor::execute(&client, job, recover, &self.policy);
-        // A shutdown does not interrupt an order in flight: it is given the drain timeout.
-        Some(run.await)
+        // A shutdown does not interrupt an order in flight (it is given the drain timeout); losing
+        // the lease stops further retries, since the next owner may already be running this job.
+        let outcome = executor::execute_until(&client, job, recover, &self.policy, lost).await;
+        if outcome.is_none() {
+            tracing::warn!(
+                "lease lost while retrying; leaving the job to the partition's next owner"
+            );
+        }
+        outcome
     }
 
     /// Commit the outcome; `false` if shutting down before it could be committed.

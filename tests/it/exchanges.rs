@@ -58,7 +58,7 @@ pub(crate) enum Fault {
 }
 
 #[derive(Clone, Debug)]
-struct Seen {
+pub(crate) struct Seen {
     route: String,
     query: String,
     body: String,
@@ -91,7 +91,7 @@ impl Core {
             headers: headers.clone(),
         });
     }
-    fn seen(&self, route: &str) -> Vec<Seen> {
+    pub(crate) fn seen(&self, route: &str) -> Vec<Seen> {
         self.seen
             .lock()
             .unwrap()
@@ -227,7 +227,7 @@ fn creds(
     }
 }
 
-fn job(kind: ExchangeKind, action: Action, symbol: &str, usd: Decimal) -> Job {
+pub(crate) fn job(kind: ExchangeKind, action: Action, symbol: &str, usd: Decimal) -> Job {
     Job {
         job_id: Uuid::now_v7(),
         accepted_at: chrono::Utc::now(),
@@ -251,7 +251,7 @@ fn job(kind: ExchangeKind, action: Action, symbol: &str, usd: Decimal) -> Job {
     }
 }
 
-fn fast_policy() -> RetryPolicy {
+pub(crate) fn fast_policy() -> RetryPolicy {
     RetryPolicy {
         max_retries: 4,
         max_total: Duration::from_secs(10),
@@ -605,7 +605,7 @@ impl AsterFake {
     }
 }
 
-fn aster_client(url: &str, timeout: Duration, extra: Value) -> AsterClient {
+pub(crate) fn aster_client(url: &str, timeout: Duration, extra: Value) -> AsterClient {
     let c = creds(ExchangeKind::Aster, ASTER_KEY, ASTER_SECRET, None, extra);
     AsterClient::new(&c, &ctx(timeout, url, "http://unused", "http://unused")).unwrap()
 }

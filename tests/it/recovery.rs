@@ -200,3 +200,46 @@ async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_
     assert_eq!(trades[0].client_order_id, coid);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_worker_that_lost_the_lease_stops_retrying_and_records_nothing() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    for _ in 0..20 {
+        fake.core.inject(
+            ORDER,
+            Fault::Reply(502, json!({"code": -1001, "msg": "Bad gateway"}), vec![]),
+        );
+    }
+    let j = job(
+        sparky::domain::ExchangeKind::Aster,
+        sparky::domain::Action::Buy,
+        "ETHUSDT",
+        rust_decimal_macros::dec!(100),
+    );
+    let policy = sparky::executor::RetryPolicy {
+        max_retries: 20,
+        max_total: Duration::from_secs(30),
+        min_delay: Duration::from_millis(200),
+        max_delay: Duration::from_millis(200),
+    };
+    let lost = tokio_util::sync::CancellationToken::new();
+    let run = sparky::executor::execute_until(&ex, &j, false, &policy, &lost);
+    let cancel = async {
+        while fake.core.seen(ORDER).is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        lost.cancel();
+    };
+    let (outcome, _) = tokio::join!(run, cancel);
+    assert!(
+        outcome.is_none(),
+        "abandoned, nothing to record: {outcome:?}"
+    );
+    assert_eq!(
+        fake.core.seen(ORDER).len(),
+        1,
+        "no attempt after the lease was lost"
+    );
+    assert!(fake.orders().is_empty());
+}
