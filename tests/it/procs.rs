@@ -84,10 +84,39 @@ impl Drop for WorkerProc {
 
 /// Start a `sparky-worker` process on the test's database and namespace.
 pub async fn spawn_worker(app: &TestApp, env: &[(&str, String)]) -> WorkerProc {
-    let bin = bin("sparky-worker").await;
+    spawn(app, "sparky-worker", env).await
+}
+
+/// Start a `sparky-ingress` process on the test's database and namespace; returns it and its port.
+pub async fn spawn_ingress(app: &TestApp, env: &[(&str, String)]) -> (WorkerProc, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut env = env.to_vec();
+    env.push(("PORT", port.to_string()));
+    let proc = spawn(app, "sparky-ingress", &env).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "sparky-ingress did not start:\n{}",
+            std::fs::read_to_string(&proc.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (proc, port)
+}
+
+async fn spawn(app: &TestApp, name: &str, env: &[(&str, String)]) -> WorkerProc {
+    let bin = bin(name).await;
     let dir = std::env::temp_dir().join(format!("sparky-it-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("worker.log");
+    let log = dir.join(format!("{name}.log"));
     let out = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new(bin);
     cmd.current_dir(&dir) // no stray .env

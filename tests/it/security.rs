@@ -922,3 +922,41 @@ fn thousands_of_generated_webhooks_get_4xx_or_are_valid_and_never_enqueue_when_r
     assert!(seen[0] > 20 && seen[2] > 100 && seen[3] > 100, "{seen:?}");
     rt.block_on(app.cleanup());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_holds_across_two_real_ingress_processes() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    // 5 at once, then one every 10 s: within the test, exactly 5 pass in total.
+    let env = [
+        ("SPARKY_RATE_LIMIT_PER_SEC", "0.1".to_string()),
+        ("SPARKY_RATE_LIMIT_BURST", "5".to_string()),
+    ];
+    let (_a, port_a) = crate::procs::spawn_ingress(&app, &env).await;
+    let (_b, port_b) = crate::procs::spawn_ingress(&app, &env).await;
+    let (mut accepted, mut limited) = (0, [0u32; 2]);
+    for i in 0..12 {
+        let port = [port_a, port_b][i % 2];
+        let r = post(
+            &app.http,
+            format!("http://127.0.0.1:{port}/webhook"),
+            &alert(user, &secret, "buy"),
+        )
+        .await;
+        match r.status() {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                limited[i % 2] += 1;
+                assert!(retry_after(&r) >= 1);
+            }
+            s => panic!("unexpected {s}: {}", r.text().await.unwrap_or_default()),
+        }
+    }
+    assert_eq!(accepted, 5, "one bucket shared by both processes");
+    assert!(
+        limited[0] > 0 && limited[1] > 0,
+        "both processes refused: {limited:?}"
+    );
+    assert_eq!(app.queued_entries().await, 5);
+    app.cleanup().await;
+}
