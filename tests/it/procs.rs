@@ -1,4 +1,4 @@
-//! Real `sparky-worker` processes for the multi-process tests.
+//! Real `sparky-worker` / `sparky-ingress` processes for the multi-process tests.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -8,7 +8,8 @@ use tokio::sync::OnceCell;
 
 use crate::helpers::TestApp;
 
-/// The workspace's binaries, built once per test run if `scripts/test` did not build them already.
+/// The workspace's binaries, (re)built once per test run so a stale binary from another checkout
+/// sharing the target directory is never tested (a no-op when `scripts/test` built them already).
 pub async fn bin(name: &str) -> PathBuf {
     static BUILT: OnceCell<PathBuf> = OnceCell::const_new();
     let dir = BUILT
@@ -16,16 +17,14 @@ pub async fn bin(name: &str) -> PathBuf {
             // <target>/debug/deps/it-<hash> -> <target>/debug
             let exe = std::env::current_exe().unwrap();
             let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-            if !dir.join("sparky-worker").exists() || !dir.join("sparky-ingress").exists() {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let st = tokio::process::Command::new(cargo)
-                    .args(["build", "-p", "sparky-worker", "-p", "sparky-ingress"])
-                    .current_dir(env!("CARGO_MANIFEST_DIR"))
-                    .status()
-                    .await
-                    .unwrap();
-                assert!(st.success(), "building the binaries failed");
-            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let st = tokio::process::Command::new(cargo)
+                .args(["build", "-p", "sparky-worker", "-p", "sparky-ingress"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .await
+                .unwrap();
+            assert!(st.success(), "building the binaries failed");
             dir
         })
         .await;
