@@ -18,6 +18,7 @@ use redis::aio::ConnectionManager;
 use serde_json::json;
 
 use crate::cpu::{self, CpuUse};
+use crate::profile;
 use crate::setup::{self, Ctx, Scope, User};
 
 /// The fixed load: wrk threads and connections.
@@ -50,6 +51,8 @@ pub struct IngressResult {
     /// Entries the real ingress appended to the partition streams (every 202 is one).
     pub enqueued: u64,
     pub measure_secs: u64,
+    /// `--perf`: the ingress's top symbols during its measured run.
+    pub profile: Option<String>,
 }
 
 // One request per call, rotating over the bodies file (one JSON body per line); each thread starts
@@ -183,9 +186,14 @@ async fn ceiling_webhook(State(st): State<Ceiling>, body: Bytes) -> Response {
     }
 }
 
-pub async fn run(ctx: &Ctx, measure_secs: u64, warmup_secs: u64) -> anyhow::Result<IngressResult> {
+pub async fn run(
+    ctx: &Ctx,
+    measure_secs: u64,
+    warmup_secs: u64,
+    perf: bool,
+) -> anyhow::Result<IngressResult> {
     let scope = Scope::create(ctx, "ingress").await?;
-    let r = run_in(ctx, &scope, measure_secs, warmup_secs).await;
+    let r = run_in(ctx, &scope, measure_secs, warmup_secs, perf).await;
     scope.cleanup(ctx).await;
     r
 }
@@ -195,6 +203,7 @@ async fn run_in(
     scope: &Scope,
     measure_secs: u64,
     warmup_secs: u64,
+    perf: bool,
 ) -> anyhow::Result<IngressResult> {
     let users = setup::create_users(&scope.store, 1000, json!({})).await?;
     let bodies_path = ctx.tmp.join("ingress-bodies.txt");
@@ -212,9 +221,9 @@ async fn run_in(
         .route("/webhook", post(ceiling_webhook))
         .with_state(state);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let self_pid = [std::process::id()];
-    wrk(ctx, &ceiling_url, warmup_secs, &bodies_path, &self_pid).await?;
-    let ceiling = wrk(ctx, &ceiling_url, measure_secs, &bodies_path, &self_pid).await?;
+    // (This process is the ceiling; it shows up as `bench` in the CPU line.)
+    wrk(ctx, &ceiling_url, warmup_secs, &bodies_path, &[]).await?;
+    let ceiling = wrk(ctx, &ceiling_url, measure_secs, &bodies_path, &[]).await?;
     server.abort();
 
     let port = setup::free_port()?;
@@ -224,7 +233,19 @@ async fn run_in(
     // Warm-up: every user's secret gets into the ingress's cache (one Postgres look-up each).
     wrk(ctx, &url, warmup_secs, &bodies_path, &pids).await?;
     let enqueued_before = stream_total(scope).await?;
+    let rec = perf.then(|| {
+        profile::start(
+            ctx,
+            "ingress",
+            pids[0],
+            measure_secs.saturating_sub(1).max(1),
+        )
+    });
     let sparky = wrk(ctx, &url, measure_secs, &bodies_path, &pids).await?;
+    let profile = match rec {
+        Some(r) => Some(profile::finish(r, 6).await),
+        None => None,
+    };
     let enqueued = stream_total(scope).await? - enqueued_before;
     ingress.check_alive()?;
     ingress.stop(Duration::from_secs(5)).await;
@@ -233,6 +254,7 @@ async fn run_in(
         ceiling,
         enqueued,
         measure_secs,
+        profile,
     })
 }
 

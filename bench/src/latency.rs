@@ -160,8 +160,8 @@ async fn run_in(
     let (p50, p99, max, q50, q99): (f64, f64, f64, f64, f64) = sqlx::query_as(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d), max(d),
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY q), percentile_cont(0.99) WITHIN GROUP (ORDER BY q)
-         FROM (SELECT extract(epoch FROM t.created_at - j.accepted_at) * 1000 AS d,
-                      extract(epoch FROM j.started_at - j.accepted_at) * 1000 AS q
+         FROM (SELECT (extract(epoch FROM t.created_at - j.accepted_at) * 1000)::float8 AS d,
+                      (extract(epoch FROM j.started_at - j.accepted_at) * 1000)::float8 AS q
                FROM trades t JOIN jobs j USING (job_id)
                WHERE j.accepted_at >= $1 AND t.leg = 'open') x",
     )

@@ -18,6 +18,7 @@ mod cpu;
 mod ingress;
 mod latency;
 mod pipeline;
+mod profile;
 mod report;
 mod scaling;
 mod setup;
@@ -70,9 +71,19 @@ pub struct Args {
     /// Latency: seconds of steady load.
     #[arg(long, default_value_t = 30)]
     latency_secs: u64,
+    /// Latency: a second, short run at this lower rate (0 = none), to tell the latency of one job
+    /// apart from queueing when 1000/s is beyond what the machine can process.
+    #[arg(long, default_value_t = 200)]
+    latency_low_rate: u64,
+    /// Latency: seconds of the low-rate run.
+    #[arg(long, default_value_t = 10)]
+    latency_low_secs: u64,
     /// Scaling: measured window per worker count, seconds.
     #[arg(long, default_value_t = 6)]
     scaling_window: u64,
+    /// Profile the ingress and the worker with `perf` during their runs (a few percent of a core).
+    #[arg(long)]
+    perf: bool,
 }
 
 #[tokio::main]
@@ -106,7 +117,7 @@ async fn run_parts(ctx: &setup::Ctx, args: &Args, rep: &mut report::Report) -> a
     let step = |name: &str| eprintln!("==> {name} ({})", report::loadavg());
     if args.only.contains(&Part::Ingress) {
         step("ingress vs ceiling");
-        let r = ingress::run(ctx, args.ingress_secs, args.warmup_secs).await?;
+        let r = ingress::run(ctx, args.ingress_secs, args.warmup_secs, args.perf).await?;
         eprintln!(
             "    sparky {:.0}/s, ceiling {:.0}/s",
             r.sparky.rate(),
@@ -116,7 +127,7 @@ async fn run_parts(ctx: &setup::Ctx, args: &Args, rep: &mut report::Report) -> a
     }
     if args.only.contains(&Part::Pipeline) {
         step("pipeline vs ceiling");
-        let r = pipeline::run(ctx, args.pipeline_jobs, args.concurrency).await?;
+        let r = pipeline::run(ctx, args.pipeline_jobs, args.concurrency, args.perf).await?;
         eprintln!(
             "    worker {:.0} jobs/s, ceiling {:.0} jobs/s",
             r.rate, r.ceiling_rate
@@ -131,6 +142,21 @@ async fn run_parts(ctx: &setup::Ctx, args: &Args, rep: &mut report::Report) -> a
             r.p50_ms, r.p99_ms, r.max_ms
         );
         rep.latency = Some(r);
+        if args.latency_low_rate > 0 {
+            step("accept-to-order latency at a lower rate");
+            let r = latency::run(
+                ctx,
+                args.latency_low_rate,
+                args.latency_low_secs,
+                args.concurrency,
+            )
+            .await?;
+            eprintln!(
+                "    p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                r.p50_ms, r.p99_ms, r.max_ms
+            );
+            rep.latency_low = Some(r);
+        }
     }
     if args.only.contains(&Part::Scaling) {
         step("worker scaling");

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::cpu::{self, CpuUse};
+use crate::profile;
 use crate::setup::{self, Ctx, Scope, User};
 
 const POSITION_USD: i64 = 1000;
@@ -42,6 +43,8 @@ pub struct PipelineResult {
     /// Per-job time inside the worker (started_at -> finished_at), p50 / p99 in ms.
     pub run_p50_ms: f64,
     pub run_p99_ms: f64,
+    /// `--perf`: the worker's top symbols during 10 s of its run.
+    pub profile: Option<String>,
 }
 
 /// `per_user` jobs for each user, interleaved (user 0..n, then again), each opening `{prefix}{k}`.
@@ -151,9 +154,14 @@ async fn ceiling(
     Ok((secs, use_))
 }
 
-pub async fn run(ctx: &Ctx, n_jobs: usize, concurrency: usize) -> anyhow::Result<PipelineResult> {
+pub async fn run(
+    ctx: &Ctx,
+    n_jobs: usize,
+    concurrency: usize,
+    perf: bool,
+) -> anyhow::Result<PipelineResult> {
     let scope = Scope::create(ctx, "pipeline").await?;
-    let r = run_in(ctx, &scope, n_jobs, concurrency).await;
+    let r = run_in(ctx, &scope, n_jobs, concurrency, perf).await;
     scope.cleanup(ctx).await;
     r
 }
@@ -163,6 +171,7 @@ async fn run_in(
     scope: &Scope,
     n_jobs: usize,
     concurrency: usize,
+    perf: bool,
 ) -> anyhow::Result<PipelineResult> {
     let users = setup::create_users(&scope.store, 1000, json!({})).await?;
     let jobs = make_jobs(&users, n_jobs.div_ceil(users.len()), "PIPE");
@@ -189,8 +198,13 @@ async fn run_in(
     let env = setup::worker_env(ctx, scope, &scope.ns, concurrency);
     let worker = setup::spawn(ctx, "sparky-worker", &env)?;
     let before = cpu::snapshot(&[worker.pid()]);
+    let rec = perf.then(|| profile::start(ctx, "worker", worker.pid(), 10));
     let mut procs = [worker];
     setup::wait_finished(&scope.store, n as i64, Duration::from_secs(240), &mut procs).await?;
+    let profile = match rec {
+        Some(r) => Some(profile::finish(r, 6).await),
+        None => None,
+    };
     let cpu_use = cpu::between(&before, &cpu::snapshot(&[procs[0].pid()]));
     procs[0].stop(Duration::from_secs(5)).await;
     let bad = setup::failed_summary(&scope.store).await?;
@@ -217,5 +231,6 @@ async fn run_in(
         ceiling_cpu,
         run_p50_ms: p50,
         run_p99_ms: p99,
+        profile,
     })
 }
