@@ -114,7 +114,26 @@ async fn services(ctx: &Ctx) -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "?".into());
-    format!("{redis}, {pg}; Sparky at commit {git}")
+    let dirty = std::process::Command::new("git")
+        .args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "src",
+            "ingress",
+            "worker",
+            "migrations",
+        ])
+        .output()
+        .ok()
+        .is_some_and(|o| !o.stdout.is_empty());
+    let dirty = if dirty {
+        " plus uncommitted changes"
+    } else {
+        ""
+    };
+    format!("{redis}, {pg}; Sparky at commit {git}{dirty}")
 }
 
 fn yes(met: bool) -> &'static str {

@@ -24,6 +24,8 @@ pub struct Ctx {
     pub redis_url: String,
     /// `DATABASE_URL` with its database replaced by `postgres` (for CREATE/DROP DATABASE).
     pub admin_url: String,
+    /// The query part of `DATABASE_URL` (e.g. `?sslmode=disable`), kept on every database URL.
+    db_query: String,
     pub bin_dir: PathBuf,
     /// Scratch directory of this run (bodies, logs); removed at the end.
     pub tmp: PathBuf,
@@ -35,6 +37,10 @@ impl Ctx {
             std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let db = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/sparky".into());
+        let (db, query) = match db.find('?') {
+            Some(i) => (&db[..i], db[i..].to_string()),
+            None => (db.as_str(), String::new()),
+        };
         let (base, _) = db
             .rsplit_once('/')
             .context("DATABASE_URL has no database name")?;
@@ -50,14 +56,20 @@ impl Ctx {
         }
         Ok(Ctx {
             redis_url,
-            admin_url: format!("{base}/postgres"),
+            admin_url: format!("{base}/postgres{query}"),
+            db_query: query,
             bin_dir,
             tmp,
         })
     }
 
     fn db_url(&self, name: &str) -> String {
-        format!("{}/{name}", self.admin_url.rsplit_once('/').unwrap().0)
+        let base = &self.admin_url[..self.admin_url.len() - self.db_query.len()];
+        format!(
+            "{}/{name}{}",
+            base.rsplit_once('/').map_or(base, |(b, _)| b),
+            self.db_query
+        )
     }
 
     /// Drop bench databases left behind by runs that crashed more than an hour ago.
