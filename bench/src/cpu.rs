@@ -35,14 +35,24 @@ impl std::fmt::Display for CpuUse {
     }
 }
 
-/// Processes are grouped by these rules; `sparky` are the pids passed in.
+/// Processes are grouped by these rules; `sparky` are the pids passed in. `other` is everything
+/// else on the machine (other people's builds and tests); the time of processes that exited during
+/// the window, and kernel work not charged to a process, are only in `busy`.
 fn group(pid: u32, comm: &str, sparky: &[u32]) -> &'static str {
     if sparky.contains(&pid) {
         "sparky"
     } else if pid == std::process::id() {
         "bench"
     } else if comm == "postgres" {
-        "postgres"
+        // Shared server processes (WAL writer, checkpointer, ...) and the backends of the bench's
+        // own databases; backends serving other databases (other test runs) are someone else's.
+        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let client = cmd.contains("127.0.0.1(") || cmd.contains("::1(") || cmd.contains("[local]");
+        if !client || cmd.contains(" sparky_bench_") {
+            "postgres"
+        } else {
+            "other"
+        }
     } else if comm.starts_with("redis-server") {
         "redis"
     } else if comm == "wrk" {
