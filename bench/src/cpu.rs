@@ -23,6 +23,26 @@ pub struct CpuUse {
     pub groups: Vec<(&'static str, f64)>,
 }
 
+impl CpuUse {
+    /// The average of equally long windows.
+    pub fn mean(windows: &[CpuUse]) -> CpuUse {
+        let n = windows.len().max(1) as f64;
+        let mut groups: Vec<(&'static str, f64)> = vec![];
+        for w in windows {
+            for (g, v) in &w.groups {
+                match groups.iter_mut().find(|(x, _)| x == g) {
+                    Some((_, t)) => *t += v / n,
+                    None => groups.push((g, v / n)),
+                }
+            }
+        }
+        CpuUse {
+            busy: windows.iter().map(|w| w.busy).sum::<f64>() / n,
+            groups,
+        }
+    }
+}
+
 impl std::fmt::Display for CpuUse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "busy {:.2} cores:", self.busy)?;

@@ -24,6 +24,8 @@ use crate::setup::{self, Ctx, Scope, User};
 /// The fixed load: wrk threads and connections.
 pub const WRK_THREADS: usize = 2;
 pub const WRK_CONNECTIONS: usize = 32;
+/// The measured time of each side is cut into this many alternating slices.
+pub const SLICES: u64 = 3;
 
 #[derive(Clone, Debug, Default)]
 pub struct WrkStats {
@@ -42,6 +44,22 @@ pub struct WrkStats {
 impl WrkStats {
     pub fn rate(&self) -> f64 {
         self.requests as f64 / self.secs.max(1e-9)
+    }
+
+    /// Slices of one measurement: counts add up; p50 is the mean of the slices' p50, p99 and max
+    /// the worst slice's (percentiles of slices cannot be merged exactly).
+    fn combine(slices: &[WrkStats]) -> WrkStats {
+        let n = slices.len().max(1) as f64;
+        WrkStats {
+            requests: slices.iter().map(|s| s.requests).sum(),
+            secs: slices.iter().map(|s| s.secs).sum(),
+            p50_ms: slices.iter().map(|s| s.p50_ms).sum::<f64>() / n,
+            p99_ms: slices.iter().map(|s| s.p99_ms).fold(0.0, f64::max),
+            max_ms: slices.iter().map(|s| s.max_ms).fold(0.0, f64::max),
+            non_2xx: slices.iter().map(|s| s.non_2xx).sum(),
+            socket_errors: slices.iter().map(|s| s.socket_errors).sum(),
+            cpu: CpuUse::mean(&slices.iter().map(|s| s.cpu.clone()).collect::<Vec<_>>()),
+        }
     }
 }
 
@@ -221,39 +239,60 @@ async fn run_in(
         .route("/webhook", post(ceiling_webhook))
         .with_state(state);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    // (This process is the ceiling; it shows up as `bench` in the CPU line.)
-    wrk(ctx, &ceiling_url, warmup_secs, &bodies_path, &[]).await?;
-    let ceiling = wrk(ctx, &ceiling_url, measure_secs, &bodies_path, &[]).await?;
+    let r = measure(
+        ctx,
+        scope,
+        &ceiling_url,
+        &bodies_path,
+        measure_secs,
+        warmup_secs,
+        perf,
+    )
+    .await;
     server.abort();
+    r
+}
 
+/// Both servers are up at once and measured in alternating slices (ceiling, Sparky, ceiling, ...),
+/// so that load from elsewhere on the machine falls on both alike.
+async fn measure(
+    ctx: &Ctx,
+    scope: &Scope,
+    ceiling_url: &str,
+    bodies_path: &Path,
+    measure_secs: u64,
+    warmup_secs: u64,
+    perf: bool,
+) -> anyhow::Result<IngressResult> {
     let port = setup::free_port()?;
     let mut ingress = setup::spawn_ingress(ctx, scope, port).await?;
     let url = format!("http://127.0.0.1:{port}/webhook");
     let pids = [ingress.pid()];
     // Warm-up: every user's secret gets into the ingress's cache (one Postgres look-up each).
-    wrk(ctx, &url, warmup_secs, &bodies_path, &pids).await?;
-    let enqueued_before = stream_total(scope).await?;
-    let rec = perf.then(|| {
-        profile::start(
-            ctx,
-            "ingress",
-            pids[0],
-            measure_secs.saturating_sub(1).max(1),
-        )
-    });
-    let sparky = wrk(ctx, &url, measure_secs, &bodies_path, &pids).await?;
-    let profile = match rec {
-        Some(r) => Some(profile::finish(r, 6).await),
-        None => None,
-    };
-    let enqueued = stream_total(scope).await? - enqueued_before;
+    // (This process is the ceiling; it shows up as `bench` in the CPU lines.)
+    wrk(ctx, ceiling_url, warmup_secs, bodies_path, &[]).await?;
+    wrk(ctx, &url, warmup_secs, bodies_path, &pids).await?;
+    let slice = (measure_secs / SLICES).max(2);
+    let (mut ceiling, mut sparky) = (vec![], vec![]);
+    let mut enqueued = 0;
+    let mut profile = None;
+    for i in 0..SLICES {
+        ceiling.push(wrk(ctx, ceiling_url, slice, bodies_path, &[]).await?);
+        let before = stream_total(scope).await?;
+        let rec = (perf && i == 0).then(|| profile::start(ctx, "ingress", pids[0], slice - 1));
+        sparky.push(wrk(ctx, &url, slice, bodies_path, &pids).await?);
+        if let Some(r) = rec {
+            profile = Some(profile::finish(r, 6).await);
+        }
+        enqueued += stream_total(scope).await? - before;
+    }
     ingress.check_alive()?;
     ingress.stop(Duration::from_secs(5)).await;
     Ok(IngressResult {
-        sparky,
-        ceiling,
+        sparky: WrkStats::combine(&sparky),
+        ceiling: WrkStats::combine(&ceiling),
         enqueued,
-        measure_secs,
+        measure_secs: slice * SLICES,
         profile,
     })
 }

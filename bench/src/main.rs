@@ -53,8 +53,8 @@ pub struct Args {
     /// Report file; `-` prints only.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: String,
-    /// Ingress: measured seconds of each wrk run (sparky and ceiling).
-    #[arg(long, default_value_t = 8)]
+    /// Ingress: measured seconds of each side (Sparky and ceiling), in 3 alternating slices.
+    #[arg(long, default_value_t = 9)]
     ingress_secs: u64,
     /// Ingress: untimed warm-up seconds before each measured run.
     #[arg(long, default_value_t = 2)]

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::ingress::{IngressResult, WRK_CONNECTIONS, WRK_THREADS};
+use crate::ingress::{IngressResult, SLICES, WRK_CONNECTIONS, WRK_THREADS};
 use crate::latency::LatencyResult;
 use crate::pipeline::PipelineResult;
 use crate::scaling::{ScalingResult, CONCURRENCY as SCALING_CONCURRENCY, LATENCY_MS};
@@ -243,7 +243,8 @@ impl Report {
         if let Some(r) = &self.ingress {
             let _ = writeln!(
                 d,
-                "- **Ingress**: wrk, {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, {} s measured after {} s of warm-up, \
+                "- **Ingress**: wrk, {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, {} s measured per side in {SLICES} alternating \
+                 slices (ceiling, Sparky, ceiling, ...) after {} s of warm-up each; p50 = mean of the slices', p99 = worst slice's; \
                  bodies rotating over 1000 users' valid alerts. Per-user rate limit **off** (`SPARKY_RATE_LIMIT_PER_SEC=0`). \
                  Sparky: {} requests, {} non-2xx, {} socket errors, {} entries appended; max {:.1} ms. \
                  Ceiling: {} requests, {} non-2xx, max {:.1} ms.",
