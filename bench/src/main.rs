@@ -79,7 +79,7 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     latency_low_secs: u64,
     /// Scaling: measured window per worker count, seconds.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 10)]
     scaling_window: u64,
     /// Profile the ingress and the worker with `perf` during their runs (a few percent of a core).
     #[arg(long)]
