@@ -143,7 +143,7 @@ impl Metrics {
         .increment(1);
     }
 
-    pub fn ingress_request(&self, route: String, status: u16, elapsed: Duration) {
+    pub fn ingress_request(&self, route: &'static str, status: u16, elapsed: Duration) {
         metrics::histogram!(
             "sparky_ingress_request_duration_seconds",
             self.labels(ns_labels!(self, "route" => route, "status" => status.to_string()))
