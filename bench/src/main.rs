@@ -14,6 +14,11 @@
 //! is printed and written into BENCHMARKS.md between the `bench:begin`/`bench:end` markers (text
 //! outside them is kept).
 
+/// The same allocator as `sparky-ingress` and `sparky-worker`, so the ceilings measured in this
+/// process are not handicapped by a slower one.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cpu;
 mod ingress;
 mod latency;

@@ -1,5 +1,10 @@
 //! `sparky-worker`: consumes the partition streams. All logic lives in `sparky::worker`.
 
+/// mimalloc instead of glibc malloc: allocation was about a quarter of the ingress's CPU samples
+/// (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use sparky::config::Config;
 use sparky::worker::{RunMode, Worker};
 use std::process::ExitCode;
