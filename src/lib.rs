@@ -30,6 +30,31 @@ pub mod store;
 pub mod telemetry;
 pub mod worker;
 
+/// The `main` of a service binary: read the configuration (a bad value: its one-line message and
+/// exit code 2), set up logging, run `run`, and turn its error into a logged line and exit code 1.
+pub async fn service_main<F, Fut>(name: &str, run: F) -> std::process::ExitCode
+where
+    F: FnOnce(config::Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let config = match config::Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    telemetry::init(&config);
+    match run(config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{name}: {e:#}");
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Resolve when the process gets SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -1,7 +1,7 @@
 //! `sparky-ingress`: the webhook endpoint. All logic lives in `sparky::ingress`.
 
-/// mimalloc instead of glibc malloc: allocation was about a quarter of the ingress's CPU samples
-/// (BENCHMARKS.md).
+/// mimalloc instead of glibc malloc: allocation was about a quarter of this binary's CPU samples in
+/// the benchmark (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -11,22 +11,7 @@ use sparky::config::Config;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    sparky::telemetry::init(&config);
-    match run(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("sparky-ingress: {e:#}");
-            eprintln!("sparky-ingress: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sparky::service_main("sparky-ingress", run).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

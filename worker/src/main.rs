@@ -1,7 +1,7 @@
 //! `sparky-worker`: consumes the partition streams. All logic lives in `sparky::worker`.
 
 /// mimalloc instead of glibc malloc: allocation was about a quarter of the ingress's CPU samples
-/// (BENCHMARKS.md).
+/// in the benchmark (BENCHMARKS.md); the worker allocates the same way.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -11,22 +11,7 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    sparky::telemetry::init(&config);
-    match run(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("sparky-worker: {e:#}");
-            eprintln!("sparky-worker: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sparky::service_main("sparky-worker", run).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
