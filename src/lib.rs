@@ -48,11 +48,28 @@ where
     match run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{name}: {e:#}");
-            eprintln!("{name}: {e:#}");
+            let why = error_chain(e.as_ref());
+            tracing::error!("{name}: {why}");
+            eprintln!("{name}: {why}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, leaving out a cause whose text its parent already shows
+/// (our error types print their source inline, and so do some of sqlx's).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// Resolve when the process gets SIGINT or SIGTERM.
@@ -74,5 +91,23 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_names_each_cause_once() {
+        let e = Outer(std::io::Error::other("disk on fire"));
+        assert_eq!(super::error_chain(&e), "outer: disk on fire");
+        let wrapped = anyhow::Error::new(e).context("starting");
+        assert_eq!(
+            super::error_chain(wrapped.as_ref()),
+            "starting: outer: disk on fire"
+        );
     }
 }

@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
     match sparky::cli::run(cli, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sparky: {e:#}");
+            eprintln!("sparky: {}", sparky::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
