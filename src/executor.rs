@@ -221,7 +221,14 @@ pub async fn execute_until(
     let mut history = Vec::new();
     loop {
         let mut fills = Vec::new();
-        let result = attempt(ex, job, recover, &mut fills).await;
+        if abandon.is_cancelled() {
+            return None;
+        }
+        let result = attempt(ex, job, recover, &mut fills, abandon).await;
+        if abandon.is_cancelled() && result.is_err() {
+            // Stopped between legs (or failed after the lease was lost): the next owner finishes it.
+            return None;
+        }
         let err = match result {
             Ok(mut outcome) => {
                 outcome.history.splice(0..0, history);
@@ -268,6 +275,17 @@ pub async fn execute_until(
             error_class: Some(err.class.as_str().into()),
             history,
         });
+    }
+}
+
+/// Before each exchange call of an attempt: is the job still this worker's to run?
+fn still_ours(abandon: &CancellationToken) -> Result<(), ExchangeError> {
+    if abandon.is_cancelled() {
+        Err(ExchangeError::transient(
+            "stopped: this worker lost the partition's lease",
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -328,6 +346,7 @@ async fn attempt(
     job: &Job,
     recover: bool,
     fills: &mut Vec<Fill>,
+    abandon: &CancellationToken,
 ) -> Result<Outcome, ExchangeError> {
     let a = &job.alert;
     let sym = &a.symbol;
@@ -361,6 +380,7 @@ async fn attempt(
                 format!("no open position in {sym} to close"),
             ));
         };
+        still_ours(abandon)?;
         let ack = close(ex, job, &p).await?;
         fills.push(fill_of(
             Leg::Close,
@@ -444,6 +464,7 @@ async fn attempt(
     // Reversal: close first, and only go on once the close is confirmed.
     if let Some(p) = &position {
         if prev_close.is_none() {
+            still_ours(abandon)?;
             let ack = close(ex, job, p).await?;
             fills.push(fill_of(
                 Leg::Close,
@@ -477,6 +498,7 @@ async fn attempt(
         client_order_id: open_id,
         on_fill: on_fill.clone(),
     };
+    still_ours(abandon)?;
     let ack = place_leg(ex, &order, None).await?;
     fills.push(fill_of(Leg::Open, order.side, &ack, qty));
     if ack.state != OrderState::Filled {
@@ -517,6 +539,8 @@ async fn attempt(
             take_profit: tp,
             job_id: job.job_id,
         };
+        // Not stopped here even if the lease was lost: the position exists, and leaving it without
+        // its stop-loss would be worse than a late protective order.
         if let Err(e) = ex.protect(&protection).await {
             outcome.status = JobStatus::SucceededUnprotected;
             outcome.message = Some(format!("position opened but not protected: {}", e.message));

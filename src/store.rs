@@ -29,6 +29,8 @@ pub enum StoreError {
     NotMigrated(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("job {0} was started again by another delivery; this one's outcome is not recorded")]
+    Superseded(Uuid),
 }
 
 /// A `bot_credentials` row as stored (api_key/api_secret still encrypted).
@@ -343,22 +345,38 @@ impl Store {
     }
 
     /// Commit a job's final state, its trades and the position change, in one transaction.
-    pub async fn finish_job(&self, job: &Job, outcome: &Outcome) -> Result<(), StoreError> {
+    ///
+    /// Fenced by the delivery: only the delivery that [`Store::begin_job`] last started (its
+    /// `attempt`) may finish the job. A delivery that was overtaken (its worker lost the partition
+    /// and another worker started the job again) gets [`StoreError::Superseded`] and nothing is
+    /// written, so a late commit can never overwrite a newer outcome or position.
+    pub async fn finish_job(
+        &self,
+        job: &Job,
+        outcome: &Outcome,
+        attempt: i32,
+    ) -> Result<(), StoreError> {
         let a = &job.alert;
         let mut tx = self.pool.begin().await?;
         let history = serde_json::to_value(&outcome.history).expect("history serialises");
-        sqlx::query(
+        let updated = sqlx::query(
             "UPDATE jobs SET status = $2, error_class = $3, error = $4,
                history = history || $5::jsonb, finished_at = now(), updated_at = now()
-             WHERE job_id = $1",
+             WHERE job_id = $1 AND status = 'executing' AND attempts = $6",
         )
         .bind(job.job_id)
         .bind(outcome.status.as_str())
         .bind(outcome.error_class.as_deref())
         .bind(outcome.message.as_deref())
         .bind(history)
+        .bind(attempt)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Err(StoreError::Superseded(job.job_id));
+        }
         for f in &outcome.fills {
             insert_trade(&mut tx, job, f).await?;
         }

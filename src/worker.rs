@@ -27,7 +27,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -195,6 +195,7 @@ impl Worker {
                 next_tick = Instant::now() + tick;
             }
             self.finish_handovers(&leases, &mut owned, epoch).await;
+            self.drop_expired(&mut owned);
             if Instant::now() >= next_trim {
                 next_trim = Instant::now() + TRIM_EVERY;
                 for (p, o) in &owned {
@@ -215,7 +216,9 @@ impl Worker {
             let wanted: Vec<(u32, String)> = owned
                 .iter()
                 .filter(|(p, o)| {
+                    // A blocking read delivers entries until it returns: only while still ours.
                     o.releasing_since.is_none()
+                        && Instant::now() + block < o.valid_until
                         && parts.inflight[**p as usize].load(Ordering::Acquire)
                             < MAX_INFLIGHT_PER_PARTITION
                 })
@@ -236,6 +239,13 @@ impl Worker {
                 Err(e) => {
                     failures += 1;
                     tracing::error!(error = %e, "reading the partition streams failed; retrying");
+                    // Redis may have delivered entries whose reply was lost: they are pending
+                    // for this consumer now, so re-read those before anything new.
+                    for (p, _) in &wanted {
+                        if let Some(o) = owned.get_mut(p) {
+                            o.cursor = o.last_dispatched.clone();
+                        }
+                    }
                     let delay = Duration::from_millis(200 * u64::from(failures.min(25)));
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {},
@@ -248,13 +258,33 @@ impl Worker {
                 }
             };
             // Pending-mode cursors advance past what was returned; a partition with nothing more
-            // pending switches to new entries.
+            // pending switches to new entries, after one more claim: a previous owner that had
+            // not yet noticed losing the lease may have been delivered entries meanwhile.
             for (p, cursor) in &wanted {
+                let Some(o) = owned.get_mut(p) else { continue };
+                if let Some(last) = entries.iter().rev().find(|e| e.partition == *p) {
+                    o.last_dispatched = last.id.clone();
+                }
                 if cursor != ">" {
-                    if let Some(o) = owned.get_mut(p) {
-                        let last = entries.iter().rev().find(|e| e.partition == *p);
-                        o.cursor = last.map_or_else(|| ">".to_string(), |e| e.id.clone());
-                    }
+                    let last = entries.iter().rev().find(|e| e.partition == *p);
+                    o.cursor = match last {
+                        Some(e) => e.id.clone(),
+                        None => match self.queue.claim_all_pending(*p, &self.consumer).await {
+                            Ok(0) => ">".to_string(),
+                            Ok(n) => {
+                                tracing::info!(
+                                    partition = p,
+                                    claimed = n,
+                                    "claimed late pending entries of the previous owner"
+                                );
+                                o.last_dispatched.clone()
+                            }
+                            Err(e) => {
+                                tracing::warn!(partition = p, error = %e, "claiming pending entries failed; retrying");
+                                cursor.clone()
+                            }
+                        },
+                    };
                 }
             }
             let got = entries.len();
@@ -313,8 +343,13 @@ impl Worker {
         // lost: stop touching that partition at once.
         let mut lost = vec![];
         for (p, o) in owned.iter_mut() {
+            let sent = Instant::now();
             match leases.renew(*p).await {
-                Ok(true) => o.renewed_at = Instant::now(),
+                Ok(true) => {
+                    o.renewed_at = sent;
+                    o.valid_until = sent + self.validity();
+                    parts.set_valid_until(*p, o.valid_until);
+                }
                 Ok(false) => lost.push(*p),
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "lease renewal failed");
@@ -325,13 +360,7 @@ impl Worker {
             }
         }
         for p in lost {
-            tracing::error!(
-                partition = p,
-                "lost the lease of a partition; stopped consuming it"
-            );
-            parts.active[p as usize].store(false, Ordering::Release);
-            parts.lost[p as usize].lock().expect("lost lock").cancel();
-            owned.remove(&p);
+            self.lose(p, owned);
         }
         if live.is_empty() {
             parts.owned.store(owned.len(), Ordering::Release);
@@ -343,6 +372,7 @@ impl Worker {
             if owned.contains_key(p) {
                 continue;
             }
+            let sent = Instant::now();
             match leases.try_acquire(*p).await {
                 Ok(true) => match self.queue.claim_all_pending(*p, &self.consumer).await {
                     Ok(n) => {
@@ -353,13 +383,16 @@ impl Worker {
                         );
                         *parts.lost[*p as usize].lock().expect("lost lock") =
                             CancellationToken::new();
+                        parts.set_valid_until(*p, sent + self.validity());
                         parts.active[*p as usize].store(true, Ordering::Release);
                         owned.insert(
                             *p,
                             Owned {
                                 cursor: "0".into(),
                                 releasing_since: None,
-                                renewed_at: Instant::now(),
+                                renewed_at: sent,
+                                valid_until: sent + self.validity(),
+                                last_dispatched: "0".into(),
                             },
                         );
                     }
@@ -433,6 +466,41 @@ impl Worker {
         Ok(())
     }
 
+    /// How long after sending an acquire/renew this worker may act on the partition: the TTL minus
+    /// a fifth, for clock rate differences and the time the reply took.
+    fn validity(&self) -> Duration {
+        self.config.lease_ttl - self.config.lease_ttl / 5
+    }
+
+    /// Stop touching a partition whose lease is (or may be) someone else's: nothing of it is
+    /// started any more and its running jobs stop before their next exchange call.
+    fn lose(&self, p: u32, owned: &mut HashMap<u32, Owned>) {
+        tracing::error!(
+            partition = p,
+            "lost the lease of a partition; stopped consuming it"
+        );
+        self.parts.active[p as usize].store(false, Ordering::Release);
+        self.parts.set_valid_until(p, Instant::now());
+        self.parts.lost[p as usize]
+            .lock()
+            .expect("lost lock")
+            .cancel();
+        owned.remove(&p);
+    }
+
+    /// Partitions whose lease could not be renewed in time are lost, even before Redis says so.
+    fn drop_expired(&self, owned: &mut HashMap<u32, Owned>) {
+        let now = Instant::now();
+        let expired: Vec<u32> = owned
+            .iter()
+            .filter(|(_, o)| now >= o.valid_until)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            self.lose(p, owned);
+        }
+    }
+
     /// Release partitions whose hand-over is complete: no read that could still include them is
     /// outstanding (a read finished after the hand-over began) and none of their jobs is running.
     async fn finish_handovers(&self, leases: &Leases, owned: &mut HashMap<u32, Owned>, epoch: u64) {
@@ -491,6 +559,13 @@ struct Owned {
     /// Set when the partition was reassigned: the read epoch at that moment.
     releasing_since: Option<u64>,
     renewed_at: Instant,
+    /// Until when this worker may still act on the partition: when the last successful
+    /// acquire/renew was *sent*, plus the TTL, minus a margin. Past it the lease may be someone
+    /// else's, whatever Redis has told us so far.
+    valid_until: Instant,
+    /// The id of the last entry of this partition handed to the lanes (to re-read own pending
+    /// entries after a read whose reply was lost).
+    last_dispatched: String,
 }
 
 /// Per-partition state shared by the read loop and the lanes.
@@ -502,12 +577,27 @@ struct PartState {
     /// Cancelled when the partition's lease is lost (not on a graceful hand-over): jobs of it that
     /// are retrying stop before their next attempt and leave the entry to the next owner.
     lost: Vec<Mutex<CancellationToken>>,
+    /// Until when jobs of the partition may be started (ms since `base`).
+    valid_until_ms: Vec<AtomicU64>,
+    base: Instant,
     /// Partitions owned / assigned (readiness).
     owned: AtomicUsize,
     desired: AtomicUsize,
 }
 
 impl PartState {
+    fn set_valid_until(&self, p: u32, until: Instant) {
+        let ms = until.saturating_duration_since(self.base).as_millis() as u64;
+        self.valid_until_ms[p as usize].store(ms, Ordering::Release);
+    }
+
+    /// May a job of partition `p` be started now?
+    fn may_start(&self, p: usize) -> bool {
+        self.active[p].load(Ordering::Acquire)
+            && (self.base.elapsed().as_millis() as u64)
+                < self.valid_until_ms[p].load(Ordering::Acquire)
+    }
+
     fn new(partitions: u32) -> Self {
         PartState {
             active: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
@@ -515,6 +605,8 @@ impl PartState {
             lost: (0..partitions)
                 .map(|_| Mutex::new(CancellationToken::new()))
                 .collect(),
+            valid_until_ms: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            base: Instant::now(),
             owned: AtomicUsize::new(0),
             desired: AtomicUsize::new(usize::MAX),
         }
@@ -580,10 +672,13 @@ impl Lanes {
                 let partition = next.partition as usize;
                 // Not ours any more (handed over, lost, shutting down): leave it pending for the
                 // next owner, which claims it before anything newer of this user.
-                if parts.active[partition].load(Ordering::Acquire) {
+                if parts.may_start(partition) {
                     if let Ok(_permit) = permits.acquire().await {
-                        let lost = parts.lost[partition].lock().expect("lost lock").clone();
-                        processor.process(next, lost).await;
+                        // Waiting for the permit may have taken a while: ask again.
+                        if parts.may_start(partition) {
+                            let lost = parts.lost[partition].lock().expect("lost lock").clone();
+                            processor.process(next, lost).await;
+                        }
                     }
                 }
                 parts.inflight[partition].fetch_sub(1, Ordering::AcqRel);
@@ -700,7 +795,7 @@ impl Processor {
             Some(o) => o,
             None => return,
         };
-        if !self.commit(job, &outcome).await {
+        if !self.commit(job, &outcome, attempt).await {
             return;
         }
         if outcome.status.is_failure() {
@@ -822,13 +917,19 @@ impl Processor {
         outcome
     }
 
-    /// Commit the outcome; `false` if shutting down before it could be committed.
-    async fn commit(&self, job: &Job, outcome: &Outcome) -> bool {
+    /// Commit the outcome; `false` if shutting down before it could be committed, or if another
+    /// delivery of the job started meanwhile (then nothing is recorded and the entry is not acked).
+    async fn commit(&self, job: &Job, outcome: &Outcome, attempt: i32) -> bool {
         let mut delay = Duration::from_millis(100);
         let mut statement_failures = 0;
         loop {
-            match self.store.finish_job(job, outcome).await {
+            match self.store.finish_job(job, outcome, attempt).await {
                 Ok(()) => return true,
+                Err(e @ StoreError::Superseded(_)) => {
+                    // Another worker owns the job now; its entry is its to ack.
+                    tracing::warn!(error = %e, "not recording a superseded delivery");
+                    return false;
+                }
                 Err(StoreError::Db(sqlx::Error::Database(d)))
                     if d.code().as_deref() == Some("23505") =>
                 {
@@ -856,7 +957,7 @@ impl Processor {
                                 ),
                             )
                         };
-                        return Box::pin(self.commit(job, &dead)).await;
+                        return Box::pin(self.commit(job, &dead, attempt)).await;
                     }
                 }
             }

@@ -140,8 +140,11 @@ async fn ceiling(
                     return anyhow::Ok(());
                 };
                 let p = sparky::queue::partition_of(&job.alert.user_id, setup::PARTITIONS);
-                store.begin_job(job, p, "0-0").await?;
-                store.finish_job(job, &open_outcome(job)).await?;
+                let attempt = match store.begin_job(job, p, "0-0").await? {
+                    sparky::store::Begin::Execute { attempt } => attempt,
+                    sparky::store::Begin::Finished(_) => continue,
+                };
+                store.finish_job(job, &open_outcome(job), attempt).await?;
             }
         });
     }

@@ -346,3 +346,54 @@ async fn a_different_partition_count_is_refused() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn only_the_latest_delivery_may_record_a_jobs_outcome() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    app.enqueue(&alert(user, &secret, "buy")).await;
+    let mut conn = app
+        .queue
+        .blocking_conn(std::time::Duration::from_millis(100))
+        .await
+        .unwrap();
+    let cursors: Vec<(u32, String)> = (0..app.config.partitions)
+        .map(|p| (p, ">".into()))
+        .collect();
+    let e = app
+        .queue
+        .read(
+            &mut conn,
+            "w",
+            &cursors,
+            10,
+            std::time::Duration::from_millis(100),
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    let job = e.job.clone().unwrap();
+    // Two deliveries started (the first worker lost the partition, another took it over).
+    assert_eq!(
+        app.store.begin_job(&job, e.partition, &e.id).await.unwrap(),
+        Begin::Execute { attempt: 1 }
+    );
+    assert_eq!(
+        app.store.begin_job(&job, e.partition, &e.id).await.unwrap(),
+        Begin::Execute { attempt: 2 }
+    );
+    let outcome = sparky::executor::Outcome::new(sparky::executor::JobStatus::Skipped, "test");
+    let late = app.store.finish_job(&job, &outcome, 1).await;
+    assert!(
+        matches!(late, Err(sparky::store::StoreError::Superseded(_))),
+        "{late:?}"
+    );
+    assert_eq!(
+        app.job(job.job_id).await.status,
+        "executing",
+        "the late delivery wrote nothing"
+    );
+    app.store.finish_job(&job, &outcome, 2).await.unwrap();
+    assert_eq!(app.job(job.job_id).await.status, "skipped");
+    app.cleanup().await;
+}
