@@ -2115,8 +2115,8 @@ async fn tradier_protection_is_one_oco_order() {
 // End to end: webhook -> worker -> fake broker -> Postgres
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn e2e_aster_buy_reversal_unknown_outcome_and_rejection() {
+/// An Aster fake, an app whose worker talks to it, and a user with Aster credentials.
+pub(crate) async fn aster_app() -> (Arc<AsterFake>, String, TestApp, Uuid, String) {
     let (fake, url) = AsterFake::start().await;
     let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
     let (user, secret) = app.create_user().await;
@@ -2130,6 +2130,12 @@ async fn e2e_aster_buy_reversal_unknown_outcome_and_rejection() {
         json!({}),
     )
     .await;
+    (fake, url, app, user, secret)
+}
+
+#[tokio::test]
+async fn e2e_aster_buy_reversal_unknown_outcome_and_rejection() {
+    let (fake, _, app, user, secret) = aster_app().await;
 
     // buy -> filled and recorded
     let buy = app

@@ -621,19 +621,7 @@ impl Write for Buf {
 /// Current-thread runtime: the thread-local JSON subscriber sees every task of the run.
 #[tokio::test]
 async fn json_log_lines_of_a_job_carry_job_user_exchange_and_partition() {
-    let (fake, url) = AsterFake::start().await;
-    let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "aster",
-        ASTER_KEY,
-        ASTER_SECRET,
-        None,
-        json!({}),
-    )
-    .await;
+    let (fake, _, app, user, secret) = aster_app().await;
     // A retry makes the executor log inside the job too.
     fake.core.inject(
         ORDER,

@@ -226,25 +226,7 @@ async fn an_entry_left_pending_by_a_crashed_worker_runs_once_on_redelivery() {
     let id = app.enqueue(&alert(user, &secret, "buy")).await;
 
     // A worker read the entry and recorded the start, then died before committing or acking.
-    let mut conn = app
-        .queue
-        .blocking_conn(std::time::Duration::from_millis(100))
-        .await
-        .unwrap();
-    let cursors: Vec<(u32, String)> = (0..app.config.partitions)
-        .map(|p| (p, ">".into()))
-        .collect();
-    let entries = app
-        .queue
-        .read(
-            &mut conn,
-            "crashed-worker",
-            &cursors,
-            10,
-            std::time::Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
+    let entries = read_as(&app, "crashed-worker").await;
     assert_eq!(entries.len(), 1);
     let e = &entries[0];
     let job = e.job.as_ref().unwrap();
@@ -352,26 +334,7 @@ async fn only_the_latest_delivery_may_record_a_jobs_outcome() {
     let app = TestApp::spawn().await;
     let (user, secret) = app.paper_user().await;
     app.enqueue(&alert(user, &secret, "buy")).await;
-    let mut conn = app
-        .queue
-        .blocking_conn(std::time::Duration::from_millis(100))
-        .await
-        .unwrap();
-    let cursors: Vec<(u32, String)> = (0..app.config.partitions)
-        .map(|p| (p, ">".into()))
-        .collect();
-    let e = app
-        .queue
-        .read(
-            &mut conn,
-            "w",
-            &cursors,
-            10,
-            std::time::Duration::from_millis(100),
-        )
-        .await
-        .unwrap()
-        .remove(0);
+    let e = read_as(&app, "w").await.remove(0);
     let job = e.job.clone().unwrap();
     // Two deliveries started (the first worker lost the partition, another took it over).
     assert_eq!(
@@ -396,4 +359,26 @@ async fn only_the_latest_delivery_may_record_a_jobs_outcome() {
     app.store.finish_job(&job, &outcome, 2).await.unwrap();
     assert_eq!(app.job(job.job_id).await.status, "skipped");
     app.cleanup().await;
+}
+
+/// Read the partition streams once as consumer `name` (as a worker would), without processing.
+async fn read_as(app: &TestApp, name: &str) -> Vec<sparky::queue::Entry> {
+    let mut conn = app
+        .queue
+        .blocking_conn(std::time::Duration::from_millis(100))
+        .await
+        .unwrap();
+    let cursors: Vec<(u32, String)> = (0..app.config.partitions)
+        .map(|p| (p, ">".into()))
+        .collect();
+    app.queue
+        .read(
+            &mut conn,
+            name,
+            &cursors,
+            10,
+            std::time::Duration::from_millis(100),
+        )
+        .await
+        .unwrap()
 }

@@ -2,37 +2,16 @@
 //! a while, a permanent rejection replayed after the fix, and a worker killed between the broker's
 //! acceptance and the commit.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sparky::exchanges::{client_order_id, Leg};
 use sparky::replay::{self, Decision, Options};
-use uuid::Uuid;
 
 use crate::exchanges::*;
-use crate::helpers::*;
 use crate::procs::spawn_worker;
 
 const ORDER: &str = "POST /fapi/v1/order";
-
-/// An Aster fake, an app whose worker talks to it, and a user with Aster credentials.
-async fn aster_app() -> (Arc<AsterFake>, String, TestApp, Uuid, String) {
-    let (fake, url) = AsterFake::start().await;
-    let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "aster",
-        ASTER_KEY,
-        ASTER_SECRET,
-        None,
-        json!({}),
-    )
-    .await;
-    (fake, url, app, user, secret)
-}
 
 fn opts() -> Options {
     Options {
