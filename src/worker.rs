@@ -771,6 +771,36 @@ impl Processor {
             None => return, // shutting down; the entry stays pending
             Some(Begin::Finished(status)) => {
                 tracing::info!(%status, "job already finished; acknowledging the redelivered entry");
+                // A failed job's dead-letter record is written after its commit: a worker that died
+                // in between left the entry pending, so write the record (again) before the ack.
+                // The dead-letter stream is at-least-once; the job row is the record of truth.
+                if status == "rejected" || status == "dead" {
+                    let row = self
+                        .until_ok("reading the finished job", || {
+                            self.store.get_job(job.job_id)
+                        })
+                        .await;
+                    let Some(Some(row)) = row else { return };
+                    let outcome = Outcome {
+                        error_class: row.error_class.clone(),
+                        ..Outcome::new(
+                            if status == "dead" {
+                                JobStatus::Dead
+                            } else {
+                                JobStatus::Rejected
+                            },
+                            row.error.clone().unwrap_or_default(),
+                        )
+                    };
+                    let fields = dead_letter_fields(job, entry, &outcome);
+                    if self
+                        .until_ok("dead-lettering", || self.queue.dead_letter(&fields))
+                        .await
+                        .is_none()
+                    {
+                        return;
+                    }
+                }
                 self.ack(entry).await;
                 return;
             }

@@ -382,3 +382,38 @@ async fn read_as(app: &TestApp, name: &str) -> Vec<sparky::queue::Entry> {
         .await
         .unwrap()
 }
+
+#[tokio::test]
+async fn a_failed_job_redelivered_after_its_commit_still_reaches_the_dead_letter_stream() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.create_user().await; // no credentials: the job is rejected
+    let id = app.enqueue(&alert(user, &secret, "buy")).await;
+    // A worker read it, committed `rejected`, and died before the dead-letter XADD and the ack.
+    let e = read_as(&app, "crashed-worker").await.remove(0);
+    let job = e.job.clone().unwrap();
+    let Begin::Execute { attempt } = app.store.begin_job(&job, e.partition, &e.id).await.unwrap()
+    else {
+        panic!("fresh job");
+    };
+    let outcome = sparky::executor::Outcome::failed(
+        sparky::executor::JobStatus::Rejected,
+        "credentials",
+        "no paper credentials",
+    );
+    app.store.finish_job(&job, &outcome, attempt).await.unwrap();
+    assert!(app.dlq_entries().await.is_empty());
+
+    app.run_worker_until_idle().await;
+    let dlq = format!("{:?}", app.dlq_entries().await);
+    assert!(
+        dlq.contains(&id.to_string()) && dlq.contains("no paper credentials"),
+        "{dlq}"
+    );
+    assert_eq!(
+        app.queue.pending_count(e.partition).await.unwrap(),
+        0,
+        "acked"
+    );
+    assert_eq!(app.job(id).await.attempts, 1, "not executed again");
+    app.cleanup().await;
+}
