@@ -40,7 +40,7 @@ use super::{
     OrderAck, OrderRequest, OrderState, Protection, SharedState, SymbolRules,
 };
 use crate::credentials::Credentials;
-use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
+use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Symbol};
 use crate::executor::{round_down, round_to_tick};
 use crate::secrets::SecretString;
 
@@ -641,18 +641,7 @@ impl Exchange for AsterClient {
             net += amt;
             entry = dec(&r["entryPrice"]).filter(|p| *p > Decimal::ZERO);
         }
-        if net.is_zero() {
-            return Ok(None);
-        }
-        Ok(Some(ExPosition {
-            side: if net > Decimal::ZERO {
-                Side::Long
-            } else {
-                Side::Short
-            },
-            quantity: net.abs().normalize(),
-            entry_price: entry,
-        }))
+        Ok(ExPosition::from_signed(net, entry))
     }
 
     async fn place_order(&self, order: &OrderRequest) -> Result<OrderAck, ExchangeError> {

@@ -157,6 +157,24 @@ pub struct ExPosition {
     pub entry_price: Option<Decimal>,
 }
 
+impl ExPosition {
+    /// A position from a signed net quantity (positive long, negative short); `None` when flat.
+    pub fn from_signed(net: Decimal, entry_price: Option<Decimal>) -> Option<ExPosition> {
+        if net.is_zero() {
+            return None;
+        }
+        Some(ExPosition {
+            side: if net > Decimal::ZERO {
+                Side::Long
+            } else {
+                Side::Short
+            },
+            quantity: net.abs().normalize(),
+            entry_price,
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrderRequest {
     pub symbol: Symbol,

@@ -434,15 +434,7 @@ impl Exchange for TradierClient {
         let entry = dec(&p["cost_basis"])
             .map(|c| (c / qty.abs()).round_dp(6).normalize())
             .filter(|e| *e > Decimal::ZERO);
-        Ok(Some(ExPosition {
-            side: if qty > Decimal::ZERO {
-                Side::Long
-            } else {
-                Side::Short
-            },
-            quantity: qty.abs().normalize(),
-            entry_price: entry,
-        }))
+        Ok(ExPosition::from_signed(qty, entry))
     }
 
     async fn place_order(&self, o: &OrderRequest) -> Result<OrderAck, ExchangeError> {
