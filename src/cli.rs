@@ -285,7 +285,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                         j.job_id,
                         j.user_id,
                         j.status,
-                        j.error_class.as_deref().unwrap_or("-"),
+                        j.error_class.map_or("-", |c| c.as_str()),
                         j.accepted_at.format("%Y-%m-%d %H:%M:%S"),
                         j.error.as_deref().unwrap_or("")
                     );

@@ -139,7 +139,7 @@ impl Default for Config {
             worker_port: 9100,
             partitions: 16,
             worker_concurrency: 64,
-            lease_ttl: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(12),
             max_deliveries: 5,
             stream_retention: Duration::from_secs(7 * 24 * 3600),
             max_signal_age: Duration::from_secs(60),
@@ -147,7 +147,7 @@ impl Default for Config {
             credential_cache_ttl: Duration::from_secs(60),
             exchange_retries: 5,
             exchange_retry_max: Duration::from_secs(30),
-            exchange_timeout: Duration::from_secs(10),
+            exchange_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             rate_limit: RateLimit {
                 per_sec: 10.0,
@@ -387,21 +387,38 @@ impl Config {
             log_format,
         })
     }
-}
 
-impl Config {
-    /// The worker's start-up check of its timing: a partition lease (which is also when a new owner
-    /// claims the pending entries) must outlast the slowest single exchange call. Otherwise a worker
-    /// that stops renewing (cut off from Redis) can still be waiting on an order when the next owner
-    /// claims the job, looks the order up, does not find it yet, and sends it again.
+    /// How long after *sending* a successful renewal this worker may act on a partition: the
+    /// lease TTL minus a fifth, for clock rate differences between this host and Redis.
+    pub fn lease_validity(&self) -> Duration {
+        self.lease_ttl - self.lease_ttl / 5
+    }
+
+    /// How often a worker heartbeats and renews its leases.
+    pub fn renew_interval(&self) -> Duration {
+        self.lease_ttl / 3
+    }
+
+    /// The worker's timing rule. A broker request is sent only if it can finish (the request
+    /// timeout) before the lease validity ends, counted from the last renewal's send time. Just
+    /// before a renewal, `validity - renewal interval` of that window is left; if it were shorter
+    /// than one request timeout, requests would have to wait for every renewal. So:
+    /// `0.8 x SPARKY_LEASE_TTL_MS - SPARKY_LEASE_TTL_MS / 3 >= SPARKY_EXCHANGE_TIMEOUT_MS`.
+    /// Then no request is ever in flight once another worker could own the partition.
     pub fn check_worker_timing(&self) -> Result<(), ConfigError> {
-        if self.lease_ttl < self.exchange_timeout {
+        let window = self.lease_validity().saturating_sub(self.renew_interval());
+        if window < self.exchange_timeout {
             return Err(err(
                 "SPARKY_LEASE_TTL_MS",
                 format!(
-                    "{} ms is shorter than the exchange request timeout SPARKY_EXCHANGE_TIMEOUT_MS={} ms: a partition could be claimed by another worker while an order is still in flight; raise the lease TTL or lower the timeout",
-                    self.lease_ttl.as_millis(),
-                    self.exchange_timeout.as_millis()
+                    "{ttl} ms leaves too short a window for one broker request: validity 0.8 x {ttl} = {v} ms, minus the renewal interval {ttl} / 3 = {r} ms, is {w} ms, less than SPARKY_EXCHANGE_TIMEOUT_MS={t} ms. A request could still be in flight when another worker takes the partition; set SPARKY_LEASE_TTL_MS to at least {min} or lower the timeout",
+                    ttl = self.lease_ttl.as_millis(),
+                    v = self.lease_validity().as_millis(),
+                    r = self.renew_interval().as_millis(),
+                    w = window.as_millis(),
+                    t = self.exchange_timeout.as_millis(),
+                    // 0.8 T - T/3 = 7 T / 15
+                    min = (self.exchange_timeout.as_millis() * 15).div_ceil(7),
                 ),
             ));
         }
@@ -563,21 +580,22 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_shorter_than_the_exchange_timeout_is_refused() {
+    fn a_lease_window_shorter_than_one_request_is_refused() {
         let c = Config::from_map(&HashMap::new()).unwrap();
-        assert_eq!(c.exchange_timeout, Duration::from_secs(10));
+        assert_eq!(c.exchange_timeout, Duration::from_secs(5));
         c.check_worker_timing()
             .expect("the defaults are consistent");
         let c = Config::from_map(&map(&[("SPARKY_LEASE_TTL_MS", "2000")])).unwrap();
         let e = c.check_worker_timing().unwrap_err();
         assert_eq!(e.var, "SPARKY_LEASE_TTL_MS");
         assert!(
-            e.to_string().contains("SPARKY_EXCHANGE_TIMEOUT_MS=10000"),
+            e.to_string().contains("SPARKY_EXCHANGE_TIMEOUT_MS=5000")
+                && e.to_string().contains("at least 10715"),
             "{e}"
         );
         let c = Config::from_map(&map(&[
             ("SPARKY_LEASE_TTL_MS", "2000"),
-            ("SPARKY_EXCHANGE_TIMEOUT_MS", "1500"),
+            ("SPARKY_EXCHANGE_TIMEOUT_MS", "900"),
         ]))
         .unwrap();
         c.check_worker_timing().unwrap();

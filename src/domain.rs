@@ -7,6 +7,12 @@
 //! Numbers are read exactly: `serde_json` keeps the literal text of JSON numbers
 //! (`arbitrary_precision`), which goes straight into `rust_decimal`; nothing passes through `f64`.
 //! Numeric strings are accepted too (TradingView placeholders render as text).
+//!
+//! Every value also has bounds ([`bounds`]): text without control characters (Postgres cannot
+//! store NUL) and of bounded length, sizes and prices in ranges whose arithmetic fits a decimal,
+//! times within sane years. The parser applies them per field; [`Alert::check_bounds`] applies the
+//! same functions to an alert read back from a stream entry (replays, entries older than a bound),
+//! so no alert that breaks one ever reaches the worker's arithmetic or the database.
 
 use std::fmt;
 use std::str::FromStr;
@@ -317,7 +323,145 @@ pub fn body_secret(body: &Map<String, Value>) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
-const MAX_TEXT: usize = 256;
+/// The bounds of every alert value, shared by the parser and [`Alert::check_bounds`].
+pub mod bounds {
+    use chrono::{DateTime, Utc};
+    use rust_decimal::Decimal;
+
+    /// Longest free text (`strategy`, `strategy_id`, `alert_id`), in characters.
+    pub const MAX_TEXT: usize = 256;
+    /// Largest `position_size_usd`: 1 billion.
+    pub const MAX_USD: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
+    /// Largest `price`: 1 billion.
+    pub const MAX_PRICE: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
+    /// Smallest `price`: 1e-12.
+    pub const MIN_PRICE: Decimal = Decimal::from_parts(1, 0, 0, false, 12);
+    /// Longest `max_lag_secs`: 30 days.
+    pub const MAX_LAG_SECS: u64 = 30 * 24 * 3600;
+    /// `timestamp` must lie in [2000-01-01, 2100-01-01).
+    pub const MIN_TIMESTAMP_MS: i64 = 946_684_800_000;
+    pub const MAX_TIMESTAMP_MS: i64 = 4_102_444_800_000;
+
+    /// Free text: at most [`MAX_TEXT`] characters, no control characters (NUL and the like).
+    pub fn text(s: &str) -> Result<(), String> {
+        if s.chars().count() > MAX_TEXT {
+            return Err(format!("is longer than {MAX_TEXT} characters"));
+        }
+        if let Some(c) = s.chars().find(|c| c.is_control()) {
+            return Err(format!(
+                "must not contain control characters (found U+{:04X})",
+                c as u32
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn usd(d: Decimal) -> Result<(), String> {
+        if d > Decimal::ZERO && d <= MAX_USD {
+            Ok(())
+        } else {
+            Err(format!(
+                "must be greater than 0 and at most {MAX_USD}, got {d}"
+            ))
+        }
+    }
+
+    pub fn price(d: Decimal) -> Result<(), String> {
+        if d >= MIN_PRICE && d <= MAX_PRICE {
+            Ok(())
+        } else {
+            Err(format!(
+                "must be between {MIN_PRICE} and {MAX_PRICE}, got {d}"
+            ))
+        }
+    }
+
+    pub fn percent(d: Decimal) -> Result<(), String> {
+        if d > Decimal::ZERO && d < Decimal::ONE_HUNDRED {
+            Ok(())
+        } else {
+            Err(format!("must be between 0 and 100 (exclusive), got {d}"))
+        }
+    }
+
+    pub fn max_lag_secs(n: u64) -> Result<(), String> {
+        if (1..=MAX_LAG_SECS).contains(&n) {
+            Ok(())
+        } else {
+            Err(format!(
+                "must be a whole number of seconds from 1 to {MAX_LAG_SECS} (30 days), got {n}"
+            ))
+        }
+    }
+
+    pub fn timestamp(t: DateTime<Utc>) -> Result<(), String> {
+        let ms = t.timestamp_millis();
+        if (MIN_TIMESTAMP_MS..MAX_TIMESTAMP_MS).contains(&ms) {
+            Ok(())
+        } else {
+            Err(format!("`{t}` is outside the years 2000 to 2099"))
+        }
+    }
+}
+
+impl Alert {
+    /// The bounds the parser enforces, applied to an alert that did not just come through it
+    /// (read back from a stream entry or the database). Every problem is named.
+    pub fn check_bounds(&self) -> Result<(), Vec<FieldError>> {
+        let mut errs = Vec::new();
+        let mut check = |field: &str, r: Result<(), String>| {
+            if let Err(message) = r {
+                errs.push(FieldError {
+                    field: field.into(),
+                    message,
+                });
+            }
+        };
+        check(
+            "symbol",
+            Symbol::parse(self.symbol.as_str(), self.exchange).and_then(|s| {
+                if s == self.symbol {
+                    Ok(())
+                } else {
+                    Err(format!("`{}` is not in its normal form", self.symbol))
+                }
+            }),
+        );
+        let texts = [
+            ("strategy_id", &self.strategy_id),
+            ("strategy", &self.strategy),
+            ("alert_id", &self.alert_id),
+        ];
+        for (field, value) in texts {
+            if let Some(v) = value {
+                check(field, bounds::text(v));
+            }
+        }
+        if let Some(p) = self.price {
+            check("price", bounds::price(p));
+        }
+        if let Some(u) = self.position_size_usd {
+            check("position_size_usd", bounds::usd(u));
+        }
+        if let Some(p) = self.stop_loss_percent {
+            check("stop_loss_percent", bounds::percent(p));
+        }
+        if let Some(p) = self.take_profit_percent {
+            check("take_profit_percent", bounds::percent(p));
+        }
+        if let Some(t) = self.timestamp {
+            check("timestamp", bounds::timestamp(t));
+        }
+        if let Some(n) = self.max_lag_secs {
+            check("max_lag_secs", bounds::max_lag_secs(n));
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs)
+        }
+    }
+}
 
 /// Validate every field of a webhook body. `idempotency_key` is the `Idempotency-Key` header, used
 /// when the body has no `alert_id`.
@@ -390,39 +534,39 @@ pub fn parse_alert(
             None
         }
     };
-    let price = positive_decimal(body, "price", &mut bad);
+    let price = bounded_decimal(body, "price", bounds::price, &mut bad);
     if order_type == Some(OrderType::Limit) && price.is_none() && !body_has(body, "price") {
         bad("price", "is required for limit orders".into());
     }
-    let position_size_usd = positive_decimal(body, "position_size_usd", &mut bad);
+    let position_size_usd = bounded_decimal(body, "position_size_usd", bounds::usd, &mut bad);
     if matches!(action, Some(Action::Buy | Action::Sell))
         && position_size_usd.is_none()
         && !body_has(body, "position_size_usd")
     {
         bad("position_size_usd", "is required for buy and sell".into());
     }
-    let stop_loss_percent = percent(body, "stop_loss_percent", &mut bad);
-    let take_profit_percent = percent(body, "take_profit_percent", &mut bad);
+    let stop_loss_percent = bounded_decimal(body, "stop_loss_percent", bounds::percent, &mut bad);
+    let take_profit_percent =
+        bounded_decimal(body, "take_profit_percent", bounds::percent, &mut bad);
     let strategy_id = short_text(body, "strategy_id", &mut bad);
     let strategy = short_text(body, "strategy", &mut bad);
     let alert_id = match short_text(body, "alert_id", &mut bad) {
         Some(a) => Some(a),
         None if !body_has(body, "alert_id") => match idempotency_key.map(str::trim) {
-            Some(k) if !k.is_empty() && k.len() <= MAX_TEXT => Some(k.to_string()),
-            Some(k) if k.len() > MAX_TEXT => {
-                bad(
-                    "Idempotency-Key",
-                    format!("is longer than {MAX_TEXT} characters"),
-                );
-                None
-            }
+            Some(k) if !k.is_empty() => match bounds::text(k) {
+                Ok(()) => Some(k.to_string()),
+                Err(m) => {
+                    bad("Idempotency-Key", m);
+                    None
+                }
+            },
             _ => None,
         },
         None => None,
     };
     let timestamp = match body.get("timestamp") {
         None | Some(Value::Null) => None,
-        Some(v) => match parse_timestamp(v) {
+        Some(v) => match parse_timestamp(v).and_then(|t| bounds::timestamp(t).map(|()| t)) {
             Ok(t) => Some(t),
             Err(m) => {
                 bad("timestamp", m);
@@ -433,11 +577,17 @@ pub fn parse_alert(
     let max_lag_secs = match body.get("max_lag_secs") {
         None | Some(Value::Null) => None,
         Some(v) => match number_text(v).and_then(|s| s.parse::<u64>().ok()) {
-            Some(n) if n > 0 => Some(n),
-            _ => {
+            Some(n) => bounds::max_lag_secs(n)
+                .map(|()| n)
+                .map_err(|m| bad("max_lag_secs", m))
+                .ok(),
+            None => {
                 bad(
                     "max_lag_secs",
-                    "must be a whole number of seconds > 0".into(),
+                    format!(
+                        "must be a whole number of seconds from 1 to {}",
+                        bounds::MAX_LAG_SECS
+                    ),
                 );
                 None
             }
@@ -516,11 +666,14 @@ fn short_text(
     bad: &mut impl FnMut(&str, String),
 ) -> Option<String> {
     match text(body, key) {
-        Ok(Some(s)) if s.chars().count() > MAX_TEXT => {
-            bad(key, format!("is longer than {MAX_TEXT} characters"));
-            None
-        }
-        Ok(s) => s,
+        Ok(Some(s)) => match bounds::text(&s) {
+            Ok(()) => Some(s),
+            Err(m) => {
+                bad(key, m);
+                None
+            }
+        },
+        Ok(None) => None,
         Err(m) => {
             bad(key, m);
             None
@@ -580,39 +733,15 @@ fn decimal_field(body: &Map<String, Value>, key: &str) -> Result<Option<Decimal>
     }
 }
 
-fn positive_decimal(
+/// A decimal field within `bound` (a function of [`bounds`]).
+fn bounded_decimal(
     body: &Map<String, Value>,
     key: &str,
+    bound: fn(Decimal) -> Result<(), String>,
     bad: &mut impl FnMut(&str, String),
 ) -> Option<Decimal> {
     match decimal_field(body, key) {
-        Ok(Some(d)) if d > Decimal::ZERO => Some(d),
-        Ok(Some(d)) => {
-            bad(key, format!("must be greater than 0, got {d}"));
-            None
-        }
-        Ok(None) => None,
-        Err(m) => {
-            bad(key, m);
-            None
-        }
-    }
-}
-
-fn percent(
-    body: &Map<String, Value>,
-    key: &str,
-    bad: &mut impl FnMut(&str, String),
-) -> Option<Decimal> {
-    match decimal_field(body, key) {
-        Ok(Some(d)) if d > Decimal::ZERO && d < Decimal::ONE_HUNDRED => Some(d),
-        Ok(Some(d)) => {
-            bad(
-                key,
-                format!("must be between 0 and 100 (exclusive), got {d}"),
-            );
-            None
-        }
+        Ok(Some(d)) => bound(d).map(|()| d).map_err(|m| bad(key, m)).ok(),
         Ok(None) => None,
         Err(m) => {
             bad(key, m);

@@ -23,45 +23,18 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Job, OrderSide, OrderType, Side};
 use crate::exchanges::{
     client_order_id, ErrorClass, ExPosition, Exchange, ExchangeError, Leg, OnFill, OrderAck,
     OrderRequest, OrderState, Protection,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobStatus {
-    Queued,
-    Executing,
-    Succeeded,
-    SucceededUnprotected,
-    Skipped,
-    Rejected,
-    Dead,
-}
-
-impl JobStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Queued => "queued",
-            JobStatus::Executing => "executing",
-            JobStatus::Succeeded => "succeeded",
-            JobStatus::SucceededUnprotected => "succeeded_unprotected",
-            JobStatus::Skipped => "skipped",
-            JobStatus::Rejected => "rejected",
-            JobStatus::Dead => "dead",
-        }
-    }
-    /// Does a job in this state belong in the dead-letter stream?
-    pub fn is_failure(self) -> bool {
-        matches!(self, JobStatus::Rejected | JobStatus::Dead)
-    }
-}
+pub use crate::job::JobStatus;
+use crate::job::{FailureClass, FillState};
+use crate::money::{self, round_down, round_to_tick, units_for_usd, Overflow};
+use crate::partition::Fence;
 
 /// One order leg the exchange executed (or accepted), to be recorded as a trade row.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -72,8 +45,7 @@ pub struct Fill {
     pub price: Option<Decimal>,
     pub client_order_id: String,
     pub exchange_order_id: Option<String>,
-    /// `filled` or `accepted`.
-    pub status: String,
+    pub status: FillState,
 }
 
 /// How the user's position in the job's symbol changed.
@@ -94,7 +66,7 @@ pub enum PositionChange {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AttemptError {
     pub at: DateTime<Utc>,
-    pub class: String,
+    pub class: FailureClass,
     pub message: String,
 }
 
@@ -106,7 +78,7 @@ pub struct Outcome {
     pub position: PositionChange,
     /// Why it was skipped / rejected / dead / unprotected.
     pub message: Option<String>,
-    pub error_class: Option<String>,
+    pub error_class: Option<FailureClass>,
     pub history: Vec<AttemptError>,
 }
 
@@ -122,17 +94,31 @@ impl Outcome {
         }
     }
     /// A job that fails before reaching the exchange (no credentials, stale, ...).
-    pub fn failed(status: JobStatus, class: &str, message: impl Into<String>) -> Outcome {
+    pub fn failed(status: JobStatus, class: FailureClass, message: impl Into<String>) -> Outcome {
         let message = message.into();
         Outcome {
-            error_class: Some(class.to_string()),
+            error_class: Some(class),
             history: vec![AttemptError {
                 at: Utc::now(),
-                class: class.to_string(),
+                class,
                 message: message.clone(),
             }],
             ..Outcome::new(status, message)
         }
+    }
+
+    /// How many times the executor retried a transient or unknown exchange failure: each such
+    /// failure in the history was retried, except the last one of a job that gave up (`dead` with
+    /// that class).
+    pub fn retries(&self) -> u64 {
+        let failures = self
+            .history
+            .iter()
+            .filter(|h| h.class.is_retriable())
+            .count() as u64;
+        let gave_up = self.status == JobStatus::Dead
+            && self.error_class.is_some_and(FailureClass::is_retriable);
+        failures.saturating_sub(u64::from(gave_up))
     }
 }
 
@@ -168,64 +154,41 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Round `x` down to a multiple of `step`.
-pub fn round_down(x: Decimal, step: Decimal) -> Decimal {
-    if step <= Decimal::ZERO {
-        return x;
-    }
-    ((x / step).round_dp_with_strategy(0, RoundingStrategy::ToZero) * step).normalize()
-}
-
-/// Round a price to the nearest multiple of `tick`.
-pub fn round_to_tick(x: Decimal, tick: Decimal) -> Decimal {
-    if tick <= Decimal::ZERO {
-        return x;
-    }
-    ((x / tick).round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero) * tick)
-        .normalize()
-}
-
-/// How many units of `symbol` `usd` buys at `price`. Quantities are in the base asset, so for a
-/// forex pair whose base is the US dollar (`USD_JPY`, OANDA's form) the size is the dollar amount
-/// itself; otherwise (`ETHUSDT`, `EUR_USD`, `AAPL`) it is `usd / price`. Crosses without USD
-/// (`EUR_GBP`) are sized as `usd / price`, i.e. as if the quote currency were USD: an
-/// approximation until home-currency conversion rates are fetched.
-pub fn units_for_usd(symbol: &str, usd: Decimal, price: Decimal) -> Decimal {
-    if symbol.starts_with("USD_") {
-        usd
-    } else {
-        usd / price
-    }
-}
-
 /// Execute `job` on `ex`, retrying transient failures. `recover` says a previous delivery of this job
 /// may already have placed orders.
 pub async fn execute(ex: &dyn Exchange, job: &Job, recover: bool, policy: &RetryPolicy) -> Outcome {
-    execute_until(ex, job, recover, policy, &CancellationToken::new())
-        .await
-        .expect("never abandoned")
+    let fence = Fence::unbounded();
+    match execute_until(ex, job, recover, policy, &fence).await {
+        Some(outcome) => outcome,
+        None => Outcome::failed(
+            JobStatus::Dead,
+            FailureClass::Internal,
+            "abandoned under a fence that never ends",
+        ),
+    }
 }
 
-/// [`execute`], but no new attempt is started once `abandon` is cancelled (the worker lost the
-/// partition's lease: the job's next owner will look its orders up and finish it). `None` then:
-/// nothing may be recorded or acked by this worker. An attempt already under way is not cut off,
-/// so what the exchange did is never unknown to the attempt that caused it.
+/// [`execute`], for as long as `fence` (the partition's lease, as this worker sees it) allows: no
+/// new attempt or leg starts once it is void, and the exchange clients ask it before every request
+/// when run inside [`Fence::scope`]. `None` then: the job's next owner will look its orders up and
+/// finish it, and nothing may be recorded or acked by this worker. A request already sent is not
+/// cut off, so what the exchange did is never unknown to the attempt that caused it.
 pub async fn execute_until(
     ex: &dyn Exchange,
     job: &Job,
     mut recover: bool,
     policy: &RetryPolicy,
-    abandon: &CancellationToken,
+    fence: &Fence,
 ) -> Option<Outcome> {
     let mut schedule = policy.schedule();
     let mut history = Vec::new();
     loop {
         let mut fills = Vec::new();
-        if abandon.is_cancelled() {
+        if fence.is_void() {
             return None;
         }
-        let result = attempt(ex, job, recover, &mut fills, abandon).await;
-        if abandon.is_cancelled() && result.is_err() {
+        let result = attempt(ex, job, recover, &mut fills, fence).await;
+        if fence.is_void() && result.is_err() {
             // Stopped between legs (or failed after the lease was lost): the next owner finishes it.
             return None;
         }
@@ -238,7 +201,7 @@ pub async fn execute_until(
         };
         history.push(AttemptError {
             at: Utc::now(),
-            class: err.class.as_str().into(),
+            class: err.class.into(),
             message: err.message.clone(),
         });
         let status = match err.class {
@@ -249,7 +212,7 @@ pub async fn execute_until(
                     tracing::warn!(error = %err, ?delay, "exchange call failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = abandon.cancelled() => return None,
+                        _ = fence.voided() => return None,
                     }
                     recover = true;
                     continue;
@@ -272,15 +235,15 @@ pub async fn execute_until(
             fills,
             position,
             message: Some(message),
-            error_class: Some(err.class.as_str().into()),
+            error_class: Some(err.class.into()),
             history,
         });
     }
 }
 
-/// Before each exchange call of an attempt: is the job still this worker's to run?
-fn still_ours(abandon: &CancellationToken) -> Result<(), ExchangeError> {
-    if abandon.is_cancelled() {
+/// Before each leg of an attempt: is the job still this worker's to run?
+fn still_ours(fence: &Fence) -> Result<(), ExchangeError> {
+    if fence.is_void() {
         Err(ExchangeError::transient(
             "stopped: this worker lost the partition's lease",
         ))
@@ -303,8 +266,8 @@ fn fill_of(leg: Leg, side: OrderSide, ack: &OrderAck, fallback_qty: Decimal) -> 
         client_order_id: ack.client_order_id.clone(),
         exchange_order_id: Some(ack.exchange_order_id.clone()),
         status: match ack.state {
-            OrderState::Filled => "filled".into(),
-            OrderState::Accepted => "accepted".into(),
+            OrderState::Filled => FillState::Filled,
+            OrderState::Accepted => FillState::Accepted,
         },
     }
 }
@@ -346,7 +309,7 @@ async fn attempt(
     job: &Job,
     recover: bool,
     fills: &mut Vec<Fill>,
-    abandon: &CancellationToken,
+    fence: &Fence,
 ) -> Result<Outcome, ExchangeError> {
     let a = &job.alert;
     let sym = &a.symbol;
@@ -380,7 +343,7 @@ async fn attempt(
                 format!("no open position in {sym} to close"),
             ));
         };
-        still_ours(abandon)?;
+        still_ours(fence)?;
         let ack = close(ex, job, &p).await?;
         fills.push(fill_of(
             Leg::Close,
@@ -434,7 +397,7 @@ async fn attempt(
     // Size the new leg before touching the existing position.
     let rules = ex.symbol_rules(sym).await?;
     let reference_price = match (a.order_type, a.price) {
-        (OrderType::Limit, Some(p)) => round_to_tick(p, rules.tick),
+        (OrderType::Limit, Some(p)) => round_to_tick(p, rules.tick)?,
         _ => ex.price(sym).await?,
     };
     if reference_price <= Decimal::ZERO {
@@ -443,8 +406,14 @@ async fn attempt(
         )));
     }
     let usd = a.position_size_usd.unwrap_or_default();
-    let raw_qty = units_for_usd(sym.as_str(), usd, reference_price);
-    let qty = round_down(raw_qty, rules.step);
+    let sizing = |e: Overflow| {
+        ExchangeError::permanent(format!(
+            "cannot size {usd} USD of {sym} at {reference_price} (step {}): {e}",
+            rules.step
+        ))
+    };
+    let raw_qty = units_for_usd(sym.as_str(), usd, reference_price).map_err(sizing)?;
+    let qty = round_down(raw_qty, rules.step).map_err(sizing)?;
     if qty < rules.min_qty || qty <= Decimal::ZERO {
         return Err(ExchangeError::permanent(format!(
             "order too small: {usd} USD at {reference_price} is {} {sym}, which rounds down to {qty} (step {}), below the minimum quantity {}",
@@ -453,10 +422,11 @@ async fn attempt(
             rules.min_qty
         )));
     }
-    if qty * reference_price < rules.min_notional {
+    let notional = money::mul(qty, reference_price).map_err(sizing)?;
+    if notional < rules.min_notional {
         return Err(ExchangeError::permanent(format!(
             "order too small: {qty} {sym} at {reference_price} is {} notional, below the minimum {}",
-            (qty * reference_price).normalize(),
+            notional.normalize(),
             rules.min_notional
         )));
     }
@@ -464,7 +434,7 @@ async fn attempt(
     // Reversal: close first, and only go on once the close is confirmed.
     if let Some(p) = &position {
         if prev_close.is_none() {
-            still_ours(abandon)?;
+            still_ours(fence)?;
             let ack = close(ex, job, p).await?;
             fills.push(fill_of(
                 Leg::Close,
@@ -479,7 +449,7 @@ async fn attempt(
     let on_fill = if ex.protects_on_fill()
         && (a.stop_loss_percent.is_some() || a.take_profit_percent.is_some())
     {
-        let (sl, tp) = protective_prices(side, reference_price, a, rules.tick);
+        let (sl, tp) = protective_prices(side, reference_price, a, rules.tick)?;
         Some(OnFill {
             stop_loss: sl,
             take_profit: tp,
@@ -498,7 +468,7 @@ async fn attempt(
         client_order_id: open_id,
         on_fill: on_fill.clone(),
     };
-    still_ours(abandon)?;
+    still_ours(fence)?;
     let ack = place_leg(ex, &order, None).await?;
     fills.push(fill_of(Leg::Open, order.side, &ack, qty));
     if ack.state != OrderState::Filled {
@@ -518,7 +488,7 @@ async fn attempt(
     };
     let (sl, tp) = match &on_fill {
         Some(f) => (f.stop_loss, f.take_profit),
-        None => protective_prices(side, entry, a, rules.tick),
+        None => protective_prices(side, entry, a, rules.tick)?,
     };
     let mut outcome = done(
         fills,
@@ -544,7 +514,7 @@ async fn attempt(
         if let Err(e) = ex.protect(&protection).await {
             outcome.status = JobStatus::SucceededUnprotected;
             outcome.message = Some(format!("position opened but not protected: {}", e.message));
-            outcome.error_class = Some(e.class.as_str().into());
+            outcome.error_class = Some(e.class.into());
         }
     }
     Ok(outcome)
@@ -556,24 +526,23 @@ fn protective_prices(
     entry: Decimal,
     a: &crate::domain::Alert,
     tick: Decimal,
-) -> (Option<Decimal>, Option<Decimal>) {
-    let pct = |p: Decimal| p / Decimal::ONE_HUNDRED;
-    let (sl, tp) = match side {
-        Side::Long => (
-            a.stop_loss_percent.map(|p| entry * (Decimal::ONE - pct(p))),
-            a.take_profit_percent
-                .map(|p| entry * (Decimal::ONE + pct(p))),
-        ),
-        Side::Short => (
-            a.stop_loss_percent.map(|p| entry * (Decimal::ONE + pct(p))),
-            a.take_profit_percent
-                .map(|p| entry * (Decimal::ONE - pct(p))),
-        ),
+) -> Result<(Option<Decimal>, Option<Decimal>), Overflow> {
+    // Below the entry for a long's stop and a short's target, above for the others.
+    let level = |pct: Option<Decimal>, below: bool| -> Result<Option<Decimal>, Overflow> {
+        let Some(pct) = pct else { return Ok(None) };
+        let frac = money::div(pct, Decimal::ONE_HUNDRED)?;
+        let factor = if below {
+            money::sub(Decimal::ONE, frac)?
+        } else {
+            money::add(Decimal::ONE, frac)?
+        };
+        Ok(Some(round_to_tick(money::mul(entry, factor)?, tick)?))
     };
-    (
-        sl.map(|p| round_to_tick(p, tick)),
-        tp.map(|p| round_to_tick(p, tick)),
-    )
+    let long = side == Side::Long;
+    Ok((
+        level(a.stop_loss_percent, long)?,
+        level(a.take_profit_percent, !long)?,
+    ))
 }
 
 async fn close(ex: &dyn Exchange, job: &Job, p: &ExPosition) -> Result<OrderAck, ExchangeError> {
@@ -606,27 +575,5 @@ fn done(fills: &mut Vec<Fill>, position: PositionChange) -> Outcome {
         message: None,
         error_class: None,
         history: vec![],
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rust_decimal_macros::dec;
-
-    #[test]
-    fn usd_based_pairs_are_sized_in_dollars() {
-        assert_eq!(units_for_usd("USD_JPY", dec!(100), dec!(150.25)), dec!(100));
-        assert_eq!(units_for_usd("EUR_USD", dec!(100), dec!(1.25)), dec!(80));
-        assert_eq!(units_for_usd("ETHUSDT", dec!(300), dec!(3000)), dec!(0.1));
-    }
-
-    #[test]
-    fn rounding() {
-        assert_eq!(round_down(dec!(0.0333333), dec!(0.001)), dec!(0.033));
-        assert_eq!(round_down(dec!(5.999), dec!(1)), dec!(5));
-        assert_eq!(round_down(dec!(0.0009), dec!(0.001)), dec!(0));
-        assert_eq!(round_to_tick(dec!(2849.996), dec!(0.01)), dec!(2850));
-        assert_eq!(round_to_tick(dec!(1.23456), dec!(0.0001)), dec!(1.2346));
     }
 }

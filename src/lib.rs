@@ -8,7 +8,7 @@
 //!
 //! Modules are named for what they own: [`config`], [`domain`] (typed webhook values and the parser),
 //! [`queue`] (Redis Streams), [`store`] (Postgres), [`credentials`], [`exchanges`], [`executor`],
-//! [`ingress`], [`worker`], [`lease`], [`replay`], [`metrics`] (Prometheus), [`status`]
+//! [`ingress`], [`worker`], [`partition`], [`replay`], [`metrics`] (Prometheus), [`status`]
 //! (`sparky status`), [`telemetry`], [`cli`]. The binaries (`sparky`, `sparky-ingress`, `sparky-worker`) only
 //! call into this library, so tests run the real ingress and worker in-process.
 
@@ -19,11 +19,14 @@ pub mod domain;
 pub mod exchanges;
 pub mod executor;
 pub mod ingress;
-pub mod lease;
+pub mod job;
 pub mod metrics;
+pub mod money;
 pub mod net;
+pub mod partition;
 pub mod queue;
 pub mod replay;
+pub mod retry;
 pub mod secrets;
 pub mod status;
 pub mod store;

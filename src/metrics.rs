@@ -201,10 +201,15 @@ impl Metrics {
         }
     }
 
-    pub fn dead_lettered(&self, status: &'static str, error_class: String) {
+    pub fn dead_lettered(
+        &self,
+        status: crate::job::JobStatus,
+        error_class: Option<crate::job::FailureClass>,
+    ) {
+        let class = error_class.map_or("", |c| c.as_str());
         metrics::counter!(
             "sparky_dead_letters_total",
-            self.labels(ns_labels!(self, "status" => status, "error_class" => error_class))
+            self.labels(ns_labels!(self, "status" => status.as_str(), "error_class" => class))
         )
         .increment(1);
     }

@@ -349,15 +349,17 @@ impl Queue {
     }
 
     /// Move every pending entry of `partition` (whoever it was delivered to) to `consumer`, so that
-    /// the next read with id `0` returns them in stream order. Used when a worker takes a partition.
+    /// the next read with id `0` returns them in stream order. Used when a worker takes a partition
+    /// and once more after its history pass; returns the ids claimed (this consumer's own included),
+    /// so the caller can tell entries it already holds from ones it has never seen.
     pub async fn claim_all_pending(
         &self,
         partition: u32,
         consumer: &str,
-    ) -> Result<u64, QueueError> {
+    ) -> Result<Vec<String>, QueueError> {
         let mut c = self.conn();
         let mut cursor = "0-0".to_string();
-        let mut n = 0u64;
+        let mut claimed = Vec::new();
         loop {
             let v: Value = redis::cmd("XAUTOCLAIM")
                 .arg(self.keys.stream(partition))
@@ -378,10 +380,10 @@ impl Queue {
                 .and_then(as_string)
                 .unwrap_or_else(|| "0-0".into());
             if let Some(Value::Array(ids)) = parts.get(1) {
-                n += ids.len() as u64;
+                claimed.extend(ids.iter().filter_map(as_string));
             }
             if cursor == "0-0" {
-                return Ok(n);
+                return Ok(claimed);
             }
         }
     }

@@ -20,6 +20,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::domain::Job;
+use crate::job::JobStatus;
 use crate::queue::{Queue, Replay};
 use crate::store::Store;
 
@@ -56,6 +57,8 @@ pub enum Decision {
     NotFailed,
     /// Not replayed: no such job.
     NotFound,
+    /// Not replayed: the job's alert breaks a bound the ingress enforces now.
+    Invalid,
     /// Not replayed: the queue or the database failed.
     Error,
 }
@@ -64,7 +67,7 @@ pub enum Decision {
 pub struct Item {
     pub job_id: Uuid,
     pub user_id: Option<Uuid>,
-    pub status: Option<String>,
+    pub status: Option<JobStatus>,
     pub decision: Decision,
     pub detail: String,
 }
@@ -72,7 +75,12 @@ pub struct Item {
 /// Would `job` be stale if run now?
 pub fn would_be_stale(job: &Job, max_age: Duration, now: DateTime<Utc>) -> Option<String> {
     if let (Some(ts), Some(lag)) = (job.alert.timestamp, job.alert.max_lag_secs) {
-        if now > ts + chrono::Duration::seconds(lag as i64) {
+        // Checked: an alert read back from storage may carry any lag (the ingress bounds it).
+        let deadline = i64::try_from(lag)
+            .ok()
+            .and_then(chrono::Duration::try_seconds)
+            .and_then(|d| ts.checked_add_signed(d));
+        if deadline.is_some_and(|d| now > d) {
             return Some(format!(
                 "alert time {ts} is more than max_lag_secs={lag} ago"
             ));
@@ -153,14 +161,22 @@ pub async fn replay(
         let item = |decision, detail: String| Item {
             job_id,
             user_id: Some(job.alert.user_id),
-            status: Some(status.clone()),
+            status: Some(status),
             decision,
             detail,
         };
-        if status != "rejected" && status != "dead" {
+        if !status.is_failure() {
             out.push(item(
                 Decision::NotFailed,
                 format!("job is {status}; only rejected and dead jobs are replayed"),
+            ));
+            continue;
+        }
+        if let Err(errors) = job.alert.check_bounds() {
+            let why: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            out.push(item(
+                Decision::Invalid,
+                format!("the alert breaks the webhook's bounds: {}", why.join("; ")),
             ));
             continue;
         }
@@ -197,7 +213,7 @@ pub async fn replay(
                 format!("re-enqueued on partition {p} as entry {entry}"),
             )),
             Err(e) => {
-                store.undo_requeue(job_id, &old).await?;
+                store.undo_requeue(job_id, old).await?;
                 out.push(item(Decision::Error, format!("could not enqueue: {e}")));
             }
         }

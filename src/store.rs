@@ -15,7 +15,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::domain::{Job, Side};
-use crate::executor::{Fill, JobStatus, Outcome, PositionChange};
+use crate::executor::{Fill, Outcome, PositionChange};
+use crate::job::{FailureClass, FillState, JobStatus};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -31,6 +32,42 @@ pub enum StoreError {
     Conflict(String),
     #[error("job {0} was started again by another delivery; this one's outcome is not recorded")]
     Superseded(Uuid),
+}
+
+impl StoreError {
+    /// Postgres could not be reached or asked (connection, pool, shutdown, TLS, protocol; SQLSTATE
+    /// classes 08 and 57P): worth waiting out, the job's data is not the problem.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Db(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            StoreError::Db(sqlx::Error::Database(d)) => d
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        }
+    }
+
+    /// A unique constraint refused the write (SQLSTATE 23505).
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, StoreError::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505"))
+    }
+}
+
+/// Text as Postgres accepts it: `text` and `jsonb` cannot hold NUL, which a broker's reply may
+/// carry into an error message. (Alert text fields are refused with NUL at the ingress.)
+fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
 }
 
 /// A `bot_credentials` row as stored (api_key/api_secret still encrypted).
@@ -86,7 +123,7 @@ pub struct TradeRow {
     pub price: Option<Decimal>,
     pub client_order_id: String,
     pub exchange_order_id: Option<String>,
-    pub status: String,
+    pub status: FillState,
 }
 
 /// A stored job.
@@ -99,9 +136,9 @@ pub struct JobRow {
     pub exchange: String,
     pub action: String,
     pub symbol: String,
-    pub status: String,
+    pub status: JobStatus,
     pub attempts: i32,
-    pub error_class: Option<String>,
+    pub error_class: Option<FailureClass>,
     pub error: Option<String>,
     pub accepted_at: DateTime<Utc>,
     /// When the last delivery started executing it.
@@ -116,7 +153,7 @@ pub enum Begin {
     /// may have placed orders already: the executor looks them up before placing anything.
     Execute { attempt: i32 },
     /// The job already reached this final state: ack the entry, do nothing.
-    Finished(String),
+    Finished(JobStatus),
 }
 
 #[derive(Clone)]
@@ -334,7 +371,7 @@ impl Store {
                 attempt: r.get("attempts"),
             }),
             None => {
-                let status: String =
+                let status: JobStatus =
                     sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = $1")
                         .bind(job.job_id)
                         .fetch_one(&self.pool)
@@ -358,17 +395,21 @@ impl Store {
     ) -> Result<(), StoreError> {
         let a = &job.alert;
         let mut tx = self.pool.begin().await?;
-        let history = serde_json::to_value(&outcome.history).expect("history serialises");
+        let history: Vec<serde_json::Value> = outcome
+            .history
+            .iter()
+            .map(|h| serde_json::json!({"at": h.at, "class": h.class, "message": pg_text(&h.message)}))
+            .collect();
         let updated = sqlx::query(
             "UPDATE jobs SET status = $2, error_class = $3, error = $4,
                history = history || $5::jsonb, finished_at = now(), updated_at = now()
              WHERE job_id = $1 AND status = 'executing' AND attempts = $6",
         )
         .bind(job.job_id)
-        .bind(outcome.status.as_str())
-        .bind(outcome.error_class.as_deref())
-        .bind(outcome.message.as_deref())
-        .bind(history)
+        .bind(outcome.status)
+        .bind(outcome.error_class)
+        .bind(outcome.message.as_deref().map(pg_text))
+        .bind(serde_json::Value::Array(history))
         .bind(attempt)
         .execute(&mut *tx)
         .await?
@@ -427,11 +468,11 @@ impl Store {
             .bind(job_id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(r.as_ref().map(job_row))
+        Ok(r.as_ref().map(job_row).transpose()?)
     }
 
     /// A stored job as it was enqueued (for replays).
-    pub async fn job_envelope(&self, job_id: Uuid) -> Result<Option<(Job, String)>, StoreError> {
+    pub async fn job_envelope(&self, job_id: Uuid) -> Result<Option<(Job, JobStatus)>, StoreError> {
         let r = sqlx::query("SELECT alert, accepted_at, status FROM jobs WHERE job_id = $1")
             .bind(job_id)
             .fetch_optional(&self.pool)
@@ -447,7 +488,7 @@ impl Store {
                 accepted_at: r.get("accepted_at"),
                 alert,
             },
-            r.get("status"),
+            r.try_get("status")?,
         )))
     }
 
@@ -474,12 +515,12 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(job_row).collect())
+        Ok(rows.iter().map(job_row).collect::<Result<_, _>>()?)
     }
 
     /// Move a failed job back to `queued` for a replay (only one concurrent replay wins). Returns
     /// the status it had, or `None` if it was not failed (any more).
-    pub async fn requeue_failed(&self, job_id: Uuid) -> Result<Option<String>, StoreError> {
+    pub async fn requeue_failed(&self, job_id: Uuid) -> Result<Option<JobStatus>, StoreError> {
         let entry = serde_json::json!([{"at": Utc::now(), "class": "replay", "message": "re-enqueued by `sparky replay`"}]);
         Ok(sqlx::query_scalar(
             "UPDATE jobs j SET status = 'queued', attempts = 0, updated_at = now(),
@@ -495,7 +536,7 @@ impl Store {
     }
 
     /// Undo [`Store::requeue_failed`] when the re-enqueue itself failed.
-    pub async fn undo_requeue(&self, job_id: Uuid, status: &str) -> Result<(), StoreError> {
+    pub async fn undo_requeue(&self, job_id: Uuid, status: JobStatus) -> Result<(), StoreError> {
         sqlx::query("UPDATE jobs SET status = $2 WHERE job_id = $1 AND status = 'queued'")
             .bind(job_id)
             .bind(status)
@@ -509,7 +550,7 @@ impl Store {
             .bind(job_id)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(trade_row).collect())
+        Ok(rows.iter().map(trade_row).collect::<Result<_, _>>()?)
     }
 
     pub async fn trades_of_user(&self, user_id: Uuid) -> Result<Vec<TradeRow>, StoreError> {
@@ -517,7 +558,7 @@ impl Store {
             .bind(user_id)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(trade_row).collect())
+        Ok(rows.iter().map(trade_row).collect::<Result<_, _>>()?)
     }
 
     /// A trade by its client order id (how the paper exchange answers order look-ups).
@@ -533,7 +574,7 @@ impl Store {
         .bind(client_order_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(r.as_ref().map(trade_row))
+        Ok(r.as_ref().map(trade_row).transpose()?)
     }
 
     pub async fn position(
@@ -581,9 +622,9 @@ async fn insert_trade(
     .bind(f.side.as_str())
     .bind(f.quantity)
     .bind(f.price)
-    .bind(&f.client_order_id)
-    .bind(&f.exchange_order_id)
-    .bind(&f.status)
+    .bind(pg_text(&f.client_order_id))
+    .bind(f.exchange_order_id.as_deref().map(pg_text))
+    .bind(f.status)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -597,43 +638,37 @@ const JOB_SELECT: &str = "SELECT job_id, user_id, partition, entry_id, exchange,
 const TRADE_SELECT: &str = "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price,
     client_order_id, exchange_order_id, status FROM trades";
 
-fn job_row(r: &sqlx::postgres::PgRow) -> JobRow {
-    JobRow {
-        job_id: r.get("job_id"),
-        user_id: r.get("user_id"),
-        partition: r.get("partition"),
-        entry_id: r.get("entry_id"),
-        exchange: r.get("exchange"),
-        action: r.get("action"),
-        symbol: r.get("symbol"),
-        status: r.get("status"),
-        attempts: r.get("attempts"),
-        error_class: r.get("error_class"),
-        error: r.get("error"),
-        accepted_at: r.get("accepted_at"),
-        started_at: r.get("started_at"),
-        finished_at: r.get("finished_at"),
-    }
+fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, sqlx::Error> {
+    Ok(JobRow {
+        job_id: r.try_get("job_id")?,
+        user_id: r.try_get("user_id")?,
+        partition: r.try_get("partition")?,
+        entry_id: r.try_get("entry_id")?,
+        exchange: r.try_get("exchange")?,
+        action: r.try_get("action")?,
+        symbol: r.try_get("symbol")?,
+        status: r.try_get("status")?,
+        attempts: r.try_get("attempts")?,
+        error_class: r.try_get("error_class")?,
+        error: r.try_get("error")?,
+        accepted_at: r.try_get("accepted_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+    })
 }
 
-fn trade_row(r: &sqlx::postgres::PgRow) -> TradeRow {
-    TradeRow {
-        job_id: r.get("job_id"),
-        user_id: r.get("user_id"),
-        exchange: r.get("exchange"),
-        symbol: r.get("symbol"),
-        leg: r.get("leg"),
-        side: r.get("side"),
-        quantity: r.get("quantity"),
-        price: r.get("price"),
-        client_order_id: r.get("client_order_id"),
-        exchange_order_id: r.get("exchange_order_id"),
-        status: r.get("status"),
-    }
-}
-
-impl JobStatus {
-    pub fn is_final(self) -> bool {
-        !matches!(self, JobStatus::Queued | JobStatus::Executing)
-    }
+fn trade_row(r: &sqlx::postgres::PgRow) -> Result<TradeRow, sqlx::Error> {
+    Ok(TradeRow {
+        job_id: r.try_get("job_id")?,
+        user_id: r.try_get("user_id")?,
+        exchange: r.try_get("exchange")?,
+        symbol: r.try_get("symbol")?,
+        leg: r.try_get("leg")?,
+        side: r.try_get("side")?,
+        quantity: r.try_get("quantity")?,
+        price: r.try_get("price")?,
+        client_order_id: r.try_get("client_order_id")?,
+        exchange_order_id: r.try_get("exchange_order_id")?,
+        status: r.try_get("status")?,
+    })
 }

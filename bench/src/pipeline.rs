@@ -18,7 +18,9 @@ use serde_json::json;
 use sparky::domain::{self, Job, OrderSide, Side};
 use sparky::exchanges::paper::paper_market;
 use sparky::exchanges::{client_order_id, Leg};
-use sparky::executor::{round_down, Fill, JobStatus, Outcome, PositionChange};
+use sparky::executor::{Fill, JobStatus, Outcome, PositionChange};
+use sparky::job::FillState;
+use sparky::money::round_down;
 use sparky::queue::Queue;
 use sparky::store::Store;
 use tokio::task::JoinSet;
@@ -92,7 +94,7 @@ pub async fn enqueue_all(queue: &Queue, jobs: &[Job]) -> anyhow::Result<()> {
 /// What the paper exchange and the executor would record for an opening job.
 fn open_outcome(job: &Job) -> Outcome {
     let (price, rules) = paper_market(job.alert.symbol.as_str());
-    let quantity = round_down(Decimal::from(POSITION_USD) / price, rules.step);
+    let quantity = round_down(Decimal::from(POSITION_USD) / price, rules.step).expect("fits");
     let coid = client_order_id(job.job_id, Leg::Open);
     Outcome {
         status: JobStatus::Succeeded,
@@ -103,7 +105,7 @@ fn open_outcome(job: &Job) -> Outcome {
             price: Some(price),
             exchange_order_id: Some(format!("paper-{coid}")),
             client_order_id: coid,
-            status: "filled".into(),
+            status: FillState::Filled,
         }],
         position: PositionChange::Open {
             side: Side::Long,

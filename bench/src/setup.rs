@@ -340,7 +340,7 @@ pub fn worker_env(
         // Backlogs wait in the stream for a while; they must not go stale.
         ("SPARKY_MAX_SIGNAL_AGE_SECS", "600".into()),
         ("SPARKY_LEASE_TTL_MS", "2000".into()),
-        ("SPARKY_EXCHANGE_TIMEOUT_MS", "1000".into()),
+        ("SPARKY_EXCHANGE_TIMEOUT_MS", "900".into()),
         ("WORKER_PORT", "0".into()),
         ("LOG_LEVEL", "info,sqlx=warn".into()),
         ("LOG_FORMAT", "json".into()),

@@ -41,7 +41,7 @@ use super::{
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Symbol};
-use crate::executor::{round_down, round_to_tick};
+use crate::money::{round_down, round_to_tick};
 use crate::secrets::SecretString;
 
 pub const PRODUCTION_URL: &str = "https://fapi.asterdex.com";
@@ -408,7 +408,7 @@ impl AsterClient {
         rules: &AsterRules,
     ) -> Result<(Decimal, Option<Decimal>), ExchangeError> {
         let (step, min) = rules.for_type(order.order_type);
-        let qty = round_down(order.quantity, step);
+        let qty = round_down(order.quantity, step)?;
         if qty <= Decimal::ZERO || qty < min {
             return Err(ExchangeError::permanent(format!(
                 "aster: order too small: {} {} rounds down to {qty} (step {step}), below the minimum quantity {min}",
@@ -421,7 +421,7 @@ impl AsterClient {
                     ExchangeError::permanent("aster: a limit order needs a price")
                 })?,
                 rules.tick,
-            )),
+            )?),
             OrderType::Market => None,
         };
         if !order.reduce_only && rules.min_notional > Decimal::ZERO {

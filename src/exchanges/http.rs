@@ -42,11 +42,19 @@ pub struct Reply {
 }
 
 /// Send `req` and read the whole body. Failures to get a reply are classified by `call`.
+///
+/// Every broker request of every client passes here, so this is where the partition's lease is
+/// asked first ([`crate::partition::fence`]): inside a worker's job, a request that could not finish
+/// before the lease validity ends is not sent (a transient error; the executor then stops, and the
+/// partition's next owner finishes the job).
 pub async fn send(
     exchange: &str,
     req: reqwest::RequestBuilder,
     call: Call,
 ) -> Result<Reply, ExchangeError> {
+    crate::partition::fence::request_permit()
+        .await
+        .map_err(|v| ExchangeError::transient(format!("{exchange}: {v}")))?;
     let resp = req
         .send()
         .await

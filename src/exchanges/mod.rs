@@ -50,6 +50,16 @@ impl ErrorClass {
     }
 }
 
+impl From<ErrorClass> for crate::job::FailureClass {
+    fn from(c: ErrorClass) -> Self {
+        match c {
+            ErrorClass::Transient => crate::job::FailureClass::Transient,
+            ErrorClass::Unknown => crate::job::FailureClass::Unknown,
+            ErrorClass::Permanent => crate::job::FailureClass::Permanent,
+        }
+    }
+}
+
 /// A failure of an exchange call. `message` is the broker's own text where there is one; it never
 /// contains credentials.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +90,13 @@ impl ExchangeError {
             message: message.into(),
             retry_after: None,
         }
+    }
+}
+
+/// Arithmetic on an order's numbers that does not fit a decimal: the order cannot be made, ever.
+impl From<crate::money::Overflow> for ExchangeError {
+    fn from(e: crate::money::Overflow) -> Self {
+        ExchangeError::permanent(format!("order arithmetic failed: {e}"))
     }
 }
 

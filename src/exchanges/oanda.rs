@@ -35,7 +35,7 @@ use super::{
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
-use crate::executor::{round_down, round_to_tick};
+use crate::money::{round_down, round_to_tick};
 use crate::secrets::SecretString;
 
 pub const LIVE_URL: &str = "https://api-fxtrade.oanda.com";
@@ -387,7 +387,7 @@ impl Exchange for OandaClient {
 
     async fn place_order(&self, o: &OrderRequest) -> Result<OrderAck, ExchangeError> {
         let rules = self.rules(&o.symbol).await?;
-        let qty = round_down(o.quantity, rules.step);
+        let qty = round_down(o.quantity, rules.step)?;
         if qty <= Decimal::ZERO || qty < rules.min_qty {
             return Err(ExchangeError::permanent(format!(
                 "oanda: order too small: {} {} rounds down to {qty} units (precision {}), below the minimum trade size {}",
@@ -414,7 +414,7 @@ impl Exchange for OandaClient {
                 if let Some(price) = price {
                     let coid = sibling_client_order_id(&o.client_order_id, leg);
                     order[key] = json!({
-                        "price": round_to_tick(price, rules.tick).normalize().to_string(),
+                        "price": round_to_tick(price, rules.tick)?.normalize().to_string(),
                         "timeInForce": "GTC",
                         "clientExtensions": {"id": coid, "tag": TAG},
                     });
@@ -432,7 +432,7 @@ impl Exchange for OandaClient {
                 })?;
                 order["type"] = json!("LIMIT");
                 order["timeInForce"] = json!("GTC");
-                order["price"] = json!(round_to_tick(p, rules.tick).normalize().to_string());
+                order["price"] = json!(round_to_tick(p, rules.tick)?.normalize().to_string());
             }
         }
         self.write_order(

@@ -36,7 +36,7 @@ use super::{
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
-use crate::executor::round_to_tick;
+use crate::money::round_to_tick;
 use crate::secrets::SecretString;
 
 pub const PRODUCTION_URL: &str = "https://api.tradier.com";
@@ -471,7 +471,9 @@ impl Exchange for TradierClient {
                 .ok_or_else(|| ExchangeError::permanent("tradier: a limit order needs a price"))?;
             form.push((
                 "price".into(),
-                round_to_tick(p, Decimal::new(1, 2)).normalize().to_string(),
+                round_to_tick(p, Decimal::new(1, 2))?
+                    .normalize()
+                    .to_string(),
             ));
         }
         self.send_order(form, &o.client_order_id, wait).await

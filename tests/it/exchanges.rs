@@ -679,7 +679,7 @@ async fn aster_market_buy_is_sized_to_the_market_lot_step_and_recorded() {
     assert_eq!(p.last().unwrap().0, "signature");
     assert_eq!(out.fills[0].quantity, dec!(0.033));
     assert_eq!(out.fills[0].price, Some(dec!(3000)));
-    assert_eq!(out.fills[0].status, "filled");
+    assert_eq!(out.fills[0].status, sparky::job::FillState::Filled);
 
     // SOLUSDT: LOT_SIZE step 0.01 but MARKET_LOT_SIZE step 0.1: 100/150 = 0.666 -> 0.6
     let j = job(ExchangeKind::Aster, Action::Sell, "SOLUSDT", dec!(100));
@@ -947,7 +947,7 @@ async fn aster_margin_rejection_is_permanent_with_the_brokers_message() {
     )
     .await;
     assert_eq!(out.status, JobStatus::Rejected);
-    assert_eq!(out.error_class.as_deref(), Some("permanent"));
+    assert_eq!(out.error_class, Some(sparky::job::FailureClass::Permanent));
     assert!(
         out.message
             .as_ref()
@@ -1981,7 +1981,11 @@ async fn tradier_quirks_null_single_object_and_pending_fill() {
     )
     .await;
     assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
-    assert_eq!(out.fills[0].status, "filled", "read back until filled");
+    assert_eq!(
+        out.fills[0].status,
+        sparky::job::FillState::Filled,
+        "read back until filled"
+    );
     // a single position object
     let p = ex.position(&sym).await.unwrap().unwrap();
     assert_eq!(
@@ -2150,7 +2154,7 @@ async fn e2e_aster_buy_reversal_unknown_outcome_and_rejection() {
         .await;
     app.run_worker_until_idle().await;
     let job = app.job(buy).await;
-    assert_eq!(job.status, "succeeded", "{job:?}");
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
     let trades = app.trades(user).await;
     assert_eq!(trades.len(), 1);
     assert_eq!(
@@ -2180,7 +2184,7 @@ async fn e2e_aster_buy_reversal_unknown_outcome_and_rejection() {
         .await;
     app.run_worker_until_idle().await;
     let job = app.job(sell).await;
-    assert_eq!(job.status, "succeeded", "{job:?}");
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
     let legs: Vec<_> = app
         .trades(user)
         .await
@@ -2213,7 +2217,10 @@ async fn e2e_aster_buy_reversal_unknown_outcome_and_rejection() {
         .enqueue(&webhook(user, &secret, "aster", "close", "ETHUSDT", 100))
         .await;
     app.run_worker_until_idle().await;
-    assert_eq!(app.job(close).await.status, "succeeded");
+    assert_eq!(
+        app.job(close).await.status,
+        sparky::job::JobStatus::Succeeded
+    );
     assert_eq!(fake.orders_with(&client_order_id(close, Leg::Close)), 1);
     assert!(app.position(user, "ETHUSDT").await.is_none());
 
@@ -2224,8 +2231,8 @@ async fn e2e_aster_buy_reversal_unknown_outcome_and_rejection() {
         .await;
     app.run_worker_until_idle().await;
     let job = app.job(rej).await;
-    assert_eq!(job.status, "rejected");
-    assert_eq!(job.error_class.as_deref(), Some("permanent"));
+    assert_eq!(job.status, sparky::job::JobStatus::Rejected);
+    assert_eq!(job.error_class, Some(sparky::job::FailureClass::Permanent));
     assert!(
         job.error
             .as_deref()
@@ -2260,7 +2267,7 @@ async fn e2e_oanda_buy_reversal_unknown_outcome_and_rejection() {
         .enqueue(&webhook(user, &secret, "oanda", "buy", "EURUSD", 100))
         .await;
     app.run_worker_until_idle().await;
-    assert_eq!(app.job(buy).await.status, "succeeded");
+    assert_eq!(app.job(buy).await.status, sparky::job::JobStatus::Succeeded);
     let t = &app.trades(user).await[0];
     assert_eq!(
         (t.symbol.as_str(), t.quantity, t.price),
@@ -2277,7 +2284,7 @@ async fn e2e_oanda_buy_reversal_unknown_outcome_and_rejection() {
         .await;
     app.run_worker_until_idle().await;
     let job = app.job(sell).await;
-    assert_eq!(job.status, "succeeded", "{job:?}");
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
     assert_eq!(fake.orders_with(&client_order_id(sell, Leg::Open)).len(), 1);
     assert_eq!(
         fake.orders_with(&client_order_id(sell, Leg::Close)).len(),
@@ -2295,7 +2302,7 @@ async fn e2e_oanda_buy_reversal_unknown_outcome_and_rejection() {
     app.run_worker_until_idle().await;
     assert_eq!(
         app.job(close).await.status,
-        "succeeded",
+        sparky::job::JobStatus::Succeeded,
         "closes go through the positions endpoint"
     );
     let rej = app
@@ -2303,7 +2310,7 @@ async fn e2e_oanda_buy_reversal_unknown_outcome_and_rejection() {
         .await;
     app.run_worker_until_idle().await;
     let job = app.job(rej).await;
-    assert_eq!(job.status, "rejected");
+    assert_eq!(job.status, sparky::job::JobStatus::Rejected);
     assert!(
         job.error
             .as_deref()
@@ -2335,7 +2342,7 @@ async fn e2e_tradier_buy_reversal_unknown_outcome_and_rejection() {
         .enqueue(&webhook(user, &secret, "tradier", "buy", "AAPL", 1000))
         .await;
     app.run_worker_until_idle().await;
-    assert_eq!(app.job(buy).await.status, "succeeded");
+    assert_eq!(app.job(buy).await.status, sparky::job::JobStatus::Succeeded);
     let t = &app.trades(user).await[0];
     assert_eq!(
         (t.quantity, t.price, t.side.as_str()),
@@ -2351,7 +2358,7 @@ async fn e2e_tradier_buy_reversal_unknown_outcome_and_rejection() {
         .await;
     app.run_worker_until_idle().await;
     let job = app.job(sell).await;
-    assert_eq!(job.status, "succeeded", "{job:?}");
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
     let sides: Vec<_> = fake
         .st
         .lock()
@@ -2370,7 +2377,7 @@ async fn e2e_tradier_buy_reversal_unknown_outcome_and_rejection() {
         .await;
     app.run_worker_until_idle().await;
     let job = app.job(rej).await;
-    assert_eq!(job.status, "rejected");
+    assert_eq!(job.status, sparky::job::JobStatus::Rejected);
     assert!(
         job.error
             .as_deref()

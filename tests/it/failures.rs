@@ -41,8 +41,11 @@ async fn a_stale_backlog_goes_dead_and_replay_with_the_override_executes_it_once
     for j in [id, lag_id] {
         let job = app.job(j).await;
         assert_eq!(
-            (job.status.as_str(), job.error_class.as_deref()),
-            ("dead", Some("stale")),
+            (job.status, job.error_class),
+            (
+                sparky::job::JobStatus::Dead,
+                Some(sparky::job::FailureClass::Stale)
+            ),
             "{job:?}"
         );
     }
@@ -79,7 +82,11 @@ async fn a_stale_backlog_goes_dead_and_replay_with_the_override_executes_it_once
     .await
     .unwrap();
     assert_eq!(items[0].decision, Decision::Replayed);
-    assert_eq!(app.job(id).await.status, "dead", "dry run changed nothing");
+    assert_eq!(
+        app.job(id).await.status,
+        sparky::job::JobStatus::Dead,
+        "dry run changed nothing"
+    );
 
     // With the override it runs, once; replaying it again does nothing.
     let items = replay::replay(
@@ -92,7 +99,7 @@ async fn a_stale_backlog_goes_dead_and_replay_with_the_override_executes_it_once
     .unwrap();
     assert_eq!(items[0].decision, Decision::Replayed, "{items:?}");
     app.run_worker_until_idle().await;
-    assert_eq!(app.job(id).await.status, "succeeded");
+    assert_eq!(app.job(id).await.status, sparky::job::JobStatus::Succeeded);
     let trades = app.trades(user).await;
     assert_eq!(trades.len(), 1);
     assert_eq!(trades[0].job_id, id);
@@ -118,7 +125,7 @@ async fn a_rejected_job_is_replayed_once_after_the_cause_is_fixed() {
     let second = app.enqueue(&alert(user, &secret, "close")).await;
     app.run_worker_until_idle().await;
     let job = app.job(first).await;
-    assert_eq!(job.status, "rejected");
+    assert_eq!(job.status, sparky::job::JobStatus::Rejected);
     assert!(job
         .error
         .as_deref()
@@ -147,8 +154,14 @@ async fn a_rejected_job_is_replayed_once_after_the_cause_is_fixed() {
         "{items:?}"
     );
     app.run_worker_until_idle().await;
-    assert_eq!(app.job(first).await.status, "succeeded");
-    assert_eq!(app.job(second).await.status, "succeeded");
+    assert_eq!(
+        app.job(first).await.status,
+        sparky::job::JobStatus::Succeeded
+    );
+    assert_eq!(
+        app.job(second).await.status,
+        sparky::job::JobStatus::Succeeded
+    );
     let legs: Vec<String> = app.trades(user).await.into_iter().map(|t| t.leg).collect();
     assert_eq!(legs, ["open", "close"], "buy then close, in order");
 

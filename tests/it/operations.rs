@@ -637,7 +637,7 @@ async fn json_log_lines_of_a_job_carry_job_user_exchange_and_partition() {
     let guard = tracing::subscriber::set_default(subscriber);
     app.run_worker_until_idle().await;
     drop(guard);
-    assert_eq!(app.job(id).await.status, "succeeded");
+    assert_eq!(app.job(id).await.status, sparky::job::JobStatus::Succeeded);
 
     let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
     let lines: Vec<Value> = text
@@ -725,13 +725,31 @@ async fn start_up_warns_about_a_redis_that_can_lose_jobs() {
 }
 
 #[tokio::test]
-async fn a_worker_refuses_a_lease_shorter_than_the_exchange_timeout() {
+async fn a_worker_refuses_a_lease_whose_window_is_shorter_than_one_request() {
     let app = TestApp::spawn().await;
-    let config = sparky::config::Config {
-        lease_ttl: Duration::from_secs(2),
-        exchange_timeout: Duration::from_secs(10),
+    let timing = |lease_ms: u64, timeout_ms: u64| sparky::config::Config {
+        lease_ttl: Duration::from_millis(lease_ms),
+        exchange_timeout: Duration::from_millis(timeout_ms),
         ..app.config.clone()
     };
+    // 0.8 x 2000 - 2000 / 3 = 933 ms of room for one request after the last renewal.
+    assert!(timing(2000, 933).check_worker_timing().is_ok());
+    let refused = timing(2000, 934)
+        .check_worker_timing()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("is 933 ms, less than SPARKY_EXCHANGE_TIMEOUT_MS=934 ms"),
+        "{refused}"
+    );
+    assert!(
+        app.config.check_worker_timing().is_ok()
+            && sparky::config::Config::default()
+                .check_worker_timing()
+                .is_ok(),
+        "the defaults satisfy the rule"
+    );
+    let config = timing(2000, 10_000);
     let err = Worker::connect(config, CancellationToken::new())
         .await
         .err()

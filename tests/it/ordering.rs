@@ -158,7 +158,10 @@ async fn three_workers_one_killed_every_alert_once_and_in_order() {
     let env = [
         ("SPARKY_LEASE_TTL_MS", LEASE_MS.to_string()),
         // A lease may not be shorter than the exchange timeout (start-up check).
-        ("SPARKY_EXCHANGE_TIMEOUT_MS", LEASE_MS.to_string()),
+        (
+            "SPARKY_EXCHANGE_TIMEOUT_MS",
+            (LEASE_MS * 7 / 15).to_string(),
+        ),
         ("SPARKY_WORKER_CONCURRENCY", "8".to_string()),
     ];
     let mut workers = vec![];
@@ -233,7 +236,10 @@ async fn graceful_shutdown_mid_run_retries_nothing_and_loses_nothing() {
     let env = [
         ("SPARKY_LEASE_TTL_MS", LEASE_MS.to_string()),
         // A lease may not be shorter than the exchange timeout (start-up check).
-        ("SPARKY_EXCHANGE_TIMEOUT_MS", LEASE_MS.to_string()),
+        (
+            "SPARKY_EXCHANGE_TIMEOUT_MS",
+            (LEASE_MS * 7 / 15).to_string(),
+        ),
         ("SPARKY_WORKER_CONCURRENCY", "4".to_string()),
     ];
     let mut a = spawn_worker(&app, &env).await;

@@ -17,7 +17,7 @@ async fn webhook_becomes_a_filled_paper_trade_and_a_position() {
     app.run_worker_until_idle().await;
 
     let job = app.job(job_id).await;
-    assert_eq!(job.status, "succeeded", "{job:?}");
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
     assert_eq!(job.user_id, user);
     assert_eq!(job.attempts, 1);
     let trades = app.trades(user).await;
@@ -105,20 +105,24 @@ async fn buy_skip_reverse_close_skip() {
     };
 
     let (job, trades) = step("buy").await;
-    assert_eq!(job.status, "succeeded");
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded);
     assert_eq!(trades.len(), 1);
     let p = app.position(user, "ETHUSDT").await.unwrap();
     assert_eq!((p.side, p.quantity), (Side::Long, dec!(0.033)));
 
     let (job, trades) = step("buy").await;
-    assert_eq!(job.status, "skipped", "same side is skipped");
+    assert_eq!(
+        job.status,
+        sparky::job::JobStatus::Skipped,
+        "same side is skipped"
+    );
     assert!(job.error.unwrap().contains("already long"));
     assert!(trades.is_empty());
     let p = app.position(user, "ETHUSDT").await.unwrap();
     assert_eq!((p.side, p.quantity), (Side::Long, dec!(0.033)));
 
     let (job, trades) = step("sell").await;
-    assert_eq!(job.status, "succeeded", "{job:?}");
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
     let legs: Vec<(&str, &str, _)> = trades
         .iter()
         .map(|t| (t.leg.as_str(), t.side.as_str(), t.quantity))
@@ -135,7 +139,7 @@ async fn buy_skip_reverse_close_skip() {
     assert_eq!((p.side, p.quantity), (Side::Short, dec!(0.033)));
 
     let (job, trades) = step("close").await;
-    assert_eq!(job.status, "succeeded");
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded);
     assert_eq!(trades.len(), 1);
     assert_eq!(
         (trades[0].leg.as_str(), trades[0].side.as_str()),
@@ -144,7 +148,7 @@ async fn buy_skip_reverse_close_skip() {
     assert!(app.position(user, "ETHUSDT").await.is_none());
 
     let (job, trades) = step("close").await;
-    assert_eq!(job.status, "skipped");
+    assert_eq!(job.status, sparky::job::JobStatus::Skipped);
     assert!(trades.is_empty());
     assert!(app.position(user, "ETHUSDT").await.is_none());
 
@@ -161,7 +165,7 @@ async fn too_small_orders_are_rejected_with_the_numbers_and_dead_lettered() {
     let id = app.enqueue(&body).await;
     app.run_worker_until_idle().await;
     let job = app.job(id).await;
-    assert_eq!(job.status, "rejected");
+    assert_eq!(job.status, sparky::job::JobStatus::Rejected);
     let err = job.error.unwrap();
     assert!(
         err.contains("2 USD at 3000") && err.contains("minimum quantity 0.001"),
@@ -179,7 +183,7 @@ async fn too_small_orders_are_rejected_with_the_numbers_and_dead_lettered() {
     let id = app.enqueue(&alert(bare, &bare_secret, "buy")).await;
     app.run_worker_until_idle().await;
     let job = app.job(id).await;
-    assert_eq!(job.status, "rejected");
+    assert_eq!(job.status, sparky::job::JobStatus::Rejected);
     assert!(job.error.unwrap().contains("no paper credentials"));
     app.cleanup().await;
 }
@@ -190,7 +194,7 @@ async fn a_redelivered_finished_entry_does_not_execute_again() {
     let (user, secret) = app.paper_user().await;
     let id = app.enqueue(&alert(user, &secret, "buy")).await;
     app.run_worker_until_idle().await;
-    assert_eq!(app.job(id).await.status, "succeeded");
+    assert_eq!(app.job(id).await.status, sparky::job::JobStatus::Succeeded);
 
     // Rewind every consumer group: the same stream entries are delivered again.
     let mut c = app.queue.conn();
@@ -206,7 +210,7 @@ async fn a_redelivered_finished_entry_does_not_execute_again() {
     }
     app.run_worker_until_idle().await;
     let job = app.job(id).await;
-    assert_eq!(job.status, "succeeded");
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded);
     assert_eq!(job.attempts, 1, "not executed a second time");
     assert_eq!(app.trades(user).await.len(), 1);
     for p in 0..app.config.partitions {
@@ -238,7 +242,7 @@ async fn an_entry_left_pending_by_a_crashed_worker_runs_once_on_redelivery() {
 
     app.run_worker_until_idle().await;
     let row = app.job(id).await;
-    assert_eq!(row.status, "succeeded");
+    assert_eq!(row.status, sparky::job::JobStatus::Succeeded);
     assert_eq!(row.attempts, 2);
     assert_eq!(app.trades(user).await.len(), 1, "exactly one order");
     assert_eq!(app.queue.pending_count(e.partition).await.unwrap(), 0);
@@ -282,7 +286,7 @@ async fn users_orders_follow_the_ingress_order() {
         assert_eq!(app.position(*u, "ETHUSDT").await.unwrap().side, Side::Long);
     }
     for (_, id) in ids {
-        assert_eq!(app.job(id).await.status, "succeeded");
+        assert_eq!(app.job(id).await.status, sparky::job::JobStatus::Succeeded);
     }
     app.cleanup().await;
 }
@@ -353,11 +357,14 @@ async fn only_the_latest_delivery_may_record_a_jobs_outcome() {
     );
     assert_eq!(
         app.job(job.job_id).await.status,
-        "executing",
+        sparky::job::JobStatus::Executing,
         "the late delivery wrote nothing"
     );
     app.store.finish_job(&job, &outcome, 2).await.unwrap();
-    assert_eq!(app.job(job.job_id).await.status, "skipped");
+    assert_eq!(
+        app.job(job.job_id).await.status,
+        sparky::job::JobStatus::Skipped
+    );
     app.cleanup().await;
 }
 
@@ -397,7 +404,7 @@ async fn a_failed_job_redelivered_after_its_commit_still_reaches_the_dead_letter
     };
     let outcome = sparky::executor::Outcome::failed(
         sparky::executor::JobStatus::Rejected,
-        "credentials",
+        sparky::job::FailureClass::Credentials,
         "no paper credentials",
     );
     app.store.finish_job(&job, &outcome, attempt).await.unwrap();

@@ -49,7 +49,10 @@ async fn a_broker_failing_with_5xx_then_recovering_gives_one_order_and_keeps_the
         1,
         "exactly one order"
     );
-    assert_eq!(app.job(close).await.status, "succeeded");
+    assert_eq!(
+        app.job(close).await.status,
+        sparky::job::JobStatus::Succeeded
+    );
     // The user's next job reached the broker only after the retried one went through.
     let order_ids: Vec<String> = fake
         .orders()
@@ -88,7 +91,7 @@ async fn a_permanent_rejection_is_dead_lettered_and_replayed_once_after_the_fix(
         .await;
     app.run_worker_until_idle().await;
     let job = app.job(id).await;
-    assert_eq!(job.status, "rejected");
+    assert_eq!(job.status, sparky::job::JobStatus::Rejected);
     assert!(
         job.error
             .as_deref()
@@ -111,7 +114,7 @@ async fn a_permanent_rejection_is_dead_lettered_and_replayed_once_after_the_fix(
         .unwrap();
     assert_eq!(items[0].decision, Decision::Replayed, "{items:?}");
     app.run_worker_until_idle().await;
-    assert_eq!(app.job(id).await.status, "succeeded");
+    assert_eq!(app.job(id).await.status, sparky::job::JobStatus::Succeeded);
     assert_eq!(fake.orders_with(&client_order_id(id, Leg::Open)), 1);
 
     // Replaying it again does nothing.
@@ -134,7 +137,7 @@ async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_
     let env = [
         ("SPARKY_LEASE_TTL_MS", "1500".to_string()),
         // A lease may not be shorter than the exchange timeout (start-up check).
-        ("SPARKY_EXCHANGE_TIMEOUT_MS", "1500".to_string()),
+        ("SPARKY_EXCHANGE_TIMEOUT_MS", "700".to_string()),
         ("ASTER_BASE_URL", url.clone()),
     ];
     let mut first = spawn_worker(&app, &env).await;
@@ -153,7 +156,7 @@ async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_
     first.kill9();
     assert_eq!(
         app.job(id).await.status,
-        "executing",
+        sparky::job::JobStatus::Executing,
         "killed before the commit"
     );
 
@@ -161,8 +164,8 @@ async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let job = app.job(id).await;
-        if job.status != "executing" {
-            assert_eq!(job.status, "succeeded", "{job:?}");
+        if job.status != sparky::job::JobStatus::Executing {
+            assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
             assert_eq!(job.attempts, 2, "redelivered once");
             break;
         }
@@ -202,13 +205,13 @@ async fn a_worker_that_lost_the_lease_stops_retrying_and_records_nothing() {
         min_delay: Duration::from_millis(200),
         max_delay: Duration::from_millis(200),
     };
-    let lost = tokio_util::sync::CancellationToken::new();
+    let lost = sparky::partition::Fence::unbounded();
     let run = sparky::executor::execute_until(&ex, &j, false, &policy, &lost);
     let cancel = async {
         while fake.core.seen(ORDER).is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        lost.cancel();
+        lost.revoke();
     };
     let (outcome, _) = tokio::join!(run, cancel);
     assert!(

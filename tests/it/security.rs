@@ -230,10 +230,10 @@ async fn credential_markers_never_appear_in_plaintext_anywhere() {
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     app.run_worker_until_idle().await;
-    let statuses: Vec<String> = {
+    let statuses: Vec<&str> = {
         let mut v = vec![];
         for j in &jobs {
-            v.push(app.job(*j).await.status);
+            v.push(app.job(*j).await.status.as_str());
         }
         v
     };
@@ -386,7 +386,7 @@ async fn rotate_key_reencrypts_every_row_under_the_current_key() {
     app.config.master_key = Some(new.clone());
     let job = app.enqueue(&alert(legacy, &legacy_secret, "buy")).await;
     app.run_worker_until_idle().await;
-    assert_eq!(app.job(job).await.status, "succeeded");
+    assert_eq!(app.job(job).await.status, sparky::job::JobStatus::Succeeded);
 
     // A row under a key that is not configured is reported by id, never by value, and left alone.
     let stranger = new_key();

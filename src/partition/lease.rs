@@ -1,26 +1,5 @@
-//! Partition ownership: which live worker consumes which partition.
-//!
-//! A consumer group alone does not keep one user's jobs in order (Redis hands a stream's entries to
-//! any consumer), so each partition is owned by at most one live worker at a time, through an
-//! expiring lease:
-//!
-//! - **Membership**: every worker heartbeats into `{ns}:workers` (a sorted set scored by the
-//!   heartbeat's expiry, on the Redis clock), every `lease_ttl / 3`. The live workers are the members
-//!   whose expiry is in the future; expired ones are pruned by whoever heartbeats next.
-//! - **Fair share**: all workers sort the live ids the same way; partition `p` belongs to
-//!   `live[p % live.len()]` ([`assignment`]). When a worker joins, leaves or dies, every worker
-//!   computes the new assignment at its next heartbeat.
-//! - **Lease** `{ns}:{pN}:lease` = owner id, `PX lease_ttl`. Acquired with `SET NX PX` (only when
-//!   free), renewed and released only by its owner (compare-and-set scripts: a worker can never
-//!   extend or delete another worker's lease). A worker that fails to renew (the value is no longer
-//!   its id) has lost the partition and stops touching it at once.
-//! - **Hand-over**: a worker that is no longer assigned a partition stops reading it, drops the
-//!   entries it read but did not start (they stay pending), waits for the started ones to be
-//!   committed and acked, and only then releases the lease. The new owner first claims every pending
-//!   entry (`XAUTOCLAIM`) and runs them in stream order, then reads new entries. A dead worker's
-//!   leases simply expire (takeover within `lease_ttl` + one heartbeat).
-//!
-//! All keys of a partition share its hash tag `{pN}`, so this runs on Redis Cluster unchanged.
+//! The lease scripts: heartbeat, acquire, renew and release, each owner-checked (compare-and-set),
+//! so a worker can never extend or delete another worker's lease. See the module above for the protocol.
 
 use redis::Script;
 
@@ -68,16 +47,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 "#;
-
-/// The partitions `me` should own when `live` (sorted) are the live workers.
-pub fn assignment(me: &str, live: &[String], partitions: u32) -> Vec<u32> {
-    let Some(i) = live.iter().position(|w| w == me) else {
-        return vec![];
-    };
-    (0..partitions)
-        .filter(|p| *p as usize % live.len() == i)
-        .collect()
-}
 
 /// Lease operations for one worker id.
 #[derive(Clone)]
@@ -154,23 +123,5 @@ impl Leases {
             .arg(self.queue.keys.lease(partition))
             .query_async(&mut self.queue.conn())
             .await?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn assignment_is_a_fair_partition_of_all_partitions() {
-        let live: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let mut all: Vec<u32> = live.iter().flat_map(|w| assignment(w, &live, 16)).collect();
-        all.sort();
-        assert_eq!(all, (0..16).collect::<Vec<_>>());
-        for w in &live {
-            let n = assignment(w, &live, 16).len();
-            assert!((5..=6).contains(&n), "{w}: {n}");
-        }
-        assert!(assignment("zz", &live, 16).is_empty());
     }
 }

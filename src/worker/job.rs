@@ -1,0 +1,521 @@
+//! One job's path, as explicit steps: **begin -> execute -> commit -> dead-letter -> ack**.
+//!
+//! - *begin*: the bounds the ingress enforces are checked again (replayed and old entries), then
+//!   the delivery is recorded (`begin_job`: the attempt number fences the commit). A job that
+//!   already finished is acked (its dead-letter record written again first if it failed).
+//! - *execute*: a job that never started and is too old is `dead` (`stale`) without running; a
+//!   started one (a redelivery) always runs, in recovery mode, so an order it placed is found and
+//!   recorded rather than called "not executed". Execution runs inside the partition's fence (no
+//!   broker request once the lease could have moved) and a panic in it ends the job `dead`
+//!   (`internal`).
+//! - *commit*: one transaction (job status, trades, position), fenced by the attempt.
+//! - *dead-letter*: `rejected` and `dead` jobs are written to `{ns}:dlq` after the commit.
+//! - *ack*: last, so a crash anywhere before leaves the entry pending and it is redelivered.
+//!
+//! Every infrastructure step waits out an unavailable Redis or Postgres ([`crate::retry`]); a
+//! database that *refuses* a job's data (SQLSTATE classes 22, 23, ...) is tried at most
+//! `SPARKY_MAX_DELIVERIES` times, then the job ends `dead` (`database`): never an endless loop.
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::credentials::{CredentialError, CredentialLoader, Credentials};
+use crate::domain::Job;
+use crate::exchanges::metered::Metered;
+use crate::exchanges::{build_exchange, ExchangeContext};
+use crate::executor::{self, Outcome, PositionChange, RetryPolicy};
+use crate::job::{FailureClass, JobStatus};
+use crate::metrics::Metrics;
+use crate::partition::Fence;
+use crate::queue::{Entry, Queue};
+use crate::replay::would_be_stale;
+use crate::retry::{retry, until_ok, Retried};
+use crate::store::{Begin, Store, StoreError};
+
+/// Runs jobs; shared by every lane of a worker.
+pub struct JobRunner {
+    store: Store,
+    queue: Queue,
+    credentials: CredentialLoader,
+    ctx: ExchangeContext,
+    policy: RetryPolicy,
+    max_signal_age: Duration,
+    max_deliveries: u32,
+    shutdown: CancellationToken,
+    metrics: Metrics,
+}
+
+/// How the *begin* step ended.
+enum Began {
+    Run {
+        attempt: i32,
+    },
+    AlreadyFinished(JobStatus),
+    /// Postgres refused the job's data `SPARKY_MAX_DELIVERIES` times.
+    Unstorable(StoreError),
+    Shutdown,
+}
+
+impl JobRunner {
+    pub(super) fn new(
+        config: &Config,
+        store: Store,
+        queue: Queue,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> JobRunner {
+        let keys = config.master_key.iter().cloned().collect();
+        JobRunner {
+            credentials: CredentialLoader::new(
+                store.clone(),
+                queue.clone(),
+                config.credential_cache_ttl,
+                keys,
+            ),
+            ctx: ExchangeContext::new(config, store.clone()),
+            policy: RetryPolicy {
+                max_retries: config.exchange_retries,
+                max_total: config.exchange_retry_max,
+                ..RetryPolicy::default()
+            },
+            max_signal_age: config.max_signal_age,
+            max_deliveries: config.max_deliveries,
+            store,
+            queue,
+            shutdown,
+            metrics,
+        }
+    }
+
+    pub(super) fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Process one entry to the end (or until shutdown / the loss of its partition, when it stays
+    /// pending).
+    pub(super) async fn process(&self, entry: Entry, fence: Fence) {
+        let job = match &entry.job {
+            Ok(job) => job.clone(),
+            Err(reason) => return self.unreadable(&entry, reason).await,
+        };
+        let span = tracing::info_span!(
+            "job",
+            job_id = %job.job_id,
+            user_id = %job.alert.user_id,
+            exchange = %job.alert.exchange,
+            partition = entry.partition,
+        );
+        self.process_job(&entry, &job, &fence)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_job(&self, entry: &Entry, job: &Job, fence: &Fence) {
+        if let Err(errors) = job.alert.check_bounds() {
+            let message = errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let outcome = Outcome::failed(
+                JobStatus::Dead,
+                FailureClass::Invalid,
+                format!("the alert breaks the webhook's bounds: {message}"),
+            );
+            return self.finish_unrecorded(entry, job, &outcome).await;
+        }
+        let attempt = match self.begin(entry, job).await {
+            Began::Run { attempt } => attempt,
+            Began::AlreadyFinished(status) => {
+                return self.finished_before(entry, job, status).await
+            }
+            Began::Unstorable(e) => {
+                let outcome = Outcome::failed(
+                    JobStatus::Dead,
+                    FailureClass::Database,
+                    format!("Postgres refused to record the job: {e}"),
+                );
+                return self.finish_unrecorded(entry, job, &outcome).await;
+            }
+            Began::Shutdown => return,
+        };
+        let Some(outcome) = self.execute(entry, job, attempt, fence).await else {
+            return; // shutting down, or the partition was lost: the entry stays pending
+        };
+        let Some(recorded) = self.commit(job, outcome, attempt).await else {
+            return;
+        };
+        if recorded.status.is_failure() && !self.dead_letter(job, entry, &recorded).await {
+            return;
+        }
+        self.ack(entry).await;
+        self.report(job, &recorded, attempt);
+    }
+
+    // ---- begin ----
+
+    async fn begin(&self, entry: &Entry, job: &Job) -> Began {
+        let max = self.max_deliveries;
+        let r = retry(
+            "recording the job start",
+            &self.shutdown,
+            |e: &StoreError, tries| !e.is_unavailable() && tries >= max,
+            || self.store.begin_job(job, entry.partition, &entry.id),
+        )
+        .await;
+        match r {
+            Retried::Ok(Begin::Execute { attempt }) => Began::Run { attempt },
+            Retried::Ok(Begin::Finished(status)) => Began::AlreadyFinished(status),
+            Retried::GaveUp { error, .. } => Began::Unstorable(error),
+            Retried::Shutdown => Began::Shutdown,
+        }
+    }
+
+    /// A redelivered entry whose job already finished. A failed job's dead-letter record is
+    /// written after its commit: a worker that died in between left the entry pending, so write
+    /// the record (again) before the ack. The stream is at-least-once; the job row is the record
+    /// of truth.
+    async fn finished_before(&self, entry: &Entry, job: &Job, status: JobStatus) {
+        tracing::info!(%status, "job already finished; acknowledging the redelivered entry");
+        if status.is_failure() {
+            let row = until_ok("reading the finished job", &self.shutdown, || {
+                self.store.get_job(job.job_id)
+            })
+            .await;
+            let Some(Some(row)) = row else { return };
+            let outcome = Outcome {
+                error_class: row.error_class,
+                ..Outcome::new(status, row.error.unwrap_or_default())
+            };
+            if !self.dead_letter(job, entry, &outcome).await {
+                return;
+            }
+        }
+        self.ack(entry).await;
+    }
+
+    // ---- execute ----
+
+    /// Decide whether to run the job, and run it. `None`: shutting down or the partition's lease
+    /// was lost mid-way (the entry stays pending for the next owner).
+    async fn execute(
+        &self,
+        entry: &Entry,
+        job: &Job,
+        attempt: i32,
+        fence: &Fence,
+    ) -> Option<Outcome> {
+        if attempt > self.max_deliveries as i32 {
+            // Delivered again and again without reaching a final state (each delivery died or was
+            // cut off mid-way): stop the loop, keep it for an operator.
+            return Some(Outcome::failed(
+                JobStatus::Dead,
+                FailureClass::Poison,
+                format!(
+                    "poison: delivered {attempt} times without finishing (SPARKY_MAX_DELIVERIES={})",
+                    self.max_deliveries
+                ),
+            ));
+        }
+        let replay = entry.replay.as_ref();
+        // Staleness applies only to the first start (of the job, or of its replay): a redelivery
+        // may follow orders that were placed, and must find and record them.
+        let allow_stale = replay.is_some_and(|r| r.allow_stale);
+        if attempt == 1 && !allow_stale {
+            if let Some(why) = would_be_stale(job, self.max_signal_age, Utc::now()) {
+                return Some(Outcome::failed(
+                    JobStatus::Dead,
+                    FailureClass::Stale,
+                    format!("stale: {why}"),
+                ));
+            }
+        }
+        let recover = attempt > 1 || replay.is_some();
+        let run = fence.scope(self.run_on_exchange(job, recover, fence));
+        match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let msg = panic_message(&*panic);
+                tracing::error!(panic = %msg, "the job's execution panicked; it ends dead (internal)");
+                Some(Outcome::failed(
+                    JobStatus::Dead,
+                    FailureClass::Internal,
+                    format!("internal error: the job's execution panicked ({msg}); a replay looks up any order it placed before sending anything"),
+                ))
+            }
+        }
+    }
+
+    async fn run_on_exchange(&self, job: &Job, recover: bool, fence: &Fence) -> Option<Outcome> {
+        let creds = match self.load_credentials(job).await? {
+            Ok(c) => c,
+            Err(outcome) => return Some(outcome),
+        };
+        let exchange = job.alert.exchange;
+        let client = match build_exchange(&creds, &self.ctx) {
+            Ok(c) => Metered::new(c, self.metrics.clone(), job.accepted_at),
+            Err(e) => {
+                return Some(Outcome::failed(
+                    JobStatus::Rejected,
+                    e.class.into(),
+                    e.message,
+                ))
+            }
+        };
+        tracing::info!(
+            "✅ Created {exchange} executor for user {}",
+            job.alert.user_id
+        );
+        let outcome = executor::execute_until(&client, job, recover, &self.policy, fence).await;
+        if outcome.is_none() {
+            tracing::warn!("lease lost; leaving the job to the partition's next owner");
+        }
+        outcome
+    }
+
+    /// The user's credentials, or the outcome that ends the job without them; `None` on shutdown.
+    async fn load_credentials(&self, job: &Job) -> Option<Result<Credentials, Outcome>> {
+        let a = &job.alert;
+        let exchange = a.exchange;
+        tracing::info!(
+            "🔐 Loading {exchange} credentials for user {}...",
+            a.user_id
+        );
+        let max = self.max_deliveries;
+        let loaded = retry(
+            "loading credentials",
+            &self.shutdown,
+            |e: &CredentialError, tries| match e {
+                CredentialError::Store(s) => !s.is_unavailable() && tries >= max,
+                CredentialError::Unusable { .. } => true,
+            },
+            || self.credentials.load(a.user_id, exchange, a.environment),
+        )
+        .await;
+        let failed =
+            |status, class, message: String| Some(Err(Outcome::failed(status, class, message)));
+        match loaded {
+            Retried::Shutdown => None,
+            Retried::GaveUp {
+                error: e @ CredentialError::Unusable { .. },
+                ..
+            } => failed(
+                JobStatus::Rejected,
+                FailureClass::Credentials,
+                e.to_string(),
+            ),
+            Retried::GaveUp { error, .. } => failed(
+                JobStatus::Dead,
+                FailureClass::Database,
+                format!("loading credentials failed: {error}"),
+            ),
+            Retried::Ok(None) => {
+                let env = a.environment.map(|e| e.as_str()).unwrap_or("any");
+                failed(
+                    JobStatus::Rejected,
+                    FailureClass::Credentials,
+                    format!(
+                        "no {exchange} credentials for user {} (environment: {env}); add them with `sparky credentials set`",
+                        a.user_id
+                    ),
+                )
+            }
+            Retried::Ok(Some(creds)) => {
+                tracing::info!(
+                    "✅ Loaded {exchange} credentials for user (label: {})",
+                    creds.label.as_deref().unwrap_or("none")
+                );
+                Some(Ok(creds))
+            }
+        }
+    }
+
+    // ---- commit ----
+
+    /// Commit `outcome`; returns what was recorded, or `None` if shutting down before it could be
+    /// or another delivery of the job started meanwhile (then nothing is recorded, nothing acked).
+    /// An outcome Postgres refuses (`SPARKY_MAX_DELIVERIES` times) is replaced by a `dead`
+    /// (`database`) one without trades; if even that is refused, the job is dead-lettered and acked
+    /// unrecorded rather than block the user's lane.
+    async fn commit(&self, job: &Job, outcome: Outcome, attempt: i32) -> Option<Outcome> {
+        match self.try_commit(job, &outcome, attempt).await? {
+            Ok(()) => Some(outcome),
+            Err(e) => {
+                let dead = Outcome {
+                    fills: vec![],
+                    position: PositionChange::Unchanged,
+                    ..Outcome::failed(
+                        JobStatus::Dead,
+                        FailureClass::Database,
+                        format!(
+                            "could not record the outcome ({e}); it was {}: {}",
+                            outcome.status,
+                            outcome.message.as_deref().unwrap_or("")
+                        ),
+                    )
+                };
+                match self.try_commit(job, &dead, attempt).await? {
+                    Ok(()) => Some(dead),
+                    Err(e) => {
+                        tracing::error!(error = %e, "Postgres refused even the dead outcome; dead-lettering the job unrecorded");
+                        Some(dead)
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Some(Ok)` recorded (or already recorded by another delivery), `Some(Err)` refused by
+    /// Postgres, `None` superseded or shutting down.
+    async fn try_commit(
+        &self,
+        job: &Job,
+        outcome: &Outcome,
+        attempt: i32,
+    ) -> Option<Result<(), StoreError>> {
+        let max = self.max_deliveries;
+        let r = retry(
+            "recording the job outcome",
+            &self.shutdown,
+            |e: &StoreError, tries| {
+                matches!(e, StoreError::Superseded(_))
+                    || e.is_unique_violation()
+                    || (!e.is_unavailable() && tries >= max)
+            },
+            || self.store.finish_job(job, outcome, attempt),
+        )
+        .await;
+        match r {
+            Retried::Ok(()) => Some(Ok(())),
+            Retried::Shutdown => None,
+            Retried::GaveUp {
+                error: e @ StoreError::Superseded(_),
+                ..
+            } => {
+                // Another worker owns the job now; its entry is its to ack.
+                tracing::warn!(error = %e, "not recording a superseded delivery");
+                None
+            }
+            Retried::GaveUp { error, .. } if error.is_unique_violation() => {
+                // Another delivery of this job already recorded its trades.
+                tracing::error!(%error, "job outcome was already recorded by another delivery; not recording it twice");
+                Some(Ok(()))
+            }
+            Retried::GaveUp { error, .. } => Some(Err(error)),
+        }
+    }
+
+    // ---- dead-letter and ack ----
+
+    /// A job that cannot be recorded in Postgres (its alert breaks the bounds, or Postgres refuses
+    /// it): dead-letter it with the reason and ack, so the lane goes on.
+    async fn finish_unrecorded(&self, entry: &Entry, job: &Job, outcome: &Outcome) {
+        tracing::error!(
+            detail = outcome.message.as_deref().unwrap_or(""),
+            "job cannot be recorded; dead-lettering it"
+        );
+        if self.dead_letter(job, entry, outcome).await {
+            self.ack(entry).await;
+            self.report(job, outcome, 0);
+        }
+    }
+
+    async fn unreadable(&self, entry: &Entry, reason: &str) {
+        tracing::error!(partition = entry.partition, entry_id = %entry.id, %reason, "unreadable stream entry; dead-lettering it");
+        let fields = [
+            ("status", JobStatus::Dead.as_str().to_string()),
+            ("error_class", FailureClass::Poison.as_str().to_string()),
+            ("error", reason.to_string()),
+            ("partition", entry.partition.to_string()),
+            ("entry_id", entry.id.clone()),
+            ("raw", entry.raw.clone().unwrap_or_default()),
+            ("at", Utc::now().to_rfc3339()),
+        ];
+        if until_ok("dead-lettering", &self.shutdown, || {
+            self.queue.dead_letter(&fields)
+        })
+        .await
+        .is_some()
+        {
+            self.metrics
+                .dead_lettered(JobStatus::Dead, Some(FailureClass::Poison));
+            self.ack(entry).await;
+        }
+    }
+
+    /// `false` when shutting down before the record was written (then nothing is acked).
+    async fn dead_letter(&self, job: &Job, entry: &Entry, outcome: &Outcome) -> bool {
+        let fields = dead_letter_fields(job, entry, outcome);
+        let written = until_ok("dead-lettering", &self.shutdown, || {
+            self.queue.dead_letter(&fields)
+        })
+        .await
+        .is_some();
+        if written {
+            self.metrics
+                .dead_lettered(outcome.status, outcome.error_class);
+        }
+        written
+    }
+
+    async fn ack(&self, entry: &Entry) {
+        let _ = until_ok("acknowledging the entry", &self.shutdown, || {
+            self.queue.ack(entry.partition, &entry.id)
+        })
+        .await;
+    }
+
+    fn report(&self, job: &Job, outcome: &Outcome, attempt: i32) {
+        let exchange = job.alert.exchange.as_str();
+        let since_accept = (Utc::now() - job.accepted_at).to_std().unwrap_or_default();
+        self.metrics
+            .job_finished(outcome.status.as_str(), exchange, since_accept);
+        self.metrics.exchange_retries(exchange, outcome.retries());
+        tracing::info!(
+            status = outcome.status.as_str(),
+            // Not `message`: in JSON logs that would collide with the line's own message.
+            detail = outcome.message.as_deref().unwrap_or(""),
+            fills = outcome.fills.len(),
+            attempt,
+            latency_ms = since_accept.as_millis() as u64,
+            "job finished"
+        );
+    }
+}
+
+/// The text of a caught panic.
+pub(super) fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+fn dead_letter_fields(job: &Job, entry: &Entry, o: &Outcome) -> Vec<(&'static str, String)> {
+    let json = |v: Result<String, serde_json::Error>| {
+        v.unwrap_or_else(|e| format!("{{\"unserialisable\":\"{e}\"}}"))
+    };
+    vec![
+        ("job_id", job.job_id.to_string()),
+        ("user_id", job.alert.user_id.to_string()),
+        ("status", o.status.as_str().to_string()),
+        (
+            "error_class",
+            o.error_class.map_or("", |c| c.as_str()).to_string(),
+        ),
+        ("error", o.message.clone().unwrap_or_default()),
+        ("history", json(serde_json::to_string(&o.history))),
+        ("partition", entry.partition.to_string()),
+        ("entry_id", entry.id.clone()),
+        ("job", json(serde_json::to_string(job))),
+        ("at", Utc::now().to_rfc3339()),
+    ]
+}

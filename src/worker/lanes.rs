@@ -1,0 +1,150 @@
+//! Per-user FIFO lanes. A lane is a queue of one user's entries driven by at most one task, so a
+//! user's jobs run strictly one after another (the next starts only after the previous one is
+//! committed and acked, or dropped), while different users' lanes run concurrently, bounded by
+//! `SPARKY_WORKER_CONCURRENCY` permits. A slow user or broker holds one permit, not the worker.
+//!
+//! An entry starts only while its partition's [`Fence`] allows (the ownership that read it is
+//! still valid and not handed over); otherwise it is dropped and stays pending for the partition's
+//! next owner. A panic that escapes a job (the job itself turns an execution panic into `dead`, see
+//! `job`) is caught here: the lane drops the user's queued entries, the partition re-reads its
+//! pending entries in stream order, and the lane, the partition and the process go on.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::job::{panic_message, JobRunner};
+use crate::partition::{Fence, Table};
+use crate::queue::Entry;
+
+type Queued = (Entry, Fence);
+
+pub(super) struct Lanes {
+    queues: Arc<Mutex<HashMap<Uuid, VecDeque<Queued>>>>,
+    permits: Arc<Semaphore>,
+    runner: Arc<JobRunner>,
+    table: Arc<Table>,
+    tracker: TaskTracker,
+}
+
+impl Lanes {
+    pub(super) fn new(concurrency: usize, runner: Arc<JobRunner>, table: Arc<Table>) -> Self {
+        Lanes {
+            queues: Arc::default(),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            runner,
+            table,
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// No new lane tasks after this; [`Lanes::wait`] then waits for the running ones.
+    pub(super) fn close(&self) {
+        self.tracker.close();
+    }
+
+    pub(super) async fn wait(&self) {
+        self.tracker.wait().await
+    }
+
+    /// Queue `entry` on its user's lane, starting a task for the lane if none drives it.
+    pub(super) fn push(&self, entry: Entry, fence: Fence) {
+        // Entries that are not jobs share the nil lane; they only need dead-lettering.
+        let user = entry
+            .job
+            .as_ref()
+            .map(|j| j.alert.user_id)
+            .unwrap_or_else(|_| Uuid::nil());
+        {
+            let mut q = lock(&self.queues);
+            if let Some(lane) = q.get_mut(&user) {
+                lane.push_back((entry, fence));
+                return;
+            }
+            q.insert(user, VecDeque::from([(entry, fence)]));
+        }
+        let lane = Lane {
+            user,
+            queues: self.queues.clone(),
+            permits: self.permits.clone(),
+            runner: self.runner.clone(),
+            table: self.table.clone(),
+        };
+        self.tracker.spawn(lane.drive());
+    }
+}
+
+/// The task driving one user's lane until it is empty.
+struct Lane {
+    user: Uuid,
+    queues: Arc<Mutex<HashMap<Uuid, VecDeque<Queued>>>>,
+    permits: Arc<Semaphore>,
+    runner: Arc<JobRunner>,
+    table: Arc<Table>,
+}
+
+impl Lane {
+    async fn drive(self) {
+        while let Some((entry, fence)) = self.next() {
+            let (partition, id) = (entry.partition, entry.id.clone());
+            if fence.may_start() {
+                if let Ok(_permit) = self.permits.acquire().await {
+                    // Waiting for the permit may have taken a while: ask again.
+                    if fence.may_start() {
+                        self.run(entry, &fence).await;
+                    }
+                }
+            }
+            self.table.finish(partition, &id);
+        }
+    }
+
+    fn next(&self) -> Option<Queued> {
+        let mut q = lock(&self.queues);
+        let lane = q.get_mut(&self.user)?;
+        match lane.pop_front() {
+            Some(e) => Some(e),
+            None => {
+                q.remove(&self.user);
+                None
+            }
+        }
+    }
+
+    async fn run(&self, entry: Entry, fence: &Fence) {
+        let (partition, id) = (entry.partition, entry.id.clone());
+        let job = AssertUnwindSafe(self.runner.process(entry, fence.clone()));
+        if let Err(panic) = job.catch_unwind().await {
+            tracing::error!(
+                partition,
+                entry_id = %id,
+                panic = %panic_message(&*panic),
+                "a job panicked outside its execution; its entry stays pending and the partition re-reads it"
+            );
+            // Not held any more before the rewind, so the history pass reads them all again.
+            self.drop_queued();
+            self.table.finish(partition, &id);
+            self.table.rewind(partition, fence);
+        }
+    }
+
+    /// Drop this user's queued entries (they stay pending and are read again, in order).
+    fn drop_queued(&self) {
+        let dropped: Vec<Queued> = lock(&self.queues)
+            .get_mut(&self.user)
+            .map(|lane| lane.drain(..).collect())
+            .unwrap_or_default();
+        for (e, _) in dropped {
+            self.table.finish(e.partition, &e.id);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
