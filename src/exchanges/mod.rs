@@ -357,6 +357,19 @@ impl ExchangeContext {
     }
 }
 
+/// Builds the client for one job from the user's credentials. The worker's factory is the
+/// [`ExchangeContext`] (the real clients and the paper exchange); tests put in their own to inject
+/// behaviour no real broker shows on demand (a client that panics, one that blocks).
+pub trait ExchangeFactory: Send + Sync {
+    fn build(&self, creds: &Credentials) -> Result<Box<dyn Exchange>, ExchangeError>;
+}
+
+impl ExchangeFactory for ExchangeContext {
+    fn build(&self, creds: &Credentials) -> Result<Box<dyn Exchange>, ExchangeError> {
+        build_exchange(creds, self)
+    }
+}
+
 /// Build the client for a user's credentials.
 pub fn build_exchange(
     creds: &Credentials,

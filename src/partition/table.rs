@@ -313,6 +313,12 @@ impl Table {
         (n, self.lock().desired)
     }
 
+    /// How many reads completed since the worker started (tests count them: an idle worker blocks
+    /// in `XREADGROUP`, so this grows by about one per read block, never in a spin).
+    pub fn reads_done(&self) -> u64 {
+        self.lock().reads
+    }
+
     /// The phase of `partition` (tests, status).
     pub fn phase(&self, partition: u32) -> Option<Phase> {
         self.lock().slots[partition as usize]

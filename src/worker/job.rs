@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::credentials::{CredentialError, CredentialLoader, Credentials};
 use crate::domain::Job;
 use crate::exchanges::metered::Metered;
-use crate::exchanges::{build_exchange, ExchangeContext};
+use crate::exchanges::{ExchangeContext, ExchangeFactory};
 use crate::executor::{self, Outcome, PositionChange, RetryPolicy};
 use crate::job::{FailureClass, JobStatus};
 use crate::metrics::Metrics;
@@ -38,13 +38,14 @@ use crate::queue::{Entry, Queue};
 use crate::replay::would_be_stale;
 use crate::retry::{retry, until_ok, Retried};
 use crate::store::{Begin, Store, StoreError};
+use std::sync::Arc;
 
 /// Runs jobs; shared by every lane of a worker.
 pub struct JobRunner {
     store: Store,
     queue: Queue,
     credentials: CredentialLoader,
-    ctx: ExchangeContext,
+    exchanges: Arc<dyn ExchangeFactory>,
     policy: RetryPolicy,
     max_signal_age: Duration,
     max_deliveries: u32,
@@ -68,9 +69,9 @@ impl JobRunner {
         config: &Config,
         store: Store,
         queue: Queue,
-        metrics: Metrics,
         shutdown: CancellationToken,
     ) -> JobRunner {
+        let metrics = Metrics::new(&config.namespace);
         let keys = config.master_key.iter().cloned().collect();
         JobRunner {
             credentials: CredentialLoader::new(
@@ -79,7 +80,7 @@ impl JobRunner {
                 config.credential_cache_ttl,
                 keys,
             ),
-            ctx: ExchangeContext::new(config, store.clone()),
+            exchanges: Arc::new(ExchangeContext::new(config, store.clone())),
             policy: RetryPolicy {
                 max_retries: config.exchange_retries,
                 max_total: config.exchange_retry_max,
@@ -92,6 +93,12 @@ impl JobRunner {
             shutdown,
             metrics,
         }
+    }
+
+    /// Build exchange clients with `factory` instead of the real ones.
+    pub(super) fn with_exchanges(mut self, factory: Arc<dyn ExchangeFactory>) -> JobRunner {
+        self.exchanges = factory;
+        self
     }
 
     pub(super) fn shutdown(&self) -> &CancellationToken {
@@ -259,7 +266,7 @@ impl JobRunner {
             Err(outcome) => return Some(outcome),
         };
         let exchange = job.alert.exchange;
-        let client = match build_exchange(&creds, &self.ctx) {
+        let client = match self.exchanges.build(&creds) {
             Ok(c) => Metered::new(c, self.metrics.clone(), job.accepted_at),
             Err(e) => {
                 return Some(Outcome::failed(

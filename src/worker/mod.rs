@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::exchanges::ExchangeFactory;
 use crate::metrics::Metrics;
 use crate::partition::{Leases, Table};
 use crate::queue::Queue;
@@ -91,6 +92,25 @@ impl Worker {
     }
 
     pub fn new(config: Config, store: Store, queue: Queue, shutdown: CancellationToken) -> Worker {
+        let runner = JobRunner::new(&config, store.clone(), queue.clone(), shutdown);
+        Worker::with_runner(config, store, queue, runner)
+    }
+
+    /// A worker whose exchange clients come from `factory` (tests inject clients that panic or
+    /// block; the real factory is the `ExchangeContext`).
+    pub fn with_exchanges(
+        config: Config,
+        store: Store,
+        queue: Queue,
+        shutdown: CancellationToken,
+        factory: Arc<dyn ExchangeFactory>,
+    ) -> Worker {
+        let runner =
+            JobRunner::new(&config, store.clone(), queue.clone(), shutdown).with_exchanges(factory);
+        Worker::with_runner(config, store, queue, runner)
+    }
+
+    fn with_runner(config: Config, store: Store, queue: Queue, runner: JobRunner) -> Worker {
         let metrics = Metrics::new(&config.namespace);
         let consumer = format!("worker-{}", Uuid::now_v7().simple());
         let leases = Leases::new(
@@ -106,13 +126,7 @@ impl Worker {
             config.lease_validity(),
             config.exchange_timeout,
         ));
-        let runner = Arc::new(JobRunner::new(
-            &config,
-            store.clone(),
-            queue.clone(),
-            metrics.clone(),
-            shutdown,
-        ));
+        let runner = Arc::new(runner);
         Worker {
             consumer,
             metrics,
