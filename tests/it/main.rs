@@ -14,4 +14,5 @@ mod procs;
 mod recovery;
 mod scripted;
 mod security;
+mod takeover;
 mod webhook;

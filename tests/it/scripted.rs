@@ -42,9 +42,9 @@ impl Default for Gate {
 }
 
 impl Gate {
-    /// Let one held order through.
-    pub fn release(&self) {
-        self.release.add_permits(1);
+    /// Let `n` held (or future) orders through.
+    pub fn release(&self, n: usize) {
+        self.release.add_permits(n);
     }
 }
 

@@ -1,0 +1,196 @@
+//! Takeovers without spinning, and no reorder when a worker loses a partition and gets it back
+//! (issue 11), on one in-process worker whose broker is scripted (orders held at a gate).
+
+use std::future::Future;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde_json::json;
+use sparky::job::JobStatus;
+use sparky::partition::Phase;
+use sparky::queue::GROUP;
+use sparky::worker::{RunMode, Worker};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::helpers::*;
+use crate::scripted::Scripted;
+
+/// Poll `done` until it holds (events, not durations: the bound only stops a broken run).
+async fn until<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn scripted_worker(app: &TestApp, scripted: &std::sync::Arc<Scripted>) -> (Worker, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let worker = Worker::with_exchanges(
+        app.config.clone(),
+        app.store.clone(),
+        app.queue.clone(),
+        shutdown.clone(),
+        scripted.factory(),
+    );
+    (worker, shutdown)
+}
+
+async fn status(app: &TestApp, id: Uuid) -> Option<JobStatus> {
+    app.store.get_job(id).await.unwrap().map(|j| j.status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_reads_its_history_once_and_new_entries_while_an_old_job_runs() {
+    let app = TestApp::spawn_with(|c| c.partitions = 1).await;
+    let (a, sa) = app.paper_user().await;
+    let (b, sb) = app.paper_user().await;
+    let scripted = Scripted::new();
+    let gate = scripted.gate("SLOWUSDT");
+
+    // A previous owner read A's slow job and B's first job, then died: both pending to it.
+    let mut slow = alert(a, &sa, "buy");
+    slow["symbol"] = json!("SLOWUSDT");
+    let slow = app.enqueue(&slow).await;
+    let b1 = app.enqueue(&alert(b, &sb, "buy")).await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("ghost")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(app.queue.keys.stream(0))
+        .arg(">")
+        .query_async(&mut app.queue.conn())
+        .await
+        .unwrap();
+    assert_eq!(app.queue.pending_count(0).await.unwrap(), 2);
+
+    let (worker, shutdown) = scripted_worker(&app, &scripted);
+    let run = tokio::spawn({
+        let w = worker.clone();
+        async move { w.run(RunMode::Forever, Duration::from_secs(30)).await }
+    });
+    tokio::time::timeout(Duration::from_secs(60), gate.entered.notified())
+        .await
+        .expect("A's slow order reached the broker");
+
+    // B's claimed job finishes, and a new alert of B is read and runs while A's older job is
+    // still held at the broker.
+    let b2 = app.enqueue(&alert(b, &sb, "sell")).await;
+    until("B's new job succeeded", || async {
+        status(&app, b2).await == Some(JobStatus::Succeeded)
+    })
+    .await;
+    assert_eq!(status(&app, b1).await, Some(JobStatus::Succeeded));
+    assert_eq!(
+        status(&app, slow).await,
+        Some(JobStatus::Executing),
+        "A's job is still running"
+    );
+    assert_eq!(worker.partitions().phase(0), Some(Phase::Live));
+
+    // Idle with a job in flight: the read loop blocks in XREADGROUP (one read per block,
+    // READ_BLOCK = 1 s here) instead of spinning over its history.
+    let before = worker.partitions().reads_done();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reads = worker.partitions().reads_done() - before;
+    assert!(
+        reads <= 10,
+        "{reads} reads while idling for 3 s: the read loop spins"
+    );
+
+    gate.release(1);
+    until("A's job succeeded", || async {
+        status(&app, slow).await == Some(JobStatus::Succeeded)
+    })
+    .await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(scripted.orders_of("SLOWUSDT").len(), 1);
+    assert_eq!(app.queue.pending_count(0).await.unwrap(), 0);
+    app.cleanup().await;
+}
+
+/// Alert `i` of the order test: alternating buy/sell of ETHUSDT (scripted price 100, step 0.001)
+/// for 100 + 10 i USD, so the opened quantity 1 + 0.1 i spells out the order the jobs ran in.
+fn nth(user: Uuid, secret: &str, i: usize) -> serde_json::Value {
+    let mut body = alert(user, secret, if i % 2 == 0 { "buy" } else { "sell" });
+    body["position_size_usd"] = json!(100 + 10 * i);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_and_reacquiring_a_partition_with_jobs_in_flight_keeps_each_users_order() {
+    let app = TestApp::spawn_with(|c| {
+        c.partitions = 1;
+        c.lease_ttl = Duration::from_millis(1500);
+        c.exchange_timeout = Duration::from_millis(700);
+    })
+    .await;
+    let (user, secret) = app.paper_user().await;
+    let scripted = Scripted::new();
+    let gate = scripted.gate("ETHUSDT");
+    let mut jobs = vec![];
+    for i in 0..4 {
+        jobs.push(app.enqueue(&nth(user, &secret, i)).await);
+    }
+    let (worker, shutdown) = scripted_worker(&app, &scripted);
+    let run = tokio::spawn({
+        let w = worker.clone();
+        async move { w.run(RunMode::Forever, Duration::from_secs(30)).await }
+    });
+    // Job 0 is at the broker; jobs 1-3 are queued behind it in the user's lane.
+    tokio::time::timeout(Duration::from_secs(60), gate.entered.notified())
+        .await
+        .expect("the first order reached the broker");
+
+    // The lease is taken away: the worker loses the partition.
+    let lease = app.queue.keys.lease(0);
+    let _: () = redis::cmd("SET")
+        .arg(&lease)
+        .arg("thief")
+        .query_async(&mut app.queue.conn())
+        .await
+        .unwrap();
+    until("the worker lost the partition", || async {
+        worker.partitions().phase(0).is_none()
+    })
+    .await;
+    // A new alert arrives meanwhile, and the lease is free again.
+    jobs.push(app.enqueue(&nth(user, &secret, 4)).await);
+    let _: () = redis::cmd("DEL")
+        .arg(&lease)
+        .query_async(&mut app.queue.conn())
+        .await
+        .unwrap();
+    // Not re-acquired while its entries are still queued or running here (several renewals).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        worker.partitions().phase(0),
+        None,
+        "re-acquired with entries of the lost ownership still queued"
+    );
+
+    gate.release(100);
+    for id in &jobs {
+        until("every job succeeded", || async {
+            status(&app, *id).await == Some(JobStatus::Succeeded)
+        })
+        .await;
+    }
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+
+    let opens: Vec<Decimal> = scripted
+        .orders_of("ETHUSDT")
+        .iter()
+        .filter(|o| o.client_order_id.ends_with('o'))
+        .map(|o| o.quantity)
+        .collect();
+    let want: Vec<Decimal> = (0..5).map(|i| Decimal::ONE + Decimal::new(i, 1)).collect();
+    assert_eq!(opens, want, "each job once, in the order they arrived");
+    app.cleanup().await;
+}
