@@ -383,6 +383,14 @@ impl AsterFake {
         self.st.lock().unwrap().orders.clone()
     }
 
+    /// Another market with SOLUSDT's rules (price 150, market step 0.1, min notional 5), so that
+    /// many users can each trade their own symbol on the one fake account.
+    pub(crate) fn add_market_like_sol(&self, symbol: &str) {
+        let mut st = self.st.lock().unwrap();
+        let sol = st.markets["SOLUSDT"];
+        st.markets.insert(Box::leak(symbol.to_string().into_boxed_str()), sol);
+    }
+
     pub(crate) fn orders_with(&self, coid: &str) -> usize {
         self.orders()
             .iter()

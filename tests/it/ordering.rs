@@ -39,7 +39,7 @@ fn expected_qty(i: usize) -> Decimal {
 /// Post an alert until it is accepted, as a careful client would: with an `alert_id`, so a retry
 /// after a 503 (whose XADD may have gone through before Redis answered too late) or a 429 can never
 /// enqueue it twice.
-async fn enqueue_surely(app: &TestApp, body: &serde_json::Value) {
+pub(crate) async fn enqueue_surely(app: &TestApp, body: &serde_json::Value) {
     let mut body = body.clone();
     body["alert_id"] = json!(format!("{}-{}", body["user_id"], body["position_size_usd"]));
     for _ in 0..50 {
@@ -77,14 +77,14 @@ fn post_all(
     })
 }
 
-async fn finished_jobs(app: &TestApp) -> i64 {
+pub(crate) async fn finished_jobs(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status NOT IN ('queued', 'executing')")
         .fetch_one(&app.store.pool)
         .await
         .unwrap()
 }
 
-async fn wait_finished(app: &TestApp, n: i64, within: Duration) {
+pub(crate) async fn wait_finished(app: &TestApp, n: i64, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let done = finished_jobs(app).await;
