@@ -12,8 +12,9 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
-/// The schedule: 100 ms doubling to 5 s, with jitter, never ending.
-fn schedule() -> impl Iterator<Item = Duration> {
+/// The schedule: 100 ms doubling to 5 s, with jitter, never ending. For loops that retry in
+/// their own way (the read loop), so every infrastructure retry backs off alike.
+pub fn schedule() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_jitter()
         .with_min_delay(Duration::from_millis(100))

@@ -45,7 +45,7 @@ impl<'a> ReadLoop<'a> {
     pub(super) async fn run(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let w = self.worker;
         let mut conn = w.queue.blocking_conn(self.block).await?;
-        let mut failures = 0u32;
+        let mut backoff = crate::retry::schedule();
         let mut next_trim = Instant::now() + TRIM_EVERY;
         loop {
             if shutdown.is_cancelled() {
@@ -65,15 +65,14 @@ impl<'a> ReadLoop<'a> {
             };
             let entries = match read {
                 Ok(e) => {
-                    failures = 0;
+                    backoff = crate::retry::schedule();
                     e
                 }
                 Err(e) => {
-                    failures += 1;
                     tracing::error!(error = %e, "reading the partition streams failed; retrying");
                     w.table.read_failed(&specs);
                     w.table.read_done();
-                    let delay = Duration::from_millis(200 * u64::from(failures.min(25)));
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {},
                         _ = shutdown.cancelled() => return Ok(()),

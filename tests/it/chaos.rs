@@ -74,7 +74,10 @@ async fn hostile_user_goes_on(app: &TestApp, user: Uuid, secret: &str, sym: &str
                 sparky::job::JobStatus::Succeeded,
                 "the user's next alert"
             );
-            println!("hostile user's next alert final after {:?}", accepted.elapsed());
+            println!(
+                "hostile user's next alert final after {:?}",
+                accepted.elapsed()
+            );
             return;
         }
         assert!(
@@ -110,7 +113,10 @@ async fn four_workers_killed_every_few_seconds_with_broker_faults_run_every_aler
         for _ in 0..(n_users * per_user * 3) {
             let fault = match rng.gen_range(0..10) {
                 0 => Fault::Reply(502, json!({"code": -1001, "msg": "Bad gateway"}), vec![]),
-                1 => Fault::AfterDoing(503, json!({"code": -1007, "msg": "Timeout waiting for response from backend server. Send status unknown; execution status unknown."})),
+                1 => Fault::AfterDoing(
+                    503,
+                    json!({"code": -1007, "msg": "Timeout waiting for response from backend server. Send status unknown; execution status unknown."}),
+                ),
                 _ => Fault::Pass,
             };
             fake.core.inject(ORDER, fault);
@@ -118,7 +124,10 @@ async fn four_workers_killed_every_few_seconds_with_broker_faults_run_every_aler
     }
     let env = [
         ("SPARKY_LEASE_TTL_MS", LEASE_MS.to_string()),
-        ("SPARKY_EXCHANGE_TIMEOUT_MS", (LEASE_MS * 7 / 15).to_string()),
+        (
+            "SPARKY_EXCHANGE_TIMEOUT_MS",
+            (LEASE_MS * 7 / 15).to_string(),
+        ),
         ("SPARKY_WORKER_CONCURRENCY", "8".to_string()),
         ("ASTER_BASE_URL", url.clone()),
         // A job in flight when its worker is killed is redelivered; with a kill every 2-4 s a
@@ -179,14 +188,17 @@ async fn four_workers_killed_every_few_seconds_with_broker_faults_run_every_aler
         started.elapsed()
     );
 
-    let not_succeeded: Vec<(String, Option<String>)> = sqlx::query_as(
-        "SELECT status, error FROM jobs WHERE status <> 'succeeded'",
-    )
-    .fetch_all(&app.store.pool)
-    .await
-    .unwrap();
+    let not_succeeded: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, error FROM jobs WHERE status <> 'succeeded'")
+            .fetch_all(&app.store.pool)
+            .await
+            .unwrap();
     assert!(not_succeeded.is_empty(), "{not_succeeded:?}");
-    assert_eq!(finished_jobs(&app).await, total, "every alert is exactly one job");
+    assert_eq!(
+        finished_jobs(&app).await,
+        total,
+        "every alert is exactly one job"
+    );
 
     let orders = fake.orders();
     for (u, _, sym) in &users {
@@ -198,7 +210,11 @@ async fn four_workers_killed_every_few_seconds_with_broker_faults_run_every_aler
         ids.sort();
         let n = ids.len();
         ids.dedup();
-        assert_eq!(ids.len(), n, "{sym}: an order was placed twice at the broker");
+        assert_eq!(
+            ids.len(),
+            n,
+            "{sym}: an order was placed twice at the broker"
+        );
         let opens: Vec<Decimal> = mine
             .iter()
             .filter(|o| o["clientOrderId"].as_str().unwrap().ends_with('o'))
@@ -216,7 +232,11 @@ async fn four_workers_killed_every_few_seconds_with_broker_faults_run_every_aler
         assert_eq!(recorded, want, "{sym}: Sparky recorded another order");
     }
     for p in 0..app.config.partitions {
-        assert_eq!(app.queue.pending_count(p).await.unwrap(), 0, "partition {p}");
+        assert_eq!(
+            app.queue.pending_count(p).await.unwrap(),
+            0,
+            "partition {p}"
+        );
     }
     for w in &mut workers {
         w.kill9();

@@ -388,7 +388,8 @@ impl AsterFake {
     pub(crate) fn add_market_like_sol(&self, symbol: &str) {
         let mut st = self.st.lock().unwrap();
         let sol = st.markets["SOLUSDT"];
-        st.markets.insert(Box::leak(symbol.to_string().into_boxed_str()), sol);
+        st.markets
+            .insert(Box::leak(symbol.to_string().into_boxed_str()), sol);
     }
 
     pub(crate) fn orders_with(&self, coid: &str) -> usize {

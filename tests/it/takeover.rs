@@ -25,7 +25,10 @@ async fn until<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F
     }
 }
 
-fn scripted_worker(app: &TestApp, scripted: &std::sync::Arc<Scripted>) -> (Worker, CancellationToken) {
+fn scripted_worker(
+    app: &TestApp,
+    scripted: &std::sync::Arc<Scripted>,
+) -> (Worker, CancellationToken) {
     let shutdown = CancellationToken::new();
     let worker = Worker::with_exchanges(
         app.config.clone(),
@@ -192,5 +195,112 @@ async fn losing_and_reacquiring_a_partition_with_jobs_in_flight_keeps_each_users
         .collect();
     let want: Vec<Decimal> = (0..5).map(|i| Decimal::ONE + Decimal::new(i, 1)).collect();
     assert_eq!(opens, want, "each job once, in the order they arrived");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn no_broker_request_leaves_once_the_partitions_lease_may_have_moved() {
+    // A broker that counts the connections it is offered.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let connections = connections.clone();
+        async move {
+            while let Ok((_socket, _)) = listener.accept().await {
+                connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let http = reqwest::Client::new();
+    let request_time = Duration::from_millis(700);
+    let send = || {
+        sparky::exchanges::http::send(
+            "aster",
+            http.get(&url).timeout(Duration::from_millis(200)),
+            sparky::exchanges::http::Call::Write,
+        )
+    };
+
+    // Valid for less than one request's time, and no renewal comes: the request is not sent.
+    let fence = sparky::partition::Fence::new(
+        tokio::time::Instant::now() + Duration::from_millis(300),
+        request_time,
+    );
+    let refused = fence.scope(send()).await.unwrap_err();
+    assert!(refused.to_string().contains("lease"), "{refused}");
+    assert!(fence.is_void(), "it waited for the validity to end");
+    // Revoked: not sent either.
+    let fence = sparky::partition::Fence::new(
+        tokio::time::Instant::now() + Duration::from_secs(60),
+        request_time,
+    );
+    fence.revoke();
+    assert!(fence.scope(send()).await.is_err());
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // Valid: it goes out.
+    let fence = sparky::partition::Fence::new(
+        tokio::time::Instant::now() + Duration::from_secs(60),
+        request_time,
+    );
+    let _ = fence.scope(send()).await;
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_started_job_redelivered_late_finishes_in_recovery_instead_of_going_stale() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let scripted = Scripted::new();
+    // A job accepted two hours ago (far past SPARKY_MAX_SIGNAL_AGE_SECS) whose first delivery
+    // started it and placed its order, then died before the commit.
+    let mut alert =
+        sparky::domain::parse_alert(alert(user, &secret, "buy").as_object().unwrap(), None)
+            .unwrap();
+    alert.symbol =
+        sparky::domain::Symbol::parse("ETHUSDT", sparky::domain::ExchangeKind::Paper).unwrap();
+    let job = sparky::domain::Job {
+        job_id: Uuid::now_v7(),
+        accepted_at: chrono::Utc::now() - chrono::Duration::hours(2),
+        alert,
+    };
+    let (p, _) = app.queue.enqueue(&job).await.unwrap();
+    let first = app.store.begin_job(&job, p, "0-1").await.unwrap();
+    assert_eq!(first, sparky::store::Begin::Execute { attempt: 1 });
+    let order = sparky::exchanges::OrderRequest {
+        symbol: job.alert.symbol.clone(),
+        side: sparky::domain::OrderSide::Buy,
+        quantity: rust_decimal_macros::dec!(1),
+        order_type: sparky::domain::OrderType::Market,
+        limit_price: None,
+        reduce_only: false,
+        leg: sparky::exchanges::Leg::Open,
+        client_order_id: sparky::exchanges::client_order_id(
+            job.job_id,
+            sparky::exchanges::Leg::Open,
+        ),
+        on_fill: None,
+    };
+    use sparky::exchanges::Exchange;
+    crate::scripted::Client(scripted.clone())
+        .place_order(&order)
+        .await
+        .unwrap();
+
+    let (worker, _shutdown) = scripted_worker(&app, &scripted);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        worker.run(RunMode::UntilIdle, Duration::from_secs(30)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let row = app.job(job.job_id).await;
+    assert_eq!(row.status, JobStatus::Succeeded, "{row:?}");
+    assert_eq!(row.attempts, 2);
+    assert_eq!(scripted.orders().len(), 1, "found, not placed again");
+    let trades = app.trades(user).await;
+    assert_eq!(trades.len(), 1, "the order that exists is recorded");
     app.cleanup().await;
 }
