@@ -120,7 +120,11 @@ async fn a_takeover_reads_its_history_once_and_new_entries_while_an_old_job_runs
 /// Alert `i` of the order test: alternating buy/sell of ETHUSDT (scripted price 100, step 0.001)
 /// for 100 + 10 i USD, so the opened quantity 1 + 0.1 i spells out the order the jobs ran in.
 fn nth(user: Uuid, secret: &str, i: usize) -> serde_json::Value {
-    let mut body = alert(user, secret, if i % 2 == 0 { "buy" } else { "sell" });
+    let mut body = alert(
+        user,
+        secret,
+        if i.is_multiple_of(2) { "buy" } else { "sell" },
+    );
     body["position_size_usd"] = json!(100 + 10 * i);
     body
 }
