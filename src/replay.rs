@@ -220,3 +220,29 @@ pub async fn replay(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_max_lag_is_never_stale_and_never_panics() {
+        let body = serde_json::json!({"user_id": Uuid::now_v7(), "exchange": "paper", "action": "buy",
+            "symbol": "ETHUSDT", "position_size_usd": 100});
+        let mut alert = crate::domain::parse_alert(body.as_object().unwrap(), None).unwrap();
+        let now = Utc::now();
+        alert.timestamp = Some(now);
+        let mut job = Job {
+            job_id: Uuid::now_v7(),
+            accepted_at: now,
+            alert,
+        };
+        for lag in [u64::MAX, 100_000_000_000_000_000, i64::MAX as u64] {
+            job.alert.max_lag_secs = Some(lag);
+            assert_eq!(would_be_stale(&job, Duration::from_secs(60), now), None);
+        }
+        job.alert.max_lag_secs = Some(1);
+        let later = now + chrono::Duration::seconds(5);
+        assert!(would_be_stale(&job, Duration::from_secs(60), later).is_some());
+    }
+}
