@@ -40,6 +40,23 @@ fn scripted_worker(
     (worker, shutdown)
 }
 
+/// A scripted worker running until its shutdown token is cancelled.
+fn start_scripted_worker(
+    app: &TestApp,
+    scripted: &std::sync::Arc<Scripted>,
+) -> (
+    Worker,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let (worker, shutdown) = scripted_worker(app, scripted);
+    let run = tokio::spawn({
+        let w = worker.clone();
+        async move { w.run(RunMode::Forever, Duration::from_secs(30)).await }
+    });
+    (worker, shutdown, run)
+}
+
 async fn status(app: &TestApp, id: Uuid) -> Option<JobStatus> {
     app.store.get_job(id).await.unwrap().map(|j| j.status)
 }
@@ -71,11 +88,7 @@ async fn a_takeover_reads_its_history_once_and_new_entries_while_an_old_job_runs
         .unwrap();
     assert_eq!(app.queue.pending_count(0).await.unwrap(), 2);
 
-    let (worker, shutdown) = scripted_worker(&app, &scripted);
-    let run = tokio::spawn({
-        let w = worker.clone();
-        async move { w.run(RunMode::Forever, Duration::from_secs(30)).await }
-    });
+    let (worker, shutdown, run) = start_scripted_worker(&app, &scripted);
     tokio::time::timeout(Duration::from_secs(60), gate.entered.notified())
         .await
         .expect("A's slow order reached the broker");
@@ -144,11 +157,7 @@ async fn losing_and_reacquiring_a_partition_with_jobs_in_flight_keeps_each_users
     for i in 0..4 {
         jobs.push(app.enqueue(&nth(user, &secret, i)).await);
     }
-    let (worker, shutdown) = scripted_worker(&app, &scripted);
-    let run = tokio::spawn({
-        let w = worker.clone();
-        async move { w.run(RunMode::Forever, Duration::from_secs(30)).await }
-    });
+    let (worker, shutdown, run) = start_scripted_worker(&app, &scripted);
     // Job 0 is at the broker; jobs 1-3 are queued behind it in the user's lane.
     tokio::time::timeout(Duration::from_secs(60), gate.entered.notified())
         .await
