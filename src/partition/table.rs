@@ -97,6 +97,8 @@ impl ReadSpec {
 /// The partitions of one worker.
 pub struct Table {
     inner: Mutex<Inner>,
+    /// Set on shutdown: acquire nothing more.
+    closing: std::sync::atomic::AtomicBool,
     leases: Leases,
     queue: Queue,
     metrics: Metrics,
@@ -123,6 +125,7 @@ impl Table {
                 reads: 0,
                 desired: None,
             }),
+            closing: std::sync::atomic::AtomicBool::new(false),
             ttl: Duration::from_millis(leases.ttl_ms),
             leases,
             queue,
@@ -411,6 +414,9 @@ impl Table {
     }
 
     async fn acquire(&self, p: u32) {
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         {
             let inner = self.lock();
             let slot = &inner.slots[p as usize];
@@ -493,8 +499,11 @@ impl Table {
         }
     }
 
-    /// Shutdown, step 1: start nothing new in any partition.
+    /// Shutdown, step 1: start nothing new in any partition, and acquire no more partitions (the
+    /// keeper goes on renewing the owned ones while their jobs finish).
     pub fn stop_starting(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
         for slot in self.lock().slots.iter() {
             if let Some(o) = &slot.own {
                 o.fence.stop_starting();
