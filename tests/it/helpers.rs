@@ -66,9 +66,10 @@ pub fn captured_logs() -> String {
     String::from_utf8_lossy(&LOGS.get().unwrap().lock().unwrap()).into_owned()
 }
 
-/// A fresh, migrated database. Names carry a unix timestamp so leftovers of crashed runs older than
-/// an hour are dropped by the next run.
-pub async fn fresh_database() -> (String, String) {
+/// A fresh database (not migrated), dropped when the returned guard is.
+/// Names carry a unix timestamp so leftovers of crashed runs (a guard never dropped: the process
+/// was killed) older than an hour are dropped by the next run.
+pub async fn fresh_database() -> (Cleanup, String) {
     static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let admin = Store::connect(&admin_database_url(), 2)
         .await
@@ -109,7 +110,87 @@ pub async fn fresh_database() -> (String, String) {
         "{}/{name}",
         admin_database_url().rsplit_once('/').unwrap().0
     );
-    (name, url)
+    let guard = Cleanup {
+        db_name: Some(name),
+        redis: None,
+        shutdown: None,
+    };
+    (guard, url)
+}
+
+/// What a test owns outside its process: its database and its Redis key namespace (and the
+/// in-process ingress it started). Dropped at the end of the test, whether it passed or panicked,
+/// it drops the database and deletes the namespace's keys, so a failing test leaks nothing.
+/// [`TestApp::cleanup`] does the same without blocking a runtime thread.
+pub struct Cleanup {
+    db_name: Option<String>,
+    /// (Redis URL, namespace)
+    redis: Option<(String, String)>,
+    shutdown: Option<CancellationToken>,
+}
+
+impl Cleanup {
+    /// Clean up now (idempotent: the guard is empty afterwards).
+    pub async fn run(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            s.cancel();
+        }
+        let (db, redis) = (self.db_name.take(), self.redis.take());
+        // Bounded: a test whose Redis was stopped on purpose must not hang its clean-up.
+        let _ = tokio::time::timeout(Duration::from_secs(30), clean(db, redis)).await;
+    }
+}
+
+async fn clean(db_name: Option<String>, namespace: Option<(String, String)>) {
+    if let Some(name) = db_name {
+        if let Ok(admin) = Store::connect(&admin_database_url(), 1).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&admin.pool)
+                .await;
+            admin.pool.close().await;
+        }
+    }
+    if let Some((url, ns)) = namespace {
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            return;
+        };
+        let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{ns}:*"))
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            s.cancel();
+        }
+        let (db, redis) = (self.db_name.take(), self.redis.take());
+        if db.is_none() && redis.is_none() {
+            return;
+        }
+        // Drop cannot await, and it usually runs on a runtime thread (or while a test unwinds):
+        // clean up on a thread of its own, with a runtime of its own, and wait for it.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), clean(db, redis)).await;
+                });
+            }
+        })
+        .join();
+    }
 }
 
 pub struct TestApp {
@@ -119,7 +200,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     pub shutdown: CancellationToken,
-    db_name: String,
+    /// Drops the database and the namespace's keys when the app is dropped.
+    guard: Cleanup,
 }
 
 impl TestApp {
@@ -130,7 +212,7 @@ impl TestApp {
     /// Spawn with a tweaked config (e.g. another Redis).
     pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         init_logs();
-        let (db_name, database_url) = fresh_database().await;
+        let (mut guard, database_url) = fresh_database().await;
         let mut config = Config {
             database_url,
             redis_url: redis_url(),
@@ -140,6 +222,7 @@ impl TestApp {
             ..Config::default()
         };
         tweak(&mut config);
+        guard.redis = Some((config.redis_url.clone(), config.namespace.clone()));
         let store = Store::connect(&config.database_url, 8).await.unwrap();
         store.migrate().await.unwrap();
         let queue = Queue::connect(
@@ -153,6 +236,7 @@ impl TestApp {
         queue.check_partitions().await.unwrap();
         queue.ensure_groups().await.unwrap();
         let shutdown = CancellationToken::new();
+        guard.shutdown = Some(shutdown.clone());
         let addr = spawn_ingress(&config, store.clone(), queue.clone(), shutdown.clone()).await;
         TestApp {
             config,
@@ -161,7 +245,7 @@ impl TestApp {
             addr,
             http: reqwest::Client::new(),
             shutdown,
-            db_name,
+            guard,
         }
     }
 
@@ -292,27 +376,12 @@ impl TestApp {
         n
     }
 
-    /// Drop the database and the Redis keys of this test.
-    pub async fn cleanup(self) {
+    /// Drop the database and the Redis keys of this test now (dropping the app does the same; this
+    /// does it without blocking a runtime thread).
+    pub async fn cleanup(mut self) {
         self.shutdown.cancel();
         self.store.pool.close().await;
-        if let Ok(admin) = Store::connect(&admin_database_url(), 1).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
-            .execute(&admin.pool)
-            .await;
-        }
-        let mut c = self.queue.conn();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.config.namespace))
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
-        }
+        self.guard.run().await;
     }
 }
 

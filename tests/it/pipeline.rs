@@ -289,7 +289,7 @@ async fn users_orders_follow_the_ingress_order() {
 
 #[tokio::test]
 async fn binaries_refuse_an_unmigrated_database() {
-    let (_name, url) = fresh_database().await;
+    let (_db, url) = fresh_database().await;
     let config = sparky::config::Config {
         database_url: url,
         namespace: format!("t{}", uuid::Uuid::new_v4().simple()),

@@ -309,5 +309,5 @@ async fn redis_down_means_503_never_202() {
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     let r = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    app.shutdown.cancel();
+    app.cleanup().await;
 }
