@@ -1,7 +1,8 @@
 //! Security: secret rotation, credentials never in plaintext, key rotation, limits, source addresses,
 //! and a property test of the webhook endpoint.
 
-use std::time::{Duration, Instant};
+use std::collections::BTreeSet;
+use std::time::Duration;
 
 use base64::Engine;
 use proptest::prelude::*;
@@ -61,25 +62,19 @@ async fn a_rotated_secret_stops_working_within_the_cache_ttl() {
         .rotate_secret(user, &hash_webhook_secret(new.expose()))
         .await
         .unwrap();
-    let rotated_at = Instant::now();
     // The new secret works at once (it was never cached as unknown).
     app.enqueue(&alert(user, new.expose(), "close")).await;
+    // Once a whole TTL has passed since the rotation (the old secret was cached before it), no
+    // cache may still hold the old secret: a wait that only ever errs on the long side, so a slow
+    // machine cannot make this fail, while a cache that outlives its TTL does.
+    tokio::time::sleep(ttl).await;
     let before = app.queued_entries().await;
-    loop {
-        let (status, v) = app.post_webhook(&alert(user, &old, "close")).await;
-        if status == StatusCode::UNAUTHORIZED {
-            break;
-        }
-        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
-        assert!(
-            rotated_at.elapsed() < ttl + Duration::from_millis(500),
-            "the old secret still worked {:?} after rotation (cache TTL {ttl:?})",
-            rotated_at.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let accepted_meanwhile = app.queued_entries().await - before;
-    assert!(rotated_at.elapsed() <= ttl + Duration::from_millis(500));
+    let (status, v) = app.post_webhook(&alert(user, &old, "close")).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the old secret still worked a whole cache TTL ({ttl:?}) after the rotation: {v}"
+    );
     // ... and keeps failing, for the job API too.
     let (status, _) = app.post_webhook(&alert(user, &old, "close")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -91,7 +86,7 @@ async fn a_rotated_secret_stops_working_within_the_cache_ttl() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(app.queued_entries().await - before, accepted_meanwhile);
+    assert_eq!(app.queued_entries().await, before, "a 401 enqueues nothing");
     app.enqueue(&alert(user, new.expose(), "close")).await;
     app.cleanup().await;
 }
@@ -415,10 +410,14 @@ async fn rotate_key_reencrypts_every_row_under_the_current_key() {
     app.cleanup().await;
 }
 
+/// A refill so slow (one token in about 11 days) that no test run sees one: the number of
+/// requests a bucket lets through is exactly its burst, however slow the machine.
+const NO_REFILL: f64 = 1e-6;
+
 #[tokio::test]
 async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_retry() {
     let limit = RateLimit {
-        per_sec: 1.0,
+        per_sec: NO_REFILL,
         burst: 4,
     };
     let app = TestApp::spawn_with(|c| c.rate_limit = limit).await;
@@ -426,7 +425,6 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
     let (user, secret) = app.paper_user().await;
     let addrs = [app.addr, other];
 
-    let started = Instant::now();
     let (mut accepted, mut limited) = (0u64, [0u32; 2]);
     for i in 0..16 {
         let r = post(
@@ -440,7 +438,7 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
             StatusCode::TOO_MANY_REQUESTS => {
                 limited[i % 2] += 1;
                 let secs = retry_after(&r);
-                assert!((1..=2).contains(&secs), "Retry-After {secs}");
+                assert!(secs >= 1, "Retry-After {secs}");
                 let v: Value = r.json().await.unwrap();
                 assert_eq!(v["retry_after_secs"], secs);
                 assert!(v["error"].as_str().unwrap().contains("rate limit"), "{v}");
@@ -448,15 +446,8 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
             s => panic!("unexpected {s}"),
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    // One bucket for both: the burst plus what refilled meanwhile. Separate buckets per process
-    // would have accepted at least 8.
-    assert!(elapsed < 3.0, "too slow to tell ({elapsed} s)");
-    let most = limit.burst as u64 + (elapsed * limit.per_sec).floor() as u64;
-    assert!(
-        (limit.burst as u64..=most).contains(&accepted),
-        "{accepted} accepted in {elapsed} s"
-    );
+    // One bucket for both: exactly the burst. Separate buckets per process would take 8.
+    assert_eq!(accepted, limit.burst as u64, "{limited:?}");
     assert!(limited[0] > 0 && limited[1] > 0, "{limited:?}");
     assert_eq!(
         app.queued_entries().await,
@@ -468,11 +459,21 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
     let (other_user, other_secret) = app.paper_user().await;
     app.enqueue(&alert(other_user, &other_secret, "buy")).await;
 
-    // Retrying after Retry-After succeeds.
+    // Retrying after Retry-After succeeds: an ingress refilling one token a second, burst 1.
+    let mut quick = app.config.clone();
+    quick.rate_limit = RateLimit {
+        per_sec: 1.0,
+        burst: 1,
+    };
+    let quick = second_ingress(&app, &quick).await;
+    let (user, secret) = app.paper_user().await;
+    let mut tries = 0;
     let wait = loop {
+        tries += 1;
+        assert!(tries <= 100, "never rate limited");
         let r = post(
             &app.http,
-            format!("http://{other}/webhook"),
+            format!("http://{quick}/webhook"),
             &alert(user, &secret, "buy"),
         )
         .await;
@@ -481,8 +482,17 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
         }
         assert_eq!(r.status(), StatusCode::ACCEPTED);
     };
+    // An empty bucket refilling a token a second: at most a second to wait, rounded up.
+    assert_eq!(wait, 1, "Retry-After");
+    // Waiting that long is always enough (a slow machine only waits longer).
     tokio::time::sleep(Duration::from_secs(wait)).await;
-    app.enqueue(&alert(user, &secret, "buy")).await;
+    let r = post(
+        &app.http,
+        format!("http://{quick}/webhook"),
+        &alert(user, &secret, "buy"),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED, "after Retry-After");
     app.cleanup().await;
 }
 
