@@ -90,6 +90,22 @@ async fn bad_inputs_get_the_right_answer_and_enqueue_nothing() {
             "position_size_usd",
         ),
         (
+            "blank size (an empty TradingView placeholder)",
+            with("position_size_usd", json!("")),
+            StatusCode::BAD_REQUEST,
+            "position_size_usd",
+        ),
+        (
+            "limit with a blank price",
+            {
+                let mut b = with("order_type", json!("limit"));
+                b["price"] = json!(" ");
+                b
+            },
+            StatusCode::BAD_REQUEST,
+            "price",
+        ),
+        (
             "zero size",
             with("position_size_usd", json!(0)),
             StatusCode::BAD_REQUEST,
