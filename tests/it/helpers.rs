@@ -2,11 +2,13 @@
 //! Redis key namespace, a real ingress on port 0, and a real worker it can run until the queue is
 //! empty. `REDIS_URL` / `DATABASE_URL` point at the servers (defaults: the local ones).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use redis::streams::{StreamPendingCountReply, StreamRangeReply};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sparky::config::Config;
@@ -297,15 +299,53 @@ impl TestApp {
         (u, s)
     }
 
-    /// Every entry of the dead-letter stream, as Redis returned it.
-    pub async fn dlq_entries(&self) -> Vec<redis::Value> {
-        redis::cmd("XRANGE")
+    /// Every record of the dead-letter stream, oldest first, as field -> value.
+    pub async fn dlq_records(&self) -> Vec<HashMap<String, String>> {
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
             .arg(self.queue.keys.dlq())
             .arg("-")
             .arg("+")
             .query_async(&mut self.queue.conn())
             .await
-            .unwrap()
+            .unwrap();
+        reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                e.map
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let v: String = redis::from_redis_value(v).expect("a text field");
+                        (k, v)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The dead-letter record of `job`; panics unless there is exactly one.
+    pub async fn dlq_record_of(&self, job: Uuid) -> HashMap<String, String> {
+        let all = self.dlq_records().await;
+        let mine: Vec<_> = all
+            .iter()
+            .filter(|r| r.get("job_id").map(String::as_str) == Some(job.to_string().as_str()))
+            .collect();
+        assert_eq!(mine.len(), 1, "dead-letter records of {job}: {all:?}");
+        mine[0].clone()
+    }
+
+    /// The entries of partition `p` that were delivered and not acked: (entry id, consumer).
+    pub async fn pending_entries(&self, p: u32) -> Vec<(String, String)> {
+        let reply: StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(self.queue.keys.stream(p))
+            .arg(sparky::queue::GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(10_000)
+            .query_async(&mut self.queue.conn())
+            .await
+            .unwrap();
+        reply.ids.into_iter().map(|i| (i.id, i.consumer)).collect()
     }
 
     /// A user with paper credentials.

@@ -169,10 +169,10 @@ async fn too_small_orders_are_rejected_with_the_numbers_and_dead_lettered() {
     );
     assert!(app.trades(user).await.is_empty());
     assert!(app.position(user, "ETHUSDT").await.is_none());
-    let dlq = app.dlq_entries().await;
-    assert_eq!(dlq.len(), 1);
-    let text = format!("{dlq:?}");
-    assert!(text.contains(&id.to_string()));
+    assert_eq!(app.dlq_records().await.len(), 1);
+    let dl = app.dlq_record_of(id).await;
+    assert_eq!(dl["status"], "rejected");
+    assert!(dl["error"].contains("minimum quantity 0.001"), "{dl:?}");
 
     // A user without credentials for the exchange: rejected, saying so.
     let (bare, bare_secret) = app.create_user().await;
@@ -401,14 +401,17 @@ async fn a_failed_job_redelivered_after_its_commit_still_reaches_the_dead_letter
         "no paper credentials",
     );
     app.store.finish_job(&job, &outcome, attempt).await.unwrap();
-    assert!(app.dlq_entries().await.is_empty());
+    assert!(app.dlq_records().await.is_empty());
 
     app.run_worker_until_idle().await;
-    let dlq = format!("{:?}", app.dlq_entries().await);
-    assert!(
-        dlq.contains(&id.to_string()) && dlq.contains("no paper credentials"),
-        "{dlq}"
+    let dl = app.dlq_record_of(id).await;
+    assert_eq!(
+        (dl["status"].as_str(), dl["error_class"].as_str()),
+        ("rejected", "credentials"),
+        "{dl:?}"
     );
+    assert!(dl["error"].contains("no paper credentials"), "{dl:?}");
+    assert_eq!(dl["entry_id"], e.id, "{dl:?}");
     assert_eq!(
         app.queue.pending_count(e.partition).await.unwrap(),
         0,

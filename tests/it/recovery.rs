@@ -97,12 +97,9 @@ async fn a_permanent_rejection_is_dead_lettered_and_replayed_once_after_the_fix(
         "{job:?}"
     );
     assert_eq!(fake.orders().len(), 0);
-    let dlq = app.dlq_entries().await;
-    let text = format!("{dlq:?}");
-    assert!(
-        text.contains(&id.to_string()) && text.contains("Margin is insufficient."),
-        "{text}"
-    );
+    let dl = app.dlq_record_of(id).await;
+    assert_eq!(dl["status"], "rejected", "{dl:?}");
+    assert!(dl["error"].contains("Margin is insufficient."), "{dl:?}");
 
     // The broker is told to accept; the operator replays the job.
     fake.st.lock().unwrap().margin_limit = None;
