@@ -627,8 +627,14 @@ pub fn parse_alert(
     })
 }
 
+/// Was `key` sent with a value? Missing, `null` and blank text (an empty TradingView placeholder)
+/// are not a value: a required field sent blank is missing.
 fn body_has(body: &Map<String, Value>, key: &str) -> bool {
-    !matches!(body.get(key), None | Some(Value::Null))
+    match body.get(key) {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => !s.trim().is_empty(),
+        Some(_) => true,
+    }
 }
 
 /// A string field (numbers are accepted and turned into their text). `Ok(None)` when absent/null/blank.

@@ -326,10 +326,52 @@ mod tests {
     fn webhook_secret_hash_is_stable() {
         let s = generate_webhook_secret();
         assert!(s.expose().starts_with("sk_") && s.expose().len() == 67);
+        // Known answers (SHA-256, hex): stored hashes are look-up keys, so a change of the hash
+        // would orphan every stored secret. The first is FIPS 180-2's "abc"; the second was
+        // computed independently (Python hashlib).
         assert_eq!(
-            hash_webhook_secret(s.expose()),
-            hash_webhook_secret(s.expose())
+            hash_webhook_secret("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        assert_ne!(hash_webhook_secret("a"), hash_webhook_secret("b"));
+        assert_eq!(
+            hash_webhook_secret(
+                "sk_000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+            ),
+            "f976a7b8551e0831cfb0063814258850280a4fd32f023e3378eb1ce67b9c5328"
+        );
+    }
+
+    /// A value written in the `enc:v1:` format, made independently of this code (Python
+    /// `cryptography`: AES-256-GCM, key bytes 0..31, nonce bytes 0xa0..0xab, AAD
+    /// `u1:api_secret`; key id = hex of the first 4 bytes of SHA-256("sparky-key-id" || key)).
+    /// Every stored credential is in this format: a change of the cipher, the nonce layout, the
+    /// AAD, the key id or the encoding must fail here rather than orphan them.
+    #[test]
+    fn a_fixed_enc_v1_value_decrypts() {
+        let k = MasterKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        assert_eq!(k.id(), "85980c69");
+        let stored = "enc:v1:85980c69:oKGio6Slpqeoqaqri2FRTDWiL8wHBvW2cwUjWF4PpW/1YjQvuq2Ac5k=";
+        assert!(is_encrypted(stored));
+        assert_eq!(key_id_of(stored), Some("85980c69"));
+        assert_eq!(
+            open(stored, "u1:api_secret", &[&k]).unwrap().expose(),
+            "my-api-secret"
+        );
+        // The AAD is part of the format: another row's does not open it.
+        assert_eq!(
+            open(stored, "u2:api_secret", &[&k]).unwrap_err(),
+            CryptoError::Corrupt
+        );
+        // And this code writes the same layout: prefix, key id, base64 of a 12-byte nonce, the
+        // ciphertext and a 16-byte tag.
+        let fresh = k.encrypt("my-api-secret", "u1:api_secret");
+        let blob = B64
+            .decode(
+                fresh
+                    .strip_prefix("enc:v1:85980c69:")
+                    .expect("prefix and key id"),
+            )
+            .unwrap();
+        assert_eq!(blob.len(), 12 + "my-api-secret".len() + 16);
     }
 }

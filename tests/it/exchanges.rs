@@ -80,6 +80,10 @@ impl Core {
             .or_default()
             .push_back(fault);
     }
+    /// Drop every fault not yet applied.
+    pub(crate) fn clear_faults(&self) {
+        self.faults.lock().unwrap().clear();
+    }
     fn take(&self, route: &str) -> Option<Fault> {
         self.faults.lock().unwrap().get_mut(route)?.pop_front()
     }

@@ -2,11 +2,13 @@
 //! Redis key namespace, a real ingress on port 0, and a real worker it can run until the queue is
 //! empty. `REDIS_URL` / `DATABASE_URL` point at the servers (defaults: the local ones).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use redis::streams::{StreamPendingCountReply, StreamRangeReply};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sparky::config::Config;
@@ -66,9 +68,10 @@ pub fn captured_logs() -> String {
     String::from_utf8_lossy(&LOGS.get().unwrap().lock().unwrap()).into_owned()
 }
 
-/// A fresh, migrated database. Names carry a unix timestamp so leftovers of crashed runs older than
-/// an hour are dropped by the next run.
-pub async fn fresh_database() -> (String, String) {
+/// A fresh database (not migrated), dropped when the returned guard is.
+/// Names carry a unix timestamp so leftovers of crashed runs (a guard never dropped: the process
+/// was killed) older than an hour are dropped by the next run.
+pub async fn fresh_database() -> (Cleanup, String) {
     static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let admin = Store::connect(&admin_database_url(), 2)
         .await
@@ -109,7 +112,87 @@ pub async fn fresh_database() -> (String, String) {
         "{}/{name}",
         admin_database_url().rsplit_once('/').unwrap().0
     );
-    (name, url)
+    let guard = Cleanup {
+        db_name: Some(name),
+        redis: None,
+        shutdown: None,
+    };
+    (guard, url)
+}
+
+/// What a test owns outside its process: its database and its Redis key namespace (and the
+/// in-process ingress it started). Dropped at the end of the test, whether it passed or panicked,
+/// it drops the database and deletes the namespace's keys, so a failing test leaks nothing.
+/// [`TestApp::cleanup`] does the same without blocking a runtime thread.
+pub struct Cleanup {
+    db_name: Option<String>,
+    /// (Redis URL, namespace)
+    redis: Option<(String, String)>,
+    shutdown: Option<CancellationToken>,
+}
+
+impl Cleanup {
+    /// Clean up now (idempotent: the guard is empty afterwards).
+    pub async fn run(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            s.cancel();
+        }
+        let (db, redis) = (self.db_name.take(), self.redis.take());
+        // Bounded: a test whose Redis was stopped on purpose must not hang its clean-up.
+        let _ = tokio::time::timeout(Duration::from_secs(30), clean(db, redis)).await;
+    }
+}
+
+async fn clean(db_name: Option<String>, namespace: Option<(String, String)>) {
+    if let Some(name) = db_name {
+        if let Ok(admin) = Store::connect(&admin_database_url(), 1).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&admin.pool)
+                .await;
+            admin.pool.close().await;
+        }
+    }
+    if let Some((url, ns)) = namespace {
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            return;
+        };
+        let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{ns}:*"))
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            s.cancel();
+        }
+        let (db, redis) = (self.db_name.take(), self.redis.take());
+        if db.is_none() && redis.is_none() {
+            return;
+        }
+        // Drop cannot await, and it usually runs on a runtime thread (or while a test unwinds):
+        // clean up on a thread of its own, with a runtime of its own, and wait for it.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), clean(db, redis)).await;
+                });
+            }
+        })
+        .join();
+    }
 }
 
 pub struct TestApp {
@@ -119,7 +202,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     pub shutdown: CancellationToken,
-    db_name: String,
+    /// Drops the database and the namespace's keys when the app is dropped.
+    guard: Cleanup,
 }
 
 impl TestApp {
@@ -130,7 +214,7 @@ impl TestApp {
     /// Spawn with a tweaked config (e.g. another Redis).
     pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         init_logs();
-        let (db_name, database_url) = fresh_database().await;
+        let (mut guard, database_url) = fresh_database().await;
         let mut config = Config {
             database_url,
             redis_url: redis_url(),
@@ -140,6 +224,7 @@ impl TestApp {
             ..Config::default()
         };
         tweak(&mut config);
+        guard.redis = Some((config.redis_url.clone(), config.namespace.clone()));
         let store = Store::connect(&config.database_url, 8).await.unwrap();
         store.migrate().await.unwrap();
         let queue = Queue::connect(
@@ -153,6 +238,7 @@ impl TestApp {
         queue.check_partitions().await.unwrap();
         queue.ensure_groups().await.unwrap();
         let shutdown = CancellationToken::new();
+        guard.shutdown = Some(shutdown.clone());
         let addr = spawn_ingress(&config, store.clone(), queue.clone(), shutdown.clone()).await;
         TestApp {
             config,
@@ -161,7 +247,7 @@ impl TestApp {
             addr,
             http: reqwest::Client::new(),
             shutdown,
-            db_name,
+            guard,
         }
     }
 
@@ -213,15 +299,53 @@ impl TestApp {
         (u, s)
     }
 
-    /// Every entry of the dead-letter stream, as Redis returned it.
-    pub async fn dlq_entries(&self) -> Vec<redis::Value> {
-        redis::cmd("XRANGE")
+    /// Every record of the dead-letter stream, oldest first, as field -> value.
+    pub async fn dlq_records(&self) -> Vec<HashMap<String, String>> {
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
             .arg(self.queue.keys.dlq())
             .arg("-")
             .arg("+")
             .query_async(&mut self.queue.conn())
             .await
-            .unwrap()
+            .unwrap();
+        reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                e.map
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let v: String = redis::from_redis_value(v).expect("a text field");
+                        (k, v)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The dead-letter record of `job`; panics unless there is exactly one.
+    pub async fn dlq_record_of(&self, job: Uuid) -> HashMap<String, String> {
+        let all = self.dlq_records().await;
+        let mine: Vec<_> = all
+            .iter()
+            .filter(|r| r.get("job_id").map(String::as_str) == Some(job.to_string().as_str()))
+            .collect();
+        assert_eq!(mine.len(), 1, "dead-letter records of {job}: {all:?}");
+        mine[0].clone()
+    }
+
+    /// The entries of partition `p` that were delivered and not acked: (entry id, consumer).
+    pub async fn pending_entries(&self, p: u32) -> Vec<(String, String)> {
+        let reply: StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(self.queue.keys.stream(p))
+            .arg(sparky::queue::GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(10_000)
+            .query_async(&mut self.queue.conn())
+            .await
+            .unwrap();
+        reply.ids.into_iter().map(|i| (i.id, i.consumer)).collect()
     }
 
     /// A user with paper credentials.
@@ -292,27 +416,12 @@ impl TestApp {
         n
     }
 
-    /// Drop the database and the Redis keys of this test.
-    pub async fn cleanup(self) {
+    /// Drop the database and the Redis keys of this test now (dropping the app does the same; this
+    /// does it without blocking a runtime thread).
+    pub async fn cleanup(mut self) {
         self.shutdown.cancel();
         self.store.pool.close().await;
-        if let Ok(admin) = Store::connect(&admin_database_url(), 1).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
-            .execute(&admin.pool)
-            .await;
-        }
-        let mut c = self.queue.conn();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.config.namespace))
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
-        }
+        self.guard.run().await;
     }
 }
 

@@ -35,7 +35,8 @@ async fn webhook_becomes_a_filled_paper_trade_and_a_position() {
         (Side::Long, dec!(0.033), dec!(3000))
     );
 
-    // The entry was acked only after the commit: nothing pending.
+    // The entry was acked: nothing pending (that the ack waits for the commit is
+    // an_entry_is_acked_only_after_its_commit).
     for part in 0..app.config.partitions {
         assert_eq!(app.queue.pending_count(part).await.unwrap(), 0);
     }
@@ -173,10 +174,10 @@ async fn too_small_orders_are_rejected_with_the_numbers_and_dead_lettered() {
     );
     assert!(app.trades(user).await.is_empty());
     assert!(app.position(user, "ETHUSDT").await.is_none());
-    let dlq = app.dlq_entries().await;
-    assert_eq!(dlq.len(), 1);
-    let text = format!("{dlq:?}");
-    assert!(text.contains(&id.to_string()));
+    assert_eq!(app.dlq_records().await.len(), 1);
+    let dl = app.dlq_record_of(id).await;
+    assert_eq!(dl["status"], "rejected");
+    assert!(dl["error"].contains("minimum quantity 0.001"), "{dl:?}");
 
     // A user without credentials for the exchange: rejected, saying so.
     let (bare, bare_secret) = app.create_user().await;
@@ -293,7 +294,7 @@ async fn users_orders_follow_the_ingress_order() {
 
 #[tokio::test]
 async fn binaries_refuse_an_unmigrated_database() {
-    let (_name, url) = fresh_database().await;
+    let (_db, url) = fresh_database().await;
     let config = sparky::config::Config {
         database_url: url,
         namespace: format!("t{}", uuid::Uuid::new_v4().simple()),
@@ -408,19 +409,123 @@ async fn a_failed_job_redelivered_after_its_commit_still_reaches_the_dead_letter
         "no paper credentials",
     );
     app.store.finish_job(&job, &outcome, attempt).await.unwrap();
-    assert!(app.dlq_entries().await.is_empty());
+    assert!(app.dlq_records().await.is_empty());
 
     app.run_worker_until_idle().await;
-    let dlq = format!("{:?}", app.dlq_entries().await);
-    assert!(
-        dlq.contains(&id.to_string()) && dlq.contains("no paper credentials"),
-        "{dlq}"
+    let dl = app.dlq_record_of(id).await;
+    assert_eq!(
+        (dl["status"].as_str(), dl["error_class"].as_str()),
+        ("rejected", "credentials"),
+        "{dl:?}"
     );
+    assert!(dl["error"].contains("no paper credentials"), "{dl:?}");
+    assert_eq!(dl["entry_id"], e.id, "{dl:?}");
     assert_eq!(
         app.queue.pending_count(e.partition).await.unwrap(),
         0,
         "acked"
     );
     assert_eq!(app.job(id).await.attempts, 1, "not executed again");
+    app.cleanup().await;
+}
+
+/// How many times the job's final UPDATE was refused by the trigger of
+/// [`an_entry_is_acked_only_after_its_commit`] (a sequence: it counts even in rolled-back
+/// transactions).
+async fn refused_commits(app: &TestApp) -> i64 {
+    let (last, called): (i64, bool) =
+        sqlx::query_as("SELECT last_value, is_called FROM refused_commits")
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap();
+    if called {
+        last
+    } else {
+        0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_is_acked_only_after_its_commit() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    // In this test's own database: the job's final UPDATE fails, as it would with Postgres
+    // refusing connections (SQLSTATE 57P03, so the worker waits it out rather than recording the
+    // job as dead).
+    sqlx::raw_sql(
+        r#"
+        CREATE SEQUENCE refused_commits;
+        CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          PERFORM nextval('refused_commits');
+          RAISE EXCEPTION 'test: the commit is refused' USING ERRCODE = '57P03';
+        END $$;
+        CREATE TRIGGER refuse_commit BEFORE UPDATE ON jobs FOR EACH ROW
+          WHEN (NEW.status NOT IN ('queued', 'executing')) EXECUTE FUNCTION refuse_commit();
+        "#,
+    )
+    .execute(&app.store.pool)
+    .await
+    .unwrap();
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = sparky::worker::Worker::new(
+        app.config.clone(),
+        app.store.clone(),
+        app.queue.clone(),
+        shutdown.clone(),
+    );
+    let consumer = worker.consumer.clone();
+    let run = tokio::spawn(async move {
+        worker
+            .run(
+                sparky::worker::RunMode::Forever,
+                std::time::Duration::from_secs(30),
+            )
+            .await
+    });
+    let id = app.enqueue(&alert(user, &secret, "buy")).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while refused_commits(&app).await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never tried to commit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The job ran (the order is at the paper exchange) but its commit failed twice: the entry is
+    // still pending, for this worker, and nothing is recorded.
+    let job = app.job(id).await;
+    assert_eq!(job.status, "executing", "{job:?}");
+    assert!(app.trades(user).await.is_empty());
+    let p = job.partition as u32;
+    assert_eq!(
+        app.pending_entries(p).await,
+        vec![(job.entry_id.clone(), consumer.clone())],
+        "the entry was acked before its job's outcome was committed"
+    );
+
+    // Postgres takes commits again: the same delivery commits, then acks.
+    sqlx::raw_sql("DROP TRIGGER refuse_commit ON jobs")
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !app.pending_entries(p).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the entry was never acked after the commit went through"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let job = app.job(id).await;
+    assert_eq!(
+        (job.status.as_str(), job.attempts),
+        ("succeeded", 1),
+        "{job:?}"
+    );
+    assert_eq!(app.trades(user).await.len(), 1);
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
     app.cleanup().await;
 }

@@ -56,6 +56,20 @@ impl WorkerProc {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: frozen where it is (it acks, commits and renews nothing until [`Self::resume`]).
+    pub fn freeze(&self) {
+        let pid = self.child.id().to_string();
+        let st = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        assert!(st.success(), "SIGSTOP {pid}");
+    }
+
+    /// SIGCONT after [`Self::freeze`].
+    pub fn resume(&self) {
+        let pid = self.child.id().to_string();
+        let st = Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        assert!(st.success(), "SIGCONT {pid}");
+    }
+
     /// SIGTERM, then wait for the exit code.
     pub async fn terminate(&mut self) -> i32 {
         let pid = self.child.id().to_string();

@@ -9,6 +9,7 @@ use sparky::exchanges::{client_order_id, Leg};
 use sparky::replay::{self, Decision, Options};
 
 use crate::exchanges::*;
+use crate::helpers::captured_logs;
 use crate::procs::spawn_worker;
 
 const ORDER: &str = "POST /fapi/v1/order";
@@ -100,12 +101,9 @@ async fn a_permanent_rejection_is_dead_lettered_and_replayed_once_after_the_fix(
         "{job:?}"
     );
     assert_eq!(fake.orders().len(), 0);
-    let dlq = app.dlq_entries().await;
-    let text = format!("{dlq:?}");
-    assert!(
-        text.contains(&id.to_string()) && text.contains("Margin is insufficient."),
-        "{text}"
-    );
+    let dl = app.dlq_record_of(id).await;
+    assert_eq!(dl["status"], "rejected", "{dl:?}");
+    assert!(dl["error"].contains("Margin is insufficient."), "{dl:?}");
 
     // The broker is told to accept; the operator replays the job.
     fake.st.lock().unwrap().margin_limit = None;
@@ -224,4 +222,134 @@ async fn a_worker_that_lost_the_lease_stops_retrying_and_records_nothing() {
         "no attempt after the lease was lost"
     );
     assert!(fake.orders().is_empty());
+}
+
+/// Wait until `done` holds, checking every 20 ms; fail with `what` after a minute (a deadline for
+/// liveness on a loaded machine, not a measure of speed).
+async fn eventually<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The worker's own lease-loss path, end to end: a real worker retries a job against a failing
+/// broker, its partition's lease is taken by someone else in Redis, and the worker must stop,
+/// record nothing, ack nothing and leave the lease alone; the partition's next owner finishes the
+/// job, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_lease_is_taken_records_nothing_and_the_next_owner_finishes_the_job() {
+    let (fake, _, app, user, secret) = aster_app().await;
+    // The broker fails every order for now: the job stays in its retry loop.
+    for _ in 0..1000 {
+        fake.core.inject(
+            ORDER,
+            Fault::Reply(502, json!({"code": -1001, "msg": "Bad gateway"}), vec![]),
+        );
+    }
+    let mut config = app.config.clone();
+    config.lease_ttl = Duration::from_millis(1500);
+    config.exchange_timeout = Duration::from_millis(1500);
+    config.exchange_retries = 1000;
+    config.exchange_retry_max = Duration::from_secs(600);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = sparky::worker::Worker::new(
+        config,
+        app.store.clone(),
+        app.queue.clone(),
+        shutdown.clone(),
+    );
+    let consumer = worker.consumer.clone();
+    let run = tokio::spawn(async move {
+        worker
+            .run(sparky::worker::RunMode::Forever, Duration::from_secs(30))
+            .await
+    });
+
+    let id = app
+        .enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
+        .await;
+    eventually("the order never reached the broker", || async {
+        !fake.core.seen(ORDER).is_empty()
+    })
+    .await;
+    let job = app.job(id).await;
+    let p = job.partition as u32;
+    let lease = app.queue.keys.lease(p);
+    assert_eq!(
+        app.queue.lease_owner(p).await.unwrap().as_deref(),
+        Some(consumer.as_str())
+    );
+
+    // Someone else holds the partition now (as after an expiry and a takeover).
+    let _: () = redis::cmd("SET")
+        .arg(&lease)
+        .arg("thief")
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut app.queue.conn())
+        .await
+        .unwrap();
+    let gave_up = "lease lost while retrying; leaving the job to the partition's next owner";
+    let job_id = id.to_string();
+    eventually(
+        "the worker neither gave the job up nor recorded it after losing the lease",
+        || async {
+            let logged = captured_logs()
+                .lines()
+                .any(|l| l.contains(&job_id) && l.contains(gave_up));
+            logged || app.job(id).await.status != "executing"
+        },
+    )
+    .await;
+    let attempts_at_loss = fake.core.seen(ORDER).len();
+
+    // Nothing recorded, nothing acked: the entry waits for the partition's next owner.
+    let job = app.job(id).await;
+    assert_eq!(
+        (job.status.as_str(), job.attempts),
+        ("executing", 1),
+        "a delivery that lost its lease recorded an outcome: {job:?}"
+    );
+    assert!(app.trades(user).await.is_empty());
+    assert!(app.dlq_records().await.is_empty());
+    assert_eq!(
+        app.pending_entries(p).await,
+        vec![(job.entry_id.clone(), consumer.clone())],
+        "the entry stays pending"
+    );
+
+    // Stopped, it made no further attempt and did not release a lease that is not its own.
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(fake.core.seen(ORDER).len(), attempts_at_loss);
+    assert_eq!(
+        app.queue.lease_owner(p).await.unwrap().as_deref(),
+        Some("thief")
+    );
+    assert_eq!(app.job(id).await.status, "executing");
+
+    // The next owner (the lease is free again, the broker is back) finishes it, once.
+    let _: () = redis::cmd("DEL")
+        .arg(&lease)
+        .query_async(&mut app.queue.conn())
+        .await
+        .unwrap();
+    fake.core.clear_faults();
+    app.run_worker_until_idle().await;
+    let job = app.job(id).await;
+    assert_eq!(
+        (job.status.as_str(), job.attempts),
+        ("succeeded", 2),
+        "{job:?}"
+    );
+    assert_eq!(fake.orders_with(&client_order_id(id, Leg::Open)), 1);
+    assert_eq!(app.trades(user).await.len(), 1);
+    assert!(app.pending_entries(p).await.is_empty());
+    app.cleanup().await;
 }

@@ -1,7 +1,8 @@
 //! Security: secret rotation, credentials never in plaintext, key rotation, limits, source addresses,
 //! and a property test of the webhook endpoint.
 
-use std::time::{Duration, Instant};
+use std::collections::BTreeSet;
+use std::time::Duration;
 
 use base64::Engine;
 use proptest::prelude::*;
@@ -61,25 +62,19 @@ async fn a_rotated_secret_stops_working_within_the_cache_ttl() {
         .rotate_secret(user, &hash_webhook_secret(new.expose()))
         .await
         .unwrap();
-    let rotated_at = Instant::now();
     // The new secret works at once (it was never cached as unknown).
     app.enqueue(&alert(user, new.expose(), "close")).await;
+    // Once a whole TTL has passed since the rotation (the old secret was cached before it), no
+    // cache may still hold the old secret: a wait that only ever errs on the long side, so a slow
+    // machine cannot make this fail, while a cache that outlives its TTL does.
+    tokio::time::sleep(ttl).await;
     let before = app.queued_entries().await;
-    loop {
-        let (status, v) = app.post_webhook(&alert(user, &old, "close")).await;
-        if status == StatusCode::UNAUTHORIZED {
-            break;
-        }
-        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
-        assert!(
-            rotated_at.elapsed() < ttl + Duration::from_millis(500),
-            "the old secret still worked {:?} after rotation (cache TTL {ttl:?})",
-            rotated_at.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let accepted_meanwhile = app.queued_entries().await - before;
-    assert!(rotated_at.elapsed() <= ttl + Duration::from_millis(500));
+    let (status, v) = app.post_webhook(&alert(user, &old, "close")).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the old secret still worked a whole cache TTL ({ttl:?}) after the rotation: {v}"
+    );
     // ... and keeps failing, for the job API too.
     let (status, _) = app.post_webhook(&alert(user, &old, "close")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -91,7 +86,7 @@ async fn a_rotated_secret_stops_working_within_the_cache_ttl() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(app.queued_entries().await - before, accepted_meanwhile);
+    assert_eq!(app.queued_entries().await, before, "a 401 enqueues nothing");
     app.enqueue(&alert(user, new.expose(), "close")).await;
     app.cleanup().await;
 }
@@ -415,10 +410,14 @@ async fn rotate_key_reencrypts_every_row_under_the_current_key() {
     app.cleanup().await;
 }
 
+/// A refill so slow (one token in about 11 days) that no test run sees one: the number of
+/// requests a bucket lets through is exactly its burst, however slow the machine.
+const NO_REFILL: f64 = 1e-6;
+
 #[tokio::test]
 async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_retry() {
     let limit = RateLimit {
-        per_sec: 1.0,
+        per_sec: NO_REFILL,
         burst: 4,
     };
     let app = TestApp::spawn_with(|c| c.rate_limit = limit).await;
@@ -426,7 +425,6 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
     let (user, secret) = app.paper_user().await;
     let addrs = [app.addr, other];
 
-    let started = Instant::now();
     let (mut accepted, mut limited) = (0u64, [0u32; 2]);
     for i in 0..16 {
         let r = post(
@@ -440,7 +438,7 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
             StatusCode::TOO_MANY_REQUESTS => {
                 limited[i % 2] += 1;
                 let secs = retry_after(&r);
-                assert!((1..=2).contains(&secs), "Retry-After {secs}");
+                assert!(secs >= 1, "Retry-After {secs}");
                 let v: Value = r.json().await.unwrap();
                 assert_eq!(v["retry_after_secs"], secs);
                 assert!(v["error"].as_str().unwrap().contains("rate limit"), "{v}");
@@ -448,15 +446,8 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
             s => panic!("unexpected {s}"),
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    // One bucket for both: the burst plus what refilled meanwhile. Separate buckets per process
-    // would have accepted at least 8.
-    assert!(elapsed < 3.0, "too slow to tell ({elapsed} s)");
-    let most = limit.burst as u64 + (elapsed * limit.per_sec).floor() as u64;
-    assert!(
-        (limit.burst as u64..=most).contains(&accepted),
-        "{accepted} accepted in {elapsed} s"
-    );
+    // One bucket for both: exactly the burst. Separate buckets per process would take 8.
+    assert_eq!(accepted, limit.burst as u64, "{limited:?}");
     assert!(limited[0] > 0 && limited[1] > 0, "{limited:?}");
     assert_eq!(
         app.queued_entries().await,
@@ -468,11 +459,21 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
     let (other_user, other_secret) = app.paper_user().await;
     app.enqueue(&alert(other_user, &other_secret, "buy")).await;
 
-    // Retrying after Retry-After succeeds.
+    // Retrying after Retry-After succeeds: an ingress refilling one token a second, burst 1.
+    let mut quick = app.config.clone();
+    quick.rate_limit = RateLimit {
+        per_sec: 1.0,
+        burst: 1,
+    };
+    let quick = second_ingress(&app, &quick).await;
+    let (user, secret) = app.paper_user().await;
+    let mut tries = 0;
     let wait = loop {
+        tries += 1;
+        assert!(tries <= 100, "never rate limited");
         let r = post(
             &app.http,
-            format!("http://{other}/webhook"),
+            format!("http://{quick}/webhook"),
             &alert(user, &secret, "buy"),
         )
         .await;
@@ -481,8 +482,17 @@ async fn the_rate_limit_is_shared_by_two_ingress_processes_and_429_says_when_to_
         }
         assert_eq!(r.status(), StatusCode::ACCEPTED);
     };
+    // An empty bucket refilling a token a second: at most a second to wait, rounded up.
+    assert_eq!(wait, 1, "Retry-After");
+    // Waiting that long is always enough (a slow machine only waits longer).
     tokio::time::sleep(Duration::from_secs(wait)).await;
-    app.enqueue(&alert(user, &secret, "buy")).await;
+    let r = post(
+        &app.http,
+        format!("http://{quick}/webhook"),
+        &alert(user, &secret, "buy"),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED, "after Retry-After");
     app.cleanup().await;
 }
 
@@ -619,122 +629,6 @@ fn any_json() -> impl Strategy<Value = Value> {
     })
 }
 
-/// A field's value: absent, a plausible one, or anything.
-fn field(plausible: Vec<&'static str>) -> impl Strategy<Value = Option<Value>> {
-    prop_oneof![
-        2 => Just(None),
-        5 => prop::sample::select(plausible).prop_map(|s| Some(Value::String(s.into()))),
-        3 => any_json().prop_map(Some),
-    ]
-}
-
-#[derive(Debug, Clone)]
-enum Who {
-    Own,
-    Other,
-    Random,
-    Value(Value),
-}
-
-#[derive(Debug, Clone)]
-struct Input {
-    secret: u8, // 0 own, 1 other's, 2 wrong, 3 absent, 4 wrong type, 5 header only
-    who: Option<Who>,
-    fields: Vec<(&'static str, Option<Value>)>,
-    /// 0: every field as generated; 1: a valid alert with one field as generated; 2: a valid alert.
-    mode: u8,
-    mutated: prop::sample::Index,
-    raw: Option<Vec<u8>>,
-    text_plain: bool,
-}
-
-fn input() -> impl Strategy<Value = Input> {
-    let who = prop_oneof![
-        4 => Just(Some(Who::Own)),
-        1 => Just(Some(Who::Other)),
-        1 => Just(Some(Who::Random)),
-        1 => Just(None),
-        1 => any_json().prop_map(|v| Some(Who::Value(v))),
-    ];
-    let fields = (
-        field(vec![
-            "paper", "PAPER", "aster", "oanda", "tradier", "kraken", "",
-        ]),
-        field(vec![
-            "buy", "sell", "close", "long", "short", "exit", "flat", "hold", "BUY",
-        ]),
-        field(vec![
-            "BINANCE:ETHUSDT",
-            "ethusdt",
-            "EURUSD",
-            "",
-            ":",
-            "A:B:C",
-            "ETH/USDT",
-            "x",
-        ]),
-        field(vec!["market", "limit", "stop", "MARKET"]),
-        field(vec![
-            "3000",
-            "0",
-            "-1",
-            "1e3",
-            "NaN",
-            "0.5",
-            "99999999999999999999999999999",
-        ]),
-        field(vec!["100", "0", "-5", "0.0001", "1e400", "abc", "100.5"]),
-        field(vec!["1", "0", "99.9", "100", "50"]),
-        field(vec!["2", "-1", "150"]),
-        field(vec![
-            "2024-01-01T00:00:00Z",
-            "1700000000000",
-            "yesterday",
-            "-1",
-        ]),
-        field(vec!["60", "0", "-3", "x"]),
-        field(vec!["production", "sandbox", "staging"]),
-        field(vec!["a1", "", "same-alert"]),
-    );
-    let secret = prop_oneof![
-        5 => Just(0u8),
-        1 => Just(1u8),
-        1 => Just(2u8),
-        1 => Just(3u8),
-        1 => Just(4u8),
-        2 => Just(5u8),
-    ];
-    let mode = prop_oneof![4 => Just(0u8), 4 => Just(1u8), 2 => Just(2u8)];
-    (
-        (secret, who, mode, any::<prop::sample::Index>()),
-        fields,
-        prop::option::weighted(0.1, prop::collection::vec(any::<u8>(), 0..300)),
-        any::<bool>(),
-    )
-        .prop_map(|((secret, who, mode, mutated), f, raw, text_plain)| Input {
-            secret,
-            who,
-            mode,
-            mutated,
-            fields: vec![
-                ("exchange", f.0),
-                ("action", f.1),
-                ("symbol", f.2),
-                ("order_type", f.3),
-                ("price", f.4),
-                ("position_size_usd", f.5),
-                ("stop_loss_percent", f.6),
-                ("take_profit_percent", f.7),
-                ("timestamp", f.8),
-                ("max_lag_secs", f.9),
-                ("environment", f.10),
-                ("alert_id", f.11),
-            ],
-            raw,
-            text_plain,
-        })
-}
-
 #[test]
 fn the_webhook_parser_never_panics_and_names_a_field() {
     let mut runner = TestRunner::new(PropConfig {
@@ -787,8 +681,515 @@ fn the_webhook_parser_never_panics_and_names_a_field() {
         .unwrap();
 }
 
+/// A generated field and what the contract says of it, decided by the generator (never by the
+/// parser under test).
+#[derive(Debug, Clone)]
+enum Gen {
+    /// Not sent: missing (`None`) or `null`.
+    Absent(Option<Value>),
+    /// Blank text. For a required field it is an error either way; for an optional one the
+    /// contract does not say whether it counts as absent or as a bad value: either answer is right.
+    Blank(Value),
+    /// A value the contract accepts.
+    Ok(Value),
+    /// A value the contract refuses (a 400 naming the field).
+    Bad(Value),
+}
+
+fn gen(
+    absent: u32,
+    ok: Vec<Value>,
+    ok_weight: u32,
+    bad: Vec<Value>,
+    bad_weight: u32,
+) -> impl Strategy<Value = Gen> {
+    prop_oneof![
+        absent => prop::sample::select(vec![None, None, Some(Value::Null)]).prop_map(Gen::Absent),
+        1 => prop::sample::select(vec![json!(""), json!("  ")]).prop_map(Gen::Blank),
+        ok_weight => prop::sample::select(ok).prop_map(Gen::Ok),
+        bad_weight => prop::sample::select(bad).prop_map(Gen::Bad),
+    ]
+}
+
+/// A field of the default kind: mostly absent or good, sometimes bad.
+fn field(ok: Vec<Value>, bad: Vec<Value>) -> impl Strategy<Value = Gen> {
+    gen(3, ok, 5, bad, 2)
+}
+
+fn long_text(c: char) -> Value {
+    Value::String(std::iter::repeat_n(c, 257).collect())
+}
+
+/// Who the body's `user_id` names.
+#[derive(Debug, Clone)]
+enum Who {
+    Own,
+    Other,
+    /// A well-formed UUID of no user.
+    Nobody,
+    /// Missing, null or blank.
+    Absent(Option<Value>),
+    /// Not a UUID.
+    Bad(Value),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SecretIs {
+    /// The user's, in the body.
+    Own,
+    /// The other user's, in the body.
+    Others,
+    /// Nobody's.
+    Wrong,
+    Absent,
+    /// The user's, but not a string (and no header): no secret at all.
+    WrongType,
+    /// The user's, in the `X-Sparky-Secret` header only.
+    HeaderOnly,
+    /// A blank body field; the user's in the header.
+    BlankBodyHeader,
+}
+
+#[derive(Debug, Clone)]
+struct Input {
+    secret: SecretIs,
+    who: Who,
+    fields: Vec<(&'static str, Gen)>,
+    /// 0: every field as generated; 1: a valid alert with one field as generated; 2: a valid alert.
+    mode: u8,
+    mutated: prop::sample::Index,
+    /// A body that is not a JSON object at all.
+    raw: Option<Vec<u8>>,
+    /// Padding that takes the body past the 64 KiB limit.
+    oversize: bool,
+    text_plain: bool,
+}
+
+fn input() -> impl Strategy<Value = Input> {
+    let who = prop_oneof![
+        8 => Just(Who::Own),
+        1 => Just(Who::Other),
+        1 => Just(Who::Nobody),
+        1 => prop::sample::select(vec![None, Some(Value::Null), Some(json!(""))]).prop_map(Who::Absent),
+        1 => prop::sample::select(vec![json!("bob"), json!(5), json!(true), json!([1]), json!({"id": 1}),
+                json!("0195f3d0-0000-7000-8000")]).prop_map(Who::Bad),
+    ];
+    let secret = prop_oneof![
+        10 => Just(SecretIs::Own),
+        1 => Just(SecretIs::Others),
+        1 => Just(SecretIs::Wrong),
+        1 => Just(SecretIs::Absent),
+        1 => Just(SecretIs::WrongType),
+        2 => Just(SecretIs::HeaderOnly),
+        1 => Just(SecretIs::BlankBodyHeader),
+    ];
+    let fields = (
+        // required
+        gen(
+            1,
+            vec![
+                json!("paper"),
+                json!("PAPER"),
+                json!(" paper "),
+                json!("aster"),
+                json!("oanda"),
+                json!("tradier"),
+                json!("Tradier"),
+            ],
+            8,
+            vec![
+                json!("kraken"),
+                json!("binance"),
+                json!(7),
+                json!(true),
+                json!(["paper"]),
+                json!({"x": 1}),
+            ],
+            2,
+        ),
+        gen(
+            1,
+            vec![
+                json!("buy"),
+                json!("sell"),
+                json!("close"),
+                json!("long"),
+                json!("short"),
+                json!("exit"),
+                json!("flat"),
+                json!("BUY"),
+                json!(" Sell "),
+            ],
+            8,
+            vec![
+                json!("hold"),
+                json!("buy!"),
+                json!(1),
+                json!(false),
+                json!([]),
+                json!({}),
+            ],
+            2,
+        ),
+        gen(
+            1,
+            vec![
+                json!("BINANCE:ETHUSDT"),
+                json!("ethusdt"),
+                json!("EURUSD"),
+                json!("EUR_USD"),
+                json!("ETH/USDT"),
+                json!("BRK.B"),
+                json!("x"),
+                json!("A:B:C"),
+            ],
+            8,
+            vec![
+                json!(":"),
+                json!("BINANCE:"),
+                json!("ETH USDT"),
+                json!("ETH$"),
+                Value::String("A".repeat(33)),
+                json!(true),
+                json!([]),
+                json!({}),
+            ],
+            2,
+        ),
+        // optional, or required depending on another field
+        field(
+            vec![
+                json!("market"),
+                json!("limit"),
+                json!("MARKET"),
+                json!("Limit"),
+            ],
+            vec![json!("stop"), json!("stop_limit"), json!(1), json!(true)],
+        ),
+        field(
+            vec![
+                json!("3000"),
+                json!(3000),
+                json!("0.5"),
+                json!(0.25),
+                json!("65000.10"),
+            ],
+            vec![
+                json!("0"),
+                json!(0),
+                json!("-1"),
+                json!(-2.5),
+                json!("abc"),
+                json!("NaN"),
+                json!(true),
+                json!([1]),
+            ],
+        ),
+        gen(
+            2,
+            vec![
+                json!("100"),
+                json!(100),
+                json!("100.5"),
+                json!("0.0001"),
+                json!(250.75),
+            ],
+            6,
+            vec![
+                json!("0"),
+                json!(0),
+                json!("-5"),
+                json!("abc"),
+                json!(true),
+                json!({}),
+            ],
+            2,
+        ),
+        field(
+            vec![json!("1"), json!("99.9"), json!(50), json!("0.5")],
+            vec![
+                json!("0"),
+                json!("100"),
+                json!(150),
+                json!("-1"),
+                json!("x"),
+                json!(true),
+            ],
+        ),
+        field(
+            vec![json!("2"), json!(5), json!("99")],
+            vec![json!("0"), json!(100), json!("-1"), json!("150"), json!([])],
+        ),
+        field(
+            vec![
+                json!("2024-01-01T00:00:00Z"),
+                json!(1_700_000_000_000i64),
+                json!("1700000000000"),
+                json!("2026-01-01T12:00:00+02:00"),
+            ],
+            vec![
+                json!("yesterday"),
+                json!("2024-13-45"),
+                json!(true),
+                json!([]),
+                json!({}),
+            ],
+        ),
+        field(
+            vec![json!("60"), json!(60), json!(1)],
+            vec![
+                json!("0"),
+                json!(0),
+                json!("-3"),
+                json!("x"),
+                json!(1.5),
+                json!(true),
+            ],
+        ),
+        field(
+            vec![json!("production"), json!("sandbox"), json!("SANDBOX")],
+            vec![json!("staging"), json!(5), json!(true)],
+        ),
+    );
+    let texts = (
+        // `alert_id`: a good one is made unique per case (so no case is a duplicate of another).
+        field(
+            vec![json!("unique")],
+            vec![long_text('a'), json!(true), json!([]), json!({})],
+        ),
+        field(
+            vec![json!("s1"), json!("trend follower")],
+            vec![long_text('s'), json!(true), json!({})],
+        ),
+        field(
+            vec![json!("Trend"), json!("my strategy")],
+            vec![long_text('t'), json!(false), json!([1])],
+        ),
+    );
+    let raw = prop::option::weighted(
+        0.05,
+        prop_oneof![
+            prop::sample::select(vec![
+                "",
+                "not json",
+                "[1,2]",
+                "\"str\"",
+                "{",
+                "null",
+                "42",
+                "{\"secret\": }",
+                "{}}",
+            ])
+            .prop_map(|s| s.as_bytes().to_vec()),
+            // Never JSON: it starts with `#`.
+            prop::collection::vec(any::<u8>(), 0..300).prop_map(|b| [b"#".to_vec(), b].concat()),
+        ],
+    );
+    let mode = prop_oneof![4 => Just(0u8), 4 => Just(1u8), 2 => Just(2u8)];
+    (
+        (secret, who, mode, any::<prop::sample::Index>()),
+        fields,
+        texts,
+        raw,
+        prop::bool::weighted(0.02),
+        any::<bool>(),
+    )
+        .prop_map(
+            |((secret, who, mode, mutated), f, t, raw, oversize, text_plain)| Input {
+                secret,
+                who,
+                mode,
+                mutated,
+                fields: vec![
+                    ("exchange", f.0),
+                    ("action", f.1),
+                    ("symbol", f.2),
+                    ("order_type", f.3),
+                    ("price", f.4),
+                    ("position_size_usd", f.5),
+                    ("stop_loss_percent", f.6),
+                    ("take_profit_percent", f.7),
+                    ("timestamp", f.8),
+                    ("max_lag_secs", f.9),
+                    ("environment", f.10),
+                    ("alert_id", t.0),
+                    ("strategy_id", t.1),
+                    ("strategy", t.2),
+                ],
+                raw,
+                oversize,
+                text_plain,
+            },
+        )
+}
+
+/// The answer the contract gives, worked out from what the generator knows of each field.
+#[derive(Debug, PartialEq)]
+enum Expect {
+    Accepted,
+    Unauthorized,
+    TooLarge,
+    /// A 400 that names every field in `must`, and no field outside `must` and `may` (a blank
+    /// optional field, or one whose requirement depends on a field that is itself bad, may be named
+    /// or not).
+    Invalid {
+        must: BTreeSet<&'static str>,
+        may: BTreeSet<&'static str>,
+    },
+    /// Only fields the contract leaves open are in question (blank optional text): `otherwise`, or a
+    /// 400 naming some of `may` and nothing else.
+    Either {
+        otherwise: Box<Expect>,
+        may: BTreeSet<&'static str>,
+    },
+}
+
+fn expected(inp: &Input, fields: &[(&'static str, Gen)]) -> Expect {
+    if inp.raw.is_some() {
+        return Expect::Invalid {
+            must: BTreeSet::from(["body"]),
+            may: BTreeSet::new(),
+        };
+    }
+    if inp.oversize {
+        return Expect::TooLarge;
+    }
+    // Authentication comes first: nothing about the body is told to a caller without a secret.
+    let owner = match inp.secret {
+        SecretIs::Own | SecretIs::HeaderOnly | SecretIs::BlankBodyHeader => Who::Own,
+        SecretIs::Others => Who::Other,
+        SecretIs::Wrong | SecretIs::Absent | SecretIs::WrongType => return Expect::Unauthorized,
+    };
+    let mut must = BTreeSet::new();
+    let mut may = BTreeSet::new();
+    if matches!(inp.who, Who::Absent(_) | Who::Bad(_)) {
+        must.insert("user_id");
+    }
+    let required = |name: &str| matches!(name, "exchange" | "action" | "symbol");
+    for (name, g) in fields {
+        match g {
+            Gen::Bad(_) => {
+                must.insert(*name);
+            }
+            Gen::Absent(_) | Gen::Blank(_) if required(name) => {
+                must.insert(*name);
+            }
+            Gen::Blank(_) => {
+                may.insert(*name);
+            }
+            Gen::Absent(_) | Gen::Ok(_) => {}
+        }
+    }
+    // `price` is required for a limit order, `position_size_usd` for buy and sell: then missing or
+    // blank, it is an error.
+    let get = |k: &str| &fields.iter().find(|(n, _)| *n == k).unwrap().1;
+    let is = |v: &Value, among: &[&str]| {
+        v.as_str()
+            .is_some_and(|s| among.contains(&s.trim().to_ascii_lowercase().as_str()))
+    };
+    let needed = |on: &str, when: &[&str]| match get(on) {
+        Gen::Ok(v) => Some(is(v, when)),
+        // The default order type is market.
+        Gen::Absent(_) if on == "order_type" => Some(false),
+        // Unknowable: the deciding field is missing, blank or bad.
+        _ => None,
+    };
+    for (dep, on, when) in [
+        ("price", "order_type", &["limit"][..]),
+        (
+            "position_size_usd",
+            "action",
+            &["buy", "sell", "long", "short"][..],
+        ),
+    ] {
+        if let Gen::Absent(_) | Gen::Blank(_) = get(dep) {
+            match needed(on, when) {
+                Some(true) => {
+                    must.insert(dep);
+                    may.remove(dep);
+                }
+                Some(false) => {}
+                None => {
+                    may.insert(dep);
+                }
+            }
+        }
+    }
+    if !must.is_empty() {
+        return Expect::Invalid { must, may };
+    }
+    let claimed_is_owner = matches!(
+        (&inp.who, owner),
+        (Who::Own, Who::Own) | (Who::Other, Who::Other)
+    );
+    let otherwise = if claimed_is_owner {
+        Expect::Accepted
+    } else {
+        Expect::Unauthorized
+    };
+    if may.is_empty() {
+        otherwise
+    } else {
+        Expect::Either {
+            otherwise: Box::new(otherwise),
+            may,
+        }
+    }
+}
+
+/// Does the answer (`status`, JSON body) agree with `expect`?
+fn check(expect: &Expect, status: StatusCode, answer: &Value) -> Result<(), String> {
+    let named = || -> BTreeSet<&str> {
+        answer["errors"]
+            .as_array()
+            .map(|errs| errs.iter().filter_map(|e| e["field"].as_str()).collect())
+            .unwrap_or_default()
+    };
+    match expect {
+        Expect::Accepted if status == StatusCode::ACCEPTED && answer["status"] == "queued" => {
+            Ok(())
+        }
+        Expect::Accepted => Err("a valid alert was not queued".into()),
+        Expect::Unauthorized if status == StatusCode::UNAUTHORIZED => Ok(()),
+        Expect::Unauthorized => Err("not refused as unauthorised".into()),
+        Expect::TooLarge if status == StatusCode::PAYLOAD_TOO_LARGE => Ok(()),
+        Expect::TooLarge => Err("an oversized body was not refused as too large".into()),
+        Expect::Invalid { must, may } => {
+            if status != StatusCode::BAD_REQUEST {
+                return Err("an invalid alert was not refused as invalid".into());
+            }
+            let named = named();
+            let missing: Vec<_> = must.difference(&named).collect();
+            let extra: Vec<_> = named
+                .iter()
+                .filter(|f| !must.contains(*f) && !may.contains(*f))
+                .collect();
+            if !missing.is_empty() || !extra.is_empty() {
+                return Err(format!(
+                    "fields not named: {missing:?}; named but not wrong: {extra:?}"
+                ));
+            }
+            if !named.contains(answer["field"].as_str().unwrap_or("")) {
+                return Err("`field` is not one of the named fields".into());
+            }
+            Ok(())
+        }
+        Expect::Either { otherwise, may } => {
+            if status != StatusCode::BAD_REQUEST {
+                return check(otherwise, status, answer);
+            }
+            let named = named();
+            if named.is_empty() || !named.iter().all(|f| may.contains(f)) {
+                return Err(format!("named {named:?}; only some of {may:?} could be"));
+            }
+            Ok(())
+        }
+    }
+}
+
 #[test]
-fn thousands_of_generated_webhooks_get_4xx_or_are_valid_and_never_enqueue_when_refused() {
+fn thousands_of_generated_webhooks_get_the_answer_the_contract_gives_and_never_enqueue_when_refused(
+) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -806,68 +1207,86 @@ fn thousands_of_generated_webhooks_get_4xx_or_are_valid_and_never_enqueue_when_r
         ..PropConfig::default()
     });
     let seen = std::cell::RefCell::new([0u32; 6]);
+    let case = std::cell::Cell::new(0u64);
     runner
         .run(&input(), |inp| {
-            let mut obj = Map::new();
-            let body_secret = match inp.secret {
-                0 => Some(json!(secret)),
-                1 => Some(json!(other_secret)),
-                2 => Some(json!("sk_0123")),
-                4 => Some(json!([secret])),
-                _ => None,
-            };
-            let user_id = match &inp.who {
-                Some(Who::Own) => Some(json!(user)),
-                Some(Who::Other) => Some(json!(other_user)),
-                Some(Who::Random) => Some(json!(Uuid::new_v4())),
-                Some(Who::Value(v)) => Some(v.clone()),
-                None => None,
-            };
-            let given = [("secret", body_secret), ("user_id", user_id)];
+            case.set(case.get() + 1);
             let valid = |k: &str| match k {
-                "exchange" => Some(json!("paper")),
-                "action" => Some(json!("buy")),
-                "symbol" => Some(json!("BINANCE:ETHUSDT")),
-                "position_size_usd" => Some(json!(100)),
-                _ => None,
+                "exchange" => Gen::Ok(json!("paper")),
+                "action" => Gen::Ok(json!("buy")),
+                "symbol" => Gen::Ok(json!("BINANCE:ETHUSDT")),
+                "position_size_usd" => Gen::Ok(json!(100)),
+                _ => Gen::Absent(None),
             };
             let chosen = inp.mutated.index(inp.fields.len());
-            let fields: Vec<(&str, Option<Value>)> = inp
+            let fields: Vec<(&'static str, Gen)> = inp
                 .fields
                 .iter()
                 .enumerate()
-                .map(|(i, (k, v))| match inp.mode {
+                .map(|(i, (k, g))| match inp.mode {
                     1 if i != chosen => (*k, valid(k)),
                     2 => (*k, valid(k)),
-                    _ => (*k, v.clone()),
+                    _ => (*k, g.clone()),
                 })
                 .collect();
-            for (k, v) in given.iter().chain(fields.iter()) {
-                if let Some(v) = v {
-                    obj.insert(k.to_string(), v.clone());
+            let expect = expected(&inp, &fields);
+
+            let mut obj = Map::new();
+            match inp.secret {
+                SecretIs::Own => {
+                    obj.insert("secret".into(), json!(secret));
                 }
+                SecretIs::Others => {
+                    obj.insert("secret".into(), json!(other_secret));
+                }
+                SecretIs::Wrong => {
+                    obj.insert("secret".into(), json!("sk_0123"));
+                }
+                SecretIs::WrongType => {
+                    obj.insert("secret".into(), json!([secret]));
+                }
+                SecretIs::BlankBodyHeader => {
+                    obj.insert("secret".into(), json!(" "));
+                }
+                SecretIs::Absent | SecretIs::HeaderOnly => {}
+            }
+            let header_secret =
+                matches!(inp.secret, SecretIs::HeaderOnly | SecretIs::BlankBodyHeader)
+                    .then(|| secret.clone());
+            match &inp.who {
+                Who::Own => {
+                    obj.insert("user_id".into(), json!(user));
+                }
+                Who::Other => {
+                    obj.insert("user_id".into(), json!(other_user));
+                }
+                Who::Nobody => {
+                    obj.insert("user_id".into(), json!(Uuid::new_v4()));
+                }
+                Who::Absent(Some(v)) | Who::Bad(v) => {
+                    obj.insert("user_id".into(), v.clone());
+                }
+                Who::Absent(None) => {}
+            }
+            for (k, g) in &fields {
+                let v = match g {
+                    Gen::Absent(None) => continue,
+                    Gen::Ok(v) if *k == "alert_id" => json!(format!("{v}-{}", case.get())),
+                    Gen::Absent(Some(v)) | Gen::Blank(v) | Gen::Ok(v) | Gen::Bad(v) => v.clone(),
+                };
+                obj.insert(k.to_string(), v);
+            }
+            if inp.oversize {
+                obj.insert("padding".into(), json!("p".repeat(70_000)));
+            } else {
+                // Unknown fields are ignored.
+                obj.insert("comment".into(), json!({"note": "ignored", "n": [1, 2]}));
             }
             let body = match &inp.raw {
                 Some(raw) => raw.clone(),
                 None => serde_json::to_vec(&Value::Object(obj)).unwrap(),
             };
-            let header_secret = (inp.secret == 5).then(|| secret.clone());
-            // What the contract says the answer must be.
-            let expect_ok = sparky::domain::parse_body(&body).ok().and_then(|o| {
-                let s = sparky::domain::body_secret(&o)
-                    .map(str::to_string)
-                    .or(header_secret.clone())?;
-                let owner = if s == secret {
-                    user
-                } else if s == other_secret {
-                    other_user
-                } else {
-                    return None;
-                };
-                let a = sparky::domain::parse_alert(&o, None).ok()?;
-                (a.user_id == owner).then_some(a)
-            });
-            let (status, added) = rt.block_on(async {
+            let (status, answer, added) = rt.block_on(async {
                 let before = app.queued_entries().await;
                 let mut rq = app.http.post(app.url("/webhook")).body(body.clone());
                 rq = rq.header(
@@ -881,8 +1300,10 @@ fn thousands_of_generated_webhooks_get_4xx_or_are_valid_and_never_enqueue_when_r
                 if let Some(s) = &header_secret {
                     rq = rq.header("X-Sparky-Secret", s);
                 }
-                let status = rq.send().await.unwrap().status();
-                (status, app.queued_entries().await - before)
+                let r = rq.send().await.unwrap();
+                let status = r.status();
+                let answer: Value = r.json().await.unwrap_or(Value::Null);
+                (status, answer, app.queued_entries().await - before)
             });
             let slot = match status.as_u16() {
                 202 => 0,
@@ -893,20 +1314,12 @@ fn thousands_of_generated_webhooks_get_4xx_or_are_valid_and_never_enqueue_when_r
                 _ => 5,
             };
             seen.borrow_mut()[slot] += 1;
-            prop_assert!(
-                matches!(status.as_u16(), 200 | 202 | 400 | 401 | 413),
-                "status {status} for {inp:?}"
-            );
-            match &expect_ok {
-                Some(_) => prop_assert!(
-                    status == StatusCode::ACCEPTED || status == StatusCode::OK,
-                    "a valid alert got {status}: {inp:?}"
-                ),
-                None => prop_assert!(
-                    status.is_client_error(),
-                    "an invalid alert got {status}: {inp:?}"
-                ),
-            }
+            check(&expect, status, &answer).map_err(|what| {
+                TestCaseError::fail(format!(
+                    "{what}\nexpected {expect:?}, got {status} {answer}\nbody: {}\ninput: {inp:?}",
+                    String::from_utf8_lossy(&body[..body.len().min(2000)])
+                ))
+            })?;
             prop_assert_eq!(
                 added,
                 u64::from(status == StatusCode::ACCEPTED),
@@ -916,10 +1329,18 @@ fn thousands_of_generated_webhooks_get_4xx_or_are_valid_and_never_enqueue_when_r
             Ok::<(), TestCaseError>(())
         })
         .unwrap();
-    // The generator reached the interesting answers (valid, invalid, unauthorised).
+    // The generator reached every kind of answer.
     let seen = seen.into_inner();
     eprintln!("answers [202, 200, 400, 401, 413, other]: {seen:?}");
-    assert!(seen[0] > 20 && seen[2] > 100 && seen[3] > 100, "{seen:?}");
+    assert!(
+        seen[0] > 100
+            && seen[2] > 100
+            && seen[3] > 100
+            && seen[4] > 5
+            && seen[1] == 0
+            && seen[5] == 0,
+        "{seen:?}"
+    );
     rt.block_on(app.cleanup());
 }
 
@@ -927,9 +1348,9 @@ fn thousands_of_generated_webhooks_get_4xx_or_are_valid_and_never_enqueue_when_r
 async fn the_rate_limit_holds_across_two_real_ingress_processes() {
     let app = TestApp::spawn().await;
     let (user, secret) = app.paper_user().await;
-    // 5 at once, then one every 10 s: within the test, exactly 5 pass in total.
+    // A burst of 5 and (in effect) no refill: exactly 5 pass in total, however slow the run.
     let env = [
-        ("SPARKY_RATE_LIMIT_PER_SEC", "0.1".to_string()),
+        ("SPARKY_RATE_LIMIT_PER_SEC", NO_REFILL.to_string()),
         ("SPARKY_RATE_LIMIT_BURST", "5".to_string()),
     ];
     let (_a, port_a) = crate::procs::spawn_ingress(&app, &env).await;

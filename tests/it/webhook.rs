@@ -90,6 +90,22 @@ async fn bad_inputs_get_the_right_answer_and_enqueue_nothing() {
             "position_size_usd",
         ),
         (
+            "blank size (an empty TradingView placeholder)",
+            with("position_size_usd", json!("")),
+            StatusCode::BAD_REQUEST,
+            "position_size_usd",
+        ),
+        (
+            "limit with a blank price",
+            {
+                let mut b = with("order_type", json!("limit"));
+                b["price"] = json!(" ");
+                b
+            },
+            StatusCode::BAD_REQUEST,
+            "price",
+        ),
+        (
             "zero size",
             with("position_size_usd", json!(0)),
             StatusCode::BAD_REQUEST,
@@ -309,5 +325,5 @@ async fn redis_down_means_503_never_202() {
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     let r = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    app.shutdown.cancel();
+    app.cleanup().await;
 }
