@@ -496,7 +496,7 @@ async fn an_entry_is_acked_only_after_its_commit() {
     // The job ran (the order is at the paper exchange) but its commit failed twice: the entry is
     // still pending, for this worker, and nothing is recorded.
     let job = app.job(id).await;
-    assert_eq!(job.status, "executing", "{job:?}");
+    assert_eq!(job.status, sparky::job::JobStatus::Executing, "{job:?}");
     assert!(app.trades(user).await.is_empty());
     let p = job.partition as u32;
     assert_eq!(
