@@ -258,17 +258,21 @@ impl CacheMap {
         let now = Instant::now();
         let mut map = self.map.lock().expect("cache lock");
         for (hash, owner) in answers {
-            if map.len() >= 100_000 {
-                // Random secrets fill the negative cache; drop the stale first, all if need be.
+            if map.len() >= MAX_CACHED {
+                // Random secrets fill the negative cache: drop what is stale, then unknown secrets,
+                // and only then known ones (so a flood does not evict the users it competes with).
                 map.retain(|_, (o, at)| {
-                    at.elapsed()
-                        < if o.is_some() {
-                            self.ttl
-                        } else {
-                            self.negative_ttl
-                        }
+                    let ttl = if o.is_some() {
+                        self.ttl
+                    } else {
+                        self.negative_ttl
+                    };
+                    at.elapsed() < ttl
                 });
-                if map.len() >= 100_000 {
+                if map.len() >= MAX_CACHED {
+                    map.retain(|_, (o, _)| o.is_some());
+                }
+                if map.len() >= MAX_CACHED {
                     map.clear();
                 }
             }
@@ -276,6 +280,9 @@ impl CacheMap {
         }
     }
 }
+
+/// The most secrets (known and unknown) one replica caches.
+const MAX_CACHED: usize = 100_000;
 
 /// Webhook secret hash -> owner, cached for a short TTL (unknown secrets too, for at most 5 s),
 /// with uncached secrets answered through a bounded, batched look-up queue (see the module note).
