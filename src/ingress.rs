@@ -47,9 +47,9 @@ use crate::config::Config;
 use crate::domain::{self, FieldError, Job};
 use crate::metrics::Metrics;
 use crate::net::{self, IpNet};
-
 use crate::queue::{Enqueued, Queue, RateLimit};
 use crate::store::Store;
+
 pub use auth::{AuthFailures, LookupError, LookupLimits, Origin, SecretCache};
 
 /// Largest accepted webhook body.
