@@ -12,7 +12,7 @@ use crate::credentials::seal_row;
 use crate::domain::{CredentialEnv, ExchangeKind};
 use crate::queue::Queue;
 use crate::replay;
-use crate::secrets::{generate_webhook_secret, hash_webhook_secret};
+use crate::secrets::{generate_webhook_secret, hash_webhook_secret, SecretString};
 use crate::store::{CredentialRow, Store};
 
 #[derive(Parser, Debug)]
@@ -110,7 +110,11 @@ pub enum CredentialsCommand {
     /// Add or replace a user's credentials for an exchange (encrypted when SPARKY_MASTER_KEY is set).
     Set(SetCredentials),
     /// Encrypt every plaintext api_key/api_secret (rows inserted directly, as the original system did).
-    EncryptExisting,
+    /// A row changed while this runs is left alone and reported (run again to encrypt it).
+    EncryptExisting {
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-encrypt every row under the current SPARKY_MASTER_KEY; rows written under an older key need
     /// that key in SPARKY_OLD_MASTER_KEYS. Plaintext rows are encrypted too.
     RotateKey {
@@ -119,16 +123,22 @@ pub enum CredentialsCommand {
     },
 }
 
+/// Secrets never need to be on the command line (where `ps` and the shell history show them):
+/// `--api-key -` / `--api-secret -` read the value from standard input (both `-`: the key on the
+/// first line, the secret on the second), and `SPARKY_API_KEY` / `SPARKY_API_SECRET` are read when
+/// the flag is absent.
 #[derive(Args, Debug)]
 pub struct SetCredentials {
     #[arg(long)]
     pub user: Uuid,
     #[arg(long)]
     pub exchange: String,
-    #[arg(long)]
-    pub api_key: String,
-    #[arg(long)]
-    pub api_secret: String,
+    /// The API key, `-` to read it from standard input (or env SPARKY_API_KEY).
+    #[arg(long, env = "SPARKY_API_KEY", hide_env_values = true)]
+    pub api_key: SecretString,
+    /// The API secret, `-` to read it from standard input (or env SPARKY_API_SECRET).
+    #[arg(long, env = "SPARKY_API_SECRET", hide_env_values = true)]
+    pub api_secret: SecretString,
     #[arg(long)]
     pub account_id: Option<String>,
     #[arg(long, default_value = "production")]
@@ -221,6 +231,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
         Command::Credentials(CredentialsCommand::Set(s)) => {
             store.check_migrated().await?;
+            let (api_key, api_secret) =
+                secrets_from_stdin(s.api_key, s.api_secret, &mut std::io::stdin().lock())?;
             let exchange: ExchangeKind = s
                 .exchange
                 .parse()
@@ -239,8 +251,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             let mut row = CredentialRow {
                 user_id: s.user,
                 exchange: exchange.as_str().into(),
-                api_key: s.api_key,
-                api_secret: s.api_secret,
+                api_key: api_key.expose().to_string(),
+                api_secret: api_secret.expose().to_string(),
                 account_id: s.account_id,
                 environment: environment.as_str().into(),
                 extra_config,
@@ -259,13 +271,32 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 s.user
             );
         }
-        Command::Credentials(CredentialsCommand::EncryptExisting) => {
+        Command::Credentials(CredentialsCommand::EncryptExisting { json }) => {
             store.check_migrated().await?;
             let Some(key) = config.master_key.as_ref() else {
                 anyhow::bail!("SPARKY_MASTER_KEY: required to encrypt credentials");
             };
-            let n = encrypt_existing(&store, key).await?;
-            println!("encrypted {n} credential rows");
+            let report = encrypt_existing(&store, key).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"encrypted": report.encrypted, "skipped": report.skipped})
+                );
+            } else {
+                println!("encrypted {} credential rows", report.encrypted);
+                if !report.skipped.is_empty() {
+                    eprintln!(
+                        "skipped {} rows changed while this ran (ids {}); they were left as written. Run `sparky credentials encrypt-existing` again to encrypt any still in plaintext",
+                        report.skipped.len(),
+                        report
+                            .skipped
+                            .iter()
+                            .map(|id| id.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
         }
         Command::Dlq(DlqCommand::List { user, limit, json }) => {
             store.check_migrated().await?;
@@ -542,40 +573,140 @@ pub async fn flush_credential_cache(config: &Config) -> bool {
     }
 }
 
-/// Encrypt every plaintext credential row in place; returns how many rows changed.
+/// What `sparky credentials encrypt-existing` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EncryptReport {
+    /// Rows encrypted.
+    pub encrypted: u64,
+    /// Rows that changed between reading and writing them (ids): left as the other writer left them.
+    pub skipped: Vec<i64>,
+}
+
+/// Encrypt every plaintext credential row in place. Each row is written only if it still holds
+/// what was read (compare-and-set on `api_key` and `api_secret`), so a concurrent
+/// `credentials set` (or another `encrypt-existing`) is never overwritten with stale values; such
+/// a row is skipped and reported.
 pub async fn encrypt_existing(
     store: &Store,
     key: &crate::secrets::MasterKey,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<EncryptReport> {
     use sqlx::Row;
     let rows = sqlx::query(
         "SELECT id, user_id, exchange, api_key, api_secret FROM bot_credentials
-         WHERE api_key NOT LIKE 'enc:v1:%' OR api_secret NOT LIKE 'enc:v1:%'",
+         WHERE api_key NOT LIKE 'enc:v1:%' OR api_secret NOT LIKE 'enc:v1:%'
+         ORDER BY id",
     )
     .fetch_all(&store.pool)
     .await?;
-    let mut n = 0;
+    let mut report = EncryptReport::default();
     for r in rows {
+        let id: i64 = r.get("id");
+        let (old_key, old_secret): (String, String) = (r.get("api_key"), r.get("api_secret"));
         let mut row = CredentialRow {
             user_id: r.get("user_id"),
             exchange: r.get::<String, _>("exchange").to_ascii_lowercase(),
-            api_key: r.get("api_key"),
-            api_secret: r.get("api_secret"),
+            api_key: old_key.clone(),
+            api_secret: old_secret.clone(),
             account_id: None,
             environment: String::new(),
             extra_config: serde_json::Value::Null,
             label: None,
         };
         seal_row(&mut row, Some(key));
-        n += sqlx::query(
-            "UPDATE bot_credentials SET api_key = $2, api_secret = $3, updated_at = now() WHERE id = $1",
+        let n = sqlx::query(
+            "UPDATE bot_credentials SET api_key = $2, api_secret = $3, updated_at = now()
+             WHERE id = $1 AND api_key = $4 AND api_secret = $5",
         )
-        .bind(r.get::<i64, _>("id"))
+        .bind(id)
         .bind(&row.api_key)
         .bind(&row.api_secret)
+        .bind(&old_key)
+        .bind(&old_secret)
         .execute(&store.pool)
         .await?
         .rows_affected();
+        if n == 1 {
+            report.encrypted += 1;
+        } else {
+            report.skipped.push(id);
+        }
     }
-    Ok(n)
+    Ok(report)
+}
+
+/// Replace `-` in `--api-key` / `--api-secret` by a line of `stdin` (the key's first when both are
+/// `-`). A value read is trimmed of its line end; an empty value is refused, naming the flag.
+pub fn secrets_from_stdin(
+    api_key: SecretString,
+    api_secret: SecretString,
+    stdin: &mut dyn std::io::BufRead,
+) -> anyhow::Result<(SecretString, SecretString)> {
+    let mut resolve = |v: SecretString, flag: &str| -> anyhow::Result<SecretString> {
+        let v = if v.expose() == "-" {
+            let mut line = zeroize::Zeroizing::new(String::new());
+            stdin
+                .read_line(&mut line)
+                .map_err(|e| anyhow::anyhow!("{flag} -: cannot read standard input: {e}"))?;
+            SecretString::new(line.trim_end_matches(['\r', '\n']))
+        } else {
+            v
+        };
+        if v.expose().trim().is_empty() {
+            anyhow::bail!("{flag}: empty (give the value, `-` to read it from standard input, or set the environment variable)");
+        }
+        Ok(v)
+    };
+    let k = resolve(api_key, "--api-key")?;
+    let s = resolve(api_secret, "--api-secret")?;
+    Ok((k, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &str) -> SecretString {
+        SecretString::new(v)
+    }
+
+    #[test]
+    fn dash_reads_secrets_from_stdin_in_order() {
+        let mut input = std::io::Cursor::new("the-key\r\nthe-secret\n");
+        let (k, v) = secrets_from_stdin(s("-"), s("-"), &mut input).unwrap();
+        assert_eq!((k.expose(), v.expose()), ("the-key", "the-secret"));
+
+        let mut input = std::io::Cursor::new("only-secret");
+        let (k, v) = secrets_from_stdin(s("given"), s("-"), &mut input).unwrap();
+        assert_eq!((k.expose(), v.expose()), ("given", "only-secret"));
+
+        let mut input = std::io::Cursor::new("just-the-key\n");
+        let e = secrets_from_stdin(s("-"), s("-"), &mut input).unwrap_err();
+        assert!(e.to_string().starts_with("--api-secret"), "{e}");
+        let e = secrets_from_stdin(s(""), s("x"), &mut std::io::empty()).unwrap_err();
+        assert!(e.to_string().starts_with("--api-key"), "{e}");
+    }
+
+    #[test]
+    fn parsed_secrets_never_print() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "sparky",
+            "credentials",
+            "set",
+            "--user",
+            "00000000-0000-7000-8000-000000000001",
+            "--exchange",
+            "paper",
+            "--api-key",
+            "KEYVALUE",
+            "--api-secret",
+            "SECRETVALUE",
+        ])
+        .unwrap();
+        let dbg = format!("{cli:?}");
+        assert!(
+            !dbg.contains("KEYVALUE") && !dbg.contains("SECRETVALUE"),
+            "{dbg}"
+        );
+    }
 }

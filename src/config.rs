@@ -71,9 +71,23 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Per-user webhook rate limit: a token bucket in Redis shared by every ingress replica.
     pub rate_limit: RateLimit,
-    /// Failed authentications allowed per client address per `auth_fail_window` (0 = no limit).
+    /// Failed authentications allowed per `auth_fail_window`, counted per (source, claimed
+    /// `user_id`) and, for sources that are not shared, per source (0 = no limit). A source is an
+    /// IPv4 address or an IPv6 /64.
     pub auth_fail_limit: u32,
     pub auth_fail_window: Duration,
+    /// Sources that carry many users' alerts (`SPARKY_SHARED_SOURCES`, default TradingView's four
+    /// addresses): never blocked as a whole, only per claimed `user_id`. `SPARKY_IP_ALLOWLIST`
+    /// entries are shared sources too.
+    pub shared_sources: Vec<IpNet>,
+    /// Uncached webhook-secret look-ups: at most this many Postgres queries at once
+    /// (`SPARKY_SECRET_LOOKUP_CONCURRENCY`); each query answers a batch of waiting secrets.
+    pub secret_lookup_concurrency: usize,
+    /// ... at most this many secrets waiting for one (`SPARKY_SECRET_LOOKUP_QUEUE`); beyond it a
+    /// request gets `503` with `Retry-After`.
+    pub secret_lookup_queue: usize,
+    /// ... and a request waits at most this long for its look-up (`SPARKY_SECRET_LOOKUP_WAIT_MS`).
+    pub secret_lookup_wait: Duration,
     /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the ingress).
     pub trusted_proxies: Vec<IpNet>,
     /// When set, only these client addresses may `POST /webhook`.
@@ -107,6 +121,10 @@ impl fmt::Debug for Config {
             .field("rate_limit", &self.rate_limit)
             .field("auth_fail_limit", &self.auth_fail_limit)
             .field("auth_fail_window", &self.auth_fail_window)
+            .field("shared_sources", &self.shared_sources)
+            .field("secret_lookup_concurrency", &self.secret_lookup_concurrency)
+            .field("secret_lookup_queue", &self.secret_lookup_queue)
+            .field("secret_lookup_wait", &self.secret_lookup_wait)
             .field("trusted_proxies", &self.trusted_proxies)
             .field("ip_allowlist", &self.ip_allowlist)
             .finish_non_exhaustive()
@@ -155,6 +173,10 @@ impl Default for Config {
             },
             auth_fail_limit: 20,
             auth_fail_window: Duration::from_secs(60),
+            shared_sources: net::parse_list("tradingview").expect("static list"),
+            secret_lookup_concurrency: 2,
+            secret_lookup_queue: 4096,
+            secret_lookup_wait: Duration::from_secs(2),
             trusted_proxies: Vec::new(),
             ip_allowlist: None,
             aster_base_url: None,
@@ -335,6 +357,41 @@ impl Config {
         };
         let trusted_proxies = nets("SPARKY_TRUSTED_PROXIES")?;
         let ip_allowlist = Some(nets("SPARKY_IP_ALLOWLIST")?).filter(|l| !l.is_empty());
+        let shared_sources = match get("SPARKY_SHARED_SOURCES") {
+            None => d.shared_sources.clone(),
+            Some(v) if v.eq_ignore_ascii_case("none") => Vec::new(),
+            Some(_) => nets("SPARKY_SHARED_SOURCES")?,
+        };
+        let secret_lookup_concurrency: usize = num(
+            vars,
+            "SPARKY_SECRET_LOOKUP_CONCURRENCY",
+            d.secret_lookup_concurrency,
+        )?;
+        if !(1..=6).contains(&secret_lookup_concurrency) {
+            return Err(err(
+                "SPARKY_SECRET_LOOKUP_CONCURRENCY",
+                "must be between 1 and 6: the ingress has 8 Postgres connections, and secret look-ups must leave some to the job API and /readyz".into(),
+            ));
+        }
+        let secret_lookup_queue: usize =
+            num(vars, "SPARKY_SECRET_LOOKUP_QUEUE", d.secret_lookup_queue)?;
+        if secret_lookup_queue == 0 {
+            return Err(err(
+                "SPARKY_SECRET_LOOKUP_QUEUE",
+                "must be at least 1".into(),
+            ));
+        }
+        let secret_lookup_wait = Duration::from_millis(num(
+            vars,
+            "SPARKY_SECRET_LOOKUP_WAIT_MS",
+            d.secret_lookup_wait.as_millis() as u64,
+        )?);
+        if secret_lookup_wait < Duration::from_millis(10) {
+            return Err(err(
+                "SPARKY_SECRET_LOOKUP_WAIT_MS",
+                "must be at least 10 (ms)".into(),
+            ));
+        }
         Ok(Config {
             database_url: url("DATABASE_URL", &d.database_url)?,
             redis_url: url("REDIS_URL", &d.redis_url)?,
@@ -378,6 +435,10 @@ impl Config {
             rate_limit: RateLimit { per_sec, burst },
             auth_fail_limit: num(vars, "SPARKY_AUTH_FAIL_LIMIT", d.auth_fail_limit)?,
             auth_fail_window,
+            shared_sources,
+            secret_lookup_concurrency,
+            secret_lookup_queue,
+            secret_lookup_wait,
             trusted_proxies,
             ip_allowlist,
             aster_base_url: opt_url("ASTER_BASE_URL")?,
@@ -490,6 +551,17 @@ mod tests {
         assert_eq!(c.rate_limit.burst, 20);
         assert_eq!(c.auth_fail_limit, 20);
         assert!(c.ip_allowlist.is_none() && c.trusted_proxies.is_empty());
+        assert_eq!(c.shared_sources, net::parse_list("tradingview").unwrap());
+        assert_eq!(c.secret_lookup_concurrency, 2);
+        let c = Config::from_map(&map(&[
+            ("SPARKY_SHARED_SOURCES", "203.0.113.0/24, tradingview"),
+            ("SPARKY_SECRET_LOOKUP_WAIT_MS", "500"),
+        ]))
+        .unwrap();
+        assert_eq!(c.shared_sources.len(), 5);
+        assert_eq!(c.secret_lookup_wait, Duration::from_millis(500));
+        let c = Config::from_map(&map(&[("SPARKY_SHARED_SOURCES", "none")])).unwrap();
+        assert!(c.shared_sources.is_empty());
 
         let k1 = MasterKey::generate_base64();
         let k2 = MasterKey::generate_base64();
@@ -552,6 +624,22 @@ mod tests {
             (
                 vec![("SPARKY_AUTH_FAIL_WINDOW_SECS", "0")],
                 "SPARKY_AUTH_FAIL_WINDOW_SECS",
+            ),
+            (
+                vec![("SPARKY_SHARED_SOURCES", "tv.example")],
+                "SPARKY_SHARED_SOURCES",
+            ),
+            (
+                vec![("SPARKY_SECRET_LOOKUP_CONCURRENCY", "0")],
+                "SPARKY_SECRET_LOOKUP_CONCURRENCY",
+            ),
+            (
+                vec![("SPARKY_SECRET_LOOKUP_QUEUE", "0")],
+                "SPARKY_SECRET_LOOKUP_QUEUE",
+            ),
+            (
+                vec![("SPARKY_SECRET_LOOKUP_WAIT_MS", "1")],
+                "SPARKY_SECRET_LOOKUP_WAIT_MS",
             ),
             (
                 vec![("SPARKY_TRUSTED_PROXIES", "lb.internal")],

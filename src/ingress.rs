@@ -4,29 +4,25 @@
 //! 0. the client address ([`crate::net::client_ip`]: the TCP peer, or `X-Forwarded-For` when the peer
 //!    is in `SPARKY_TRUSTED_PROXIES`) must be in `SPARKY_IP_ALLOWLIST` when one is set, else 403;
 //! 1. body size (64 KiB, 413) and JSON object (400, `field: "body"`);
-//! 2. the secret (body `secret` or header `X-Sparky-Secret`): missing or unknown -> 401. Checked before
-//!    the fields so an unauthenticated caller learns nothing about what a valid alert looks like;
+//! 2. the secret (body `secret` or header `X-Sparky-Secret`): missing or unknown -> 401 (429 once the
+//!    source or the (source, claimed `user_id`) pair is blocked). Checked before the fields so an
+//!    unauthenticated caller learns nothing about what a valid alert looks like. A secret that
+//!    cannot be verified right now (look-up queue full, Postgres down) -> 503, nothing enqueued;
 //! 3. every field (400 naming each problem);
 //! 4. the body's `user_id` must be the secret's owner, else 401 (and nothing is enqueued);
 //! 5. the enqueue script (idempotency + the user's token bucket + `XADD`, one round trip), then `202`;
-//!    an empty bucket -> 429 with `Retry-After`; Redis unavailable -> 503.
+//!    the same `alert_id` with the same alert -> `200 duplicate`, with a different alert -> `409`
+//!    naming the first job; an empty bucket -> 429 with `Retry-After`; Redis unavailable or slow ->
+//!    503 saying the alert may have been accepted (retry with the same `alert_id`).
 //!
-//! Secret look-ups go through an in-process cache ([`SecretCache`], TTL `SPARKY_SECRET_CACHE_TTL_SECS`,
-//! at most 60 s) so steady-state requests do not touch Postgres; a rotated or revoked secret stops
-//! working within that TTL (each replica caches independently, so the bound holds for all of them).
-//! The secret is looked up by its SHA-256, never compared byte by byte (see `secrets`).
-//!
-//! Failed authentications (2 and 4) are counted per client address in Redis (`{ns}:authfail:{ip}`,
-//! a fixed window shared by all replicas, [`AuthFailures`]). An address over the limit gets 429 for
-//! every request whose secret is not already known-good in this replica's cache, without a Postgres
-//! query: that stops secret guessing and query floods, while alerts of users whose secret is cached
-//! keep flowing even when they share the address (TradingView sends every user's alerts from the same
-//! four addresses).
+//! Authentication (who owns a secret, failed-authentication limits, the bounded look-up queue) is
+//! in [`auth`]: a presented secret is always verified, whatever its source did before.
 
-use std::collections::HashMap;
+pub mod auth;
+
 use std::future::IntoFuture;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -52,8 +48,9 @@ use crate::domain::{self, FieldError, Job};
 use crate::metrics::Metrics;
 use crate::net::{self, IpNet};
 use crate::queue::{Enqueued, Queue, RateLimit};
-use crate::secrets::hash_webhook_secret;
 use crate::store::Store;
+
+pub use auth::{AuthFailures, LookupError, LookupLimits, Origin, SecretCache};
 
 /// Largest accepted webhook body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -73,18 +70,31 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The state of one ingress process over already connected `store` and `queue`.
+    /// The state of one ingress process over already connected `store` and `queue`. Must be called
+    /// inside a Tokio runtime (it starts the secret look-up task).
     pub fn new(config: &Config, store: Store, queue: Queue) -> AppState {
         AppState {
             auth_failures: Arc::new(AuthFailures::new(
                 config.auth_fail_limit,
                 config.auth_fail_window,
+                shared_sources(config),
             )),
             metrics: Metrics::new(&queue.keys.ns),
             drain_timeout: config.drain_timeout,
+            secrets: Arc::new(SecretCache::new(
+                store.sibling(
+                    config.secret_lookup_concurrency as u32,
+                    config.secret_lookup_wait,
+                ),
+                config.secret_cache_ttl,
+                LookupLimits {
+                    concurrency: config.secret_lookup_concurrency,
+                    queue: config.secret_lookup_queue,
+                    wait: config.secret_lookup_wait,
+                },
+            )),
             queue,
             store,
-            secrets: Arc::new(SecretCache::new(config.secret_cache_ttl)),
             rate_limit: config.rate_limit,
             trusted_proxies: Arc::new(config.trusted_proxies.clone()),
             ip_allowlist: config.ip_allowlist.clone().map(Arc::new),
@@ -92,131 +102,12 @@ impl AppState {
     }
 }
 
-/// Failed authentications per client address: counted in Redis (shared by all replicas, fixed
-/// window), with a local note of the addresses found over the limit so that checking costs nothing
-/// on the hot path. A replica learns that an address is over the limit on that address's next
-/// failure there.
-pub struct AuthFailures {
-    limit: u32,
-    window: Duration,
-    blocked: Mutex<HashMap<IpAddr, Instant>>,
-    script: redis::Script,
-}
-
-// KEYS[1] the address's counter; ARGV[1] window (ms). Returns {count, ms left in the window}.
-const AUTH_FAIL_LUA: &str = r#"
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-local left = redis.call('PTTL', KEYS[1])
-if left < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  left = tonumber(ARGV[1])
-end
-return {n, left}
-"#;
-
-impl AuthFailures {
-    pub fn new(limit: u32, window: Duration) -> Self {
-        AuthFailures {
-            limit,
-            window,
-            blocked: Mutex::new(HashMap::new()),
-            script: redis::Script::new(AUTH_FAIL_LUA),
-        }
-    }
-
-    /// How long `ip` stays over the limit, if it is.
-    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
-        if self.limit == 0 {
-            return None;
-        }
-        let until = *self.blocked.lock().expect("blocked lock").get(&ip)?;
-        until.checked_duration_since(Instant::now())
-    }
-
-    /// Count a failure of `ip`; returns how long it is blocked when this failure put it over the
-    /// limit. A Redis error is logged and the failure not counted (the request is refused anyway).
-    pub async fn record(&self, queue: &Queue, ip: IpAddr) -> Option<Duration> {
-        if self.limit == 0 {
-            return None;
-        }
-        let key = format!("{}:authfail:{ip}", queue.keys.ns);
-        let res: Result<(u64, u64), _> = self
-            .script
-            .key(key)
-            .arg(self.window.as_millis() as u64)
-            .invoke_async(&mut queue.conn())
-            .await;
-        let (count, left_ms) = match res {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not count a failed authentication");
-                return None;
-            }
-        };
-        if count <= u64::from(self.limit) {
-            return None;
-        }
-        let left = Duration::from_millis(left_ms.max(1));
-        let mut map = self.blocked.lock().expect("blocked lock");
-        if map.len() > 10_000 {
-            let now = Instant::now();
-            map.retain(|_, until| *until > now);
-        }
-        map.insert(ip, Instant::now() + left);
-        tracing::warn!(client_ip = %ip, failures = count, "too many failed authentications from this address");
-        Some(left)
-    }
-}
-
-/// Webhook secret hash -> owner, cached for a short TTL (unknown secrets too, for less time, so a
-/// flood of wrong secrets does not become a flood of queries).
-pub struct SecretCache {
-    ttl: Duration,
-    negative_ttl: Duration,
-    map: Mutex<HashMap<String, (Option<Uuid>, Instant)>>,
-}
-
-impl SecretCache {
-    pub fn new(ttl: Duration) -> Self {
-        SecretCache {
-            ttl,
-            negative_ttl: ttl.min(Duration::from_secs(5)),
-            map: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The owner of `secret` if this cache holds it as valid and fresh (no Postgres query).
-    pub fn cached_owner(&self, secret: &str) -> Option<Uuid> {
-        let hash = hash_webhook_secret(secret);
-        let (owner, at) = self.map.lock().expect("cache lock").get(&hash).copied()?;
-        owner.filter(|_| at.elapsed() < self.ttl)
-    }
-
-    /// The owner of `secret`, or `None` if it is not a valid secret.
-    pub async fn owner(&self, store: &Store, secret: &str) -> Result<Option<Uuid>, ApiError> {
-        let hash = hash_webhook_secret(secret);
-        if let Some((owner, at)) = self.map.lock().expect("cache lock").get(&hash).copied() {
-            let ttl = if owner.is_some() {
-                self.ttl
-            } else {
-                self.negative_ttl
-            };
-            if at.elapsed() < ttl {
-                return Ok(owner);
-            }
-        }
-        let owner = store.secret_owner(&hash).await.map_err(|e| {
-            tracing::error!(error = %e, "secret look-up failed");
-            ApiError::Unavailable("cannot authenticate right now; try again".into())
-        })?;
-        let mut map = self.map.lock().expect("cache lock");
-        if map.len() > 100_000 {
-            map.clear();
-        }
-        map.insert(hash, (owner, Instant::now()));
-        Ok(owner)
-    }
+/// The shared sources: `SPARKY_SHARED_SOURCES` plus `SPARKY_IP_ALLOWLIST` (an allowlisted address
+/// is by definition one that carries alerts on purpose).
+fn shared_sources(config: &Config) -> Vec<IpNet> {
+    let mut v = config.shared_sources.clone();
+    v.extend(config.ip_allowlist.iter().flatten().copied());
+    v
 }
 
 /// An answer other than success. Only what is the caller's to know goes into the body; causes are
@@ -234,6 +125,15 @@ pub enum ApiError {
     },
     TooLarge,
     NotFound,
+    /// The same `alert_id` was first used for a different alert: that job's id.
+    Conflict {
+        job_id: Uuid,
+    },
+    /// The secret could not be verified right now (the look-up queue is full or slow); nothing was
+    /// enqueued. `503` with `Retry-After`.
+    Busy {
+        retry_after: Duration,
+    },
     Unavailable(String),
 }
 
@@ -248,6 +148,8 @@ impl ApiError {
             ApiError::TooMany { .. } => "rate_limited",
             ApiError::TooLarge => "too_large",
             ApiError::NotFound => "not_found",
+            ApiError::Conflict { .. } => "conflict",
+            ApiError::Busy { .. } => "auth_busy",
             ApiError::Unavailable(_) => "unavailable",
         }
     }
@@ -305,6 +207,27 @@ impl IntoResponse for ApiError {
                 .into_response(),
             ApiError::NotFound => {
                 (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))).into_response()
+            }
+            ApiError::Conflict { job_id } => (
+                StatusCode::CONFLICT,
+                Json(json!({
+                    "error": format!("alert_id was already used for a different alert (job {job_id}) within the last 24 h; nothing was enqueued. Give every distinct alert its own alert_id"),
+                    "job_id": job_id,
+                })),
+            )
+                .into_response(),
+            ApiError::Busy { retry_after } => {
+                let secs = retry_after.as_millis().div_ceil(1000).max(1) as u64;
+                let mut r = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({
+                        "error": "cannot verify the webhook secret right now; nothing was accepted, retry after Retry-After seconds",
+                        "retry_after_secs": secs,
+                    })),
+                )
+                    .into_response();
+                r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+                r
             }
             ApiError::Unavailable(m) => {
                 (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": m}))).into_response()
@@ -419,38 +342,54 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
     }
 }
 
-const TOO_MANY_FAILURES: &str = "too many failed authentications from this address; retry later";
+const TOO_MANY_FAILURES: &str =
+    "too many failed authentications from this address (for this user_id); retry later";
 
-/// Who owns `secret`, with the per-address failed-authentication limit applied: an address over the
-/// limit is only served from the cache of known-good secrets. `Err` is the answer to give.
-async fn authenticate(st: &AppState, ip: IpAddr, secret: Option<&str>) -> Result<Uuid, ApiError> {
-    if let Some(retry_after) = st.auth_failures.blocked(ip) {
-        return secret
-            .and_then(|s| st.secrets.cached_owner(s))
-            .ok_or(ApiError::TooMany {
-                retry_after,
-                message: TOO_MANY_FAILURES,
-            });
-    }
+/// Who owns `secret`. The secret is always verified (cache, then the bounded look-up queue), even
+/// when `origin` is blocked: a block only turns the answer to a secret that does not verify into
+/// 429, and puts the look-up second in line. `Err` is the answer to give.
+async fn authenticate(
+    st: &AppState,
+    origin: &Origin,
+    secret: Option<&str>,
+) -> Result<Uuid, ApiError> {
+    let blocked = st.auth_failures.blocked(origin);
     let owner = match secret {
-        Some(s) => st.secrets.owner(&st.store, s).await?,
+        Some(s) => match st.secrets.owner(s, blocked.is_some()).await {
+            Ok(o) => o,
+            Err(LookupError::Busy(retry_after)) => return Err(ApiError::Busy { retry_after }),
+            Err(LookupError::Unavailable) => {
+                return Err(ApiError::Unavailable(
+                    "cannot authenticate right now; nothing was accepted, retry".into(),
+                ))
+            }
+        },
         None => None,
     };
     match owner {
         Some(o) => Ok(o),
-        None => Err(auth_failed(st, ip).await),
+        None => Err(auth_failed(st, origin, blocked).await),
     }
 }
 
-/// Count a failed authentication of `ip` and say what to answer (401, or 429 once over the limit).
-async fn auth_failed(st: &AppState, ip: IpAddr) -> ApiError {
-    match st.auth_failures.record(&st.queue, ip).await {
+/// Count a failed authentication of `origin` and say what to answer: 401, or 429 once its pair or
+/// source is over the limit (`already`: how long it was blocked before this failure).
+async fn auth_failed(st: &AppState, origin: &Origin, already: Option<Duration>) -> ApiError {
+    match st.auth_failures.record(&st.queue, origin).await.or(already) {
         Some(retry_after) => ApiError::TooMany {
             retry_after,
             message: TOO_MANY_FAILURES,
         },
         None => ApiError::Unauthorized,
     }
+}
+
+/// The `user_id` a body claims (unverified; only for counting failures per claimed user).
+fn claimed_user(obj: &serde_json::Map<String, Value>) -> Option<Uuid> {
+    ["user_id", "userId"]
+        .iter()
+        .find_map(|k| obj.get(*k)?.as_str())
+        .and_then(|s| Uuid::parse_str(s.trim()).ok())
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -475,6 +414,9 @@ async fn webhook(
     }
     answer
 }
+
+/// The 503 answer when the enqueue script failed or timed out.
+pub const UNCONFIRMED: &str = "the queue did not confirm the job: the alert may or may not have been accepted. Retry with the same alert_id (or Idempotency-Key): a repeat of an accepted alert answers 200 duplicate and runs once. Without an alert_id a retry may run twice";
 
 async fn handle_webhook(
     st: &AppState,
@@ -501,12 +443,18 @@ async fn handle_webhook(
     };
     let obj = domain::parse_body(&body).map_err(|e| ApiError::Invalid(vec![e]))?;
     let secret = domain::body_secret(&obj).or_else(|| header(&headers, "x-sparky-secret"));
-    let owner = authenticate(st, ip, secret).await?;
+    let origin = st.auth_failures.origin(ip, claimed_user(&obj));
+    let owner = authenticate(st, &origin, secret).await?;
     let alert = domain::parse_alert(&obj, header(&headers, "idempotency-key"))
         .map_err(ApiError::Invalid)?;
     if !bool::from(alert.user_id.as_bytes().ct_eq(owner.as_bytes())) {
         tracing::warn!(claimed_user = %alert.user_id, client_ip = %ip, "webhook secret does not belong to the claimed user_id");
-        return Err(auth_failed(st, ip).await);
+        let origin = Origin {
+            claimed: Some(alert.user_id),
+            ..origin
+        };
+        let blocked = st.auth_failures.blocked(&origin);
+        return Err(auth_failed(st, &origin, blocked).await);
     }
     let job = Job {
         job_id: Uuid::now_v7(),
@@ -524,6 +472,10 @@ async fn handle_webhook(
             Json(json!({"job_id": job_id, "status": "duplicate"})),
         )
             .into_response()),
+        Ok((_, Enqueued::Conflict { job_id })) => {
+            tracing::info!(user_id = %job.alert.user_id, first_job = %job_id, "alert_id reused for a different alert");
+            Err(ApiError::Conflict { job_id })
+        }
         Ok((_, Enqueued::RateLimited { retry_after })) => {
             tracing::info!(user_id = %job.alert.user_id, "webhook rate limit reached");
             Err(ApiError::TooMany {
@@ -532,10 +484,9 @@ async fn handle_webhook(
             })
         }
         Err(e) => {
+            // A time-out may come after Redis appended the entry: we cannot say it was not.
             tracing::error!(error = %e, "enqueue failed");
-            Err(ApiError::Unavailable(
-                "the queue cannot take the job right now; nothing was accepted, retry".into(),
-            ))
+            Err(ApiError::Unavailable(UNCONFIRMED.into()))
         }
     }
 }
@@ -548,7 +499,8 @@ async fn get_job(
     Path(job_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let ip = net::client_ip(peer, &headers, &st.trusted_proxies);
-    let owner = authenticate(&st, ip, header(&headers, "x-sparky-secret")).await?;
+    let origin = st.auth_failures.origin(ip, None);
+    let owner = authenticate(&st, &origin, header(&headers, "x-sparky-secret")).await?;
     let job_id = Uuid::parse_str(&job_id).map_err(|_| ApiError::NotFound)?;
     let unavailable = |e: crate::store::StoreError| {
         tracing::error!(error = %e, "job look-up failed");

@@ -90,6 +90,33 @@ impl fmt::Display for IpNet {
     }
 }
 
+/// What failed authentications are counted by: an IPv4 address, or the /64 an IPv6 address is in.
+/// One IPv6 subscriber usually gets a whole /64 (often more), so counting single IPv6 addresses
+/// would let anyone rotate through 2^64 addresses to dodge the count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Source(IpAddr);
+
+impl Source {
+    pub fn of(ip: IpAddr) -> Source {
+        match canonical(ip) {
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & (u128::MAX << 64);
+                Source(IpAddr::V6(prefix.into()))
+            }
+            v4 => Source(v4),
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
 /// A comma-separated list of networks; the word `tradingview` stands for [`TRADINGVIEW_ADDRESSES`].
 pub fn parse_list(s: &str) -> Result<Vec<IpNet>, String> {
     let mut out = Vec::new();
@@ -166,6 +193,16 @@ mod tests {
         assert!("bob".parse::<IpNet>().is_err());
         assert_eq!(parse_list("tradingview, 10.0.0.1").unwrap().len(), 5);
         assert_eq!(parse_list("").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_slash_64s() {
+        let a = Source::of(ip("2001:db8:1:2::a"));
+        assert_eq!(a, Source::of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")));
+        assert_ne!(a, Source::of(ip("2001:db8:1:3::a")));
+        assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+        assert_eq!(Source::of(ip("::ffff:10.1.2.3")).to_string(), "10.1.2.3");
+        assert_ne!(Source::of(ip("10.1.2.3")), Source::of(ip("10.1.2.4")));
     }
 
     #[test]

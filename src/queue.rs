@@ -11,6 +11,12 @@
 //! `alert_id` can never enqueue twice, every ingress replica draws from the same bucket, and a `202`
 //! is only answered after the `XADD` returned.
 //!
+//! Idempotency keys follow Stripe's semantics: the key remembers the first job's id *and* the
+//! SHA-256 of the canonical alert ([`alert_fingerprint`]). The same key with the same alert is a
+//! retry ([`Enqueued::Duplicate`], `200`); the same key with a different alert is a mistake (a
+//! template with a static `alert_id`) and is refused ([`Enqueued::Conflict`], `409` naming the first
+//! job), never silently dropped.
+//!
 //! A worker reads with `XREADGROUP` and acknowledges an entry (`XACK`) only after the job's final
 //! state is committed to Postgres; an entry that is read but never acked stays in the group's pending
 //! list and is delivered again: the next owner of the partition claims it before reading anything
@@ -21,11 +27,12 @@
 //! | --- | --- | --- |
 //! | `{ns}:meta:partitions` | string | the partition count every process must agree on |
 //! | `{ns}:{pN}:stream` | stream | the partition's jobs; field `job` = [`Job`] as JSON; group `workers` |
-//! | `{ns}:{pN}:idem:{user}:{alert_id}` | string, TTL 24 h | job id first accepted for that key |
+//! | `{ns}:{pN}:idem:{user}:{alert_id}` | string, TTL 24 h | `<job id> <alert fingerprint>` of the job first accepted for that key (a bare job id from before fingerprints counts as the same alert) |
 //! | `{ns}:{pN}:rl:{user}` | hash `tokens`, `ts` (ms, Redis clock), TTL = time to refill | the user's webhook token bucket |
 //! | `{ns}:{pN}:lease` | string, PX TTL | id of the worker that owns the partition (see `lease`) |
 //! | `{ns}:workers` | sorted set | live workers, scored by heartbeat expiry (ms, Redis clock) |
-//! | `{ns}:authfail:{ip}` | string, TTL `SPARKY_AUTH_FAIL_WINDOW_SECS` | failed authentications of a client address (see `ingress`) |
+//! | `{ns}:authfail:{<source>}` | string, TTL `SPARKY_AUTH_FAIL_WINDOW_SECS` | failed authentications of a source (IPv4 address or IPv6 /64; the braces are literal, a hash tag); not kept for shared sources (see `ingress::auth`) |
+//! | `{ns}:authfail:{<source>}:<user_id or ->` | string, same TTL | failed authentications from a source claiming that `user_id` |
 //! | `{ns}:dlq` | stream | dead-letter entries (rejected, dead, unreadable), replayable |
 //! | `{ns}:cred:{user}:{exchange}:{env}` | string, TTL 60 s | credential cache (see `credentials`) |
 //!
@@ -38,7 +45,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, Script, Value};
 use uuid::Uuid;
 
-use crate::domain::Job;
+use crate::domain::{Alert, Job};
 
 pub const GROUP: &str = "workers";
 /// How long an idempotency key is remembered.
@@ -126,8 +133,11 @@ pub struct Replay {
 pub enum Enqueued {
     /// Appended with this stream entry id.
     Queued { entry_id: String },
-    /// The idempotency key was already used; this is the first job's id.
+    /// The idempotency key was already used for the same alert; this is the first job's id.
     Duplicate { job_id: Uuid },
+    /// The idempotency key was already used for a different alert; nothing was appended. This is
+    /// the first job's id.
+    Conflict { job_id: Uuid },
     /// The user's token bucket is empty; nothing was appended. A token is available after this.
     RateLimited { retry_after: Duration },
 }
@@ -151,14 +161,20 @@ impl RateLimit {
 
 // KEYS[1] stream, KEYS[2] the user's token bucket, KEYS[3] idempotency key (optional)
 // ARGV[1] job id, ARGV[2] job JSON, ARGV[3] idempotency TTL (s), ARGV[4] tokens per second
-// (0 = no limit), ARGV[5] burst
-// Returns {1, entry id} | {0, first job id} (duplicate) | {2, ms until a token is available}.
+// (0 = no limit), ARGV[5] burst, ARGV[6] the alert's fingerprint (hex)
+// Returns {1, entry id} | {0, first job id} (duplicate) | {2, ms until a token is available}
+// | {3, first job id} (the key was used for a different alert).
 // The bucket uses the Redis clock (TIME), so replicas with skewed clocks still share one bucket.
 // A duplicate is answered before the bucket is touched: a retried alert costs no token.
 const ENQUEUE_LUA: &str = r#"
 if KEYS[3] then
   local first = redis.call('GET', KEYS[3])
-  if first then return {0, first} end
+  if first then
+    local id, fp = string.match(first, '^(%S+) (%x+)$')
+    if not id then return {0, first} end
+    if fp == ARGV[6] then return {0, id} end
+    return {3, id}
+  end
 end
 local rate = tonumber(ARGV[4])
 if rate > 0 then
@@ -182,9 +198,33 @@ if rate > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
-if KEYS[3] then redis.call('SET', KEYS[3], ARGV[1], 'EX', tonumber(ARGV[3])) end
+if KEYS[3] then redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[6], 'EX', tonumber(ARGV[3])) end
 return {1, id}
 "#;
+
+/// The fingerprint of an alert for its idempotency key: SHA-256 (hex) of the canonical alert, i.e.
+/// the parsed [`Alert`] (not the raw body) serialised with its fields in declaration order and its
+/// decimals normalised (`100`, `100.0` and `"100.00"` are one size). So two bodies that differ only
+/// in spelling (aliases, case, `BINANCE:` prefix, key order, unknown fields, numbers as strings) are
+/// the same alert, and any difference in what would be executed (action, symbol, size, stops,
+/// strategy, timestamp, ...) is a different alert.
+pub fn alert_fingerprint(alert: &Alert) -> String {
+    use sha2::{Digest, Sha256};
+    let mut a = alert.clone();
+    for d in [
+        &mut a.price,
+        &mut a.position_size_usd,
+        &mut a.stop_loss_percent,
+        &mut a.take_profit_percent,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *d = d.normalize();
+    }
+    let canonical = serde_json::to_vec(&a).expect("an alert serialises");
+    hex::encode(Sha256::digest(canonical))
+}
 
 /// The Redis side of the pipeline. Cheap to clone.
 #[derive(Clone)]
@@ -303,15 +343,27 @@ impl Queue {
             .arg(json)
             .arg(IDEMPOTENCY_TTL_SECS)
             .arg(per_sec)
-            .arg(burst);
+            .arg(burst)
+            .arg(if job.alert.alert_id.is_some() {
+                alert_fingerprint(&job.alert)
+            } else {
+                String::new()
+            });
         let (code, value): (i64, String) = inv.invoke_async(&mut self.conn()).await?;
         match code {
             1 => Ok((p, Enqueued::Queued { entry_id: value })),
-            0 => {
+            0 | 3 => {
                 let job_id = Uuid::parse_str(&value).map_err(|_| {
                     QueueError::Protocol(format!("idempotency key holds `{value}`"))
                 })?;
-                Ok((p, Enqueued::Duplicate { job_id }))
+                Ok((
+                    p,
+                    if code == 0 {
+                        Enqueued::Duplicate { job_id }
+                    } else {
+                        Enqueued::Conflict { job_id }
+                    },
+                ))
             }
             _ => {
                 let ms: u64 = value
@@ -866,6 +918,43 @@ mod tests {
             info_field("# Persistence\r\naof_enabled:1\r\n", "aof_enabled").as_deref(),
             Some("1")
         );
+    }
+
+    #[test]
+    fn the_fingerprint_is_of_the_parsed_alert_not_the_body() {
+        let parse = |v: serde_json::Value| {
+            crate::domain::parse_alert(v.as_object().unwrap(), None).unwrap()
+        };
+        let user = "0195f3d0-0000-7000-8000-000000000001";
+        let a = parse(
+            serde_json::json!({"user_id": user, "exchange": "paper", "action": "buy",
+            "symbol": "BINANCE:ETHUSDT", "position_size_usd": 100, "alert_id": "a1"}),
+        );
+        // Aliases, case, prefix, a numeric string with trailing zeros, unknown fields, key order.
+        let same = parse(
+            serde_json::json!({"alert_id": "a1", "position_size_usd": "100.00",
+            "symbol": "ethusdt", "action": "LONG", "exchange": "Paper", "user_id": user,
+            "comment": "ignored"}),
+        );
+        assert_eq!(alert_fingerprint(&a), alert_fingerprint(&same));
+        assert_eq!(alert_fingerprint(&a).len(), 64);
+        for other in [
+            serde_json::json!({"action": "sell"}),
+            serde_json::json!({"position_size_usd": 101}),
+            serde_json::json!({"symbol": "BTCUSDT"}),
+            serde_json::json!({"stop_loss_percent": 2}),
+        ] {
+            let mut v = serde_json::json!({"user_id": user, "exchange": "paper", "action": "buy",
+                "symbol": "ETHUSDT", "position_size_usd": 100, "alert_id": "a1"});
+            for (k, x) in other.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            assert_ne!(
+                alert_fingerprint(&a),
+                alert_fingerprint(&parse(v.clone())),
+                "{v}"
+            );
+        }
     }
 
     #[test]

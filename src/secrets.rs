@@ -51,6 +51,15 @@ impl fmt::Debug for SecretString {
     }
 }
 
+/// For command-line arguments (`--api-secret`): parsing never fails, and the parsed argument prints
+/// `[redacted]` wherever the CLI's arguments are debug-printed.
+impl std::str::FromStr for SecretString {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretString::new(s))
+    }
+}
+
 impl fmt::Display for SecretString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")

@@ -172,6 +172,19 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// Another pool of at most `max_connections` to the same database, connecting on first use.
+    /// The ingress's secret look-ups run on one, so however they are loaded they can never take a
+    /// connection from anything else.
+    pub fn sibling(&self, max_connections: u32, acquire_timeout: Duration) -> Store {
+        let opts = (*self.pool.connect_options()).clone();
+        Store {
+            pool: PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(acquire_timeout)
+                .connect_lazy_with(opts),
+        }
+    }
+
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
@@ -275,6 +288,21 @@ impl Store {
         )
         .bind(secret_hash)
         .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// The owners of those of `secret_hashes` that are valid (not revoked) webhook secrets, in one
+    /// query (the ingress batches its uncached look-ups through this).
+    pub async fn secret_owners(
+        &self,
+        secret_hashes: &[String],
+    ) -> Result<Vec<(String, Uuid)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT secret_hash, user_id FROM webhook_secrets
+             WHERE secret_hash = ANY($1) AND revoked_at IS NULL",
+        )
+        .bind(secret_hashes)
+        .fetch_all(&self.pool)
         .await?)
     }
 

@@ -38,7 +38,7 @@ pub struct LatencyResult {
     pub cpu: CpuUse,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -48,7 +48,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Webhook `i` of the run: user `i % users`, opening its own symbol `{prefix}{i / users}`, so every
 /// job places exactly one order (like the pipeline part).
-fn bodies(users: &[User], count: usize, prefix: &str) -> Vec<String> {
+pub fn bodies(users: &[User], count: usize, prefix: &str) -> Vec<String> {
     (0..count)
         .map(|i| {
             let u = &users[i % users.len()];
@@ -61,7 +61,11 @@ fn bodies(users: &[User], count: usize, prefix: &str) -> Vec<String> {
 
 /// Send `bodies` at `rate`/s; returns (status, seconds) per request and the time it took to send
 /// them.
-async fn send(url: &str, bodies: Vec<String>, rate: u64) -> anyhow::Result<(Vec<(u16, f64)>, f64)> {
+pub async fn send(
+    url: &str,
+    bodies: Vec<String>,
+    rate: u64,
+) -> anyhow::Result<(Vec<(u16, f64)>, f64)> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .timeout(Duration::from_secs(10))

@@ -7,7 +7,9 @@
 //! 2. pipeline: a backlog of jobs through a real `sparky-worker` to the paper exchange vs the same
 //!    Postgres writes issued directly at the same concurrency;
 //! 3. latency: accept-to-order at a steady 1000 webhooks/s;
-//! 4. scaling: trades/s of 1, 2 and 4 worker processes with a 50 ms exchange.
+//! 4. scaling: trades/s of 1, 2 and 4 worker processes with a 50 ms exchange;
+//! 5. flood: random webhook secrets from a shared source that a fresh ingress absorbs while 1000
+//!    uncached known users all still get 202 (issue 16).
 //!
 //! Every part has its own Postgres database and Redis namespace and removes them afterwards. All
 //! traffic stays on 127.0.0.1. `scripts/bench` builds the release binaries and runs this; the table
@@ -20,6 +22,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod cpu;
+mod flood;
 mod ingress;
 mod latency;
 mod pipeline;
@@ -39,6 +42,7 @@ enum Part {
     Pipeline,
     Latency,
     Scaling,
+    Flood,
 }
 
 #[derive(Parser, Debug)]
@@ -52,7 +56,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ingress,pipeline,latency,scaling"
+        default_value = "ingress,pipeline,latency,scaling,flood"
     )]
     only: Vec<Part>,
     /// Report file; `-` prints only.
@@ -86,6 +90,9 @@ pub struct Args {
     /// Scaling: measured window per worker count, seconds.
     #[arg(long, default_value_t = 10)]
     scaling_window: u64,
+    /// Flood: known users' alerts per second during the random-secret flood (1000 in all).
+    #[arg(long, default_value_t = 100)]
+    flood_known_rate: u64,
     /// Profile the ingress and the worker with `perf` during their runs (a few percent of a core).
     #[arg(long)]
     perf: bool,
@@ -170,6 +177,17 @@ async fn run_parts(ctx: &setup::Ctx, args: &Args, rep: &mut report::Report) -> a
             eprintln!("    {} worker(s): {:.0} trades/s", run.workers, run.rate);
         }
         rep.scaling = Some(r);
+    }
+    if args.only.contains(&Part::Flood) {
+        step("random-secret flood from a shared source");
+        let r = flood::run(ctx, args.flood_known_rate).await?;
+        eprintln!(
+            "    flood {:.0}/s absorbed; known users {}/{} accepted",
+            r.flood_rate,
+            r.known_accepted,
+            flood::KNOWN_USERS
+        );
+        rep.flood = Some(r);
     }
     Ok(())
 }

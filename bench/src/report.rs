@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::flood::{FloodResult, KNOWN_USERS};
 use crate::ingress::{IngressResult, SLICES, WRK_CONNECTIONS, WRK_THREADS};
 use crate::latency::LatencyResult;
 use crate::pipeline::PipelineResult;
@@ -33,6 +34,7 @@ pub struct Report {
     /// The same at a rate the machine can sustain (not a target; it explains the 1000/s number).
     pub latency_low: Option<LatencyResult>,
     pub scaling: Option<ScalingResult>,
+    pub flood: Option<FloodResult>,
 }
 
 /// `/proc/loadavg`'s 1, 5 and 15 minute averages.
@@ -167,6 +169,7 @@ impl Report {
             latency: None,
             latency_low: None,
             scaling: None,
+            flood: None,
         }
     }
 
@@ -234,6 +237,14 @@ impl Report {
                     run.workers, run.rate,
                 );
             }
+        }
+        if let Some(r) = &self.flood {
+            let _ = writeln!(
+                t,
+                "| 5. random-secret flood from a shared address ({WRK_CONNECTIONS} connections), fresh ingress, {KNOWN_USERS} uncached known users at {}/s | {:.0} bad-secret requests/s absorbed; known users {}/{KNOWN_USERS} answered 202, p99 {:.1} ms | | | every known user 202 | {} |",
+                r.known_rate, r.flood_rate, r.known_accepted, r.known_p99_ms,
+                yes(r.known_accepted == KNOWN_USERS)
+            );
         }
         t
     }
@@ -311,6 +322,23 @@ impl Report {
                     run.cpu
                 );
             }
+        }
+        if let Some(r) = &self.flood {
+            let _ = writeln!(
+                d,
+                "- **Flood** (issue 16): a freshly started `sparky-ingress` with `SPARKY_SHARED_SOURCES=127.0.0.1` (the bench is \
+                 TradingView: the flood and the known users come from the same address) and the default look-up bounds \
+                 (2 queries at once, 4096 waiting, 2 s wait). wrk, {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, {} s, every \
+                 request a new random secret, every other one claiming a known user's id (so their pairs get blocked too): \
+                 {} requests, answered 401: {}, 429: {}, 503: {}, other: {}; {} socket errors. From 1 s in, the {KNOWN_USERS} known \
+                 users (none cached) sent one alert each, open loop at {}/s: {} answered 202{}; answer time p50 {:.1} ms, \
+                 p99 {:.1} ms, max {:.1} ms.",
+                r.secs, r.flood_requests, r.flood_answers[0], r.flood_answers[1], r.flood_answers[2], r.flood_answers[3],
+                r.flood_socket_errors, r.known_rate, r.known_accepted,
+                if r.known_refused.is_empty() { String::new() } else { format!(", refused {:?}", r.known_refused) },
+                r.known_p50_ms, r.known_p99_ms, r.known_max_ms
+            );
+            let _ = writeln!(d, "  CPU while the known users sent ({}).", r.cpu);
         }
         let profiles: Vec<String> = [
             (

@@ -350,22 +350,32 @@ pub fn worker_env(
 /// Start the real ingress binary on 127.0.0.1:`port` (it binds every address; the bench only sends
 /// to 127.0.0.1) and wait until it answers `/healthz`.
 pub async fn spawn_ingress(ctx: &Ctx, scope: &Scope, port: u16) -> anyhow::Result<Proc> {
-    let mut p = spawn(
-        ctx,
-        "sparky-ingress",
-        &[
-            ("DATABASE_URL", scope.db_url.clone()),
-            ("REDIS_URL", ctx.redis_url.clone()),
-            ("SPARKY_NAMESPACE", scope.ns.clone()),
-            ("SPARKY_PARTITIONS", PARTITIONS.to_string()),
-            ("PORT", port.to_string()),
-            // The bench sends far more than 10/s per user: the per-user limit is off.
-            ("SPARKY_RATE_LIMIT_PER_SEC", "0".into()),
-            ("SPARKY_SECRET_CACHE_TTL_SECS", "60".into()),
-            ("LOG_LEVEL", "info,sqlx=warn".into()),
-            ("LOG_FORMAT", "json".into()),
-        ],
-    )?;
+    spawn_ingress_with(ctx, scope, port, &[]).await
+}
+
+/// [`spawn_ingress`] with more environment (later entries win).
+pub async fn spawn_ingress_with(
+    ctx: &Ctx,
+    scope: &Scope,
+    port: u16,
+    extra: &[(&str, String)],
+) -> anyhow::Result<Proc> {
+    let env: Vec<(&str, String)> = [
+        ("DATABASE_URL", scope.db_url.clone()),
+        ("REDIS_URL", ctx.redis_url.clone()),
+        ("SPARKY_NAMESPACE", scope.ns.clone()),
+        ("SPARKY_PARTITIONS", PARTITIONS.to_string()),
+        ("PORT", port.to_string()),
+        // The bench sends far more than 10/s per user: the per-user limit is off.
+        ("SPARKY_RATE_LIMIT_PER_SEC", "0".into()),
+        ("SPARKY_SECRET_CACHE_TTL_SECS", "60".into()),
+        ("LOG_LEVEL", "info,sqlx=warn".into()),
+        ("LOG_FORMAT", "json".into()),
+    ]
+    .into_iter()
+    .chain(extra.iter().cloned())
+    .collect();
+    let mut p = spawn(ctx, "sparky-ingress", &env)?;
     let url = format!("http://127.0.0.1:{port}/healthz");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);

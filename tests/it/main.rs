@@ -1,6 +1,7 @@
 //! Integration tests on real Redis and Postgres (one test binary; each test isolated by its own
 //! database and Redis namespace).
 
+mod auth;
 mod chaos;
 mod credentials;
 mod exchanges;
