@@ -35,28 +35,23 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Postgres could not be reached or asked (connection, pool, shutdown, TLS, protocol; SQLSTATE
-    /// classes 08 and 57P): worth waiting out, the job's data is not the problem.
-    pub fn is_unavailable(&self) -> bool {
+    /// Postgres refused the job's *data*: SQLSTATE classes 22 (data exception: a value it cannot
+    /// store) and 23 (integrity constraint), or a value that does not decode. Trying again cannot
+    /// help, so the job ends after `SPARKY_MAX_DELIVERIES` tries. Everything else (connections, the
+    /// pool, a read-only server during a failover, timeouts, serialization failures, disk full, ...)
+    /// is the database's state, not the job's: worth waiting out, however long it takes.
+    pub fn is_data_error(&self) -> bool {
         match self {
-            StoreError::Db(
-                sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::Protocol(_)
-                | sqlx::Error::WorkerCrashed,
-            ) => true,
             StoreError::Db(sqlx::Error::Database(d)) => d
                 .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            StoreError::Db(
+                sqlx::Error::ColumnDecode { .. }
+                | sqlx::Error::Decode(_)
+                | sqlx::Error::TypeNotFound { .. },
+            ) => true,
             _ => false,
         }
-    }
-
-    /// A unique constraint refused the write (SQLSTATE 23505).
-    pub fn is_unique_violation(&self) -> bool {
-        matches!(self, StoreError::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505"))
     }
 }
 
@@ -489,6 +484,23 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// End a job that cannot run to its commit (its alert breaks a bound, or the worker failed
+    /// around it) in a failed state, if it has a row that is not final yet. `false` when no such
+    /// row exists (it was never begun, or it already finished).
+    pub async fn mark_failed(&self, job_id: Uuid, outcome: &Outcome) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET status = $2, error_class = $3, error = $4, finished_at = now(), updated_at = now()
+             WHERE job_id = $1 AND status IN ('queued', 'executing')",
+        )
+        .bind(job_id)
+        .bind(outcome.status)
+        .bind(outcome.error_class)
+        .bind(outcome.message.as_deref().map(pg_text))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     pub async fn get_job(&self, job_id: Uuid) -> Result<Option<JobRow>, StoreError> {

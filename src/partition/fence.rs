@@ -73,15 +73,25 @@ impl Fence {
         )
     }
 
-    /// The lease was renewed: valid until `until`.
-    pub fn extend(&self, until: Instant) {
+    /// The lease was renewed: valid until `until`. A fence that is already void stays void (its
+    /// jobs may have stopped and left entries behind, which only a new ownership's history pass
+    /// reads again): `false` then, and the caller must treat the partition as lost.
+    pub fn extend(&self, until: Instant) -> bool {
+        let now = Instant::now();
+        let mut alive = false;
         self.window.send_if_modified(|w| match w {
-            Window::Until(t) if *t < until => {
-                *w = Window::Until(until);
-                true
+            Window::Until(t) if now < *t => {
+                alive = true;
+                if *t < until {
+                    *w = Window::Until(until);
+                    true
+                } else {
+                    false
+                }
             }
             _ => false,
         });
+        alive
     }
 
     /// The lease is (or may be) someone else's: stop everything at once, for good.
@@ -188,13 +198,16 @@ mod tests {
         tokio::time::advance(Duration::from_secs(7)).await;
         let waited = tokio::time::timeout(Duration::from_millis(500), f.permit()).await;
         assert!(waited.is_err(), "still waiting after 500 ms: {waited:?}");
-        f.extend(Instant::now() + Duration::from_secs(10));
+        assert!(f.extend(Instant::now() + Duration::from_secs(10)));
         assert_eq!(f.permit().await, Ok(()));
 
-        // No renewal: refused once the validity ends, and void from then on.
+        // No renewal: refused once the validity ends, and void for good: a renewal that arrives
+        // late does not bring it back.
         tokio::time::advance(Duration::from_secs(7)).await;
         assert_eq!(f.permit().await, Err(Void));
         assert!(f.is_void() && !f.may_start());
+        assert!(!f.extend(Instant::now() + Duration::from_secs(10)));
+        assert!(f.is_void());
     }
 
     #[tokio::test]
@@ -206,7 +219,7 @@ mod tests {
         assert_eq!(f.scope(request_permit()).await, Ok(()));
         assert_eq!(request_permit().await, Ok(()), "outside a fence: allowed");
         f.revoke();
-        f.extend(Instant::now() + Duration::from_secs(600));
+        assert!(!f.extend(Instant::now() + Duration::from_secs(600)));
         assert_eq!(f.scope(request_permit()).await, Err(Void));
         f.voided().await;
     }

@@ -7,7 +7,6 @@
 //!   Recovering --history empty, final claim found nothing unseen--> Live
 //!   Recovering --history empty, final claim found unseen entries--> Recovering{"0"}
 //!   Live --a read failed (its reply may be lost)--> Recovering{last dispatched}
-//!   Live|Recovering --a lane dropped entries (panic)--> Recovering{"0"}
 //!   any owned --reassigned--> HandingOver --a read completed and nothing held--> release --> Free
 //!   any owned --renewal refused, or validity over--> revoke the fence --> Free (lost)
 //! ```
@@ -15,7 +14,8 @@
 //! Two tasks drive it: the *keeper* ([`Table::keep`]: heartbeat, renew, acquire, hand over, expire,
 //! on its own timer so a slow read never delays a renewal) and the worker's read loop
 //! ([`Table::to_read`], [`Table::dispatch`], ...). Lanes report each entry they finish or drop
-//! ([`Table::finish`]).
+//! ([`Table::finish`]). A fence that went void is never extended again: the partition is lost, and
+//! only a new ownership (after its held entries drained) reads its pending entries again.
 //!
 //! **Held entries.** Every entry read and not yet finished or dropped is *held*. A history read
 //! (`XREADGROUP` with an id) returns this consumer's whole pending list, including entries that are
@@ -273,17 +273,6 @@ impl Table {
         self.lock().slots[partition as usize].held.remove(id);
     }
 
-    /// A lane dropped entries of `partition` that it had queued (they stay pending): re-read the
-    /// pending entries, in stream order, before anything new.
-    pub fn rewind(&self, partition: u32, fence: &Fence) {
-        let mut inner = self.lock();
-        if let Some(o) = inner.slots[partition as usize].own.as_mut() {
-            if o.fence.same(fence) && !matches!(o.phase, Phase::HandingOver { .. }) {
-                o.phase = Phase::Recovering { cursor: "0".into() };
-            }
-        }
-    }
-
     /// Every owned partition reads new entries, and the worker owns its whole share.
     pub fn settled(&self) -> bool {
         let inner = self.lock();
@@ -404,8 +393,16 @@ impl Table {
             let Some(o) = slot.own.as_mut() else { continue };
             match r {
                 Ok(true) => {
-                    o.renewed_at = sent;
-                    o.fence.extend(sent + self.validity);
+                    if o.fence.extend(sent + self.validity) {
+                        o.renewed_at = sent;
+                    } else {
+                        // Renewed in Redis, but too late: jobs may have stopped meanwhile.
+                        lose(
+                            slot,
+                            p,
+                            "the lease validity ran out before the renewal came back",
+                        );
+                    }
                 }
                 Ok(false) => lose(slot, p, "the lease is another worker's now"),
                 Err(e) => tracing::warn!(partition = p, error = %e, "lease renewal failed"),
@@ -511,7 +508,9 @@ impl Table {
         }
     }
 
-    /// Shutdown, step 2 (after the lanes drained): release every lease and leave the member set.
+    /// Shutdown, step 2 (after the lanes drained): release the leases and leave the member set.
+    /// A partition with a job still running (the drain timed out) is not released: its lease
+    /// expires by itself, so no new owner can start while a broker request may be in flight.
     pub async fn release_all(&self) {
         let owned: Vec<u32> = {
             let mut inner = self.lock();
@@ -519,7 +518,14 @@ impl Table {
             for (p, slot) in inner.slots.iter_mut().enumerate() {
                 if let Some(o) = slot.own.take() {
                     o.fence.revoke();
-                    owned.push(p as u32);
+                    if slot.held.is_empty() {
+                        owned.push(p as u32);
+                    } else {
+                        tracing::warn!(
+                            partition = p,
+                            "jobs still running: leaving the lease to expire"
+                        );
+                    }
                 }
             }
             owned

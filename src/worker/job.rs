@@ -53,6 +53,22 @@ pub struct JobRunner {
     metrics: Metrics,
 }
 
+/// How the *commit* step ended.
+enum Committed {
+    /// This outcome (or the `dead` one that replaced a refused outcome) is the job's record.
+    Recorded(Outcome),
+    /// Another delivery of the job started after this one: nothing recorded, nothing acked.
+    Superseded,
+    Shutdown,
+}
+
+/// Why one commit attempt did not record.
+enum Commit {
+    Refused(StoreError),
+    Superseded,
+    Shutdown,
+}
+
 /// How the *begin* step ended.
 enum Began {
     Run {
@@ -138,26 +154,41 @@ impl JobRunner {
             );
             return self.finish_unrecorded(entry, job, &outcome).await;
         }
-        let attempt = match self.begin(entry, job).await {
-            Began::Run { attempt } => attempt,
-            Began::AlreadyFinished(status) => {
-                return self.finished_before(entry, job, status).await
+
+        let (recorded, attempt) = loop {
+            let attempt = match self.begin(entry, job).await {
+                Began::Run { attempt } => attempt,
+                Began::AlreadyFinished(status) => {
+                    return self.finished_before(entry, job, status).await
+                }
+                Began::Unstorable(e) => {
+                    let outcome = Outcome::failed(
+                        JobStatus::Dead,
+                        FailureClass::Database,
+                        format!("Postgres refused to record the job: {e}"),
+                    );
+                    return self.finish_unrecorded(entry, job, &outcome).await;
+                }
+                Began::Shutdown => return,
+            };
+            // The begin may have waited (Postgres slow or down) past this ownership's validity;
+            // another worker may own the job now.
+            if fence.is_void() {
+                return;
             }
-            Began::Unstorable(e) => {
-                let outcome = Outcome::failed(
-                    JobStatus::Dead,
-                    FailureClass::Database,
-                    format!("Postgres refused to record the job: {e}"),
-                );
-                return self.finish_unrecorded(entry, job, &outcome).await;
+            let Some(outcome) = self.execute(entry, job, attempt, fence).await else {
+                return; // shutting down, or the partition was lost: the entry stays pending
+            };
+            match self.commit(job, outcome, attempt).await {
+                Committed::Recorded(o) => break (o, attempt),
+                Committed::Superseded if !fence.is_void() => {
+                    // A previous owner's late begin overtook this delivery while this worker still
+                    // owns the partition: the job is this worker's to finish. Run it again (in
+                    // recovery mode: the attempt grew), so its entry is not left behind.
+                    tracing::warn!("a stale delivery started this job meanwhile; running it again");
+                }
+                Committed::Superseded | Committed::Shutdown => return,
             }
-            Began::Shutdown => return,
-        };
-        let Some(outcome) = self.execute(entry, job, attempt, fence).await else {
-            return; // shutting down, or the partition was lost: the entry stays pending
-        };
-        let Some(recorded) = self.commit(job, outcome, attempt).await else {
-            return;
         };
         if recorded.status.is_failure() && !self.dead_letter(job, entry, &recorded).await {
             return;
@@ -173,7 +204,7 @@ impl JobRunner {
         let r = retry(
             "recording the job start",
             &self.shutdown,
-            |e: &StoreError, tries| !e.is_unavailable() && tries >= max,
+            |e: &StoreError, tries| e.is_data_error() && tries >= max,
             || self.store.begin_job(job, entry.partition, &entry.id),
         )
         .await;
@@ -196,7 +227,11 @@ impl JobRunner {
                 self.store.get_job(job.job_id)
             })
             .await;
-            let Some(Some(row)) = row else { return };
+            let Some(row) = row else { return }; // shutting down
+            let Some(row) = row else {
+                // The row was deleted (an operator's clean-up): nothing to write, just ack.
+                return self.ack(entry).await;
+            };
             let outcome = Outcome {
                 error_class: row.error_class,
                 ..Outcome::new(status, row.error.unwrap_or_default())
@@ -300,7 +335,7 @@ impl JobRunner {
             "loading credentials",
             &self.shutdown,
             |e: &CredentialError, tries| match e {
-                CredentialError::Store(s) => !s.is_unavailable() && tries >= max,
+                CredentialError::Store(s) => s.is_data_error() && tries >= max,
                 CredentialError::Unusable { .. } => true,
             },
             || self.credentials.load(a.user_id, exchange, a.environment),
@@ -346,76 +381,62 @@ impl JobRunner {
 
     // ---- commit ----
 
-    /// Commit `outcome`; returns what was recorded, or `None` if shutting down before it could be
-    /// or another delivery of the job started meanwhile (then nothing is recorded, nothing acked).
-    /// An outcome Postgres refuses (`SPARKY_MAX_DELIVERIES` times) is replaced by a `dead`
-    /// (`database`) one without trades; if even that is refused, the job is dead-lettered and acked
-    /// unrecorded rather than block the user's lane.
-    async fn commit(&self, job: &Job, outcome: Outcome, attempt: i32) -> Option<Outcome> {
-        match self.try_commit(job, &outcome, attempt).await? {
-            Ok(()) => Some(outcome),
-            Err(e) => {
-                let dead = Outcome {
-                    fills: vec![],
-                    position: PositionChange::Unchanged,
-                    ..Outcome::failed(
-                        JobStatus::Dead,
-                        FailureClass::Database,
-                        format!(
-                            "could not record the outcome ({e}); it was {}: {}",
-                            outcome.status,
-                            outcome.message.as_deref().unwrap_or("")
-                        ),
-                    )
-                };
-                match self.try_commit(job, &dead, attempt).await? {
-                    Ok(()) => Some(dead),
-                    Err(e) => {
-                        tracing::error!(error = %e, "Postgres refused even the dead outcome; dead-lettering the job unrecorded");
-                        Some(dead)
-                    }
-                }
+    /// Commit `outcome`. An outcome Postgres refuses (a data error, `SPARKY_MAX_DELIVERIES`
+    /// times) is replaced by a `dead` (`database`) one without trades; if even that is refused, the
+    /// job is dead-lettered and acked unrecorded rather than block the user's lane.
+    async fn commit(&self, job: &Job, outcome: Outcome, attempt: i32) -> Committed {
+        let e = match self.try_commit(job, &outcome, attempt).await {
+            Ok(()) => return Committed::Recorded(outcome),
+            Err(Commit::Refused(e)) => e,
+            Err(Commit::Superseded) => return Committed::Superseded,
+            Err(Commit::Shutdown) => return Committed::Shutdown,
+        };
+        let dead = Outcome {
+            fills: vec![],
+            position: PositionChange::Unchanged,
+            ..Outcome::failed(
+                JobStatus::Dead,
+                FailureClass::Database,
+                format!(
+                    "could not record the outcome ({e}); it was {}: {}",
+                    outcome.status,
+                    outcome.message.as_deref().unwrap_or("")
+                ),
+            )
+        };
+        match self.try_commit(job, &dead, attempt).await {
+            Ok(()) => Committed::Recorded(dead),
+            Err(Commit::Refused(e)) => {
+                tracing::error!(error = %e, "Postgres refused even the dead outcome; dead-lettering the job unrecorded");
+                Committed::Recorded(dead)
             }
+            Err(Commit::Superseded) => Committed::Superseded,
+            Err(Commit::Shutdown) => Committed::Shutdown,
         }
     }
 
-    /// `Some(Ok)` recorded (or already recorded by another delivery), `Some(Err)` refused by
-    /// Postgres, `None` superseded or shutting down.
-    async fn try_commit(
-        &self,
-        job: &Job,
-        outcome: &Outcome,
-        attempt: i32,
-    ) -> Option<Result<(), StoreError>> {
+    async fn try_commit(&self, job: &Job, outcome: &Outcome, attempt: i32) -> Result<(), Commit> {
         let max = self.max_deliveries;
         let r = retry(
             "recording the job outcome",
             &self.shutdown,
             |e: &StoreError, tries| {
-                matches!(e, StoreError::Superseded(_))
-                    || e.is_unique_violation()
-                    || (!e.is_unavailable() && tries >= max)
+                matches!(e, StoreError::Superseded(_)) || (e.is_data_error() && tries >= max)
             },
             || self.store.finish_job(job, outcome, attempt),
         )
         .await;
         match r {
-            Retried::Ok(()) => Some(Ok(())),
-            Retried::Shutdown => None,
+            Retried::Ok(()) => Ok(()),
+            Retried::Shutdown => Err(Commit::Shutdown),
             Retried::GaveUp {
                 error: e @ StoreError::Superseded(_),
                 ..
             } => {
-                // Another worker owns the job now; its entry is its to ack.
                 tracing::warn!(error = %e, "not recording a superseded delivery");
-                None
+                Err(Commit::Superseded)
             }
-            Retried::GaveUp { error, .. } if error.is_unique_violation() => {
-                // Another delivery of this job already recorded its trades.
-                tracing::error!(%error, "job outcome was already recorded by another delivery; not recording it twice");
-                Some(Ok(()))
-            }
-            Retried::GaveUp { error, .. } => Some(Err(error)),
+            Retried::GaveUp { error, .. } => Err(Commit::Refused(error)),
         }
     }
 
@@ -426,12 +447,40 @@ impl JobRunner {
     async fn finish_unrecorded(&self, entry: &Entry, job: &Job, outcome: &Outcome) {
         tracing::error!(
             detail = outcome.message.as_deref().unwrap_or(""),
-            "job cannot be recorded; dead-lettering it"
+            "job cannot run to its commit; dead-lettering it"
         );
+        // A row that exists (a replay, or a delivery begun before) says so too.
+        let max = self.max_deliveries;
+        let marked = retry(
+            "recording the failed job",
+            &self.shutdown,
+            |e: &StoreError, tries| e.is_data_error() && tries >= max,
+            || self.store.mark_failed(job.job_id, outcome),
+        )
+        .await;
+        if matches!(marked, Retried::Shutdown) {
+            return;
+        }
         if self.dead_letter(job, entry, outcome).await {
             self.ack(entry).await;
             self.report(job, outcome, 0);
         }
+    }
+
+    /// The last resort after a panic outside a job's execution (in its begin, commit, dead-letter
+    /// or ack): end the job `dead` (`internal`) where it stands and ack it, so the lane goes on in
+    /// order. Orders it may have placed are looked up if it is replayed.
+    pub(super) async fn after_panic(&self, entry: &Entry, panic: &str) {
+        let job = match &entry.job {
+            Ok(job) => job,
+            Err(reason) => return self.unreadable(entry, reason).await,
+        };
+        let outcome = Outcome::failed(
+            JobStatus::Dead,
+            FailureClass::Internal,
+            format!("internal error around the job ({panic}); a replay looks up any order it placed before sending anything"),
+        );
+        self.finish_unrecorded(entry, job, &outcome).await
     }
 
     async fn unreadable(&self, entry: &Entry, reason: &str) {

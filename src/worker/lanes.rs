@@ -6,8 +6,8 @@
 //! An entry starts only while its partition's [`Fence`] allows (the ownership that read it is
 //! still valid and not handed over); otherwise it is dropped and stays pending for the partition's
 //! next owner. A panic that escapes a job (the job itself turns an execution panic into `dead`, see
-//! `job`) is caught here: the lane drops the user's queued entries, the partition re-reads its
-//! pending entries in stream order, and the lane, the partition and the process go on.
+//! `job`) is caught here: the job is ended `dead` (`internal`) where it stands and acked, and the
+//! lane, the partition and the process go on, in order.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -93,11 +93,13 @@ impl Lane {
         while let Some((entry, fence)) = self.next() {
             let (partition, id) = (entry.partition, entry.id.clone());
             if fence.may_start() {
-                if let Ok(_permit) = self.permits.acquire().await {
-                    // Waiting for the permit may have taken a while: ask again.
-                    if fence.may_start() {
-                        self.run(entry, &fence).await;
-                    }
+                let permit = tokio::select! {
+                    p = self.permits.acquire() => p.ok(),
+                    _ = fence.voided() => None,
+                };
+                // Waiting for the permit may have taken a while: ask again.
+                if permit.is_some() && fence.may_start() {
+                    self.run(entry, &fence).await;
                 }
             }
             self.table.finish(partition, &id);
@@ -118,29 +120,15 @@ impl Lane {
 
     async fn run(&self, entry: Entry, fence: &Fence) {
         let (partition, id) = (entry.partition, entry.id.clone());
-        let job = AssertUnwindSafe(self.runner.process(entry, fence.clone()));
-        if let Err(panic) = job.catch_unwind().await {
-            tracing::error!(
-                partition,
-                entry_id = %id,
-                panic = %panic_message(&*panic),
-                "a job panicked outside its execution; its entry stays pending and the partition re-reads it"
-            );
-            // Not held any more before the rewind, so the history pass reads them all again.
-            self.drop_queued();
-            self.table.finish(partition, &id);
-            self.table.rewind(partition, fence);
-        }
-    }
-
-    /// Drop this user's queued entries (they stay pending and are read again, in order).
-    fn drop_queued(&self) {
-        let dropped: Vec<Queued> = lock(&self.queues)
-            .get_mut(&self.user)
-            .map(|lane| lane.drain(..).collect())
-            .unwrap_or_default();
-        for (e, _) in dropped {
-            self.table.finish(e.partition, &e.id);
+        let job = AssertUnwindSafe(self.runner.process(entry.clone(), fence.clone()));
+        let Err(panic) = job.catch_unwind().await else {
+            return;
+        };
+        let panic = panic_message(&*panic);
+        tracing::error!(partition, entry_id = %id, %panic, "a job panicked outside its execution; ending it dead where it stands");
+        let last_resort = AssertUnwindSafe(self.runner.after_panic(&entry, &panic));
+        if let Err(again) = last_resort.catch_unwind().await {
+            tracing::error!(partition, entry_id = %id, panic = %panic_message(&*again), "ending the job panicked too; its entry stays pending");
         }
     }
 }

@@ -86,8 +86,16 @@ impl<'a> ReadLoop<'a> {
             let got = entries.len();
             let last_ids = last_ids(&entries);
             self.dispatch(&specs, entries);
-            self.advance_history(&specs, &last_ids).await;
+            let claim_failed = !self.advance_history(&specs, &last_ids).await;
             w.table.read_done();
+            if claim_failed {
+                // A history read does not block: without a pause a failing claim would spin.
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {},
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            }
             if self.mode == RunMode::UntilIdle
                 && reads_only_new
                 && got == 0
@@ -112,8 +120,10 @@ impl<'a> ReadLoop<'a> {
     }
 
     /// Move history cursors on; a history pass that returned nothing ends with one more claim.
-    async fn advance_history(&self, specs: &[ReadSpec], last_ids: &HashMap<u32, String>) {
+    /// `false` when a claim failed (the pass is tried again).
+    async fn advance_history(&self, specs: &[ReadSpec], last_ids: &HashMap<u32, String>) -> bool {
         let w = self.worker;
+        let mut ok = true;
         for spec in specs.iter().filter(|s| s.is_history()) {
             let last = last_ids.get(&spec.partition).map(String::as_str);
             if !w.table.history_read(spec, last) {
@@ -122,10 +132,12 @@ impl<'a> ReadLoop<'a> {
             match w.queue.claim_all_pending(spec.partition, &w.consumer).await {
                 Ok(claimed) => w.table.history_claimed(spec, &claimed),
                 Err(e) => {
-                    tracing::warn!(partition = spec.partition, error = %e, "claiming pending entries failed; retrying")
+                    tracing::warn!(partition = spec.partition, error = %e, "claiming pending entries failed; retrying");
+                    ok = false;
                 }
             }
         }
+        ok
     }
 
     async fn trim(&self) {

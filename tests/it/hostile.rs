@@ -154,6 +154,9 @@ async fn hostile_entries_that_reach_a_worker_end_final_and_the_user_goes_on() {
     for (_, job) in &hostile {
         app.queue.enqueue(job).await.unwrap();
     }
+    // One of them was begun by an earlier delivery (its row exists): the row says how it ended.
+    let (_, begun) = &hostile[2];
+    app.store.begin_job(begun, 0, "0-1").await.unwrap();
     let next = job_with(user, &secret, |_| {});
     app.queue.enqueue(&next).await.unwrap();
 
@@ -170,6 +173,12 @@ async fn hostile_entries_that_reach_a_worker_end_final_and_the_user_goes_on() {
         assert_eq!(rec["error_class"], "invalid", "{field}");
         assert!(rec["error"].contains(field), "{field}: {}", rec["error"]);
     }
+    let row = app.job(begun.job_id).await;
+    assert_eq!(
+        (row.status, row.error_class),
+        (JobStatus::Dead, Some(FailureClass::Invalid)),
+        "{row:?}"
+    );
     all_acked(&app).await;
     app.cleanup().await;
 }

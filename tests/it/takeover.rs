@@ -317,3 +317,43 @@ async fn a_started_job_redelivered_late_finishes_in_recovery_instead_of_going_st
     assert_eq!(trades.len(), 1, "the order that exists is recorded");
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_overtaken_by_a_stale_delivery_runs_the_job_again_instead_of_leaving_it() {
+    let app = TestApp::spawn_with(|c| c.partitions = 1).await;
+    let (user, secret) = app.paper_user().await;
+    let scripted = Scripted::new();
+    let gate = scripted.gate("ETHUSDT");
+    let id = app.enqueue(&alert(user, &secret, "buy")).await;
+    let next = app.enqueue(&alert(user, &secret, "close")).await;
+    let (_worker, shutdown, run) = start_scripted_worker(&app, &scripted);
+    tokio::time::timeout(Duration::from_secs(60), gate.entered.notified())
+        .await
+        .expect("the order reached the broker");
+
+    // A previous owner's begin, delayed until now, lands: this delivery's commit is superseded
+    // although this worker still owns the partition.
+    let (job, _) = app.store.job_envelope(id).await.unwrap().unwrap();
+    let stale = app.store.begin_job(&job, 0, "0-0").await.unwrap();
+    assert_eq!(stale, sparky::store::Begin::Execute { attempt: 2 });
+    gate.release(100);
+
+    until("the job was run again and recorded", || async {
+        status(&app, next).await == Some(JobStatus::Succeeded)
+    })
+    .await;
+    let row = app.job(id).await;
+    assert_eq!(row.status, JobStatus::Succeeded, "{row:?}");
+    assert_eq!(row.attempts, 3, "run again, in recovery mode");
+    let opens = scripted
+        .orders_of("ETHUSDT")
+        .iter()
+        .filter(|o| o.client_order_id.ends_with('o'))
+        .count();
+    assert_eq!(opens, 1, "the order was found, not placed again");
+    assert_eq!(app.trades(user).await.len(), 2, "the open and the close");
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(app.queue.pending_count(0).await.unwrap(), 0);
+    app.cleanup().await;
+}
