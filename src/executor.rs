@@ -313,15 +313,11 @@ async fn attempt(
 ) -> Result<Outcome, ExchangeError> {
     let a = &job.alert;
     let sym = &a.symbol;
-    let close_id = client_order_id(job.job_id, Leg::Close);
     let open_id = client_order_id(job.job_id, Leg::Open);
 
     // Legs a previous delivery already placed.
     let (prev_close, prev_open) = if recover {
-        (
-            ex.find_order(sym, &close_id).await?,
-            ex.find_order(sym, &open_id).await?,
-        )
+        placed_legs(ex, job).await?
     } else {
         (None, None)
     };
@@ -518,6 +514,67 @@ async fn attempt(
         }
     }
     Ok(outcome)
+}
+
+/// The close and open legs a previous delivery of `job` placed, looked up by their client order ids.
+async fn placed_legs(
+    ex: &dyn Exchange,
+    job: &Job,
+) -> Result<(Option<OrderAck>, Option<OrderAck>), ExchangeError> {
+    let sym = &job.alert.symbol;
+    Ok((
+        ex.find_order(sym, &client_order_id(job.job_id, Leg::Close))
+            .await?,
+        ex.find_order(sym, &client_order_id(job.job_id, Leg::Open))
+            .await?,
+    ))
+}
+
+/// For a job that is given up (`poison`: delivered too often without finishing): record what its
+/// earlier deliveries did at the broker, looked up by client order id, and send nothing. The
+/// outcome stays `given_up`'s status and class; the legs found are its fills.
+pub async fn record_placed(ex: &dyn Exchange, job: &Job, mut given_up: Outcome) -> Outcome {
+    let (close, open) = match placed_legs(ex, job).await {
+        Ok(legs) => legs,
+        Err(e) => {
+            let m = given_up.message.take().unwrap_or_default();
+            given_up.message = Some(format!("{m}; its orders could not be looked up: {e}"));
+            return given_up;
+        }
+    };
+    let side = job.alert.action.side();
+    if let Some(ack) = close.filter(|a| a.filled_qty > Decimal::ZERO) {
+        let closing = side.map_or(OrderSide::Sell, |s| OrderSide::closing(s.opposite()));
+        given_up
+            .fills
+            .push(fill_of(Leg::Close, closing, &ack, Decimal::ZERO));
+        given_up.position = PositionChange::Flat;
+    }
+    if let (Some(ack), Some(side)) = (open.filter(|a| a.filled_qty > Decimal::ZERO), side) {
+        given_up.fills.push(fill_of(
+            Leg::Open,
+            OrderSide::opening(side),
+            &ack,
+            Decimal::ZERO,
+        ));
+        if ack.state == OrderState::Filled {
+            given_up.position = PositionChange::Open {
+                side,
+                quantity: ack.filled_qty,
+                entry_price: ack.avg_price.unwrap_or_default(),
+                stop_loss_price: None,
+                take_profit_price: None,
+            };
+        }
+    }
+    if !given_up.fills.is_empty() {
+        let m = given_up.message.take().unwrap_or_default();
+        given_up.message = Some(format!(
+            "{m}; {} order(s) it placed were found at the broker and recorded",
+            given_up.fills.len()
+        ));
+    }
+    given_up
 }
 
 /// Stop-loss and take-profit prices for a position of `side` entered at `entry`, rounded to `tick`.

@@ -256,15 +256,26 @@ impl JobRunner {
     ) -> Option<Outcome> {
         if attempt > self.max_deliveries as i32 {
             // Delivered again and again without reaching a final state (each delivery died or was
-            // cut off mid-way): stop the loop, keep it for an operator.
-            return Some(Outcome::failed(
+            // cut off mid-way): stop the loop, keep it for an operator, and record what its earlier
+            // deliveries did at the broker (looked up, nothing sent).
+            let poison = Outcome::failed(
                 JobStatus::Dead,
                 FailureClass::Poison,
                 format!(
                     "poison: delivered {attempt} times without finishing (SPARKY_MAX_DELIVERIES={})",
                     self.max_deliveries
                 ),
-            ));
+            );
+            let look_up = async {
+                match self.client_for(job).await? {
+                    Ok(client) => Some(executor::record_placed(&client, job, poison.clone()).await),
+                    Err(_) => Some(poison.clone()),
+                }
+            };
+            return match AssertUnwindSafe(fence.scope(look_up)).catch_unwind().await {
+                Ok(outcome) => outcome,
+                Err(_) => Some(poison),
+            };
         }
         let replay = entry.replay.as_ref();
         // Staleness applies only to the first start (of the job, or of its replay): a redelivery
@@ -296,30 +307,39 @@ impl JobRunner {
     }
 
     async fn run_on_exchange(&self, job: &Job, recover: bool, fence: &Fence) -> Option<Outcome> {
-        let creds = match self.load_credentials(job).await? {
+        let client = match self.client_for(job).await? {
             Ok(c) => c,
             Err(outcome) => return Some(outcome),
         };
-        let exchange = job.alert.exchange;
-        let client = match self.exchanges.build(&creds) {
-            Ok(c) => Metered::new(c, self.metrics.clone(), job.accepted_at),
-            Err(e) => {
-                return Some(Outcome::failed(
-                    JobStatus::Rejected,
-                    e.class.into(),
-                    e.message,
-                ))
-            }
-        };
-        tracing::info!(
-            "✅ Created {exchange} executor for user {}",
-            job.alert.user_id
-        );
         let outcome = executor::execute_until(&client, job, recover, &self.policy, fence).await;
         if outcome.is_none() {
             tracing::warn!("lease lost; leaving the job to the partition's next owner");
         }
         outcome
+    }
+
+    /// The job's exchange client (credentials loaded, client built), or the outcome that ends the
+    /// job without one; `None` on shutdown.
+    async fn client_for(&self, job: &Job) -> Option<Result<Metered, Outcome>> {
+        let creds = match self.load_credentials(job).await? {
+            Ok(c) => c,
+            Err(outcome) => return Some(Err(outcome)),
+        };
+        let exchange = job.alert.exchange;
+        match self.exchanges.build(&creds) {
+            Ok(c) => {
+                tracing::info!(
+                    "✅ Created {exchange} executor for user {}",
+                    job.alert.user_id
+                );
+                Some(Ok(Metered::new(c, self.metrics.clone(), job.accepted_at)))
+            }
+            Err(e) => Some(Err(Outcome::failed(
+                JobStatus::Rejected,
+                e.class.into(),
+                e.message,
+            ))),
+        }
     }
 
     /// The user's credentials, or the outcome that ends the job without them; `None` on shutdown.

@@ -40,6 +40,26 @@ fn scripted_worker(
     (worker, shutdown)
 }
 
+/// Place `job`'s open leg at the scripted broker, as an earlier delivery of it did.
+async fn place_open(scripted: &std::sync::Arc<Scripted>, job: &sparky::domain::Job) {
+    use sparky::exchanges::{client_order_id, Exchange, Leg, OrderRequest};
+    let order = OrderRequest {
+        symbol: job.alert.symbol.clone(),
+        side: sparky::domain::OrderSide::Buy,
+        quantity: rust_decimal_macros::dec!(1),
+        order_type: sparky::domain::OrderType::Market,
+        limit_price: None,
+        reduce_only: false,
+        leg: Leg::Open,
+        client_order_id: client_order_id(job.job_id, Leg::Open),
+        on_fill: None,
+    };
+    crate::scripted::Client(scripted.clone())
+        .place_order(&order)
+        .await
+        .unwrap();
+}
+
 /// A scripted worker running until its shutdown token is cancelled.
 fn start_scripted_worker(
     app: &TestApp,
@@ -281,25 +301,7 @@ async fn a_started_job_redelivered_late_finishes_in_recovery_instead_of_going_st
     let (p, _) = app.queue.enqueue(&job).await.unwrap();
     let first = app.store.begin_job(&job, p, "0-1").await.unwrap();
     assert_eq!(first, sparky::store::Begin::Execute { attempt: 1 });
-    let order = sparky::exchanges::OrderRequest {
-        symbol: job.alert.symbol.clone(),
-        side: sparky::domain::OrderSide::Buy,
-        quantity: rust_decimal_macros::dec!(1),
-        order_type: sparky::domain::OrderType::Market,
-        limit_price: None,
-        reduce_only: false,
-        leg: sparky::exchanges::Leg::Open,
-        client_order_id: sparky::exchanges::client_order_id(
-            job.job_id,
-            sparky::exchanges::Leg::Open,
-        ),
-        on_fill: None,
-    };
-    use sparky::exchanges::Exchange;
-    crate::scripted::Client(scripted.clone())
-        .place_order(&order)
-        .await
-        .unwrap();
+    place_open(&scripted, &job).await;
 
     let (worker, _shutdown) = scripted_worker(&app, &scripted);
     tokio::time::timeout(
@@ -355,5 +357,50 @@ async fn an_owner_overtaken_by_a_stale_delivery_runs_the_job_again_instead_of_le
     shutdown.cancel();
     run.await.unwrap().unwrap();
     assert_eq!(app.queue.pending_count(0).await.unwrap(), 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_poison_job_records_the_orders_its_earlier_deliveries_placed_and_sends_nothing() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let scripted = Scripted::new();
+    let id = app.enqueue(&alert(user, &secret, "buy")).await;
+    // The ingress enqueued it; its row appears when a delivery begins it.
+    let p = app.queue.partition_of(&user);
+    let entry = app.queue.range(p, 0, i64::MAX).await.unwrap().remove(0);
+    let job = entry.job.unwrap();
+    assert_eq!(job.job_id, id);
+    // Five deliveries started it (each died before its commit); one of them placed the order.
+    for _ in 0..app.config.max_deliveries {
+        app.store.begin_job(&job, p, &entry.id).await.unwrap();
+    }
+    place_open(&scripted, &job).await;
+
+    let (worker, _shutdown) = scripted_worker(&app, &scripted);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        worker.run(RunMode::UntilIdle, Duration::from_secs(30)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let row = app.job(id).await;
+    assert_eq!(
+        (row.status, row.error_class),
+        (JobStatus::Dead, Some(sparky::job::FailureClass::Poison)),
+        "{row:?}"
+    );
+    assert!(row
+        .error
+        .unwrap()
+        .contains("found at the broker and recorded"));
+    assert_eq!(
+        app.trades(user).await.len(),
+        1,
+        "the order that exists is recorded"
+    );
+    assert!(app.position(user, "ETHUSDT").await.is_some());
+    assert_eq!(scripted.orders().len(), 1, "nothing was sent");
     app.cleanup().await;
 }
