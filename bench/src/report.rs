@@ -288,7 +288,8 @@ impl Report {
             );
             let _ = writeln!(
                 d,
-                "  Essential-write ceiling (2b): per job one transaction inserting its trade row and upserting its position,                  nothing else (the job rows exist beforehand, inserted outside the timing), {} at a time, same pool size: {:.2} s.",
+                "  Essential-write ceiling (2b): per job one transaction inserting its trade row and upserting its position, \
+                 nothing else (the job rows exist beforehand, inserted outside the timing), {} at a time, same pool size: {:.2} s.",
                 r.concurrency, r.essential_secs
             );
             let _ = writeln!(
