@@ -385,14 +385,7 @@ impl TestApp {
 
     /// Run a worker until every partition is empty and nothing is in flight.
     pub async fn run_worker_until_idle(&self) {
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            self.worker()
-                .run(RunMode::UntilIdle, Duration::from_secs(30)),
-        )
-        .await
-        .expect("the worker drained the queue within 60 s")
-        .unwrap();
+        run_until_idle(self.worker()).await
     }
 
     pub async fn job(&self, id: Uuid) -> JobRow {
@@ -507,4 +500,15 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Run `worker` until every partition is empty and nothing is in flight (a wedged lane never is).
+pub async fn run_until_idle(worker: Worker) {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        worker.run(RunMode::UntilIdle, Duration::from_secs(30)),
+    )
+    .await
+    .expect("the worker drained the queue within 60 s")
+    .unwrap();
 }

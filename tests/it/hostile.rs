@@ -2,52 +2,19 @@
 //! Refused at the ingress with the field named, or (when one reaches a worker anyway: a replay, an
 //! entry written before a bound existed) final within one run, and the user's next alert runs.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::Utc;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sparky::domain::{parse_alert, Alert, Job};
 use sparky::job::{FailureClass, JobStatus};
-use sparky::worker::{RunMode, Worker};
+use sparky::worker::Worker;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::*;
 use crate::scripted::Scripted;
-
-/// The dead-letter records, field by field.
-async fn dlq_records(app: &TestApp) -> Vec<HashMap<String, String>> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(app.queue.keys.dlq())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut app.queue.conn())
-        .await
-        .unwrap();
-    reply
-        .ids
-        .into_iter()
-        .map(|e| {
-            e.map
-                .into_iter()
-                .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap()))
-                .collect()
-        })
-        .collect()
-}
-
-async fn run_until_idle(worker: Worker) {
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        worker.run(RunMode::UntilIdle, Duration::from_secs(30)),
-    )
-    .await
-    .expect("the worker drained the queue (a wedged lane never does)")
-    .unwrap();
-}
 
 async fn all_acked(app: &TestApp) {
     for p in 0..app.config.partitions {
@@ -163,7 +130,7 @@ async fn hostile_entries_that_reach_a_worker_end_final_and_the_user_goes_on() {
     run_until_idle(app.worker()).await;
 
     assert_eq!(app.job(next.job_id).await.status, JobStatus::Succeeded);
-    let dlq = dlq_records(&app).await;
+    let dlq = app.dlq_records().await;
     for (field, job) in &hostile {
         let rec = dlq
             .iter()
@@ -241,7 +208,7 @@ async fn a_panic_in_one_job_ends_it_dead_and_the_users_next_job_runs() {
     );
     assert_eq!(app.job(next).await.status, JobStatus::Succeeded);
     assert_eq!(scripted.orders_of("ETHUSDT").len(), 1);
-    let dlq = dlq_records(&app).await;
+    let dlq = app.dlq_records().await;
     assert!(dlq.iter().any(|r| r["job_id"] == boom.to_string()));
     all_acked(&app).await;
     app.cleanup().await;

@@ -304,13 +304,7 @@ async fn a_started_job_redelivered_late_finishes_in_recovery_instead_of_going_st
     place_open(&scripted, &job).await;
 
     let (worker, _shutdown) = scripted_worker(&app, &scripted);
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        worker.run(RunMode::UntilIdle, Duration::from_secs(30)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    run_until_idle(worker).await;
     let row = app.job(job.job_id).await;
     assert_eq!(row.status, JobStatus::Succeeded, "{row:?}");
     assert_eq!(row.attempts, 2);
@@ -378,13 +372,7 @@ async fn a_poison_job_records_the_orders_its_earlier_deliveries_placed_and_sends
     place_open(&scripted, &job).await;
 
     let (worker, _shutdown) = scripted_worker(&app, &scripted);
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        worker.run(RunMode::UntilIdle, Duration::from_secs(30)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    run_until_idle(worker).await;
     let row = app.job(id).await;
     assert_eq!(
         (row.status, row.error_class),
