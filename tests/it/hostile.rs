@@ -71,6 +71,22 @@ async fn every_hostile_alert_is_refused_at_the_ingress_naming_the_field() {
             .collect();
         assert_eq!(named, [*field], "{field} = {value}: {v}");
     }
+    // An unpaired surrogate cannot be text at all: the body is refused as JSON, with the column.
+    let raw = format!(
+        r#"{{"secret":"{secret}","user_id":"{user}","exchange":"paper","action":"buy","symbol":"ETHUSDT","position_size_usd":100,"strategy":"a\ud800b"}}"#
+    );
+    let r = app
+        .http
+        .post(app.url("/webhook"))
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["field"], "body", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("escape"), "{v}");
     assert_eq!(app.queued_entries().await, 0, "nothing was enqueued");
 
     let next = app.enqueue(&alert(user, &secret, "buy")).await;
