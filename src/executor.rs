@@ -532,14 +532,33 @@ async fn placed_legs(
 
 /// For a job that is given up (`poison`: delivered too often without finishing): record what its
 /// earlier deliveries did at the broker, looked up by client order id, and send nothing. The
-/// outcome stays `given_up`'s status and class; the legs found are its fills.
-pub async fn record_placed(ex: &dyn Exchange, job: &Job, mut given_up: Outcome) -> Outcome {
-    let (close, open) = match placed_legs(ex, job).await {
-        Ok(legs) => legs,
-        Err(e) => {
-            let m = given_up.message.take().unwrap_or_default();
-            given_up.message = Some(format!("{m}; its orders could not be looked up: {e}"));
-            return given_up;
+/// outcome stays `given_up`'s status and class; the legs found are its fills. Failed look-ups are
+/// retried on `policy`'s schedule; `None` once `fence` is void (the next owner looks them up).
+pub async fn record_placed(
+    ex: &dyn Exchange,
+    job: &Job,
+    mut given_up: Outcome,
+    policy: &RetryPolicy,
+    fence: &Fence,
+) -> Option<Outcome> {
+    let mut schedule = policy.schedule();
+    let (close, open) = loop {
+        match placed_legs(ex, job).await {
+            Ok(legs) => break legs,
+            Err(_) if fence.is_void() => return None,
+            Err(e) => match schedule.next() {
+                Some(delay) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = fence.voided() => return None,
+                    }
+                }
+                None => {
+                    let m = given_up.message.take().unwrap_or_default();
+                    given_up.message = Some(format!("{m}; its orders could not be looked up: {e}"));
+                    return Some(given_up);
+                }
+            },
         }
     };
     let side = job.alert.action.side();
@@ -574,7 +593,7 @@ pub async fn record_placed(ex: &dyn Exchange, job: &Job, mut given_up: Outcome) 
             given_up.fills.len()
         ));
     }
-    given_up
+    Some(given_up)
 }
 
 /// Stop-loss and take-profit prices for a position of `side` entered at `entry`, rounded to `tick`.

@@ -445,6 +445,16 @@ async fn handle_webhook(
     let secret = domain::body_secret(&obj).or_else(|| header(&headers, "x-sparky-secret"));
     let origin = st.auth_failures.origin(ip, claimed_user(&obj));
     let owner = authenticate(st, &origin, secret).await?;
+    // A key that is not visible ASCII must not be silently dropped: its retries would run twice.
+    if headers
+        .get("idempotency-key")
+        .is_some_and(|v| v.to_str().is_err())
+    {
+        return Err(ApiError::Invalid(vec![domain::FieldError {
+            field: "Idempotency-Key".into(),
+            message: "must be visible ASCII text".into(),
+        }]));
+    }
     let alert = domain::parse_alert(&obj, header(&headers, "idempotency-key"))
         .map_err(ApiError::Invalid)?;
     if !bool::from(alert.user_id.as_bytes().ct_eq(owner.as_bytes())) {

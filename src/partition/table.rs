@@ -438,6 +438,10 @@ impl Table {
                     pending = claimed.len(),
                     "acquired partition; its pending entries run first"
                 );
+                if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+                    let _ = self.leases.release(p).await;
+                    return;
+                }
                 let mut inner = self.lock();
                 let slot = &mut inner.slots[p as usize];
                 slot.generation += 1;

@@ -155,6 +155,7 @@ impl JobRunner {
             return self.finish_unrecorded(entry, job, &outcome).await;
         }
 
+        let mut rerun = false;
         let (recorded, attempt) = loop {
             let attempt = match self.begin(entry, job).await {
                 Began::Run { attempt } => attempt,
@@ -176,7 +177,7 @@ impl JobRunner {
             if fence.is_void() {
                 return;
             }
-            let Some(outcome) = self.execute(entry, job, attempt, fence).await else {
+            let Some(outcome) = self.execute(entry, job, attempt, fence, rerun).await else {
                 return; // shutting down, or the partition was lost: the entry stays pending
             };
             match self.commit(job, outcome, attempt).await {
@@ -186,6 +187,7 @@ impl JobRunner {
                     // owns the partition: the job is this worker's to finish. Run it again (in
                     // recovery mode: the attempt grew), so its entry is not left behind.
                     tracing::warn!("a stale delivery started this job meanwhile; running it again");
+                    rerun = true;
                 }
                 Committed::Superseded | Committed::Shutdown => return,
             }
@@ -223,11 +225,23 @@ impl JobRunner {
     async fn finished_before(&self, entry: &Entry, job: &Job, status: JobStatus) {
         tracing::info!(%status, "job already finished; acknowledging the redelivered entry");
         if status.is_failure() {
-            let row = until_ok("reading the finished job", &self.shutdown, || {
-                self.store.get_job(job.job_id)
-            })
-            .await;
-            let Some(row) = row else { return }; // shutting down
+            let max = self.max_deliveries;
+            let row = match retry(
+                "reading the finished job",
+                &self.shutdown,
+                |e: &StoreError, tries| e.is_data_error() && tries >= max,
+                || self.store.get_job(job.job_id),
+            )
+            .await
+            {
+                Retried::Ok(row) => row,
+                Retried::Shutdown => return,
+                Retried::GaveUp { error, .. } => {
+                    // Final already; its row cannot be read back for the record: just ack.
+                    tracing::error!(%error, "the finished job's row cannot be read; acknowledging without a dead-letter record");
+                    None
+                }
+            };
             let Some(row) = row else {
                 // The row was deleted (an operator's clean-up): nothing to write, just ack.
                 return self.ack(entry).await;
@@ -247,14 +261,17 @@ impl JobRunner {
 
     /// Decide whether to run the job, and run it. `None`: shutting down or the partition's lease
     /// was lost mid-way (the entry stays pending for the next owner).
+    /// `rerun`: this delivery already ran the job once and was overtaken (see `process_job`): it
+    /// runs again in recovery mode, and neither the poison limit nor staleness applies to it.
     async fn execute(
         &self,
         entry: &Entry,
         job: &Job,
         attempt: i32,
         fence: &Fence,
+        rerun: bool,
     ) -> Option<Outcome> {
-        if attempt > self.max_deliveries as i32 {
+        if attempt > self.max_deliveries as i32 && !rerun {
             // Delivered again and again without reaching a final state (each delivery died or was
             // cut off mid-way): stop the loop, keep it for an operator, and record what its earlier
             // deliveries did at the broker (looked up, nothing sent).
@@ -268,7 +285,10 @@ impl JobRunner {
             );
             let look_up = async {
                 match self.client_for(job).await? {
-                    Ok(client) => Some(executor::record_placed(&client, job, poison.clone()).await),
+                    Ok(client) => {
+                        executor::record_placed(&client, job, poison.clone(), &self.policy, fence)
+                            .await
+                    }
                     Err(_) => Some(poison.clone()),
                 }
             };
@@ -281,7 +301,7 @@ impl JobRunner {
         // Staleness applies only to the first start (of the job, or of its replay): a redelivery
         // may follow orders that were placed, and must find and record them.
         let allow_stale = replay.is_some_and(|r| r.allow_stale);
-        if attempt == 1 && !allow_stale {
+        if attempt == 1 && !allow_stale && !rerun {
             if let Some(why) = would_be_stale(job, self.max_signal_age, Utc::now()) {
                 return Some(Outcome::failed(
                     JobStatus::Dead,
@@ -290,7 +310,7 @@ impl JobRunner {
                 ));
             }
         }
-        let recover = attempt > 1 || replay.is_some();
+        let recover = attempt > 1 || replay.is_some() || rerun;
         let run = fence.scope(self.run_on_exchange(job, recover, fence));
         match AssertUnwindSafe(run).catch_unwind().await {
             Ok(outcome) => outcome,
@@ -495,6 +515,13 @@ impl JobRunner {
             Ok(job) => job,
             Err(reason) => return self.unreadable(entry, reason).await,
         };
+        // The panic may have come after the commit (in the ack, say): then the job is final and
+        // only its entry is left to acknowledge.
+        if let Ok(Some(row)) = self.store.get_job(job.job_id).await {
+            if row.status.is_final() {
+                return self.finished_before(entry, job, row.status).await;
+            }
+        }
         let outcome = Outcome::failed(
             JobStatus::Dead,
             FailureClass::Internal,

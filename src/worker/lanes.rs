@@ -125,6 +125,12 @@ impl Lane {
             return;
         };
         let panic = panic_message(&*panic);
+        if fence.is_void() {
+            // Another worker may own the job now: leave it to that worker (the poison limit
+            // bounds repeats).
+            tracing::error!(partition, entry_id = %id, %panic, "a job panicked outside its execution after the lease lapsed; its entry stays pending");
+            return;
+        }
         tracing::error!(partition, entry_id = %id, %panic, "a job panicked outside its execution; ending it dead where it stands");
         let last_resort = AssertUnwindSafe(self.runner.after_panic(&entry, &panic));
         if let Err(again) = last_resort.catch_unwind().await {

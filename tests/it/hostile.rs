@@ -87,6 +87,22 @@ async fn every_hostile_alert_is_refused_at_the_ingress_naming_the_field() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["field"], "body", "{v}");
     assert!(v["error"].as_str().unwrap().contains("escape"), "{v}");
+    // An Idempotency-Key that is not text is refused, not ignored (its retries would run twice).
+    let r = app
+        .http
+        .post(app.url("/webhook"))
+        .header("content-type", "application/json")
+        .header(
+            "idempotency-key",
+            reqwest::header::HeaderValue::from_bytes(b"k\xffey").unwrap(),
+        )
+        .body(alert(user, &secret, "buy").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["field"], "Idempotency-Key", "{v}");
     assert_eq!(app.queued_entries().await, 0, "nothing was enqueued");
 
     let next = app.enqueue(&alert(user, &secret, "buy")).await;
