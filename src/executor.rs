@@ -322,6 +322,13 @@ async fn attempt(
         (None, None)
     };
     let position = ex.position(sym).await?;
+    // A close a previous delivery placed, while the position it was closing is still open: that
+    // close filled only partly. Its client order id is spent, so nothing more is sent.
+    if let (Some(ack), Some(p)) = (&prev_close, &position) {
+        if a.action.side() != Some(p.side) {
+            return Ok(still_open_after_close(job, p, ack, fills));
+        }
+    }
 
     let Some(side) = a.action.side() else {
         // close
@@ -347,6 +354,9 @@ async fn attempt(
             &ack,
             p.quantity,
         ));
+        if let Some(partial) = partly_closed(job, &p, &ack, fills) {
+            return Ok(partial);
+        }
         return Ok(done(fills, PositionChange::Flat));
     };
 
@@ -438,6 +448,9 @@ async fn attempt(
                 &ack,
                 p.quantity,
             ));
+            if let Some(partial) = partly_closed(job, p, &ack, fills) {
+                return Ok(partial);
+            }
         }
     }
 
@@ -514,6 +527,65 @@ async fn attempt(
         }
     }
     Ok(outcome)
+}
+
+/// A close that filled only part of the position: the job stops there (the new side is never
+/// opened on top of a remainder) and ends `dead` with the numbers; Sparky records what filled and
+/// the remainder as the open position. `None` when the close filled the whole position.
+fn partly_closed(
+    job: &Job,
+    p: &ExPosition,
+    ack: &OrderAck,
+    fills: &mut Vec<Fill>,
+) -> Option<Outcome> {
+    if ack.filled_qty <= Decimal::ZERO || ack.filled_qty >= p.quantity {
+        return None;
+    }
+    let remainder = p.quantity - ack.filled_qty; // no overflow: 0 < filled < quantity
+    let remaining = ExPosition {
+        quantity: remainder,
+        ..p.clone()
+    };
+    Some(still_open_after_close(job, &remaining, ack, fills))
+}
+
+/// The outcome of a job whose close left `p` open at the broker.
+fn still_open_after_close(
+    job: &Job,
+    p: &ExPosition,
+    ack: &OrderAck,
+    fills: &mut Vec<Fill>,
+) -> Outcome {
+    let message = format!(
+        "the close of {} {} filled only {} (order {}); {} {} remain open at the broker and the new side was not opened; send a close alert for the remainder",
+        p.quantity
+            .checked_add(ack.filled_qty)
+            .unwrap_or(p.quantity)
+            .normalize(),
+        job.alert.symbol,
+        ack.filled_qty.normalize(),
+        ack.exchange_order_id,
+        p.side.as_str(),
+        p.quantity.normalize(),
+    );
+    Outcome {
+        status: JobStatus::Dead,
+        fills: std::mem::take(fills),
+        position: PositionChange::Open {
+            side: p.side,
+            quantity: p.quantity,
+            entry_price: p.entry_price.or(ack.avg_price).unwrap_or_default(),
+            stop_loss_price: None,
+            take_profit_price: None,
+        },
+        error_class: Some(FailureClass::Permanent),
+        history: vec![AttemptError {
+            at: Utc::now(),
+            class: FailureClass::Permanent,
+            message: message.clone(),
+        }],
+        message: Some(message),
+    }
 }
 
 /// The close and open legs a previous delivery of `job` placed, looked up by their client order ids.

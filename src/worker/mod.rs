@@ -143,7 +143,8 @@ impl Worker {
         &self.table
     }
 
-    /// Consume the partitions this worker owns until shutdown (or until idle). On the way out:
+    /// Consume the partitions this worker owns until shutdown (or until idle). A worker runs once:
+    /// it stops acquiring when it stops, so build a new one to run again. On the way out:
     /// start nothing new, finish the started jobs (within `drain_timeout`; the others stay
     /// pending), release the leases and leave, so other workers take over at once.
     pub async fn run(&self, mode: RunMode, drain_timeout: Duration) -> anyhow::Result<()> {

@@ -54,6 +54,8 @@ pub struct Scripted {
     orders: Mutex<Vec<Placed>>,
     gates: Mutex<HashMap<String, Arc<Gate>>>,
     prices: Mutex<HashMap<String, Decimal>>,
+    /// symbol -> the fraction of a position a close fills (the rest stays open).
+    partial_closes: Mutex<HashMap<String, Decimal>>,
 }
 
 impl Scripted {
@@ -71,6 +73,16 @@ impl Scripted {
     }
     pub fn set_price(&self, symbol: &str, price: Decimal) {
         self.prices.lock().unwrap().insert(symbol.into(), price);
+    }
+    /// Closes of `symbol` fill only `fraction` of the position.
+    pub fn partial_closes(&self, symbol: &str, fraction: Decimal) {
+        self.partial_closes
+            .lock()
+            .unwrap()
+            .insert(symbol.into(), fraction);
+    }
+    pub fn position_of(&self, symbol: &str) -> Option<(Side, Decimal)> {
+        self.positions.lock().unwrap().get(symbol).copied()
     }
     pub fn orders(&self) -> Vec<Placed> {
         self.orders.lock().unwrap().clone()
@@ -185,11 +197,27 @@ impl Exchange for Client {
         client_order_id: &str,
     ) -> Result<OrderAck, ExchangeError> {
         let side = OrderSide::closing(position.side);
+        let fraction = self
+            .0
+            .partial_closes
+            .lock()
+            .unwrap()
+            .get(symbol.as_str())
+            .copied();
+        let filled = fraction.map_or(position.quantity, |f| (position.quantity * f).round_dp(3));
         let a = self
             .0
-            .fill(symbol.as_str(), client_order_id, side, position.quantity)
+            .fill(symbol.as_str(), client_order_id, side, filled)
             .await;
-        self.0.positions.lock().unwrap().remove(symbol.as_str());
+        let mut positions = self.0.positions.lock().unwrap();
+        if filled < position.quantity {
+            positions.insert(
+                symbol.as_str().into(),
+                (position.side, position.quantity - filled),
+            );
+        } else {
+            positions.remove(symbol.as_str());
+        }
         Ok(a)
     }
     async fn find_order(

@@ -392,3 +392,52 @@ async fn a_poison_job_records_the_orders_its_earlier_deliveries_placed_and_sends
     assert_eq!(scripted.orders().len(), 1, "nothing was sent");
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_reversal_whose_close_fills_partly_opens_nothing_and_records_the_remainder() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let scripted = Scripted::new();
+    // Long 1.0 ETHUSDT; the reversal's close fills only 0.6.
+    let buy = app.enqueue(&nth(user, &secret, 0)).await;
+    run_until_idle(scripted_worker(&app, &scripted).0).await;
+    assert_eq!(status(&app, buy).await, Some(JobStatus::Succeeded));
+    scripted.partial_closes("ETHUSDT", Decimal::new(6, 1));
+    let sell = app.enqueue(&nth(user, &secret, 1)).await;
+    run_until_idle(scripted_worker(&app, &scripted).0).await;
+
+    let row = app.job(sell).await;
+    assert_eq!(row.status, JobStatus::Dead, "{row:?}");
+    let error = row.error.unwrap();
+    assert!(
+        error.contains("filled only 0.6") && error.contains("long 0.4 remain open"),
+        "{error}"
+    );
+    let opens = scripted
+        .orders_of("ETHUSDT")
+        .iter()
+        .filter(|o| o.client_order_id.ends_with('o'))
+        .count();
+    assert_eq!(
+        opens, 1,
+        "the short side was not opened on top of the remainder"
+    );
+    assert_eq!(
+        scripted.position_of("ETHUSDT"),
+        Some((sparky::domain::Side::Long, Decimal::new(4, 1)))
+    );
+    let position = app.position(user, "ETHUSDT").await.expect("the remainder");
+    assert_eq!(
+        (position.side, position.quantity),
+        (sparky::domain::Side::Long, Decimal::new(4, 1)),
+        "Sparky records what the broker holds"
+    );
+    // A close alert for the remainder then makes the account flat.
+    let close = app.enqueue(&alert(user, &secret, "close")).await;
+    scripted.partial_closes("ETHUSDT", Decimal::ONE);
+    run_until_idle(scripted_worker(&app, &scripted).0).await;
+    assert_eq!(status(&app, close).await, Some(JobStatus::Succeeded));
+    assert_eq!(scripted.position_of("ETHUSDT"), None);
+    assert!(app.position(user, "ETHUSDT").await.is_none());
+    app.cleanup().await;
+}
