@@ -67,6 +67,13 @@ struct Ownership {
     last_dispatched: String,
 }
 
+impl Ownership {
+    /// Still consumed here (not being handed over).
+    fn consuming(&self) -> bool {
+        !matches!(self.phase, Phase::HandingOver { .. })
+    }
+}
+
 #[derive(Default)]
 struct Slot {
     own: Option<Ownership>,
@@ -180,7 +187,7 @@ impl Table {
             return None;
         }
         let o = slot.own.as_mut()?;
-        if matches!(o.phase, Phase::HandingOver { .. }) {
+        if !o.consuming() {
             return None;
         }
         o.last_dispatched = id.to_string();
@@ -293,7 +300,7 @@ impl Table {
                 inner.slots[*p as usize]
                     .own
                     .as_ref()
-                    .is_some_and(|o| !matches!(o.phase, Phase::HandingOver { .. }))
+                    .is_some_and(Ownership::consuming)
             })
             .collect()
     }
@@ -359,23 +366,15 @@ impl Table {
         let reads = inner.reads;
         for (p, slot) in inner.slots.iter_mut().enumerate() {
             let Some(o) = slot.own.as_mut() else { continue };
-            if !desired.contains(&(p as u32)) && !matches!(o.phase, Phase::HandingOver { .. }) {
+            if !desired.contains(&(p as u32)) && o.consuming() {
                 tracing::info!(partition = p, "partition reassigned; handing it over");
                 o.phase = Phase::HandingOver { after_read: reads };
                 o.fence.stop_starting();
             }
         }
-        let consuming = inner
-            .slots
-            .iter()
-            .filter(|s| {
-                s.own
-                    .as_ref()
-                    .is_some_and(|o| !matches!(o.phase, Phase::HandingOver { .. }))
-            })
-            .count();
         drop(inner);
-        self.metrics.partitions(consuming, desired.len());
+        self.metrics
+            .partitions(self.consuming().len(), desired.len());
     }
 
     async fn renew_all(&self) {

@@ -117,6 +117,12 @@ impl JobRunner {
         self
     }
 
+    /// Has Postgres refused the job's data for good: a data error, `SPARKY_MAX_DELIVERIES` times?
+    /// (Every other database error is waited out.)
+    fn refused_for_good(&self, e: &StoreError, tries: u32) -> bool {
+        e.is_data_error() && tries >= self.max_deliveries
+    }
+
     pub(super) fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
     }
@@ -202,11 +208,10 @@ impl JobRunner {
     // ---- begin ----
 
     async fn begin(&self, entry: &Entry, job: &Job) -> Began {
-        let max = self.max_deliveries;
         let r = retry(
             "recording the job start",
             &self.shutdown,
-            |e: &StoreError, tries| e.is_data_error() && tries >= max,
+            |e: &StoreError, tries| self.refused_for_good(e, tries),
             || self.store.begin_job(job, entry.partition, &entry.id),
         )
         .await;
@@ -225,11 +230,10 @@ impl JobRunner {
     async fn finished_before(&self, entry: &Entry, job: &Job, status: JobStatus) {
         tracing::info!(%status, "job already finished; acknowledging the redelivered entry");
         if status.is_failure() {
-            let max = self.max_deliveries;
             let row = match retry(
                 "reading the finished job",
                 &self.shutdown,
-                |e: &StoreError, tries| e.is_data_error() && tries >= max,
+                |e: &StoreError, tries| self.refused_for_good(e, tries),
                 || self.store.get_job(job.job_id),
             )
             .await
@@ -370,12 +374,11 @@ impl JobRunner {
             "🔐 Loading {exchange} credentials for user {}...",
             a.user_id
         );
-        let max = self.max_deliveries;
         let loaded = retry(
             "loading credentials",
             &self.shutdown,
             |e: &CredentialError, tries| match e {
-                CredentialError::Store(s) => s.is_data_error() && tries >= max,
+                CredentialError::Store(s) => self.refused_for_good(s, tries),
                 CredentialError::Unusable { .. } => true,
             },
             || self.credentials.load(a.user_id, exchange, a.environment),
@@ -456,12 +459,11 @@ impl JobRunner {
     }
 
     async fn try_commit(&self, job: &Job, outcome: &Outcome, attempt: i32) -> Result<(), Commit> {
-        let max = self.max_deliveries;
         let r = retry(
             "recording the job outcome",
             &self.shutdown,
             |e: &StoreError, tries| {
-                matches!(e, StoreError::Superseded(_)) || (e.is_data_error() && tries >= max)
+                matches!(e, StoreError::Superseded(_)) || self.refused_for_good(e, tries)
             },
             || self.store.finish_job(job, outcome, attempt),
         )
@@ -490,11 +492,10 @@ impl JobRunner {
             "job cannot run to its commit; dead-lettering it"
         );
         // A row that exists (a replay, or a delivery begun before) says so too.
-        let max = self.max_deliveries;
         let marked = retry(
             "recording the failed job",
             &self.shutdown,
-            |e: &StoreError, tries| e.is_data_error() && tries >= max,
+            |e: &StoreError, tries| self.refused_for_good(e, tries),
             || self.store.mark_failed(job.job_id, outcome),
         )
         .await;
