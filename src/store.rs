@@ -416,7 +416,6 @@ impl Store {
         outcome: &Outcome,
         attempt: i32,
     ) -> Result<(), StoreError> {
-        let a = &job.alert;
         let mut tx = self.pool.begin().await?;
         let history: Vec<serde_json::Value> = outcome
             .history
@@ -441,47 +440,7 @@ impl Store {
             tx.rollback().await?;
             return Err(StoreError::Superseded(job.job_id));
         }
-        for f in &outcome.fills {
-            insert_trade(&mut tx, job, f).await?;
-        }
-        match &outcome.position {
-            PositionChange::Unchanged => {}
-            PositionChange::Flat => {
-                sqlx::query("DELETE FROM positions WHERE user_id = $1 AND symbol = $2")
-                    .bind(a.user_id)
-                    .bind(a.symbol.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            PositionChange::Open {
-                side,
-                quantity,
-                entry_price,
-                stop_loss_price,
-                take_profit_price,
-            } => {
-                sqlx::query(
-                    "INSERT INTO positions (user_id, symbol, exchange, side, quantity, entry_price, stop_loss_price, take_profit_price, last_job_id)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                     ON CONFLICT (user_id, symbol) DO UPDATE SET
-                       exchange = EXCLUDED.exchange, side = EXCLUDED.side, quantity = EXCLUDED.quantity,
-                       entry_price = EXCLUDED.entry_price, stop_loss_price = EXCLUDED.stop_loss_price,
-                       take_profit_price = EXCLUDED.take_profit_price, last_job_id = EXCLUDED.last_job_id,
-                       opened_at = now(), updated_at = now()",
-                )
-                .bind(a.user_id)
-                .bind(a.symbol.as_str())
-                .bind(a.exchange.as_str())
-                .bind(side.as_str())
-                .bind(quantity)
-                .bind(entry_price)
-                .bind(stop_loss_price)
-                .bind(take_profit_price)
-                .bind(job.job_id)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
+        record_fills(&mut tx, job, outcome).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -641,6 +600,59 @@ impl Store {
             take_profit_price: r.get("take_profit_price"),
         }))
     }
+}
+
+/// A job's essential write: its trade rows and its position change, inside the caller's
+/// transaction. [`Store::finish_job`] does it after the job's status update; the benchmark's
+/// essential-write ceiling does only this.
+pub async fn record_fills(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: &Job,
+    outcome: &Outcome,
+) -> Result<(), StoreError> {
+    let a = &job.alert;
+    for f in &outcome.fills {
+        insert_trade(tx, job, f).await?;
+    }
+    match &outcome.position {
+        PositionChange::Unchanged => {}
+        PositionChange::Flat => {
+            sqlx::query("DELETE FROM positions WHERE user_id = $1 AND symbol = $2")
+                .bind(a.user_id)
+                .bind(a.symbol.as_str())
+                .execute(&mut **tx)
+                .await?;
+        }
+        PositionChange::Open {
+            side,
+            quantity,
+            entry_price,
+            stop_loss_price,
+            take_profit_price,
+        } => {
+            sqlx::query(
+            "INSERT INTO positions (user_id, symbol, exchange, side, quantity, entry_price, stop_loss_price, take_profit_price, last_job_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (user_id, symbol) DO UPDATE SET
+               exchange = EXCLUDED.exchange, side = EXCLUDED.side, quantity = EXCLUDED.quantity,
+               entry_price = EXCLUDED.entry_price, stop_loss_price = EXCLUDED.stop_loss_price,
+               take_profit_price = EXCLUDED.take_profit_price, last_job_id = EXCLUDED.last_job_id,
+               opened_at = now(), updated_at = now()",
+        )
+        .bind(a.user_id)
+        .bind(a.symbol.as_str())
+        .bind(a.exchange.as_str())
+        .bind(side.as_str())
+        .bind(quantity)
+        .bind(entry_price)
+        .bind(stop_loss_price)
+        .bind(take_profit_price)
+        .bind(job.job_id)
+        .execute(&mut **tx)
+        .await?;
+        }
+    }
+    Ok(())
 }
 
 async fn insert_trade(

@@ -185,8 +185,9 @@ where
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// The essential-write ceiling: per job one transaction inserting its trade and upserting its
-/// position (the job rows exist already), `concurrency` at a time, `pool` connections.
+/// The essential-write ceiling: per job one transaction with the store's own trade insert and
+/// position upsert ([`sparky::store::record_fills`]; the job rows exist already), `concurrency` at
+/// a time, `pool` connections.
 async fn essential_write(
     db_url: &str,
     jobs: &[Job],
@@ -209,40 +210,8 @@ async fn essential_write(
     let secs = for_each_job(jobs, concurrency, move |job| {
         let pg = pg.clone();
         async move {
-            let o = open_outcome(&job);
-            let (f, a) = (&o.fills[0], &job.alert);
             let mut tx = pg.begin().await?;
-            sqlx::query(
-                "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(job.job_id)
-            .bind(a.user_id)
-            .bind(a.exchange.as_str())
-            .bind(a.symbol.as_str())
-            .bind(f.leg.as_str())
-            .bind(f.side.as_str())
-            .bind(f.quantity)
-            .bind(f.price)
-            .bind(&f.client_order_id)
-            .bind(&f.exchange_order_id)
-            .bind(f.status)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO positions (user_id, symbol, exchange, side, quantity, entry_price, last_job_id)
-                 VALUES ($1, $2, $3, 'long', $4, $5, $6)
-                 ON CONFLICT (user_id, symbol) DO UPDATE SET quantity = EXCLUDED.quantity,
-                   entry_price = EXCLUDED.entry_price, last_job_id = EXCLUDED.last_job_id, updated_at = now()",
-            )
-            .bind(a.user_id)
-            .bind(a.symbol.as_str())
-            .bind(a.exchange.as_str())
-            .bind(f.quantity)
-            .bind(f.price)
-            .bind(job.job_id)
-            .execute(&mut *tx)
-            .await?;
+            sparky::store::record_fills(&mut tx, &job, &open_outcome(&job)).await?;
             tx.commit().await?;
             Ok(())
         }
