@@ -367,6 +367,25 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Post `body` as it is (any bytes, declared JSON) with extra `headers`.
+    pub async fn post_raw(
+        &self,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, reqwest::header::HeaderValue)],
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .post(self.url("/webhook"))
+            .header("content-type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, v.clone());
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// Post and expect 202; returns the job id.
     pub async fn enqueue(&self, body: &Value) -> Uuid {
         let (status, v) = self.post_webhook(body).await;

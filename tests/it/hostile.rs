@@ -75,33 +75,15 @@ async fn every_hostile_alert_is_refused_at_the_ingress_naming_the_field() {
     let raw = format!(
         r#"{{"secret":"{secret}","user_id":"{user}","exchange":"paper","action":"buy","symbol":"ETHUSDT","position_size_usd":100,"strategy":"a\ud800b"}}"#
     );
-    let r = app
-        .http
-        .post(app.url("/webhook"))
-        .header("content-type", "application/json")
-        .body(raw)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 400);
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = app.post_raw(raw, &[]).await;
+    assert_eq!(status.as_u16(), 400);
     assert_eq!(v["field"], "body", "{v}");
     assert!(v["error"].as_str().unwrap().contains("escape"), "{v}");
     // An Idempotency-Key that is not text is refused, not ignored (its retries would run twice).
-    let r = app
-        .http
-        .post(app.url("/webhook"))
-        .header("content-type", "application/json")
-        .header(
-            "idempotency-key",
-            reqwest::header::HeaderValue::from_bytes(b"k\xffey").unwrap(),
-        )
-        .body(alert(user, &secret, "buy").to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 400);
-    let v: Value = r.json().await.unwrap();
+    let key = reqwest::header::HeaderValue::from_bytes(b"k\xffey").unwrap();
+    let body = alert(user, &secret, "buy").to_string();
+    let (status, v) = app.post_raw(body, &[("idempotency-key", key)]).await;
+    assert_eq!(status.as_u16(), 400);
     assert_eq!(v["field"], "Idempotency-Key", "{v}");
     assert_eq!(app.queued_entries().await, 0, "nothing was enqueued");
 

@@ -246,16 +246,8 @@ async fn bad_inputs_get_the_right_answer_and_enqueue_nothing() {
             StatusCode::PAYLOAD_TOO_LARGE,
         ),
     ] {
-        let r = app
-            .http
-            .post(app.url("/webhook"))
-            .header("content-type", "application/json")
-            .body(raw)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), status, "{case}");
-        let v: Value = r.json().await.unwrap();
+        let (got, v) = app.post_raw(raw, &[]).await;
+        assert_eq!(got, status, "{case}");
         assert_eq!(v["field"], "body", "{case}: {v}");
     }
 
