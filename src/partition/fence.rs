@@ -105,11 +105,6 @@ impl Fence {
         self.starting.store(false, Ordering::Release);
     }
 
-    /// Is `other` a clone of this fence (the same ownership)?
-    pub fn same(&self, other: &Fence) -> bool {
-        Arc::ptr_eq(&self.window, &other.window)
-    }
-
     /// Revoked, or past its validity.
     pub fn is_void(&self) -> bool {
         match *self.window.borrow() {
