@@ -35,6 +35,11 @@ pub fn sub(a: Decimal, b: Decimal) -> Result<Decimal, Overflow> {
     op(a, "-", b, Decimal::checked_sub)
 }
 
+/// The midpoint of a bid and an ask.
+pub fn midpoint(bid: Decimal, ask: Decimal) -> Result<Decimal, Overflow> {
+    Ok(div(add(bid, ask)?, Decimal::TWO)?.normalize())
+}
+
 /// Round `x` down (toward zero) to a multiple of `step`.
 pub fn round_down(x: Decimal, step: Decimal) -> Result<Decimal, Overflow> {
     if step <= Decimal::ZERO {
@@ -107,5 +112,7 @@ mod tests {
         );
         assert!(round_down(huge, dec!(0.0001)).is_err());
         assert!(mul(huge, dec!(150.25)).is_err());
+        assert_eq!(midpoint(dec!(1.0845), dec!(1.0855)), Ok(dec!(1.085)));
+        assert!(midpoint(Decimal::MAX, Decimal::MAX).is_err(), "a broker quoting absurd prices");
     }
 }

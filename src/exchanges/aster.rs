@@ -429,7 +429,7 @@ impl AsterClient {
                 Some(p) => p,
                 None => self.price(&order.symbol).await?,
             };
-            let notional = qty * price;
+            let notional = crate::money::mul(qty, price)?;
             if notional < rules.min_notional {
                 return Err(ExchangeError::permanent(format!(
                     "aster: order too small: {qty} {} at {price} is {} notional, below the minimum {}",

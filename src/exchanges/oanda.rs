@@ -353,7 +353,7 @@ impl Exchange for OandaClient {
         let bid = dec(&p["bids"][0]["price"]).or_else(|| dec(&p["closeoutBid"]));
         let ask = dec(&p["asks"][0]["price"]).or_else(|| dec(&p["closeoutAsk"]));
         match (bid, ask) {
-            (Some(b), Some(a)) => Ok(((b + a) / Decimal::TWO).normalize()),
+            (Some(b), Some(a)) => Ok(crate::money::midpoint(b, a)?),
             (Some(x), None) | (None, Some(x)) => Ok(x),
             (None, None) => Err(http::unexpected(NAME, "price without bids or asks")),
         }
@@ -369,7 +369,7 @@ impl Exchange for OandaClient {
         };
         let long = dec(&p["long"]["units"]).unwrap_or_default();
         let short = dec(&p["short"]["units"]).unwrap_or_default();
-        let net = long + short;
+        let net = crate::money::add(long, short)?;
         if net.is_zero() {
             return Ok(None);
         }

@@ -165,12 +165,11 @@ impl Exchange for PaperExchange {
                     o.quantity, o.symbol, rules.min_qty
                 )));
             }
-            if o.quantity * price < rules.min_notional {
+            let notional = crate::money::mul(o.quantity, price)?;
+            if notional < rules.min_notional {
                 return Err(ExchangeError::permanent(format!(
                     "paper: notional {} of {} is below the minimum {}",
-                    o.quantity * price,
-                    o.symbol,
-                    rules.min_notional
+                    notional, o.symbol, rules.min_notional
                 )));
             }
         }

@@ -409,7 +409,7 @@ impl Exchange for TradierClient {
         }
         match (dec(&q["bid"]), dec(&q["ask"])) {
             (Some(b), Some(a)) if b > Decimal::ZERO && a > Decimal::ZERO => {
-                Ok(((b + a) / Decimal::TWO).normalize())
+                Ok(crate::money::midpoint(b, a)?)
             }
             _ => Err(ExchangeError::permanent(format!(
                 "tradier: no usable price for {symbol}"
@@ -432,7 +432,8 @@ impl Exchange for TradierClient {
             return Ok(None);
         }
         let entry = dec(&p["cost_basis"])
-            .map(|c| (c / qty.abs()).round_dp(6).normalize())
+            .and_then(|c| crate::money::div(c, qty.abs()).ok())
+            .map(|e| e.round_dp(6).normalize())
             .filter(|e| *e > Decimal::ZERO);
         Ok(ExPosition::from_signed(qty, entry))
     }
