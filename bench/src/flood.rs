@@ -9,14 +9,13 @@
 //! users are sent open-loop from this process at a fixed rate, starting 1 s into the flood.
 //! 127.0.0.1 is declared a shared source (`SPARKY_SHARED_SOURCES`), as TradingView's addresses are.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use serde_json::json;
 
 use crate::cpu::{self, CpuUse};
-use crate::ingress::{WRK_CONNECTIONS, WRK_THREADS};
+use crate::ingress::start_wrk;
 use crate::latency;
 use crate::setup::{self, Ctx, Scope};
 
@@ -126,27 +125,7 @@ async fn run_in(ctx: &Ctx, scope: &Scope, known_rate: u64) -> anyhow::Result<Flo
     // 1 s of flood alone, the known users (KNOWN_USERS / known_rate s), 2 s more.
     let known_secs = (KNOWN_USERS as u64).div_ceil(known_rate.max(1));
     let secs = known_secs + 3;
-    let wrk = tokio::process::Command::new("wrk")
-        .args([
-            "-t",
-            &WRK_THREADS.to_string(),
-            "-c",
-            &WRK_CONNECTIONS.to_string(),
-            "-d",
-            &format!("{secs}s"),
-            "--timeout",
-            "5s",
-            "-s",
-        ])
-        .arg(&script)
-        .arg(&url)
-        .arg("--")
-        .arg(&names)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting wrk (scripts/bench installs it: apt-get install wrk)")?;
+    let wrk = start_wrk(&script, &url, secs, &names)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pids = [ingress.pid()];
     let before = cpu::snapshot(&pids);

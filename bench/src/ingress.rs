@@ -115,16 +115,15 @@ fn bodies(users: &[User]) -> String {
     out
 }
 
-async fn wrk(
-    ctx: &Ctx,
+/// Start `wrk` (the bench's threads and connections) for `secs` against `url`, with the Lua
+/// `script` reading its bodies from `script_arg`.
+pub fn start_wrk(
+    script: &Path,
     url: &str,
     secs: u64,
-    bodies: &Path,
-    sparky_pids: &[u32],
-) -> anyhow::Result<WrkStats> {
-    let script = ctx.tmp.join("bench.lua");
-    std::fs::write(&script, WRK_LUA)?;
-    let child = tokio::process::Command::new("wrk")
+    script_arg: &Path,
+) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new("wrk")
         .args([
             "-t",
             &WRK_THREADS.to_string(),
@@ -136,15 +135,27 @@ async fn wrk(
             "5s",
             "-s",
         ])
-        .arg(&script)
+        .arg(script)
         .arg(url)
         .arg("--")
-        .arg(bodies)
+        .arg(script_arg)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .context("starting wrk (scripts/bench installs it: apt-get install wrk)")?;
+        .context("starting wrk (scripts/bench installs it: apt-get install wrk)")
+}
+
+async fn wrk(
+    ctx: &Ctx,
+    url: &str,
+    secs: u64,
+    bodies: &Path,
+    sparky_pids: &[u32],
+) -> anyhow::Result<WrkStats> {
+    let script = ctx.tmp.join("bench.lua");
+    std::fs::write(&script, WRK_LUA)?;
+    let child = start_wrk(&script, url, secs, bodies)?;
     // CPU is sampled inside wrk's run, so wrk is still there to be counted.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = cpu::snapshot(sparky_pids);
