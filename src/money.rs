@@ -113,6 +113,9 @@ mod tests {
         assert!(round_down(huge, dec!(0.0001)).is_err());
         assert!(mul(huge, dec!(150.25)).is_err());
         assert_eq!(midpoint(dec!(1.0845), dec!(1.0855)), Ok(dec!(1.085)));
-        assert!(midpoint(Decimal::MAX, Decimal::MAX).is_err(), "a broker quoting absurd prices");
+        assert!(
+            midpoint(Decimal::MAX, Decimal::MAX).is_err(),
+            "a broker quoting absurd prices"
+        );
     }
 }
