@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use sparky::domain::{parse_alert, Job};
 use uuid::Uuid;
 
-use crate::exchanges::{store_credentials, AsterFake, Fault, ASTER_KEY, ASTER_SECRET};
+use crate::fakes::{store_credentials, AsterFake, Fault, ASTER_KEY, ASTER_SECRET};
 use crate::helpers::*;
 use crate::ordering::{enqueue_surely, finished_jobs, wait_finished};
 use crate::procs::*;

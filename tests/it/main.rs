@@ -1,14 +1,17 @@
 //! Integration tests on real Redis and Postgres (one test binary; each test isolated by its own
 //! database and Redis namespace).
 
+mod aster;
 mod auth;
 mod chaos;
 mod credentials;
 mod exchanges;
 mod failures;
+mod fakes;
 mod faults;
 mod helpers;
 mod hostile;
+mod oanda;
 mod operations;
 mod ordering;
 mod pipeline;
@@ -17,4 +20,5 @@ mod recovery;
 mod scripted;
 mod security;
 mod takeover;
+mod tradier;
 mod webhook;

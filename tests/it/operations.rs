@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::exchanges::*;
+use crate::fakes::*;
 use crate::helpers::*;
 
 const ORDER: &str = "POST /fapi/v1/order";

@@ -1,0 +1,429 @@
+//! The Aster client against its fake.
+
+use std::time::{Duration, Instant};
+
+use rust_decimal_macros::dec;
+use serde_json::json;
+use sparky::domain::{Action, ExchangeKind, OrderSide, OrderType, Symbol};
+use sparky::exchanges::aster::AsterClient;
+use sparky::exchanges::{client_order_id, ErrorClass, Exchange, Leg, OrderRequest, OrderState};
+use sparky::executor::JobStatus;
+
+use crate::fakes::*;
+
+fn order_params(s: &Seen) -> Vec<(String, String)> {
+    params(&s.body)
+}
+
+#[tokio::test]
+async fn aster_signs_every_private_call_and_a_bad_secret_is_refused_with_1022() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let sym = Symbol::parse("ETHUSDT", ExchangeKind::Aster).unwrap();
+    assert_eq!(ex.position(&sym).await.unwrap(), None);
+    let seen = fake.core.seen("GET /fapi/v2/positionRisk");
+    let q = params(&seen[0].query);
+    assert_eq!(
+        q.last().unwrap().0,
+        "signature",
+        "signature is the last parameter"
+    );
+    assert!(param(&q, "timestamp").is_some() && param(&q, "recvWindow") == Some("5000"));
+    assert_eq!(seen[0].headers["X-MBX-APIKEY"], ASTER_KEY);
+
+    let bad = creds(
+        ExchangeKind::Aster,
+        ASTER_KEY,
+        "not-the-secret",
+        None,
+        json!({}),
+    );
+    let bad = AsterClient::new(&bad, &ctx(Duration::from_secs(5), &url, "x", "x")).unwrap();
+    let e = bad.position(&sym).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Permanent);
+    assert!(
+        e.message.contains("-1022") && e.message.contains("Signature"),
+        "{e}"
+    );
+    assert!(!e.message.contains("not-the-secret"));
+    let dbg = format!("{bad:?}");
+    assert!(
+        !dbg.contains("not-the-secret") && !dbg.contains(ASTER_KEY),
+        "{dbg}"
+    );
+}
+
+#[tokio::test]
+async fn aster_market_buy_is_sized_to_the_market_lot_step_and_recorded() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    // 100 USD of ETH at 3000 = 0.0333.. -> 0.033
+    let j = job(
+        ExchangeKind::Aster,
+        Action::Buy,
+        "BINANCE:ETHUSDT",
+        dec!(100),
+    );
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    let post = &fake.core.seen("POST /fapi/v1/order")[0];
+    let p = order_params(post);
+    assert!(post.query.is_empty(), "parameters go in the body only");
+    assert_eq!(param(&p, "symbol"), Some("ETHUSDT"));
+    assert_eq!(param(&p, "side"), Some("BUY"));
+    assert_eq!(param(&p, "type"), Some("MARKET"));
+    assert_eq!(param(&p, "quantity"), Some("0.033"));
+    assert_eq!(param(&p, "reduceOnly"), None);
+    assert_eq!(param(&p, "newOrderRespType"), Some("RESULT"));
+    let open_id = client_order_id(j.job_id, Leg::Open);
+    assert_eq!(param(&p, "newClientOrderId"), Some(open_id.as_str()));
+    assert_eq!(p.last().unwrap().0, "signature");
+    assert_eq!(out.fills[0].quantity, dec!(0.033));
+    assert_eq!(out.fills[0].price, Some(dec!(3000)));
+    assert_eq!(out.fills[0].status, sparky::job::FillState::Filled);
+
+    // SOLUSDT: LOT_SIZE step 0.01 but MARKET_LOT_SIZE step 0.1: 100/150 = 0.666 -> 0.6
+    let j = job(ExchangeKind::Aster, Action::Sell, "SOLUSDT", dec!(100));
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    let p = order_params(&fake.core.seen("POST /fapi/v1/order")[1]);
+    assert_eq!(param(&p, "quantity"), Some("0.6"));
+    assert_eq!(param(&p, "side"), Some("SELL"));
+    // exchangeInfo was fetched once and cached for both symbols.
+    assert_eq!(fake.core.seen("GET /fapi/v1/exchangeInfo").len(), 1);
+}
+
+#[tokio::test]
+async fn aster_too_small_orders_never_reach_the_exchange() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    // 4 USD -> 0.001 ETH = 3 USD notional, below MIN_NOTIONAL 5
+    let out = run(
+        &ex,
+        &job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(4)),
+    )
+    .await;
+    assert_eq!(out.status, JobStatus::Rejected);
+    assert!(
+        out.message
+            .as_ref()
+            .unwrap()
+            .contains("below the minimum 5"),
+        "{out:?}"
+    );
+    // and straight at the client: 0.0019 rounds down to 0.001 -> 3 USD
+    let sym = Symbol::parse("ETHUSDT", ExchangeKind::Aster).unwrap();
+    let e = ex
+        .place_order(&OrderRequest {
+            on_fill: None,
+            symbol: sym.clone(),
+            side: OrderSide::Buy,
+            quantity: dec!(0.0019),
+            order_type: OrderType::Market,
+            limit_price: None,
+            reduce_only: false,
+            leg: Leg::Open,
+            client_order_id: "x1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Permanent);
+    assert!(
+        e.message.contains("0.001") && e.message.contains("notional"),
+        "{e}"
+    );
+    assert!(fake.core.seen("POST /fapi/v1/order").is_empty());
+
+    // A limit price is rounded to the tick before it is sent.
+    let ack = ex
+        .place_order(&OrderRequest {
+            on_fill: None,
+            symbol: sym,
+            side: OrderSide::Buy,
+            quantity: dec!(0.01),
+            order_type: OrderType::Limit,
+            limit_price: Some(dec!(2999.996)),
+            reduce_only: false,
+            leg: Leg::Open,
+            client_order_id: "x2".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ack.state, OrderState::Accepted);
+    let p = order_params(&fake.core.seen("POST /fapi/v1/order")[0]);
+    assert_eq!(param(&p, "price"), Some("3000"));
+    assert_eq!(param(&p, "timeInForce"), Some("GTC"));
+}
+
+#[tokio::test]
+async fn aster_reversal_closes_reduce_only_then_opens() {
+    let (fake, url) = AsterFake::start().await;
+    fake.st
+        .lock()
+        .unwrap()
+        .positions
+        .insert("ETHUSDT".into(), dec!(-0.05));
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let j = job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(100));
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    let posts = fake.core.seen("POST /fapi/v1/order");
+    assert_eq!(posts.len(), 2);
+    let close = order_params(&posts[0]);
+    assert_eq!(param(&close, "reduceOnly"), Some("true"));
+    assert_eq!(param(&close, "side"), Some("BUY"));
+    assert_eq!(param(&close, "quantity"), Some("0.05"));
+    assert_eq!(
+        param(&close, "newClientOrderId"),
+        Some(client_order_id(j.job_id, Leg::Close).as_str())
+    );
+    let open = order_params(&posts[1]);
+    assert_eq!(param(&open, "reduceOnly"), None);
+    assert_eq!(param(&open, "quantity"), Some("0.033"));
+    assert_eq!(fake.st.lock().unwrap().positions["ETHUSDT"], dec!(0.033));
+    let legs: Vec<_> = out.fills.iter().map(|f| f.leg).collect();
+    assert_eq!(legs, vec![Leg::Close, Leg::Open]);
+
+    // close: no position -> skipped; with one -> a reduce-only market order
+    let out = run(
+        &ex,
+        &job(ExchangeKind::Aster, Action::Close, "ETHUSDT", dec!(1)),
+    )
+    .await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    assert_eq!(fake.st.lock().unwrap().positions["ETHUSDT"], dec!(0));
+    let out = run(
+        &ex,
+        &job(ExchangeKind::Aster, Action::Close, "ETHUSDT", dec!(1)),
+    )
+    .await;
+    assert_eq!(out.status, JobStatus::Skipped, "{out:?}");
+}
+
+#[tokio::test]
+async fn aster_rate_limits_and_5xx_are_retried_honouring_retry_after() {
+    let (fake, url) = AsterFake::start().await;
+    fake.core.inject(
+        "POST /fapi/v1/order",
+        Fault::Reply(
+            429,
+            json!({"code": -1003, "msg": "Too many requests."}),
+            vec![("Retry-After", "1".into())],
+        ),
+    );
+    fake.core.inject(
+        "POST /fapi/v1/order",
+        Fault::Reply(
+            500,
+            json!({"code": -1001, "msg": "Internal error."}),
+            vec![],
+        ),
+    );
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let j = job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(100));
+    let started = Instant::now();
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+    let classes: Vec<_> = out.history.iter().map(|h| h.class.as_str()).collect();
+    assert_eq!(classes, vec!["transient", "transient"]);
+    // Every retry carried the same client order id, and exactly one order exists.
+    let open_id = client_order_id(j.job_id, Leg::Open);
+    for s in fake.core.seen("POST /fapi/v1/order") {
+        assert_eq!(
+            param(&order_params(&s), "newClientOrderId"),
+            Some(open_id.as_str())
+        );
+    }
+    assert_eq!(fake.orders_with(&open_id), 1);
+}
+
+#[tokio::test]
+async fn aster_503_after_the_order_was_recorded_is_resolved_by_lookup() {
+    let (fake, url) = AsterFake::start().await;
+    // Aster would accept a blind resend of a filled order's id: only the look-up prevents a double.
+    fake.core.inject(
+        "POST /fapi/v1/order",
+        Fault::AfterDoing(503, json!({"code": -1007, "msg": "Timeout waiting for response from backend server. Send status unknown; execution status unknown."})),
+    );
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let j = job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(100));
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    let open_id = client_order_id(j.job_id, Leg::Open);
+    assert_eq!(fake.orders_with(&open_id), 1);
+    assert_eq!(fake.core.seen("POST /fapi/v1/order").len(), 1);
+    let lookups = fake.core.seen("GET /fapi/v1/order");
+    assert!(!lookups.is_empty());
+    assert_eq!(
+        param(&params(&lookups[0].query), "origClientOrderId"),
+        Some(open_id.as_str())
+    );
+    assert_eq!(out.fills[0].exchange_order_id.as_deref(), Some("1000"));
+}
+
+#[tokio::test]
+async fn aster_timeout_after_the_order_was_recorded_leaves_exactly_one_order() {
+    let (fake, url) = AsterFake::start().await;
+    fake.core.inject(
+        "POST /fapi/v1/order",
+        Fault::HangAfterDoing(Duration::from_secs(3)),
+    );
+    let ex = aster_client(&url, Duration::from_millis(700), json!({}));
+    let j = job(ExchangeKind::Aster, Action::Sell, "ETHUSDT", dec!(100));
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    assert_eq!(
+        out.history.len(),
+        0,
+        "resolved by the look-up within the attempt"
+    );
+    assert_eq!(fake.orders_with(&client_order_id(j.job_id, Leg::Open)), 1);
+    assert_eq!(fake.orders().len(), 1);
+    assert_eq!(fake.st.lock().unwrap().positions["ETHUSDT"], dec!(-0.033));
+}
+
+#[tokio::test]
+async fn aster_unknown_outcome_with_no_order_resends_the_same_id_once() {
+    let (fake, url) = AsterFake::start().await;
+    // 503 without recording anything: the look-up says -2013, so the leg is sent again.
+    fake.core.inject(
+        "POST /fapi/v1/order",
+        Fault::Reply(
+            503,
+            json!({"code": -1007, "msg": "execution status unknown"}),
+            vec![],
+        ),
+    );
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let j = job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(100));
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    let open_id = client_order_id(j.job_id, Leg::Open);
+    let posts = fake.core.seen("POST /fapi/v1/order");
+    assert_eq!(posts.len(), 2);
+    for s in &posts {
+        assert_eq!(
+            param(&order_params(s), "newClientOrderId"),
+            Some(open_id.as_str())
+        );
+    }
+    assert_eq!(fake.orders_with(&open_id), 1);
+}
+
+#[tokio::test]
+async fn aster_duplicate_id_4116_means_already_placed() {
+    let (fake, url) = AsterFake::start().await;
+    fake.st.lock().unwrap().reject_duplicates = true;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let order = OrderRequest {
+        on_fill: None,
+        symbol: Symbol::parse("ETHUSDT", ExchangeKind::Aster).unwrap(),
+        side: OrderSide::Buy,
+        quantity: dec!(0.01),
+        order_type: OrderType::Market,
+        limit_price: None,
+        reduce_only: false,
+        leg: Leg::Open,
+        client_order_id: "spdup".into(),
+    };
+    let first = ex.place_order(&order).await.unwrap();
+    let again = ex.place_order(&order).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(again.state, OrderState::Filled);
+    assert_eq!(fake.orders_with("spdup"), 1);
+}
+
+#[tokio::test]
+async fn aster_margin_rejection_is_permanent_with_the_brokers_message() {
+    let (fake, url) = AsterFake::start().await;
+    fake.st.lock().unwrap().margin_limit = Some(dec!(50));
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let out = run(
+        &ex,
+        &job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(100)),
+    )
+    .await;
+    assert_eq!(out.status, JobStatus::Rejected);
+    assert_eq!(out.error_class, Some(sparky::job::FailureClass::Permanent));
+    assert!(
+        out.message
+            .as_ref()
+            .unwrap()
+            .contains("Margin is insufficient. (code -2019)"),
+        "{out:?}"
+    );
+    assert_eq!(
+        fake.core.seen("POST /fapi/v1/order").len(),
+        1,
+        "not retried"
+    );
+}
+
+#[tokio::test]
+async fn aster_clock_drift_is_corrected_after_1021() {
+    let (fake, url) = AsterFake::start().await;
+    fake.st.lock().unwrap().clock_skew_ms = 20_000;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let sym = Symbol::parse("ETHUSDT", ExchangeKind::Aster).unwrap();
+    assert_eq!(ex.position(&sym).await.unwrap(), None);
+    assert_eq!(fake.core.seen("GET /fapi/v1/time").len(), 1);
+    // The offset is kept: the next call is accepted at once.
+    ex.position(&sym).await.unwrap();
+    assert_eq!(fake.core.seen("GET /fapi/v2/positionRisk").len(), 3);
+}
+
+#[tokio::test]
+async fn aster_leverage_and_protective_orders() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({"leverage": 5}));
+    let mut j = job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(100));
+    j.alert.stop_loss_percent = Some(dec!(2));
+    j.alert.take_profit_percent = Some(dec!(4));
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    assert_eq!(
+        fake.st.lock().unwrap().leverage,
+        vec![("ETHUSDT".to_string(), "5".to_string())]
+    );
+    let routes = fake.core.routes();
+    let lev = routes
+        .iter()
+        .position(|r| r == "POST /fapi/v1/leverage")
+        .unwrap();
+    let ord = routes
+        .iter()
+        .position(|r| r == "POST /fapi/v1/order")
+        .unwrap();
+    assert!(lev < ord, "leverage is set before the order");
+    let orders = fake.orders();
+    assert_eq!(orders.len(), 3);
+    let sl = &orders[1];
+    assert_eq!(sl["type"], "STOP_MARKET");
+    assert_eq!(sl["stopPrice"], "2940");
+    assert_eq!(sl["side"], "SELL");
+    assert_eq!(
+        sl["clientOrderId"],
+        client_order_id(j.job_id, Leg::StopLoss)
+    );
+    let tp = &orders[2];
+    assert_eq!(tp["type"], "TAKE_PROFIT_MARKET");
+    assert_eq!(tp["stopPrice"], "3120");
+    assert_eq!(
+        tp["clientOrderId"],
+        client_order_id(j.job_id, Leg::TakeProfit)
+    );
+
+    let bad = creds(
+        ExchangeKind::Aster,
+        ASTER_KEY,
+        ASTER_SECRET,
+        None,
+        json!({"leverage": 500}),
+    );
+    let e = AsterClient::new(&bad, &ctx(Duration::from_secs(1), &url, "x", "x")).unwrap_err();
+    assert!(e.message.contains("1 to 125"), "{e}");
+}
