@@ -273,6 +273,10 @@ pub struct Alert {
     pub stop_loss_percent: Option<Decimal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub take_profit_percent: Option<Decimal>,
+    /// Close only this share of the open position (0 < x <= 100); the rest stays open with its
+    /// protection resized. Absent: a close closes it all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_percent: Option<Decimal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -384,6 +388,15 @@ pub mod bounds {
         }
     }
 
+    /// `close_percent`: 0 < x <= 100 (100 closes everything).
+    pub fn close_percent(d: Decimal) -> Result<(), String> {
+        if d > Decimal::ZERO && d <= Decimal::ONE_HUNDRED {
+            Ok(())
+        } else {
+            Err(format!("must be greater than 0 and at most 100, got {d}"))
+        }
+    }
+
     pub fn max_lag_secs(n: u64) -> Result<(), String> {
         if (1..=MAX_LAG_SECS).contains(&n) {
             Ok(())
@@ -448,6 +461,9 @@ impl Alert {
         }
         if let Some(p) = self.take_profit_percent {
             check("take_profit_percent", bounds::percent(p));
+        }
+        if let Some(p) = self.close_percent {
+            check("close_percent", bounds::close_percent(p));
         }
         if let Some(t) = self.timestamp {
             check("timestamp", bounds::timestamp(t));
@@ -548,6 +564,7 @@ pub fn parse_alert(
     let stop_loss_percent = bounded_decimal(body, "stop_loss_percent", bounds::percent, &mut bad);
     let take_profit_percent =
         bounded_decimal(body, "take_profit_percent", bounds::percent, &mut bad);
+    let close_percent = bounded_decimal(body, "close_percent", bounds::close_percent, &mut bad);
     let strategy_id = short_text(body, "strategy_id", &mut bad);
     let strategy = short_text(body, "strategy", &mut bad);
     let alert_id = match short_text(body, "alert_id", &mut bad) {
@@ -618,6 +635,7 @@ pub fn parse_alert(
         position_size_usd,
         stop_loss_percent,
         take_profit_percent,
+        close_percent,
         strategy_id,
         strategy,
         alert_id,

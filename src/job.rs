@@ -20,6 +20,14 @@ pub enum JobStatus {
     Skipped,
     Rejected,
     Dead,
+    /// The order was accepted but has not filled (a resting limit entry, a Tradier order outside
+    /// market hours). The stream entry is done; the order follower moves the job on to
+    /// `succeeded`/`succeeded_unprotected` when it fills, or `expired` when its time runs out.
+    Working,
+    /// A working order that was cancelled at the end of its time without filling.
+    Expired,
+    /// A risk limit refused the job before any order was sent (the error names the rule).
+    Blocked,
 }
 
 impl JobStatus {
@@ -32,13 +40,17 @@ impl JobStatus {
             JobStatus::Skipped => "skipped",
             JobStatus::Rejected => "rejected",
             JobStatus::Dead => "dead",
+            JobStatus::Working => "working",
+            JobStatus::Expired => "expired",
+            JobStatus::Blocked => "blocked",
         }
     }
     /// Does a job in this state belong in the dead-letter stream (and may it be replayed)?
     pub fn is_failure(self) -> bool {
         matches!(self, JobStatus::Rejected | JobStatus::Dead)
     }
-    /// Is this a final state (nothing more will happen to the job unless it is replayed)?
+    /// Is the job's stream work over (its entry may be acked)? Every state but `queued` and
+    /// `executing`; a `working` job is then followed by the order follower, not by its entry.
     pub fn is_final(self) -> bool {
         !matches!(self, JobStatus::Queued | JobStatus::Executing)
     }
@@ -142,6 +154,9 @@ mod tests {
             JobStatus::Skipped,
             JobStatus::Rejected,
             JobStatus::Dead,
+            JobStatus::Working,
+            JobStatus::Expired,
+            JobStatus::Blocked,
         ] {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }

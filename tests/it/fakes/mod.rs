@@ -238,6 +238,7 @@ pub(crate) fn job(kind: ExchangeKind, action: Action, symbol: &str, usd: Decimal
             position_size_usd: Some(usd),
             stop_loss_percent: None,
             take_profit_percent: None,
+            close_percent: None,
             strategy_id: None,
             strategy: None,
             alert_id: None,
