@@ -214,6 +214,28 @@ impl FromStr for CredentialEnv {
     }
 }
 
+/// One broker account of a user: where positions and orders live. Two credential rows of one user
+/// (paper and Aster, or an Aster production and sandbox key) are two accounts, and a symbol open
+/// on one is unrelated to the same symbol on the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Account {
+    pub user_id: Uuid,
+    pub exchange: ExchangeKind,
+    pub environment: CredentialEnv,
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}",
+            self.user_id,
+            self.exchange,
+            self.environment.as_str()
+        )
+    }
+}
+
 /// A trading symbol in the exchange's own form (`ETHUSDT`, `EUR_USD`, `AAPL`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::domain::{Job, OrderSide, OrderType, Side};
+use crate::domain::{CredentialEnv, Job, OrderSide, OrderType, Side};
 use crate::exchanges::{
     client_order_id, ErrorClass, ExPosition, Exchange, ExchangeError, Leg, OnFill, OrderAck,
     OrderRequest, OrderState, Protection,
@@ -80,6 +80,9 @@ pub struct Outcome {
     pub message: Option<String>,
     pub error_class: Option<FailureClass>,
     pub history: Vec<AttemptError>,
+    /// The environment of the credentials the job ran with: with the job's user and exchange, the
+    /// account its fills and position belong to. Set by the worker once the credentials are loaded.
+    pub environment: CredentialEnv,
 }
 
 impl Outcome {
@@ -91,6 +94,7 @@ impl Outcome {
             message: Some(message.into()),
             error_class: None,
             history: vec![],
+            environment: CredentialEnv::Production,
         }
     }
     /// A job that fails before reaching the exchange (no credentials, stale, ...).
@@ -237,6 +241,7 @@ pub async fn execute_until(
             message: Some(message),
             error_class: Some(err.class.into()),
             history,
+            environment: CredentialEnv::Production,
         });
     }
 }
@@ -585,6 +590,7 @@ fn still_open_after_close(
             message: message.clone(),
         }],
         message: Some(message),
+        environment: CredentialEnv::Production,
     }
 }
 
@@ -723,5 +729,6 @@ fn done(fills: &mut Vec<Fill>, position: PositionChange) -> Outcome {
         message: None,
         error_class: None,
         history: vec![],
+        environment: CredentialEnv::Production,
     }
 }

@@ -7,22 +7,25 @@
 //!   they are marketable (buy limit >= price, sell limit <= price); a paper exchange keeps no order
 //!   book, so a non-marketable limit order is rejected with a message saying so.
 //! - Orders below the minimum quantity or notional, or not a multiple of the step, are rejected.
-//! - Its "account" is Sparky's own `positions`/`trades` tables: the position it reports is the stored
-//!   one and an order look-up by client order id reads `trades`. Since those rows are written in the
-//!   same transaction as the job's final state, a paper order that was "placed" by a worker that
-//!   crashed before committing never existed, and a redelivery places it again: exactly once.
+//! - Its account is the user's **paper account** in Sparky's own tables: the position it reports is
+//!   the stored row of the account (user, `paper`, environment) and nothing else — never a row of a
+//!   live account (Aster, OANDA, Tradier) in the same symbol — and an order look-up by client order
+//!   id reads `trades`. Since those rows are written in the same transaction as the job's final
+//!   state, a paper order that was "placed" by a worker that crashed before committing never
+//!   existed, and a redelivery places it again: exactly once. (Keeping the paper book in the same
+//!   commit also keeps the paper pipeline at one transaction per job; a separate paper ledger would
+//!   add a second.)
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
-use uuid::Uuid;
 
 use super::{
     ExPosition, Exchange, ExchangeError, OrderAck, OrderRequest, OrderState, Protection,
     SymbolRules,
 };
 use crate::credentials::Credentials;
-use crate::domain::{ExchangeKind, OrderSide, OrderType, Symbol};
+use crate::domain::{Account, ExchangeKind, OrderSide, OrderType, Symbol};
 use crate::store::Store;
 
 /// (symbol, price, step, min notional)
@@ -70,7 +73,7 @@ pub fn paper_market(symbol: &str) -> (Decimal, SymbolRules) {
 
 pub struct PaperExchange {
     store: Store,
-    user_id: Uuid,
+    account: Account,
     /// Simulated order latency, uniformly in `min..=max` ms (`extra_config.latency_ms`).
     latency_ms: Option<(u64, u64)>,
 }
@@ -91,7 +94,11 @@ impl PaperExchange {
         };
         PaperExchange {
             store,
-            user_id: creds.user_id,
+            account: Account {
+                user_id: creds.user_id,
+                exchange: ExchangeKind::Paper,
+                environment: creds.environment,
+            },
             latency_ms,
         }
     }
@@ -139,7 +146,7 @@ impl Exchange for PaperExchange {
     async fn position(&self, symbol: &Symbol) -> Result<Option<ExPosition>, ExchangeError> {
         let p = self
             .store
-            .position(self.user_id, symbol.as_str())
+            .position(&self.account, symbol.as_str())
             .await
             .map_err(db_error)?;
         Ok(p.map(|p| ExPosition {
@@ -212,7 +219,7 @@ impl Exchange for PaperExchange {
     ) -> Result<Option<OrderAck>, ExchangeError> {
         let t = self
             .store
-            .trade_by_client_order_id(self.user_id, client_order_id)
+            .trade_by_client_order_id(self.account.user_id, client_order_id)
             .await
             .map_err(db_error)?;
         Ok(t.map(|t| OrderAck {

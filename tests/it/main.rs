@@ -11,6 +11,7 @@ mod fakes;
 mod faults;
 mod helpers;
 mod hostile;
+mod lifecycle;
 mod oanda;
 mod operations;
 mod ordering;

@@ -328,3 +328,21 @@ pub(crate) fn aster_client(url: &str, timeout: Duration, extra: Value) -> AsterC
     let c = creds(ExchangeKind::Aster, ASTER_KEY, ASTER_SECRET, None, extra);
     AsterClient::new(&c, &ctx(timeout, url, "http://unused", "http://unused")).unwrap()
 }
+
+/// An Aster fake, an app whose worker talks to it, and a user with Aster credentials.
+pub(crate) async fn aster_app() -> (Arc<AsterFake>, String, TestApp, Uuid, String) {
+    let (fake, url) = AsterFake::start().await;
+    let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
+    let (user, secret) = app.create_user().await;
+    store_credentials(
+        &app,
+        user,
+        "aster",
+        ASTER_KEY,
+        ASTER_SECRET,
+        None,
+        json!({}),
+    )
+    .await;
+    (fake, url, app, user, secret)
+}
