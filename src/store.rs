@@ -620,6 +620,7 @@ pub async fn record_fills(
     for f in &outcome.fills {
         insert_trade(tx, job, env, f).await?;
     }
+    record_broker_orders(tx, job, outcome).await?;
     match &outcome.position {
         PositionChange::Unchanged => {}
         PositionChange::Flat => {
@@ -675,8 +676,8 @@ async fn insert_trade(
 ) -> Result<(), StoreError> {
     let a = &job.alert;
     sqlx::query(
-        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment, pnl, exit_reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
          ON CONFLICT (job_id, leg) DO NOTHING",
     )
     .bind(job.job_id)
@@ -691,8 +692,58 @@ async fn insert_trade(
     .bind(f.exchange_order_id.as_deref().map(pg_text))
     .bind(f.status)
     .bind(environment)
+    .bind(f.pnl)
+    .bind(f.exit_reason)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// The orders the job left resting at the broker (`broker_orders`, state `open`) and the Sparky
+/// orders it cancelled (state `cancelled`). Skipped entirely when the job touched none (the common
+/// case: no statement is sent).
+async fn record_broker_orders(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: &Job,
+    outcome: &Outcome,
+) -> Result<(), StoreError> {
+    let a = &job.alert;
+    if !outcome.cancelled.is_empty() {
+        sqlx::query(
+            "UPDATE broker_orders SET state = 'cancelled', updated_at = now()
+             WHERE client_order_id = ANY($1) AND state = 'open'",
+        )
+        .bind(&outcome.cancelled)
+        .execute(&mut **tx)
+        .await?;
+    }
+    for o in &outcome.resting {
+        let expires_at = (o.leg == crate::exchanges::Leg::Open).then(|| {
+            let ttl = crate::executor::working_ttl_secs(a);
+            Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX / 1000))
+        });
+        sqlx::query(
+            "INSERT INTO broker_orders (client_order_id, job_id, user_id, exchange, environment, symbol, leg, side, quantity, price, exchange_order_id, state, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'open', $12)
+             ON CONFLICT (client_order_id) DO UPDATE SET
+               exchange_order_id = EXCLUDED.exchange_order_id, quantity = EXCLUDED.quantity,
+               price = EXCLUDED.price, state = 'open', updated_at = now()",
+        )
+        .bind(pg_text(&o.client_order_id))
+        .bind(job.job_id)
+        .bind(a.user_id)
+        .bind(a.exchange.as_str())
+        .bind(outcome.environment.as_str())
+        .bind(a.symbol.as_str())
+        .bind(o.leg.as_str())
+        .bind(o.side.as_str())
+        .bind(o.quantity)
+        .bind(o.price)
+        .bind(o.exchange_order_id.as_deref().map(pg_text))
+        .bind(expires_at)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 

@@ -32,7 +32,7 @@ use serde_json::Value;
 use super::http::{self, dec, id_text, Call, Reply};
 use super::{
     client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext, ExchangeError, Leg,
-    OrderAck, OrderRequest, OrderState, Protection, SymbolRules,
+    OpenOrder, OrderAck, OrderRequest, OrderState, Protection, RestingOrder, SymbolRules,
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
@@ -168,7 +168,8 @@ fn parse_order(o: &Value, coid: &str) -> Result<Parsed, ExchangeError> {
                 .filter(|s| !s.is_empty())
                 .unwrap_or(status)
         )),
-        _ if filled_qty > Decimal::ZERO => Parsed::Live(ack(OrderState::Filled)),
+        // Canceled / expired after a partial fill: what filled is the position.
+        _ if filled_qty > Decimal::ZERO => Parsed::Live(ack(OrderState::PartiallyFilled)),
         other => Parsed::Dead(format!("tradier order {id} is {other} with nothing filled")),
     })
 }
@@ -278,7 +279,7 @@ impl TradierClient {
         loop {
             if let Ok(o) = self.order_by_id(&id).await {
                 match parse_order(&o, coid)? {
-                    Parsed::Live(a) if a.state == OrderState::Filled => return Ok(a),
+                    Parsed::Live(a) if a.state.is_final() => return Ok(a),
                     Parsed::Live(a) => ack = a,
                     Parsed::Rejected(msg) | Parsed::Dead(msg) => {
                         return Err(ExchangeError::permanent(msg))
@@ -295,6 +296,14 @@ impl TradierClient {
 
     /// Today's orders carrying `tag`, reading every page.
     async fn orders_tagged(&self, tag: &str) -> Result<Vec<Value>, ExchangeError> {
+        self.orders_where(|o| o["tag"] == tag).await
+    }
+
+    /// Today's orders that `keep` picks, reading every page.
+    async fn orders_where(
+        &self,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Result<Vec<Value>, ExchangeError> {
         let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for page in 1..=MAX_PAGES {
@@ -312,7 +321,7 @@ impl TradierClient {
                     continue;
                 }
                 new += 1;
-                if o["tag"] == tag {
+                if keep(o) {
                     found.push(o.clone());
                 }
             }
@@ -349,12 +358,12 @@ impl TradierClient {
         p: &Protection,
         form: Vec<(String, String)>,
         coid: &str,
-    ) -> Result<(), ExchangeError> {
+    ) -> Result<OrderAck, ExchangeError> {
         let mut last = None;
         for attempt in 0..3u32 {
             if attempt > 0 {
-                if matches!(self.find_order(&p.symbol, coid).await, Ok(Some(_))) {
-                    return Ok(());
+                if let Ok(Some(ack)) = self.find_order(&p.symbol, coid).await {
+                    return Ok(ack);
                 }
                 let wait = last
                     .as_ref()
@@ -364,13 +373,13 @@ impl TradierClient {
                 tokio::time::sleep(wait).await;
             }
             match self.send_order(form.clone(), coid, false).await {
-                Ok(_) => return Ok(()),
+                Ok(ack) => return Ok(ack),
                 Err(e) if e.class == ErrorClass::Permanent => return Err(e),
                 Err(e) => last = Some(e),
             }
         }
-        if matches!(self.find_order(&p.symbol, coid).await, Ok(Some(_))) {
-            return Ok(());
+        if let Ok(Some(ack)) = self.find_order(&p.symbol, coid).await {
+            return Ok(ack);
         }
         Err(last.unwrap_or_else(|| ExchangeError::transient("tradier: protection not placed")))
     }
@@ -509,7 +518,7 @@ impl Exchange for TradierClient {
         let mut best = None;
         for o in self.orders_tagged(client_order_id).await? {
             match parse_order(&o, client_order_id)? {
-                Parsed::Live(a) if a.state == OrderState::Filled => return Ok(Some(a)),
+                Parsed::Live(a) if a.state.is_final() => return Ok(Some(a)),
                 Parsed::Live(a) => best = Some(a),
                 // A rejected or cancelled order had no effect: the leg may be sent again.
                 Parsed::Rejected(_) | Parsed::Dead(_) => {}
@@ -518,7 +527,7 @@ impl Exchange for TradierClient {
         Ok(best)
     }
 
-    async fn protect(&self, p: &Protection) -> Result<(), ExchangeError> {
+    async fn protect(&self, p: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
         let qty = whole(p.quantity);
         let side = match p.position_side {
             Side::Long => "sell",
@@ -526,7 +535,7 @@ impl Exchange for TradierClient {
         };
         let sym = p.symbol.to_string();
         let (form, coid) = match (p.stop_loss, p.take_profit) {
-            (None, None) => return Ok(()),
+            (None, None) => return Ok(vec![]),
             (Some(sl), Some(tp)) => {
                 let coid = client_order_id(p.job_id, Leg::StopLoss);
                 let q = qty.to_string();
@@ -560,7 +569,95 @@ impl Exchange for TradierClient {
                 (f, coid)
             }
         };
-        self.place_protective(p, form, &coid).await
+        let ack = self.place_protective(p, form, &coid).await?;
+        // One OCO order carries both levels under the stop-loss leg's id.
+        let order_side = OrderSide::closing(p.position_side);
+        let resting = |leg, price| RestingOrder {
+            leg,
+            client_order_id: client_order_id(p.job_id, leg),
+            exchange_order_id: Some(ack.exchange_order_id.clone()),
+            side: order_side,
+            quantity: qty,
+            price,
+        };
+        Ok(match (p.stop_loss, p.take_profit) {
+            (Some(sl), _) => vec![resting(Leg::StopLoss, Some(sl))],
+            (None, tp) => vec![resting(Leg::TakeProfit, tp)],
+        })
+    }
+
+    /// The account's open orders in `symbol` (statuses open, partially_filled, pending), read from
+    /// every page of `/orders`; an OCO order is one entry with both levels.
+    async fn open_orders(&self, symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
+        let mut open = Vec::new();
+        for o in self.orders_where(|_| true).await? {
+            let status = o["status"].as_str().unwrap_or_default();
+            if !matches!(status, "open" | "partially_filled" | "pending") {
+                continue;
+            }
+            let legs: Vec<&Value> = if o["class"] == "oco" {
+                list(&o["leg"])
+            } else {
+                vec![&o]
+            };
+            if !legs.iter().any(|l| l["symbol"] == symbol.as_str()) {
+                continue;
+            }
+            let Some(id) = id_text(&o["id"]) else {
+                return Err(http::unexpected(NAME, "order without `id`"));
+            };
+            let client_order_id = o["tag"].as_str().map(str::to_string);
+            let sparky_leg = client_order_id
+                .as_deref()
+                .and_then(super::parse_client_order_id)
+                .map(|(_, leg)| leg);
+            let mut order = OpenOrder {
+                exchange_order_id: id,
+                client_order_id,
+                side: match legs[0]["side"].as_str() {
+                    Some("buy" | "buy_to_cover") => OrderSide::Buy,
+                    _ => OrderSide::Sell,
+                },
+                quantity: dec(&legs[0]["quantity"]),
+                stop_loss: None,
+                take_profit: None,
+                limit_price: None,
+            };
+            for l in &legs {
+                match l["type"].as_str() {
+                    Some("stop") | Some("stop_limit") => {
+                        order.stop_loss = dec(&l["stop_price"]).or(dec(&l["stop"]))
+                    }
+                    Some("limit") if sparky_leg == Some(Leg::TakeProfit) || o["class"] == "oco" => {
+                        order.take_profit = dec(&l["price"])
+                    }
+                    Some("limit") => order.limit_price = dec(&l["price"]),
+                    _ => {}
+                }
+            }
+            open.push(order);
+        }
+        Ok(open)
+    }
+
+    async fn cancel_order(&self, _symbol: &Symbol, order: &OpenOrder) -> Result<(), ExchangeError> {
+        match self
+            .call(
+                Method::DELETE,
+                &format!(
+                    "/accounts/{}/orders/{}",
+                    self.account, order.exchange_order_id
+                ),
+                None,
+                Call::Write,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // "order already in finalized state": filled or cancelled meanwhile.
+            Err(e) if e.message.contains("finalized") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 

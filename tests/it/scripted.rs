@@ -12,8 +12,8 @@ use rust_decimal_macros::dec;
 use sparky::credentials::Credentials;
 use sparky::domain::{ExchangeKind, OrderSide, Side, Symbol};
 use sparky::exchanges::{
-    ExPosition, Exchange, ExchangeError, ExchangeFactory, OrderAck, OrderRequest, OrderState,
-    Protection, SymbolRules,
+    ExPosition, Exchange, ExchangeError, ExchangeFactory, OpenOrder, OrderAck, OrderRequest,
+    OrderState, Protection, RestingOrder, SymbolRules,
 };
 use tokio::sync::{Notify, Semaphore};
 
@@ -183,11 +183,20 @@ impl Exchange for Client {
             OrderSide::Buy => Side::Long,
             OrderSide::Sell => Side::Short,
         };
-        self.0
-            .positions
-            .lock()
-            .unwrap()
-            .insert(sym.into(), (side, order.quantity));
+        let mut positions = self.0.positions.lock().unwrap();
+        match positions.get(sym).copied() {
+            // A reduce-only order (a partial close) takes from the position.
+            Some((held, q)) if order.reduce_only && held != side => {
+                if order.quantity >= q {
+                    positions.remove(sym);
+                } else {
+                    positions.insert(sym.into(), (held, q - order.quantity));
+                }
+            }
+            _ => {
+                positions.insert(sym.into(), (side, order.quantity));
+            }
+        }
         Ok(a)
     }
     async fn close_position(
@@ -232,7 +241,17 @@ impl Exchange for Client {
             .find(|o| o.client_order_id == client_order_id)
             .map(|o| ack(&o.client_order_id, o.quantity)))
     }
-    async fn protect(&self, _protection: &Protection) -> Result<(), ExchangeError> {
+    async fn protect(&self, _protection: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
+        Ok(vec![])
+    }
+    async fn open_orders(&self, _symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
+        Ok(vec![])
+    }
+    async fn cancel_order(
+        &self,
+        _symbol: &Symbol,
+        _order: &OpenOrder,
+    ) -> Result<(), ExchangeError> {
         Ok(())
     }
 }

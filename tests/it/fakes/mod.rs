@@ -239,6 +239,7 @@ pub(crate) fn job(kind: ExchangeKind, action: Action, symbol: &str, usd: Decimal
             stop_loss_percent: None,
             take_profit_percent: None,
             close_percent: None,
+            limit_ttl_secs: None,
             strategy_id: None,
             strategy: None,
             alert_id: None,
