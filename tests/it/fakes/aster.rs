@@ -26,15 +26,6 @@ pub(crate) const ASTER_KEY: &str =
 pub(crate) const ASTER_SECRET: &str =
     "2b5eb11e18796d12d88f13dc27dbbd02c2cc51ff7059765ed9821957d82bb4d9";
 
-/// How much of the next MARKET order fills ([`AsterFake::partial_next`]).
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Partial {
-    /// This fraction of the quantity (rounded down to the market step).
-    Fraction(Decimal),
-    /// This quantity (at most the order's).
-    Qty(Decimal),
-}
-
 pub(crate) struct AsterState {
     /// symbol -> (price, tick, lot step, lot min, market step, market min, min notional)
     pub(crate) markets: HashMap<&'static str, [Decimal; 7]>,
@@ -271,43 +262,6 @@ impl AsterFake {
 /// NEW or PARTIALLY_FILLED.
 pub(crate) fn is_open(o: &Value) -> bool {
     matches!(o["status"].as_str(), Some("NEW") | Some("PARTIALLY_FILLED"))
-}
-
-/// Apply a signed fill to a position with an average entry price; returns the realized PnL.
-pub(crate) fn apply_fill(
-    positions: &mut HashMap<String, Decimal>,
-    entries: &mut HashMap<String, Decimal>,
-    sym: &str,
-    signed: Decimal,
-    price: Decimal,
-) -> Decimal {
-    if signed.is_zero() {
-        return Decimal::ZERO;
-    }
-    let pos = positions.get(sym).copied().unwrap_or_default();
-    let entry = entries.get(sym).copied().unwrap_or_default();
-    let mut pnl = Decimal::ZERO;
-    let new_pos = pos + signed;
-    if pos.is_zero() || pos.is_sign_positive() == signed.is_sign_positive() {
-        let e = (pos.abs() * entry + signed.abs() * price) / new_pos.abs();
-        entries.insert(sym.to_string(), e);
-    } else {
-        let closed = signed.abs().min(pos.abs());
-        pnl = closed
-            * (price - entry)
-            * if pos > Decimal::ZERO {
-                Decimal::ONE
-            } else {
-                -Decimal::ONE
-            };
-        if new_pos.is_zero() {
-            entries.remove(sym);
-        } else if new_pos.is_sign_positive() != pos.is_sign_positive() {
-            entries.insert(sym.to_string(), price);
-        }
-    }
-    positions.insert(sym.to_string(), new_pos);
-    pnl
 }
 
 pub(crate) fn aster_err(status: u16, code: i64, msg: &str) -> (u16, Value) {
