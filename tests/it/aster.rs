@@ -715,4 +715,56 @@ async fn aster_fake_partial_market_fill_ends_expired_and_a_limit_rests_until_cro
         .unwrap();
     assert_eq!(ack.state, OrderState::Filled);
     assert_eq!(fake.position("ETHUSDT"), dec!(0));
+
+    // By rule: every second reduce-only market order fills a third.
+    let mut n = 0;
+    fake.partial_when(move |o| {
+        if o["reduceOnly"] != true {
+            return None;
+        }
+        n += 1;
+        (n % 2 == 0).then_some(Partial::Fraction(dec!(0.34)))
+    });
+    ex.place_order(&req(
+        "r0",
+        OrderSide::Buy,
+        dec!(0.06),
+        OrderType::Market,
+        None,
+        false,
+    ))
+    .await
+    .unwrap();
+    for (coid, status) in [("r1", "FILLED"), ("r2", "EXPIRED"), ("r3", "FILLED")] {
+        ex.place_order(&req(
+            coid,
+            OrderSide::Sell,
+            dec!(0.015),
+            OrderType::Market,
+            None,
+            true,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(fake.order(coid).unwrap()["status"], status, "{coid}");
+    }
+    assert_eq!(fake.order("r0").unwrap()["status"], "FILLED");
+    assert_eq!(
+        fake.position("ETHUSDT"),
+        dec!(0.06) - dec!(0.015) - dec!(0.005) - dec!(0.015)
+    );
+    // positionRisk without a symbol: a row per market.
+    let (_, rows) = aster_call(&url, "GET", "/fapi/v2/positionRisk", &[]).await;
+    let amts: Vec<(&str, &str)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["symbol"].as_str().unwrap(),
+                r["positionAmt"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(amts, vec![("ETHUSDT", "0.025"), ("SOLUSDT", "0.000")]);
 }

@@ -577,4 +577,19 @@ async fn tradier_fake_working_orders_cancel_and_partial_fills() {
     assert_eq!(ack.filled_qty, dec!(2));
     assert_eq!(fake.position("AAPL"), dec!(5));
     assert_eq!(fake.orders_tagged("c1")[0]["status"], "canceled");
+    // By rule: close legs (tags ending in `c`) fill one share.
+    fake.partial_when(|o| {
+        o["tag"]
+            .as_str()
+            .unwrap()
+            .ends_with('c')
+            .then_some(Partial::Qty(dec!(1)))
+    });
+    let p = ex.position(&sym).await.unwrap().unwrap();
+    ex.close_position(&sym, &p, "x2c").await.unwrap();
+    assert_eq!(fake.position("AAPL"), dec!(4));
+    ex.close_position(&sym, &ex.position(&sym).await.unwrap().unwrap(), "x3")
+        .await
+        .unwrap();
+    assert_eq!(fake.position("AAPL"), dec!(0));
 }

@@ -1,4 +1,16 @@
 //! The Aster (Binance-style futures) fake.
+//!
+//! Endpoints: `exchangeInfo`, `ticker/price`, `time`, `positionRisk` (one symbol or all),
+//! `leverage`; `POST /fapi/v1/order` (MARKET, LIMIT, STOP_MARKET / TAKE_PROFIT_MARKET with
+//! `closePosition=true` or `quantity` [+ `reduceOnly`]); `GET /fapi/v1/order` and `openOrder`
+//! (by `orderId` or `origClientOrderId`), `openOrders` (`symbol` optional), `allOrders`,
+//! `userTrades`; `DELETE /fapi/v1/order` (-2011 "Unknown order sent." for a final or unknown order,
+//! configurable in `cancel_unknown`) and `allOpenOrders`.
+//!
+//! Test controls: `set_price(symbol, price)` fires crossed stops / take-profits / limits;
+//! `partial_next(fraction)`, `partial_next_qty(qty)`, `partial_when(rule)` (market orders that end
+//! `EXPIRED` with a partial `executedQty`); helpers `open_orders(symbol)`, `position(symbol)`,
+//! `order(coid)`, `orders_with(coid)`, `user_trades(symbol)`; `aster_call` sends any signed request.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -45,6 +57,8 @@ pub(crate) struct AsterState {
     /// Partial fills for the next MARKET orders (one entry per order, in order): the order ends
     /// `EXPIRED` with what filled as `executedQty`.
     pub(crate) partial: VecDeque<Partial>,
+    /// Consulted when `partial` is empty ([`PartialRule`]).
+    pub(crate) partial_rule: Option<PartialRule>,
     /// The error a cancel of a final or unknown order gets (Binance: -2011 "Unknown order sent.";
     /// Aster also lists -2013 "Order does not exist."; which one Aster sends is unverified).
     pub(crate) cancel_unknown: (i64, &'static str),
@@ -98,6 +112,7 @@ impl AsterFake {
                 margin_limit: None,
                 leverage: vec![],
                 partial: VecDeque::new(),
+                partial_rule: None,
                 cancel_unknown: (-2011, "Unknown order sent."),
                 fee_rate: dec!(0.0004),
             }),
@@ -176,6 +191,16 @@ impl AsterFake {
             .unwrap()
             .partial
             .push_back(Partial::Fraction(fraction));
+    }
+
+    /// Decide partial fills by a rule once the queue of [`AsterFake::partial_next`] is empty, e.g.
+    /// every fifth close leg fills half:
+    /// `fake.partial_when(move |o| ...count... .then_some(Partial::Fraction(dec!(0.5))))`.
+    pub(crate) fn partial_when(
+        &self,
+        rule: impl FnMut(&Value) -> Option<Partial> + Send + 'static,
+    ) {
+        self.st.lock().unwrap().partial_rule = Some(Box::new(rule));
     }
 
     /// As [`AsterFake::partial_next`], with the filled quantity itself.
@@ -368,24 +393,29 @@ impl AsterFake {
                 None => aster_err(400, -1121, "Invalid symbol."),
             },
             ("GET", "/fapi/v2/positionRisk") => {
-                let amt = st.positions.get(&sym).copied().unwrap_or_default();
-                let price = st
-                    .markets
-                    .get(sym.as_str())
-                    .map(|m| m[0])
-                    .unwrap_or_default();
-                let entry = st.entries.get(&sym).copied().unwrap_or_default();
-                let entry = if amt.is_zero() {
-                    "0.0".to_string()
+                // One row per symbol (every market without `symbol`), flat ones included.
+                let mut syms: Vec<String> = if sym.is_empty() {
+                    st.markets.keys().map(|k| k.to_string()).collect()
                 } else {
-                    entry.round_dp(8).normalize().to_string()
+                    vec![sym.clone()]
                 };
-                (
-                    200,
-                    json!([{"symbol": sym, "positionAmt": format!("{amt:.3}"), "entryPrice": entry,
-                    "markPrice": price.to_string(), "unRealizedProfit": "0.0", "leverage": "20",
-                    "marginType": "cross", "positionSide": "BOTH", "updateTime": now}]),
-                )
+                syms.sort();
+                let rows: Vec<Value> = syms
+                    .iter()
+                    .map(|s| {
+                        let amt = st.positions.get(s).copied().unwrap_or_default();
+                        let price = st.markets.get(s.as_str()).map(|m| m[0]).unwrap_or_default();
+                        let entry = match st.entries.get(s) {
+                            Some(e) if !amt.is_zero() => e.round_dp(8).normalize().to_string(),
+                            _ => "0.0".to_string(),
+                        };
+                        let upnl = st.entries.get(s).map(|e| (price - e) * amt).unwrap_or_default();
+                        json!({"symbol": s, "positionAmt": format!("{amt:.3}"), "entryPrice": entry,
+                            "markPrice": price.to_string(), "unRealizedProfit": upnl.round_dp(8).normalize().to_string(),
+                            "leverage": "20", "marginType": "cross", "positionSide": "BOTH", "updateTime": now})
+                    })
+                    .collect();
+                (200, Value::Array(rows))
             }
             ("POST", "/fapi/v1/leverage") => {
                 let lev = param(p, "leverage").unwrap_or_default().to_string();
@@ -582,7 +612,14 @@ impl AsterFake {
                         st.orders.push(order);
                         let i = st.orders.len() - 1;
                         if ty == "MARKET" {
-                            let filled = match st.partial.pop_front() {
+                            let part = {
+                                let st = &mut *st;
+                                let o = st.orders[i].clone();
+                                st.partial
+                                    .pop_front()
+                                    .or_else(|| st.partial_rule.as_mut().and_then(|r| r(&o)))
+                            };
+                            let filled = match part {
                                 None => qty,
                                 Some(Partial::Fraction(f)) => (qty * f / step).floor() * step,
                                 Some(Partial::Qty(q)) => q.min(qty),

@@ -43,6 +43,11 @@ pub(crate) enum Partial {
     Qty(Decimal),
 }
 
+/// Decides, for each market order the queue does not cover, whether it fills partly: it gets the
+/// order as the fake keeps it (Aster: `clientOrderId`, `reduceOnly`, `side`; Tradier: `tag`,
+/// `side`) and may count calls (e.g. every fifth close leg).
+pub(crate) type PartialRule = Box<dyn FnMut(&Value) -> Option<Partial> + Send>;
+
 /// Apply a signed fill to a position with an average entry price; returns the realized PnL.
 pub(crate) fn apply_fill(
     positions: &mut HashMap<String, Decimal>,

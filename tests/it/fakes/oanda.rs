@@ -1,4 +1,20 @@
 //! The OANDA v20 fake.
+//!
+//! A trade model: market and limit fills reduce the oldest opposite trades (or the dependent
+//! order's own trade) and open a trade with the rest; `stopLossOnFill` / `takeProfitOnFill` and
+//! `PUT /trades/{id|@clientID}/orders` make dependent STOP_LOSS / TAKE_PROFIT orders tied to the
+//! trade, which OANDA cancels (LINKED_TRADE_CLOSED) when the trade closes any other way.
+//!
+//! Endpoints: `instruments`, `pricing`, `openPositions`, `positions/{instrument}`,
+//! `positions/{instrument}/close` (ALL or units), `POST /orders` (MARKET, LIMIT), `pendingOrders`,
+//! `orders?state=&instrument=&count=&ids=`, `orders/{id|@clientID}`,
+//! `PUT orders/{id|@clientID}/cancel` (404 ORDER_DOESNT_EXIST when not pending), `trades?state=`,
+//! `openTrades`, `trades/{id|@clientID}`, `transactions/{id}`, `transactions/sinceid?id=`.
+//!
+//! Test controls: `set_price(instrument, price)` (bid = ask) and `set_quote(instrument, bid, ask)`
+//! fire crossed stop-losses, take-profits and limits; helpers `pending_orders()`,
+//! `position(instrument)`, `trade(spec)`, `open_trades(instrument)`, `orders_with(coid)`;
+//! `oanda_call` sends any request.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;

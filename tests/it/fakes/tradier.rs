@@ -1,4 +1,16 @@
 //! The Tradier fake.
+//!
+//! Endpoints: quotes, positions (with `cost_basis` from the fills), `POST /orders` (equity market /
+//! limit / stop / stop_limit; oco, oto, otoco with indexed legs), `GET /orders/{id}`,
+//! `DELETE /orders/{id}` (400 "order already in finalized state: ..." for a final order; an advanced
+//! order's working legs are cancelled with it), `GET /orders` (today's orders by the fake's
+//! calendar; `date=`; `filter=all` with `start`/`end`, at most a month; pages).
+//!
+//! Test controls: `set_today(day)` / `today()` (the calendar orders are created on);
+//! `set_price(symbol, price)` fills crossed limits and stops (an OCO leg cancels its sibling);
+//! `partial_next(fraction)`, `partial_next_qty(qty)`, `partial_when(rule)` (market orders read
+//! `partially_filled` once, then `canceled`); helpers `open_orders()`, `position(symbol)`,
+//! `order(id)`, `orders_tagged(tag)`; `tradier_call` sends any request.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -39,6 +51,8 @@ pub(crate) struct TradierState {
     /// Partial fills for the next market orders (one entry per order): the order reads
     /// `partially_filled` once, then `canceled`, with what filled as `exec_quantity`.
     pub(crate) partial: VecDeque<Partial>,
+    /// Consulted when `partial` is empty ([`PartialRule`]).
+    pub(crate) partial_rule: Option<PartialRule>,
     /// The fake's calendar day: orders are created on it, and `/orders` without `filter=all`
     /// lists only the orders created on it.
     pub(crate) today: NaiveDate,
@@ -63,6 +77,7 @@ impl TradierFake {
                 reject_200: None,
                 pending_first: false,
                 partial: VecDeque::new(),
+                partial_rule: None,
                 today: chrono::Utc::now().date_naive(),
             }),
         });
@@ -136,6 +151,16 @@ impl TradierFake {
             .unwrap()
             .partial
             .push_back(Partial::Fraction(fraction));
+    }
+
+    /// Decide partial fills by a rule once the queue of [`TradierFake::partial_next`] is empty, e.g.
+    /// every fifth close leg fills half:
+    /// `fake.partial_when(move |o| ...count... .then_some(Partial::Fraction(dec!(0.5))))`.
+    pub(crate) fn partial_when(
+        &self,
+        rule: impl FnMut(&Value) -> Option<Partial> + Send + 'static,
+    ) {
+        self.st.lock().unwrap().partial_rule = Some(Box::new(rule));
     }
 
     /// As [`TradierFake::partial_next`], with the filled quantity itself.
@@ -472,7 +497,13 @@ impl TradierFake {
                             );
                         }
                         let price = market.unwrap_or_default();
-                        match st.partial.pop_front() {
+                        let part = {
+                            let st = &mut *st;
+                            st.partial
+                                .pop_front()
+                                .or_else(|| st.partial_rule.as_mut().and_then(|r| r(&order)))
+                        };
+                        match part {
                             None => {
                                 fill_against(&mut st, &mut order, price, &now);
                                 if st.pending_first {
