@@ -188,6 +188,26 @@ pub fn parse_client_order_id(id: &str) -> Option<(Uuid, Leg)> {
     Some((job, leg))
 }
 
+/// When the job behind a client order id was created, read from the id itself: `sp` + a UUIDv7 as
+/// 32 hex digits (+ leg letters), and a UUIDv7 starts with its Unix time in milliseconds (48 bits,
+/// RFC 9562). `None` for an id of another shape or another UUID version. Job ids are made when the
+/// alert is accepted, so this is the earliest time any order of the job can exist.
+pub fn client_order_id_time(client_order_id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let hex = client_order_id.strip_prefix("sp")?.get(..32)?;
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let id = Uuid::try_parse(hex).ok()?;
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let b = id.as_bytes();
+    let ms = b[..6]
+        .iter()
+        .fold(0i64, |acc, x| (acc << 8) | i64::from(*x));
+    chrono::DateTime::from_timestamp_millis(ms)
+}
+
 /// The client order id of another leg of the same job as `client_order_id`.
 pub fn sibling_client_order_id(client_order_id: &str, leg: Leg) -> String {
     let stem = client_order_id
@@ -547,6 +567,31 @@ mod tests {
         assert_eq!(
             sibling_client_order_id(&client_order_id(job, Leg::Open), Leg::StopLoss),
             client_order_id(job, Leg::StopLoss)
+        );
+    }
+
+    #[test]
+    fn a_client_order_id_tells_when_its_job_was_created() {
+        // A fixed UUIDv7 whose first 48 bits are 0x0193_7a3c_2a00 ms = 2024-11-29T23:23:03.552Z.
+        let job = Uuid::parse_str("01937a3c-2a00-7abc-8def-0123456789ab").unwrap();
+        let t = client_order_id_time(&client_order_id(job, Leg::StopLoss)).unwrap();
+        assert_eq!(t.timestamp_millis(), 0x0193_7a3c_2a00);
+        assert_eq!(t.to_rfc3339(), "2024-11-29T23:23:03.552+00:00");
+        // A fresh job id: now, to the millisecond.
+        let before = chrono::Utc::now().timestamp_millis();
+        let id = client_order_id(Uuid::now_v7(), Leg::Open);
+        let t = client_order_id_time(&id).unwrap().timestamp_millis();
+        assert!(t >= before && t <= chrono::Utc::now().timestamp_millis());
+        // Not one of Sparky's ids, or not a UUIDv7: no time.
+        assert_eq!(client_order_id_time("x1"), None);
+        assert_eq!(client_order_id_time("spxau"), None);
+        assert_eq!(
+            client_order_id_time(&client_order_id(Uuid::new_v4(), Leg::Open)),
+            None
+        );
+        assert_eq!(
+            client_order_id_time("sp01937a3c2a007abc8def0123456789zz"),
+            None
         );
     }
 }

@@ -15,7 +15,11 @@
 //!   `reason_description`).
 //! - Exactly once: Tradier has no idempotency key and no duplicate-order error. Every order carries
 //!   the leg's client order id as its `tag`; after an unknown outcome the executor looks the order up
-//!   by listing today's orders (`includeTags=true`, every page) and only resends if no order has the tag.
+//!   by listing the orders (`includeTags=true`, every page) and only resends if no order has the tag.
+//!   The default list is today's session only, so a miss there is followed by dated `filter=all`
+//!   listings from the day the job was created (its UUIDv7 time, read from the tag; see
+//!   [`lookup_range`]) to today, in windows of at most a month: a replay after midnight still finds
+//!   yesterday's order.
 //! - Rate limits: 429, and also a 400 "Quota Violation" (reported by one client; both are handled as
 //!   transient, waiting for `Retry-After` or `X-Ratelimit-Expiry`).
 //! - Stop-loss / take-profit: one OCO order (a sell/buy-to-cover `limit` at the take-profit and a
@@ -25,6 +29,7 @@ use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{Days, NaiveDate};
 use reqwest::Method;
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -45,6 +50,41 @@ const NAME: &str = "tradier";
 /// Orders asked for per page when listing (and the most pages read).
 const PAGE: usize = 100;
 const MAX_PAGES: usize = 20;
+
+/// A `filter=all` look-up goes back at most this many days (a job is never replayed later).
+pub const MAX_LOOKBACK_DAYS: u64 = 62;
+/// How far back to look for a tag that carries no creation time (not one of Sparky's ids).
+pub const DEFAULT_LOOKBACK_DAYS: u64 = 7;
+/// Days in one `filter=all` window: Tradier returns "a maximum of 1 month of data".
+pub const WINDOW_DAYS: u64 = 28;
+
+/// The days (`start`, `end`, inclusive) on which the order tagged `tag` can have been created, as
+/// of `today` (UTC): from the day its job was created ([`super::client_order_id_time`]) minus one
+/// (Tradier's day is the US market's, which is behind UTC) to today; at most
+/// [`MAX_LOOKBACK_DAYS`] back, [`DEFAULT_LOOKBACK_DAYS`] for a tag without a time.
+pub fn lookup_range(tag: &str, today: NaiveDate) -> (NaiveDate, NaiveDate) {
+    let earliest = today - Days::new(MAX_LOOKBACK_DAYS);
+    let start = match super::client_order_id_time(tag) {
+        Some(t) => t.date_naive() - Days::new(1),
+        None => today - Days::new(DEFAULT_LOOKBACK_DAYS),
+    };
+    (start.clamp(earliest, today), today)
+}
+
+/// `start..=end` cut into windows of at most [`WINDOW_DAYS`] days, newest first.
+pub fn lookup_windows(start: NaiveDate, end: NaiveDate) -> Vec<(NaiveDate, NaiveDate)> {
+    let mut out = Vec::new();
+    let mut to = end;
+    while to >= start {
+        let from = (to - Days::new(WINDOW_DAYS - 1)).max(start);
+        out.push((from, to));
+        match from.pred_opt() {
+            Some(p) => to = p,
+            None => break,
+        }
+    }
+    out
+}
 
 /// The items of a Tradier collection: `"null"`/`null` (empty), one object, or a list.
 pub fn list(v: &Value) -> Vec<&Value> {
@@ -294,14 +334,35 @@ impl TradierClient {
         }
     }
 
-    /// Today's orders carrying `tag`, reading every page.
+    /// The orders carrying `tag`, on every day its job could have placed them.
+    ///
+    /// `GET /orders` lists only the current session's orders, so after midnight a replay would not
+    /// see yesterday's order and would send it again. So: today's list first (every page); if the
+    /// tag is not there, `filter=all` windows from the day the job was created (read from the
+    /// tag itself, [`lookup_range`]) to today, newest window first, each at most a month as
+    /// Tradier allows, every page. Tradier asks apps not to poll `filter=all`; this runs only when a
+    /// look-up misses today's list (an unknown outcome, a recovery, a protective-order retry).
     async fn orders_tagged(&self, tag: &str) -> Result<Vec<Value>, ExchangeError> {
-        self.orders_where(|o| o["tag"] == tag).await
+        let has_tag = |o: &Value| o["tag"] == tag;
+        let found = self.scan_orders("", has_tag).await?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        let (start, end) = lookup_range(tag, chrono::Utc::now().date_naive());
+        let mut found = Vec::new();
+        for (from, to) in lookup_windows(start, end) {
+            found.extend(
+                self.scan_orders(&format!("&filter=all&start={from}&end={to}"), has_tag)
+                    .await?,
+            );
+        }
+        Ok(found)
     }
 
-    /// Today's orders that `keep` picks, reading every page.
-    async fn orders_where(
+    /// The orders `keep` picks in one listing (`extra` is added to the query), every page.
+    async fn scan_orders(
         &self,
+        extra: &str,
         keep: impl Fn(&Value) -> bool,
     ) -> Result<Vec<Value>, ExchangeError> {
         let mut found = Vec::new();
@@ -309,7 +370,7 @@ impl TradierClient {
         for page in 1..=MAX_PAGES {
             let v = self
                 .get(&format!(
-                    "/accounts/{}/orders?includeTags=true&page={page}&limit={PAGE}",
+                    "/accounts/{}/orders?includeTags=true&page={page}&limit={PAGE}{extra}",
                     self.account
                 ))
                 .await?;
@@ -590,7 +651,8 @@ impl Exchange for TradierClient {
     /// every page of `/orders`; an OCO order is one entry with both levels.
     async fn open_orders(&self, symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
         let mut open = Vec::new();
-        for o in self.orders_where(|_| true).await? {
+        // Today's list: open orders (GTC ones included) are in the current session's list.
+        for o in self.scan_orders("", |_| true).await? {
             let status = o["status"].as_str().unwrap_or_default();
             if !matches!(status, "open" | "partially_filled" | "pending") {
                 continue;
@@ -706,6 +768,46 @@ mod tests {
         let r = json!({"id": 1, "status": "rejected", "reason_description": "Insufficient buying power"});
         assert!(
             matches!(parse_order(&r, "x").unwrap(), Parsed::Rejected(m) if m.contains("Insufficient buying power"))
+        );
+    }
+
+    #[test]
+    fn look_ups_cover_every_day_since_the_job_was_created() {
+        let day = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        // A job created 2024-11-29 (UTC), looked up on 2024-12-01: from 11-28 (the US day can be
+        // the day before) to today, one window.
+        let job = uuid::Uuid::parse_str("01937a3c-2a00-7abc-8def-0123456789ab").unwrap();
+        let tag = client_order_id(job, Leg::Open);
+        let (start, end) = lookup_range(&tag, day("2024-12-01"));
+        assert_eq!((start, end), (day("2024-11-28"), day("2024-12-01")));
+        assert_eq!(lookup_windows(start, end), vec![(start, end)]);
+        // The same job looked up the day it was created.
+        assert_eq!(
+            lookup_range(&tag, day("2024-11-29")),
+            (day("2024-11-28"), day("2024-11-29"))
+        );
+        // Long ago: bounded, in windows of at most 28 days, newest first, with no gap.
+        let (start, end) = lookup_range(&tag, day("2025-06-01"));
+        assert_eq!(start, day("2025-06-01") - Days::new(MAX_LOOKBACK_DAYS));
+        let w = lookup_windows(start, end);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0], (day("2025-05-05"), day("2025-06-01")));
+        assert_eq!(w.last().unwrap().0, start);
+        for pair in w.windows(2) {
+            assert_eq!(pair[1].1.succ_opt().unwrap(), pair[0].0);
+        }
+        assert!(w
+            .iter()
+            .all(|(a, b)| (*b - *a).num_days() < WINDOW_DAYS as i64));
+        // A tag that is not one of Sparky's ids: the default look-back.
+        assert_eq!(
+            lookup_range("x1", day("2024-12-01")),
+            (day("2024-11-24"), day("2024-12-01"))
+        );
+        // A creation time in the future (clock skew): today only.
+        assert_eq!(
+            lookup_range(&tag, day("2024-11-01")),
+            (day("2024-11-01"), day("2024-11-01"))
         );
     }
 
