@@ -536,9 +536,21 @@ async fn aster_fake_leftover_closeposition_stop_closes_the_next_position_and_can
     let mut j = job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(100));
     j.alert.take_profit_percent = Some(dec!(4));
     assert_eq!(run(&ex, &j).await.status, JobStatus::Succeeded);
-    // Closed by hand; the take-profit (3120) stays.
-    let c = job(ExchangeKind::Aster, Action::Close, "ETHUSDT", dec!(100));
-    assert_eq!(run(&ex, &c).await.status, JobStatus::Succeeded);
+    // Closed by hand (not by Sparky, which would cancel it); the take-profit (3120) stays.
+    let (s, c) = aster_call(
+        &url,
+        "POST",
+        "/fapi/v1/order",
+        &[
+            ("symbol", "ETHUSDT"),
+            ("side", "SELL"),
+            ("type", "MARKET"),
+            ("quantity", "0.033"),
+            ("reduceOnly", "true"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{c}");
     assert_eq!(fake.position("ETHUSDT"), dec!(0));
     assert_eq!(fake.open_orders("ETHUSDT").len(), 1);
     // A new long; the old take-profit closes it when the price reaches 3120.

@@ -55,7 +55,7 @@ pub struct Scripted {
     gates: Mutex<HashMap<String, Arc<Gate>>>,
     prices: Mutex<HashMap<String, Decimal>>,
     /// symbol -> the fraction of a position a close fills (the rest stays open).
-    partial_closes: Mutex<HashMap<String, Decimal>>,
+    partial_closes: Mutex<HashMap<String, std::collections::VecDeque<Decimal>>>,
 }
 
 impl Scripted {
@@ -74,12 +74,13 @@ impl Scripted {
     pub fn set_price(&self, symbol: &str, price: Decimal) {
         self.prices.lock().unwrap().insert(symbol.into(), price);
     }
-    /// Closes of `symbol` fill only `fraction` of the position.
-    pub fn partial_closes(&self, symbol: &str, fraction: Decimal) {
+    /// The next closes of `symbol` fill only these fractions of the position, one each, in order
+    /// (later closes fill completely).
+    pub fn partial_closes(&self, symbol: &str, fractions: &[Decimal]) {
         self.partial_closes
             .lock()
             .unwrap()
-            .insert(symbol.into(), fraction);
+            .insert(symbol.into(), fractions.iter().copied().collect());
     }
     pub fn position_of(&self, symbol: &str) -> Option<(Side, Decimal)> {
         self.positions.lock().unwrap().get(symbol).copied()
@@ -211,8 +212,8 @@ impl Exchange for Client {
             .partial_closes
             .lock()
             .unwrap()
-            .get(symbol.as_str())
-            .copied();
+            .get_mut(symbol.as_str())
+            .and_then(|q| q.pop_front());
         let filled = fraction.map_or(position.quantity, |f| (position.quantity * f).round_dp(3));
         let a = self
             .0
