@@ -135,6 +135,11 @@ impl Core {
             headers: headers.clone(),
         });
     }
+    /// Every request, in the order received.
+    pub(crate) fn all_seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
     pub(crate) fn seen(&self, route: &str) -> Vec<Seen> {
         self.seen
             .lock()
