@@ -280,7 +280,10 @@ async fn oanda_fake_on_fill_orders_go_with_the_trade_when_the_position_is_closed
     let pending = v["orders"].as_array().unwrap();
     assert_eq!(pending.len(), 2);
     for o in pending {
+        // As OANDA's dependent orders: the trade's id and client id, no instrument.
         assert_eq!(o["tradeID"], trade["id"]);
+        assert_eq!(o["clientTradeID"], open_id.as_str());
+        assert!(o.get("instrument").is_none(), "{o}");
     }
     let sl_id = client_order_id(j.job_id, Leg::StopLoss);
     let (_, sl) = oanda_call(&url, "GET", &format!("/orders/@{sl_id}"), None).await;

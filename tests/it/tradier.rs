@@ -390,6 +390,10 @@ async fn tradier_fake_orders_listing_is_today_only_unless_filter_all_with_a_rang
             .unwrap()[..10],
         day(40)
     );
+    // Optionally, today's list also shows earlier orders that still work (unverified at Tradier).
+    fake.st.lock().unwrap().intraday_lists_working = true;
+    let (_, v) = tradier_call(&url, "GET", "/orders", &[]).await;
+    assert_eq!(tags(&v), vec!["d40", "d3", "d0"]);
 }
 
 #[tokio::test]

@@ -156,7 +156,8 @@ impl OandaFake {
         while i < st.orders.len() {
             let o = st.orders[i].clone();
             i += 1;
-            if o["state"] != "PENDING" || o["instrument"] != instrument {
+            // Dependent orders name no instrument: their trade's.
+            if o["state"] != "PENDING" || order_instrument(&st, &o) != instrument {
                 continue;
             }
             let price = dv(&o["price"]);
@@ -519,10 +520,11 @@ fn dependent_order(
             "timeInForce": spec["timeInForce"].as_str().unwrap_or("GTC"),
             "clientExtensions": spec["clientExtensions"], "reason": "CLIENT_ORDER"}),
     );
-    st.orders.push(json!({"id": txn["id"], "type": kind, "state": "PENDING", "instrument": tr["instrument"],
+    // As OANDA's StopLossOrder / TakeProfitOrder: no `instrument`; the trade's id and client id.
+    st.orders.push(json!({"id": txn["id"], "type": kind, "state": "PENDING",
         "tradeID": tr["id"], "price": spec["price"], "timeInForce": spec["timeInForce"].as_str().unwrap_or("GTC"),
         "clientExtensions": spec["clientExtensions"], "createTime": txn["time"],
-        "tradeClientID": tr["clientExtensions"]["id"]}));
+        "clientTradeID": tr["clientExtensions"]["id"]}));
     st.trades[t][key] = txn["id"].clone();
     (txn, replaced)
 }
@@ -702,7 +704,7 @@ impl OandaFake {
                     .iter()
                     .rev()
                     .filter(|o| state == "ALL" || o["state"] == state)
-                    .filter(|o| inst.is_none_or(|i| o["instrument"] == i))
+                    .filter(|o| inst.is_none_or(|i| order_instrument(&st, o) == i))
                     .filter(|o| {
                         ids.as_ref()
                             .is_none_or(|ids| ids.iter().any(|i| o["id"] == *i))
@@ -1088,6 +1090,14 @@ impl OandaFake {
                 json!({"errorMessage": format!("no route {method} {rest}")}),
             ),
         }
+    }
+}
+
+/// The instrument of an order (a dependent order's is its trade's).
+fn order_instrument(st: &OandaState, o: &Value) -> Value {
+    match o["tradeID"].as_str().and_then(|t| find_trade(st, t)) {
+        Some(t) => st.trades[t]["instrument"].clone(),
+        None => o["instrument"].clone(),
     }
 }
 

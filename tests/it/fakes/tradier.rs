@@ -56,6 +56,10 @@ pub(crate) struct TradierState {
     /// The fake's calendar day: orders are created on it, and `/orders` without `filter=all`
     /// lists only the orders created on it.
     pub(crate) today: NaiveDate,
+    /// Does the default (today's) `/orders` list also show orders of earlier days that are still
+    /// working (a GTC OCO placed yesterday)? Unverified at Tradier, so off by default: only
+    /// orders created today are listed.
+    pub(crate) intraday_lists_working: bool,
 }
 
 pub(crate) struct TradierFake {
@@ -79,6 +83,7 @@ impl TradierFake {
                 partial: VecDeque::new(),
                 partial_rule: None,
                 today: chrono::Utc::now().date_naive(),
+                intraday_lists_working: false,
             }),
         });
         let app = Router::new()
@@ -655,6 +660,9 @@ impl TradierFake {
                 // most `limit` (default 25), "null" past the end.
                 let today = st.today;
                 let day = |k: &str| param(q, k).map(|v| NaiveDate::parse_from_str(v, "%Y-%m-%d"));
+                let intraday = param(q, "filter").is_none_or(|f| f == "intraday")
+                    && param(q, "date").is_none();
+                let keep_working = intraday && st.intraday_lists_working;
                 let (from, to) = match (param(q, "filter"), day("date")) {
                     (_, Some(Ok(dd))) => (dd, dd),
                     (_, Some(Err(_))) => {
@@ -688,7 +696,10 @@ impl TradierFake {
                 let items: Vec<Value> = st
                     .orders
                     .iter()
-                    .filter(|o| (from..=to).contains(&created_on(o, today)))
+                    .filter(|o| {
+                        (from..=to).contains(&created_on(o, today))
+                            || (keep_working && tradier_working(o))
+                    })
                     .skip((page - 1) * limit)
                     .take(limit)
                     .cloned()
