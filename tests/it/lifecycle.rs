@@ -111,8 +111,16 @@ async fn aster_close_cancels_the_positions_protection_and_records_pnl() {
     assert_eq!(
         resting,
         [
-            (Leg::StopLoss, client_order_id(buy.job_id, Leg::StopLoss), Some(dec!(2940))),
-            (Leg::TakeProfit, client_order_id(buy.job_id, Leg::TakeProfit), Some(dec!(3120))),
+            (
+                Leg::StopLoss,
+                client_order_id(buy.job_id, Leg::StopLoss),
+                Some(dec!(2940))
+            ),
+            (
+                Leg::TakeProfit,
+                client_order_id(buy.job_id, Leg::TakeProfit),
+                Some(dec!(3120))
+            ),
         ],
         "both protective orders are recorded with their ids and levels"
     );
@@ -124,7 +132,10 @@ async fn aster_close_cancels_the_positions_protection_and_records_pnl() {
     let close = job(ExchangeKind::Aster, Action::Close, "ETHUSDT", dec!(100));
     let out = run(&ex, &close).await;
     assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
-    assert!(fake.open_orders("ETHUSDT").is_empty(), "no orphaned protection");
+    assert!(
+        fake.open_orders("ETHUSDT").is_empty(),
+        "no orphaned protection"
+    );
     let mut cancelled = out.cancelled.clone();
     cancelled.sort();
     let mut want = vec![
@@ -191,7 +202,11 @@ async fn aster_reversal_cancels_the_old_protection_before_opening_and_protects_t
     let cancels = log.iter().filter(|l| l.starts_with("DELETE")).count();
     assert_eq!(cancels, 2, "{log:?}");
     assert!(
-        log.iter().take(first_open).filter(|l| l.starts_with("DELETE")).count() == 2,
+        log.iter()
+            .take(first_open)
+            .filter(|l| l.starts_with("DELETE"))
+            .count()
+            == 2,
         "both cancels before the new side's order: {log:?}"
     );
     assert_eq!(fake.position("ETHUSDT"), dec!(-0.033));
@@ -209,13 +224,22 @@ async fn aster_partial_open_is_recorded_as_filled_and_protected_for_that_much() 
     );
     let out = run(&ex, &buy).await;
     assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
-    assert!(out.message.as_deref().unwrap_or("").contains("partially filled"), "{out:?}");
+    assert!(
+        out.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("partially filled"),
+        "{out:?}"
+    );
     assert_eq!(out.fills[0].quantity, dec!(0.033));
     match &out.position {
         PositionChange::Open { quantity, .. } => assert_eq!(*quantity, dec!(0.033)),
         other => panic!("{other:?}"),
     }
-    assert!(out.resting.iter().all(|r| r.quantity == dec!(0.033)), "{out:?}");
+    assert!(
+        out.resting.iter().all(|r| r.quantity == dec!(0.033)),
+        "{out:?}"
+    );
     assert_eq!(fake.position("ETHUSDT"), dec!(0.033));
 }
 
@@ -245,7 +269,10 @@ async fn aster_close_percent_closes_part_and_re_protects_the_remainder() {
             ..
         } => {
             assert_eq!(*quantity, dec!(0.067));
-            assert_eq!((*stop_loss_price, *take_profit_price), (Some(dec!(2940)), Some(dec!(3120))));
+            assert_eq!(
+                (*stop_loss_price, *take_profit_price),
+                (Some(dec!(2940)), Some(dec!(3120)))
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -256,7 +283,8 @@ async fn aster_close_percent_closes_part_and_re_protects_the_remainder() {
         .collect();
     assert_eq!(open.len(), 2, "{open:?}");
     assert!(
-        open.iter().all(|id| id.starts_with(&format!("sp{}", half.job_id.simple()))),
+        open.iter()
+            .all(|id| id.starts_with(&format!("sp{}", half.job_id.simple()))),
         "the remainder's protection is the close job's own: {open:?}"
     );
 
@@ -265,7 +293,13 @@ async fn aster_close_percent_closes_part_and_re_protects_the_remainder() {
     tiny.alert.close_percent = Some(dec!(1));
     let out = run(&ex, &tiny).await;
     assert_eq!(out.status, JobStatus::Rejected, "{out:?}");
-    assert!(out.message.unwrap().contains("rounds down to 0"), "{out:?}");
+    assert!(
+        out.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("rounds down to 0"),
+        "{out:?}"
+    );
     assert_eq!(fake.position("ETHUSDT"), dec!(0.067));
 }
 
@@ -290,7 +324,12 @@ async fn tradier_reversal_whose_close_fills_partly_closes_the_rest_and_cancels_t
     assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
     let legs: Vec<Leg> = out.fills.iter().map(|f| f.leg).collect();
     assert_eq!(legs, [Leg::Close, Leg::Close2, Leg::Open], "{out:?}");
-    let closed: Decimal = out.fills.iter().filter(|f| f.leg.is_close()).map(|f| f.quantity).sum();
+    let closed: Decimal = out
+        .fills
+        .iter()
+        .filter(|f| f.leg.is_close())
+        .map(|f| f.quantity)
+        .sum();
     assert_eq!(closed, held);
     assert_eq!(fake.position("AAPL"), -out.fills[2].quantity);
     assert!(fake.open_orders().is_empty(), "the OCO was cancelled");
@@ -307,7 +346,11 @@ async fn oanda_close_takes_the_trades_on_fill_orders_with_it() {
         dec!(1),
     );
     assert_eq!(run(&ex, &buy).await.status, JobStatus::Succeeded);
-    assert_eq!(fake.pending_orders().len(), 2, "stop-loss and take-profit on the trade");
+    assert_eq!(
+        fake.pending_orders().len(),
+        2,
+        "stop-loss and take-profit on the trade"
+    );
     let close = job(ExchangeKind::Oanda, Action::Close, "EUR_USD", dec!(1));
     let out = run(&ex, &close).await;
     assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
@@ -333,7 +376,10 @@ async fn an_unfilled_limit_entry_is_working_and_the_next_alert_cancels_it_first(
     entry.alert.limit_ttl_secs = Some(600);
     let out = run(&ex, &entry).await;
     assert_eq!(out.status, JobStatus::Working, "{out:?}");
-    assert!(out.fills.is_empty(), "nothing filled, nothing recorded as a trade");
+    assert!(
+        out.fills.is_empty(),
+        "nothing filled, nothing recorded as a trade"
+    );
     assert_eq!(out.resting.len(), 1);
     assert_eq!(out.resting[0].leg, Leg::Open);
     assert_eq!(out.position, PositionChange::Unchanged);
@@ -376,14 +422,25 @@ async fn a_redelivered_job_whose_open_was_placed_places_the_missing_protection()
     let out = execute(&ex, &buy, true, &fast_policy()).await;
     assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
     assert_eq!(out.fills.len(), 1);
-    assert_eq!(fake.orders_with(&client_order_id(buy.job_id, Leg::Open)), 1, "not sent again");
+    assert_eq!(
+        fake.orders_with(&client_order_id(buy.job_id, Leg::Open)),
+        1,
+        "not sent again"
+    );
     assert_eq!(out.resting.len(), 2, "{out:?}");
-    assert_eq!(fake.open_orders("ETHUSDT").len(), 2, "the protection is in place");
+    assert_eq!(
+        fake.open_orders("ETHUSDT").len(),
+        2,
+        "the protection is in place"
+    );
     // A second redelivery finds both and sends nothing more.
     let out = execute(&ex, &buy, true, &fast_policy()).await;
     assert_eq!(out.resting.len(), 2, "{out:?}");
     assert_eq!(fake.open_orders("ETHUSDT").len(), 2);
-    assert_eq!(fake.orders_with(&client_order_id(buy.job_id, Leg::StopLoss)), 1);
+    assert_eq!(
+        fake.orders_with(&client_order_id(buy.job_id, Leg::StopLoss)),
+        1
+    );
 }
 
 /// End to end: the close's fill carries its PnL in `trades`, and `broker_orders` follows the
@@ -398,7 +455,10 @@ async fn e2e_protection_is_recorded_and_marked_cancelled_with_pnl_on_the_close()
     app.run_worker_until_idle().await;
     assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
     let states = broker_order_states(&app, buy).await;
-    assert_eq!(states, [("sl".into(), "open".into()), ("tp".into(), "open".into())]);
+    assert_eq!(
+        states,
+        [("sl".into(), "open".into()), ("tp".into(), "open".into())]
+    );
 
     fake.set_price("ETHUSDT", dec!(2970));
     let close = app
@@ -409,7 +469,10 @@ async fn e2e_protection_is_recorded_and_marked_cancelled_with_pnl_on_the_close()
     let states = broker_order_states(&app, buy).await;
     assert_eq!(
         states,
-        [("sl".into(), "cancelled".into()), ("tp".into(), "cancelled".into())]
+        [
+            ("sl".into(), "cancelled".into()),
+            ("tp".into(), "cancelled".into())
+        ]
     );
     let pnl: Option<Decimal> = sqlx::query_scalar(
         "SELECT pnl FROM trades WHERE job_id = $1 AND leg = 'close' AND exit_reason = 'signal'",
@@ -423,11 +486,9 @@ async fn e2e_protection_is_recorded_and_marked_cancelled_with_pnl_on_the_close()
 }
 
 async fn broker_order_states(app: &TestApp, job: uuid::Uuid) -> Vec<(String, String)> {
-    sqlx::query_as(
-        "SELECT leg, state FROM broker_orders WHERE job_id = $1 ORDER BY leg",
-    )
-    .bind(job)
-    .fetch_all(&app.store.pool)
-    .await
-    .unwrap()
+    sqlx::query_as("SELECT leg, state FROM broker_orders WHERE job_id = $1 ORDER BY leg")
+        .bind(job)
+        .fetch_all(&app.store.pool)
+        .await
+        .unwrap()
 }

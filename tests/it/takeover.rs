@@ -465,7 +465,10 @@ async fn a_close_that_stays_partial_after_three_orders_opens_nothing_and_records
         .iter()
         .filter(|o| o.client_order_id.ends_with('o'))
         .count();
-    assert_eq!(opens, 1, "the short side was not opened on top of the remainder");
+    assert_eq!(
+        opens, 1,
+        "the short side was not opened on top of the remainder"
+    );
     let position = app.position(user, "ETHUSDT").await.expect("the remainder");
     assert_eq!(
         (position.side, position.quantity),
