@@ -37,6 +37,17 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Re-enqueue failed (rejected/dead) jobs on their user's partition.
     Replay(ReplayArgs),
+    /// Compare Sparky's positions and resting orders with the brokers' and fix Sparky's record:
+    /// stop-loss / take-profit fills recorded as trades, orphaned protective orders cancelled,
+    /// working entries followed, positions set to the brokers' (drift reported). Never opens a
+    /// position. Prints what it found and did, per account.
+    Reconcile {
+        /// Only this user's accounts (default: every account with a position or a resting order).
+        #[arg(long)]
+        user: Option<Uuid>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Partitions (owner, lag, pending, oldest pending age), live workers, dead-letter size.
     Status {
         #[arg(long)]
@@ -185,6 +196,45 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sparky reconcile [--user U] [--json]`: what it found and did, per account, as printed. Uses the
+/// worker's credential loading and clients; safe next to running workers (see
+/// [`crate::reconcile`]). Fails when an account could not be reconciled to the end (after printing
+/// the others).
+pub async fn reconcile(
+    config: &Config,
+    store: &Store,
+    user: Option<Uuid>,
+    json: bool,
+) -> anyhow::Result<String> {
+    let queue = Queue::connect(
+        &config.redis_url,
+        &config.namespace,
+        config.partitions,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let worker = crate::worker::Worker::new(
+        config.clone(),
+        store.clone(),
+        queue,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let reports = worker.reconcile(user).await?;
+    let out = if json {
+        format!("{}\n", serde_json::to_string(&reports)?)
+    } else if reports.is_empty() {
+        "nothing to reconcile: no positions or resting orders recorded\n".to_string()
+    } else {
+        reports.iter().map(ToString::to_string).collect()
+    };
+    let failed = reports.iter().filter(|r| r.error.is_some()).count();
+    if failed > 0 {
+        print!("{out}");
+        anyhow::bail!("{failed} account(s) could not be reconciled to the end");
+    }
+    Ok(out)
+}
+
 /// Run a parsed command. Errors are for the caller to print as one line.
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     if let Command::Status { json } = cli.command {
@@ -324,6 +374,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             }
         }
         Command::Status { .. } => {} // answered above, without Postgres
+        Command::Reconcile { user, json } => {
+            store.check_migrated().await?;
+            print!("{}", reconcile(&config, &store, user, json).await?);
+        }
         Command::Replay(r) => {
             store.check_migrated().await?;
             let queue = Queue::connect(

@@ -61,6 +61,10 @@ pub struct Config {
     pub secret_cache_ttl: Duration,
     /// How long credentials stay in the Redis cache.
     pub credential_cache_ttl: Duration,
+    /// How often each worker reconciles the accounts of the users in the partitions it owns with
+    /// their brokers and follows their working entries (`SPARKY_RECONCILE_INTERVAL_SECS`, default
+    /// 60; 0 disables the periodic sweep: `sparky reconcile` still works).
+    pub reconcile_interval: Duration,
     /// Transient exchange failures are retried this many times (after the first attempt).
     pub exchange_retries: usize,
     /// ... and for at most this long in total.
@@ -163,6 +167,7 @@ impl Default for Config {
             max_signal_age: Duration::from_secs(60),
             secret_cache_ttl: Duration::from_secs(30),
             credential_cache_ttl: Duration::from_secs(60),
+            reconcile_interval: Duration::from_secs(60),
             exchange_retries: 5,
             exchange_retry_max: Duration::from_secs(30),
             exchange_timeout: Duration::from_secs(5),
@@ -419,6 +424,11 @@ impl Config {
                 vars,
                 "SPARKY_CREDENTIAL_CACHE_TTL_SECS",
                 d.credential_cache_ttl.as_secs(),
+            )?),
+            reconcile_interval: Duration::from_secs(num(
+                vars,
+                "SPARKY_RECONCILE_INTERVAL_SECS",
+                d.reconcile_interval.as_secs(),
             )?),
             exchange_retries: num(vars, "SPARKY_EXCHANGE_RETRIES", d.exchange_retries)?,
             exchange_retry_max: Duration::from_secs(num(

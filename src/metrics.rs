@@ -245,6 +245,25 @@ impl Metrics {
             .set(assigned as f64);
     }
 
+    /// A drift the reconciliation found (a difference between Sparky's position and the broker's
+    /// that no Sparky order explains), by exchange and [`crate::reconcile::DriftKind`].
+    pub fn reconcile_drift(&self, exchange: &'static str, kind: &'static str) {
+        metrics::counter!(
+            "sparky_reconcile_drift_total",
+            self.labels(ns_labels!(self, "exchange" => exchange, "kind" => kind))
+        )
+        .increment(1);
+    }
+
+    /// One account reconciled (`ok`: to the end, or stopped by an error).
+    pub fn reconciled(&self, exchange: &'static str, ok: bool) {
+        metrics::counter!(
+            "sparky_reconcile_accounts_total",
+            self.labels(ns_labels!(self, "exchange" => exchange, "result" => if ok { "ok" } else { "error" }))
+        )
+        .increment(1);
+    }
+
     pub fn credential_cache(&self, hit: bool) {
         if hit {
             metrics::counter!(

@@ -99,6 +99,10 @@ impl Keys {
     pub fn workers(&self) -> String {
         format!("{}:workers", self.ns)
     }
+    /// The reconciliation's record for `sparky status`: last sweep time, drift counts.
+    pub fn reconcile(&self) -> String {
+        format!("{}:reconcile", self.ns)
+    }
     pub fn dlq(&self) -> String {
         format!("{}:dlq", self.ns)
     }
@@ -755,6 +759,45 @@ impl Queue {
     }
 
     /// Entries in the dead-letter stream.
+    /// Record one account's reconciliation for `sparky status`: the time, and the drift it found
+    /// by kind (`drift:{kind}` counters; `drift_total`).
+    pub async fn record_reconciliation(
+        &self,
+        at: chrono::DateTime<chrono::Utc>,
+        drift: &[&'static str],
+        failed: bool,
+    ) -> Result<(), QueueError> {
+        let mut p = redis::pipe();
+        p.atomic()
+            .hset(self.keys.reconcile(), "last_sweep_at", at.to_rfc3339())
+            .ignore()
+            .hincr(self.keys.reconcile(), "accounts", 1)
+            .ignore();
+        if failed {
+            p.hincr(self.keys.reconcile(), "errors", 1).ignore();
+        }
+        for kind in drift {
+            p.hincr(self.keys.reconcile(), format!("drift:{kind}"), 1)
+                .ignore()
+                .hincr(self.keys.reconcile(), "drift_total", 1)
+                .ignore()
+                .hset(self.keys.reconcile(), "last_drift_at", at.to_rfc3339())
+                .ignore();
+        }
+        let _: () = p.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// What [`Queue::record_reconciliation`] recorded (field -> value).
+    pub async fn reconciliation(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, String>, QueueError> {
+        Ok(redis::cmd("HGETALL")
+            .arg(self.keys.reconcile())
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
     pub async fn dlq_len(&self) -> Result<u64, QueueError> {
         Ok(redis::cmd("XLEN")
             .arg(self.keys.dlq())

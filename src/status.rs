@@ -17,6 +17,38 @@ pub struct Status {
     pub total_pending: u64,
     /// Redis settings under which accepted jobs could be lost (see the start-up checks).
     pub warnings: Vec<String>,
+    pub reconciliation: ReconcileStatus,
+}
+
+/// The reconciliation with the brokers (sweeps and `sparky reconcile`), as recorded in Redis.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReconcileStatus {
+    /// When an account was last reconciled (RFC 3339); `None`: never.
+    pub last_sweep_at: Option<String>,
+    pub last_drift_at: Option<String>,
+    /// Accounts reconciled, and how many of them stopped on an error.
+    pub accounts: u64,
+    pub errors: u64,
+    /// Drift found, in all and by kind (`closed`, `resized`, `opened`, `flipped`).
+    pub drift_total: u64,
+    pub drift: std::collections::BTreeMap<String, u64>,
+}
+
+impl ReconcileStatus {
+    fn from_fields(fields: std::collections::BTreeMap<String, String>) -> ReconcileStatus {
+        let n = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        ReconcileStatus {
+            last_sweep_at: fields.get("last_sweep_at").cloned(),
+            last_drift_at: fields.get("last_drift_at").cloned(),
+            accounts: n("accounts"),
+            errors: n("errors"),
+            drift_total: n("drift_total"),
+            drift: fields
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix("drift:")?.to_string(), v.parse().ok()?)))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +108,7 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
         workers,
         dead_letter_size: queue.dlq_len().await?,
         warnings: queue.durability_warnings().await,
+        reconciliation: ReconcileStatus::from_fields(queue.reconciliation().await?),
     })
 }
 
@@ -119,6 +152,27 @@ pub fn render_table(s: &Status) -> String {
             w.heartbeat_expires_in_ms as f64 / 1000.0
         ));
     }
+    let r = &s.reconciliation;
+    out.push_str(&format!(
+        "\nreconciliation: last sweep {}, {} accounts ({} stopped on errors), drift {}{}\n",
+        r.last_sweep_at.as_deref().unwrap_or("never"),
+        r.accounts,
+        r.errors,
+        r.drift_total,
+        if r.drift.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({}; last {})",
+                r.drift
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.last_drift_at.as_deref().unwrap_or("-")
+            )
+        }
+    ));
     for w in &s.warnings {
         out.push_str(&format!("\nwarning: {w}\n"));
     }

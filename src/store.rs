@@ -57,7 +57,7 @@ impl StoreError {
 
 /// Text as Postgres accepts it: `text` and `jsonb` cannot hold NUL, which a broker's reply may
 /// carry into an error message. (Alert text fields are refused with NUL at the ingress.)
-fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
     if s.contains('\0') {
         std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
     } else {

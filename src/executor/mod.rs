@@ -34,6 +34,8 @@
 mod close;
 mod protect;
 
+pub use close::realized_pnl;
+
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -654,7 +656,8 @@ async fn recovered_open(
     }
     let filled = ack.filled_qty;
     progress.fills.push(open_fill(order_side, &ack, filled));
-    let entry = ack.avg_price.unwrap_or_default();
+    // A limit entry without a reported average fills at its limit or better.
+    let entry = ack.avg_price.or(job.alert.price).unwrap_or_default();
     let rules = ex.symbol_rules(&job.alert.symbol).await?;
     let (sl, tp) = protective_prices(side, entry, &job.alert, rules.tick)?;
     progress.position = Some(PositionChange::Open {
@@ -669,6 +672,31 @@ async fn recovered_open(
         protect::protect_new(ex, job, side, filled, sl, tp, &mut outcome).await;
     }
     Ok(outcome)
+}
+
+/// The working-order follower's step for an entry that filled (`ack` final: filled, or partly
+/// filled and then cancelled or expired): the job's open fill and position, and its protection
+/// placed for what filled at levels from the fill price (OANDA's came with the fill). The outcome is
+/// `succeeded` (or `succeeded_unprotected` with the reason) for the follower to commit.
+pub async fn follow_fill(
+    ex: &dyn Exchange,
+    job: &Job,
+    ack: OrderAck,
+) -> Result<Outcome, ExchangeError> {
+    let Some(side) = job.alert.action.side() else {
+        return Err(ExchangeError::permanent(format!(
+            "job {} is a close; it has no entry to follow",
+            job.job_id
+        )));
+    };
+    if !ack.state.is_final() || ack.filled_qty <= Decimal::ZERO {
+        return Err(ExchangeError::permanent(format!(
+            "order {} has not filled (state {:?}, {} filled)",
+            ack.client_order_id, ack.state, ack.filled_qty
+        )));
+    }
+    let mut progress = Progress::default();
+    recovered_open(ex, job, side, ack, &mut progress).await
 }
 
 /// For a job that is given up (`poison`: delivered too often without finishing): record what its

@@ -292,6 +292,15 @@ impl Table {
         self.lock().slots.iter().all(|s| s.held.is_empty())
     }
 
+    /// The fence of `partition` if it is owned and live (its history pass done, so every entry a
+    /// previous owner left has been queued before anything else starts): the reconciliation sweep
+    /// queues its per-user work under it.
+    pub fn fence_of(&self, partition: u32) -> Option<Fence> {
+        let inner = self.lock();
+        let own = inner.slots.get(partition as usize)?.own.as_ref()?;
+        (own.phase == Phase::Live).then(|| own.fence.clone())
+    }
+
     /// Partitions consumed now (owned and not handed over), for the gauges.
     pub fn consuming(&self) -> Vec<u32> {
         let inner = self.lock();

@@ -20,14 +20,15 @@ use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::config::Config;
 use crate::credentials::{CredentialError, CredentialLoader, Credentials};
-use crate::domain::{CredentialEnv, Job};
+use crate::domain::{Account, CredentialEnv, ExchangeKind, Job};
 use crate::exchanges::metered::Metered;
 use crate::exchanges::{ExchangeContext, ExchangeFactory};
 use crate::executor::{self, Outcome, PositionChange, RetryPolicy};
@@ -125,6 +126,18 @@ impl JobRunner {
 
     pub(super) fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
+    }
+
+    pub(super) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(super) fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Process one entry to the end (or until shutdown / the loss of its partition, when it stays
@@ -347,19 +360,47 @@ impl JobRunner {
     /// credentials (which account the job trades on), or the outcome that ends the job without
     /// one; `None` on shutdown.
     async fn client_for(&self, job: &Job) -> Option<Result<(Metered, CredentialEnv), Outcome>> {
-        let creds = match self.load_credentials(job).await? {
+        let a = &job.alert;
+        self.client(a.user_id, a.exchange, a.environment, job.accepted_at)
+            .await
+    }
+
+    /// The client of one account (the reconciliation's), or why there is none; `None` on shutdown.
+    pub(super) async fn account_client(
+        &self,
+        account: &Account,
+    ) -> Option<Result<Metered, String>> {
+        let built = self
+            .client(
+                account.user_id,
+                account.exchange,
+                Some(account.environment),
+                Utc::now(),
+            )
+            .await?;
+        Some(
+            built
+                .map(|(c, _)| c)
+                .map_err(|o| o.message.unwrap_or_default()),
+        )
+    }
+
+    async fn client(
+        &self,
+        user: Uuid,
+        exchange: ExchangeKind,
+        environment: Option<CredentialEnv>,
+        accepted_at: DateTime<Utc>,
+    ) -> Option<Result<(Metered, CredentialEnv), Outcome>> {
+        let creds = match self.load_credentials(user, exchange, environment).await? {
             Ok(c) => c,
             Err(outcome) => return Some(Err(outcome)),
         };
-        let exchange = job.alert.exchange;
         match self.exchanges.build(&creds) {
             Ok(c) => {
-                tracing::info!(
-                    "✅ Created {exchange} executor for user {}",
-                    job.alert.user_id
-                );
+                tracing::info!("✅ Created {exchange} executor for user {user}");
                 Some(Ok((
-                    Metered::new(c, self.metrics.clone(), job.accepted_at),
+                    Metered::new(c, self.metrics.clone(), accepted_at),
                     creds.environment,
                 )))
             }
@@ -372,13 +413,13 @@ impl JobRunner {
     }
 
     /// The user's credentials, or the outcome that ends the job without them; `None` on shutdown.
-    async fn load_credentials(&self, job: &Job) -> Option<Result<Credentials, Outcome>> {
-        let a = &job.alert;
-        let exchange = a.exchange;
-        tracing::info!(
-            "🔐 Loading {exchange} credentials for user {}...",
-            a.user_id
-        );
+    async fn load_credentials(
+        &self,
+        user: Uuid,
+        exchange: ExchangeKind,
+        environment: Option<CredentialEnv>,
+    ) -> Option<Result<Credentials, Outcome>> {
+        tracing::info!("🔐 Loading {exchange} credentials for user {user}...");
         let loaded = retry(
             "loading credentials",
             &self.shutdown,
@@ -386,7 +427,7 @@ impl JobRunner {
                 CredentialError::Store(s) => self.refused_for_good(s, tries),
                 CredentialError::Unusable { .. } => true,
             },
-            || self.credentials.load(a.user_id, exchange, a.environment),
+            || self.credentials.load(user, exchange, environment),
         )
         .await;
         let failed =
@@ -407,13 +448,12 @@ impl JobRunner {
                 format!("loading credentials failed: {error}"),
             ),
             Retried::Ok(None) => {
-                let env = a.environment.map(|e| e.as_str()).unwrap_or("any");
+                let env = environment.map(|e| e.as_str()).unwrap_or("any");
                 failed(
                     JobStatus::Rejected,
                     FailureClass::Credentials,
                     format!(
-                        "no {exchange} credentials for user {} (environment: {env}); add them with `sparky credentials set`",
-                        a.user_id
+                        "no {exchange} credentials for user {user} (environment: {env}); add them with `sparky credentials set`"
                     ),
                 )
             }

@@ -8,6 +8,10 @@
 //! next owner. A panic that escapes a job (the job itself turns an execution panic into `dead`, see
 //! `job`) is caught here: the job is ended `dead` (`internal`) where it stands and acked, and the
 //! lane, the partition and the process go on, in order.
+//!
+//! A lane also carries the user's reconciliation sweeps ([`Lanes::push_sweep`], see `sweep`): a
+//! sweep is queued like an entry, so it runs after the user's jobs queued before it and before the
+//! ones queued after it, never alongside one. At most one sweep waits per lane.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -22,7 +26,14 @@ use super::job::{panic_message, JobRunner};
 use crate::partition::{Fence, Table};
 use crate::queue::Entry;
 
-type Queued = (Entry, Fence);
+/// What a lane runs.
+enum Work {
+    Entry(Entry),
+    /// Reconcile the user's accounts with their brokers.
+    Sweep,
+}
+
+type Queued = (Work, Fence);
 
 pub(super) struct Lanes {
     queues: Arc<Mutex<HashMap<Uuid, VecDeque<Queued>>>>,
@@ -60,13 +71,29 @@ impl Lanes {
             .as_ref()
             .map(|j| j.alert.user_id)
             .unwrap_or_else(|_| Uuid::nil());
+        self.queue(user, (Work::Entry(entry), fence));
+    }
+
+    /// Queue a reconciliation of `user`'s accounts on the user's lane; `false` when one is already
+    /// waiting there (it will see the same broker state).
+    pub(super) fn push_sweep(&self, user: Uuid, fence: Fence) -> bool {
+        let waiting = lock(&self.queues)
+            .get(&user)
+            .is_some_and(|lane| lane.iter().any(|(w, _)| matches!(w, Work::Sweep)));
+        if !waiting {
+            self.queue(user, (Work::Sweep, fence));
+        }
+        !waiting
+    }
+
+    fn queue(&self, user: Uuid, work: Queued) {
         {
             let mut q = lock(&self.queues);
             if let Some(lane) = q.get_mut(&user) {
-                lane.push_back((entry, fence));
+                lane.push_back(work);
                 return;
             }
-            q.insert(user, VecDeque::from([(entry, fence)]));
+            q.insert(user, VecDeque::from([work]));
         }
         let lane = Lane {
             user,
@@ -90,19 +117,43 @@ struct Lane {
 
 impl Lane {
     async fn drive(self) {
-        while let Some((entry, fence)) = self.next() {
-            let (partition, id) = (entry.partition, entry.id.clone());
-            if fence.may_start() {
-                let permit = tokio::select! {
+        while let Some((work, fence)) = self.next() {
+            let permit = if fence.may_start() {
+                tokio::select! {
                     p = self.permits.acquire() => p.ok(),
                     _ = fence.voided() => None,
-                };
-                // Waiting for the permit may have taken a while: ask again.
-                if permit.is_some() && fence.may_start() {
-                    self.run(entry, &fence).await;
                 }
+            } else {
+                None
+            };
+            // Waiting for the permit may have taken a while: ask again.
+            let start = permit.is_some() && fence.may_start();
+            match work {
+                Work::Entry(entry) => {
+                    let (partition, id) = (entry.partition, entry.id.clone());
+                    if start {
+                        self.run(entry, &fence).await;
+                    }
+                    self.table.finish(partition, &id);
+                }
+                Work::Sweep if start => self.sweep(&fence).await,
+                Work::Sweep => {}
             }
-            self.table.finish(partition, &id);
+        }
+    }
+
+    /// The user's reconciliation, inside the partition's fence; a panic in it is logged and the
+    /// lane goes on.
+    async fn sweep(&self, fence: &Fence) {
+        let run = fence.scope(super::sweep::reconcile_users(&self.runner, Some(self.user)));
+        match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(user = %self.user, error = %e, "reconciliation failed; the next sweep tries again")
+            }
+            Err(panic) => {
+                tracing::error!(user = %self.user, panic = %panic_message(&*panic), "reconciliation panicked; the next sweep tries again")
+            }
         }
     }
 

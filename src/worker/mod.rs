@@ -28,6 +28,7 @@ mod health;
 mod job;
 mod lanes;
 mod read_loop;
+pub mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,6 +139,16 @@ impl Worker {
         }
     }
 
+    /// Reconcile the accounts of `user` (or of every user with something to reconcile) with their
+    /// brokers now, outside the lanes (`sparky reconcile`, tests): see [`crate::reconcile`] for why
+    /// that is safe next to running jobs.
+    pub async fn reconcile(
+        &self,
+        user: Option<Uuid>,
+    ) -> Result<Vec<crate::reconcile::AccountReport>, crate::store::StoreError> {
+        sweep::reconcile_users(&self.runner, user).await
+    }
+
     /// The partition table (tests and status read it).
     pub fn partitions(&self) -> &Table {
         &self.table
@@ -156,16 +167,30 @@ impl Worker {
             async move { table.keep(stop).await }
         });
         let sampler = tokio::spawn(self.clone().sample_gauges(background.clone()));
-        let lanes = lanes::Lanes::new(
+        let lanes = Arc::new(lanes::Lanes::new(
             self.config.worker_concurrency,
             self.runner.clone(),
             self.table.clone(),
-        );
+        ));
+        let sweeper = (!self.config.reconcile_interval.is_zero()).then(|| {
+            tokio::spawn(sweep::sweep_loop(
+                self.runner.clone(),
+                self.table.clone(),
+                lanes.clone(),
+                self.config.partitions,
+                self.config.reconcile_interval,
+                background.clone(),
+            ))
+        });
         let read = read_loop::ReadLoop::new(self, &lanes, mode)
             .run(&shutdown)
             .await;
 
         self.table.stop_starting();
+        if let Some(sweeper) = sweeper {
+            sweeper.abort();
+            let _ = sweeper.await;
+        }
         lanes.close();
         if tokio::time::timeout(drain_timeout, lanes.wait())
             .await

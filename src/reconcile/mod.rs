@@ -1,0 +1,561 @@
+//! Reconciliation: Sparky's record of an account (its `positions` rows and the orders it left
+//! resting, `broker_orders`) brought back in line with the broker, which is the truth.
+//!
+//! For one account (user, exchange, environment), per symbol with a position row or an open
+//! `broker_orders` row ([`reconcile_account`]):
+//! 1. **Working entries** ([`follow`]): an entry a job left working is looked up by its client id;
+//!    filled -> the job's open trade, its position and its protection, the job `succeeded`; past
+//!    its `expires_at` -> cancelled at the broker, then what filled is recorded as above or the job
+//!    ends `expired`.
+//! 2. **Protective orders** Sparky recorded as open that the broker no longer lists are looked up:
+//!    filled -> a trade of the job that placed them (leg `sl`/`tp`, exit reason `stop_loss` /
+//!    `take_profit`, realized PnL from Sparky's entry price) and the row `filled`; otherwise the row
+//!    is `cancelled`.
+//! 3. **Orphans**: a Sparky stop-loss / take-profit resting at the broker while the broker holds
+//!    no position it could close (flat, or on the side the order would add to) is cancelled.
+//! 4. **Position**: Sparky's row is set to the broker's (deleted when flat). A difference that the
+//!    protective fills of step 2 do not explain is *drift* ([`DriftKind`]), counted in
+//!    `sparky_reconcile_drift_total{exchange, kind}` and in `sparky status`. Drift is not recorded
+//!    as a trade: there is no Sparky order (and so no job) behind it, and `trades` rows belong to a
+//!    job's leg; the sweep's report and the worker's log carry it.
+//!
+//! The broker's open orders are listed *before* its position is read, so an order a job places
+//! while the sweep runs is only seen together with the position it protects: the sweep cannot
+//! cancel a new position's protection as an orphan. It never opens a position and never sends
+//! anything but cancels.
+//!
+//! **Ordering with the user's jobs.** The worker's periodic sweep runs *inside the user's lane*
+//! (`worker::lanes`): it is queued behind the user's jobs and no job of the user starts until it is
+//! done, exactly as one job waits for the previous one. No lock is held across broker calls and no
+//! extra Postgres connection is pinned per job, which a per-user advisory lock around
+//! execute+commit would need. `sparky reconcile` (the CLI) runs outside the workers; it is made
+//! safe against a concurrent job by the order above and by compare-and-set writes (a position row
+//! is only changed if it is still what the sweep read; a working job is only moved on if it is
+//! still `working`), so a job that commits meanwhile wins and the next sweep looks again.
+
+pub mod db;
+pub mod follow;
+
+use std::fmt;
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::domain::{Account, ExchangeKind, OrderSide, Side, Symbol};
+use crate::exchanges::{ExPosition, Exchange, ExchangeError, Leg, OpenOrder, OrderAck};
+use crate::executor::realized_pnl;
+use crate::job::{ExitReason, JobStatus};
+use crate::store::{PositionRow, Store, StoreError};
+
+use db::{OpenRow, ProtectiveExit, RowState};
+
+/// A difference between Sparky's position and the broker's that no Sparky order explains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    /// Sparky had a position; the broker is flat.
+    Closed,
+    /// Both hold the same side, in different quantities.
+    Resized,
+    /// The broker holds a position Sparky had no row for.
+    Opened,
+    /// The broker holds the other side.
+    Flipped,
+}
+
+impl DriftKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::Closed => "closed",
+            DriftKind::Resized => "resized",
+            DriftKind::Opened => "opened",
+            DriftKind::Flipped => "flipped",
+        }
+    }
+}
+
+/// A position as the report shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Held {
+    pub side: Side,
+    pub quantity: Decimal,
+}
+
+impl fmt::Display for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.side.as_str(), self.quantity.normalize())
+    }
+}
+
+fn show(h: Option<Held>) -> String {
+    h.map_or_else(|| "flat".to_string(), |h| h.to_string())
+}
+
+/// One thing the reconciliation found (and what it did about it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Finding {
+    /// A Sparky stop-loss / take-profit filled at the broker: recorded as its job's trade.
+    ProtectionFilled {
+        symbol: String,
+        job_id: Uuid,
+        client_order_id: String,
+        exit_reason: ExitReason,
+        quantity: Decimal,
+        price: Option<Decimal>,
+        pnl: Option<Decimal>,
+    },
+    /// A Sparky protective order is gone at the broker without a fill: marked cancelled.
+    ProtectionGone {
+        symbol: String,
+        client_order_id: String,
+    },
+    /// A Sparky protective order rested while there was nothing for it to protect: cancelled.
+    OrphanCancelled {
+        symbol: String,
+        client_order_id: String,
+    },
+    /// Sparky's position row was set to the broker's.
+    PositionSynced {
+        symbol: String,
+        sparky: Option<Held>,
+        broker: Option<Held>,
+        /// `None`: explained by the protective fills found in this sweep.
+        drift: Option<DriftKind>,
+    },
+    /// The position row changed while the sweep ran (a job committed): left alone this time.
+    PositionChangedMeanwhile { symbol: String },
+    /// A working entry filled: its job's fill, position and protection recorded.
+    EntryFilled {
+        symbol: String,
+        job_id: Uuid,
+        quantity: Decimal,
+        price: Option<Decimal>,
+        status: JobStatus,
+    },
+    /// A working entry's time ran out with nothing filled: cancelled, the job `expired`.
+    EntryExpired { symbol: String, job_id: Uuid },
+    /// A working entry a later alert cancelled: the job `expired`.
+    EntryCancelledByLaterAlert { job_id: Uuid },
+}
+
+impl Finding {
+    /// Is this drift (a difference no Sparky order explains)?
+    pub fn drift(&self) -> Option<DriftKind> {
+        match self {
+            Finding::PositionSynced { drift, .. } => *drift,
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Finding::ProtectionFilled {
+                symbol,
+                job_id,
+                exit_reason,
+                quantity,
+                price,
+                pnl,
+                ..
+            } => write!(
+                f,
+                "{symbol}: {} filled at the broker ({} at {}, pnl {}): recorded for job {job_id}",
+                serde_json::to_value(exit_reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                quantity.normalize(),
+                price.map_or("?".into(), |p| p.normalize().to_string()),
+                pnl.map_or("?".into(), |p| p.normalize().to_string()),
+            ),
+            Finding::ProtectionGone {
+                symbol,
+                client_order_id,
+            } => write!(
+                f,
+                "{symbol}: protective order {client_order_id} is gone at the broker unfilled: marked cancelled"
+            ),
+            Finding::OrphanCancelled {
+                symbol,
+                client_order_id,
+            } => write!(
+                f,
+                "{symbol}: orphaned protective order {client_order_id} (nothing to protect): cancelled"
+            ),
+            Finding::PositionSynced {
+                symbol,
+                sparky,
+                broker,
+                drift,
+            } => write!(
+                f,
+                "{symbol}: position {} -> {} ({})",
+                show(*sparky),
+                show(*broker),
+                drift.map_or("explained by the fills above".to_string(), |d| format!(
+                    "drift: {}",
+                    d.as_str()
+                )),
+            ),
+            Finding::PositionChangedMeanwhile { symbol } => write!(
+                f,
+                "{symbol}: the position changed while reconciling (a job ran); left for the next sweep"
+            ),
+            Finding::EntryFilled {
+                symbol,
+                job_id,
+                quantity,
+                price,
+                status,
+            } => write!(
+                f,
+                "{symbol}: working entry of job {job_id} filled {} at {}: recorded, job {status}",
+                quantity.normalize(),
+                price.map_or("?".into(), |p| p.normalize().to_string()),
+            ),
+            Finding::EntryExpired { symbol, job_id } => write!(
+                f,
+                "{symbol}: working entry of job {job_id} expired unfilled: cancelled, job expired"
+            ),
+            Finding::EntryCancelledByLaterAlert { job_id } => write!(
+                f,
+                "working entry of job {job_id} was cancelled by a later alert: job expired"
+            ),
+        }
+    }
+}
+
+/// What one account's reconciliation found; `error` when it stopped early (the findings before
+/// it were recorded).
+#[derive(Clone, Debug, Serialize)]
+pub struct AccountReport {
+    pub account: Account,
+    pub findings: Vec<Finding>,
+    pub error: Option<String>,
+}
+
+impl AccountReport {
+    pub fn drift(&self) -> impl Iterator<Item = DriftKind> + '_ {
+        self.findings.iter().filter_map(Finding::drift)
+    }
+}
+
+impl fmt::Display for AccountReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}:", self.account)?;
+        if self.findings.is_empty() && self.error.is_none() {
+            writeln!(f, "  in line with the broker")?;
+        }
+        for x in &self.findings {
+            writeln!(f, "  {x}")?;
+        }
+        if let Some(e) = &self.error {
+            writeln!(f, "  stopped: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why reconciling a symbol stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("broker: {0}")]
+    Exchange(#[from] ExchangeError),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("unusable symbol {0}")]
+    Symbol(String),
+}
+
+/// Reconcile one account with its broker (`ex`: the account's client). Never fails as a whole: a
+/// symbol that cannot be reconciled stops the account's report with the error (the next sweep
+/// tries again).
+pub async fn reconcile_account(
+    store: &Store,
+    ex: &dyn Exchange,
+    account: &Account,
+) -> AccountReport {
+    let mut report = AccountReport {
+        account: *account,
+        findings: vec![],
+        error: None,
+    };
+    if let Err(e) = reconcile_into(store, ex, account, &mut report.findings).await {
+        report.error = Some(e.to_string());
+    }
+    report
+}
+
+async fn reconcile_into(
+    store: &Store,
+    ex: &dyn Exchange,
+    account: &Account,
+    findings: &mut Vec<Finding>,
+) -> Result<(), ReconcileError> {
+    for job_id in db::expire_cancelled_entries(store, account).await? {
+        findings.push(Finding::EntryCancelledByLaterAlert { job_id });
+    }
+    for symbol in db::symbols(store, account).await? {
+        reconcile_symbol(store, ex, account, &symbol, findings).await?;
+    }
+    Ok(())
+}
+
+/// One symbol of the account, in the order the module documentation gives.
+async fn reconcile_symbol(
+    store: &Store,
+    ex: &dyn Exchange,
+    account: &Account,
+    symbol: &str,
+    findings: &mut Vec<Finding>,
+) -> Result<(), ReconcileError> {
+    let sym = Symbol::parse(symbol, account.exchange)
+        .map_err(|e| ReconcileError::Symbol(format!("{symbol}: {e}")))?;
+    follow::follow_entries(store, ex, account, &sym, findings).await?;
+    // What Sparky holds before any protective exit is recorded: the exits' PnL is from its entry.
+    let seen = store.position(account, symbol).await?;
+    // Orders first, then the position (see the module documentation).
+    let listed = ex.open_orders(&sym).await?;
+    let exited =
+        protective_exits(store, ex, account, &sym, &listed, seen.as_ref(), findings).await?;
+    let position = ex.position(&sym).await?;
+    cancel_orphans(store, ex, &sym, &listed, position.as_ref(), findings).await?;
+    sync_position(
+        store,
+        account,
+        symbol,
+        seen.as_ref(),
+        position.as_ref(),
+        exited,
+        findings,
+    )
+    .await
+}
+
+/// Step 2: the open protective rows the broker no longer lists. Returns the quantity their fills
+/// closed (what explains a smaller position).
+async fn protective_exits(
+    store: &Store,
+    ex: &dyn Exchange,
+    account: &Account,
+    sym: &Symbol,
+    listed: &[OpenOrder],
+    seen: Option<&PositionRow>,
+    findings: &mut Vec<Finding>,
+) -> Result<Decimal, ReconcileError> {
+    let mut exited = Decimal::ZERO;
+    let rows = db::open_rows(store, account, sym.as_str()).await?;
+    for row in rows.iter().filter(|r| r.leg.is_protective()) {
+        let still_listed = listed
+            .iter()
+            .any(|o| o.client_order_id.as_deref() == Some(row.client_order_id.as_str()));
+        if still_listed {
+            continue;
+        }
+        match ex.find_order(sym, &row.client_order_id).await? {
+            // Listed a moment ago no more, but still working: the next sweep looks again.
+            Some(ack) if !ack.state.is_final() => {}
+            Some(ack) if ack.filled_qty > Decimal::ZERO => {
+                let exit = protective_exit(account, sym.as_str(), row, &ack, seen);
+                db::record_protective_exit(store, &exit).await?;
+                exited = exited.checked_add(ack.filled_qty).unwrap_or(exited);
+                findings.push(Finding::ProtectionFilled {
+                    symbol: sym.to_string(),
+                    job_id: row.job_id,
+                    client_order_id: row.client_order_id.clone(),
+                    exit_reason: exit.exit_reason,
+                    quantity: ack.filled_qty,
+                    price: ack.avg_price.or(row.price),
+                    pnl: exit.pnl,
+                });
+            }
+            _ => {
+                db::mark(store, &row.client_order_id, RowState::Cancelled).await?;
+                findings.push(Finding::ProtectionGone {
+                    symbol: sym.to_string(),
+                    client_order_id: row.client_order_id.clone(),
+                });
+            }
+        }
+    }
+    Ok(exited)
+}
+
+/// The trade of a protective order's fill: PnL from Sparky's entry price, the exit reason from the
+/// leg ([`exit_reason`]).
+fn protective_exit<'a>(
+    account: &'a Account,
+    symbol: &'a str,
+    row: &'a OpenRow,
+    ack: &'a OrderAck,
+    seen: Option<&PositionRow>,
+) -> ProtectiveExit<'a> {
+    // The position the order closed: the opposite of the order's side.
+    let side = match row.side {
+        OrderSide::Sell => Side::Long,
+        OrderSide::Buy => Side::Short,
+    };
+    let entry = seen.filter(|p| p.side == side).map(|p| p.entry_price);
+    let exit = ack.avg_price.or(row.price);
+    let pnl = realized_pnl(side, entry, exit, ack.filled_qty);
+    ProtectiveExit {
+        account,
+        symbol,
+        row,
+        ack,
+        pnl,
+        exit_reason: exit_reason(account.exchange, row.leg, pnl),
+    }
+}
+
+/// Why a protective order's fill exited. A Tradier OCO order (one order carrying both levels,
+/// recorded under the stop-loss leg's id) does not say which leg filled: a fill at a profit was the
+/// take-profit.
+pub fn exit_reason(exchange: ExchangeKind, leg: Leg, pnl: Option<Decimal>) -> ExitReason {
+    match leg {
+        Leg::TakeProfit => ExitReason::TakeProfit,
+        Leg::StopLoss
+            if exchange == ExchangeKind::Tradier && pnl.is_some_and(|p| p > Decimal::ZERO) =>
+        {
+            ExitReason::TakeProfit
+        }
+        _ => ExitReason::StopLoss,
+    }
+}
+
+/// Step 3: cancel Sparky's protective orders with nothing to protect: the broker is flat, or holds
+/// the side the order would add to.
+async fn cancel_orphans(
+    store: &Store,
+    ex: &dyn Exchange,
+    sym: &Symbol,
+    listed: &[OpenOrder],
+    position: Option<&ExPosition>,
+    findings: &mut Vec<Finding>,
+) -> Result<(), ReconcileError> {
+    for o in listed {
+        let Some((_, leg)) = o.sparky_leg() else {
+            continue;
+        };
+        let protects = position.is_some_and(|p| o.side == OrderSide::closing(p.side));
+        if !leg.is_protective() || protects {
+            continue;
+        }
+        ex.cancel_order(sym, o).await?;
+        let id = o.client_order_id.clone().unwrap_or_default();
+        db::mark(store, &id, RowState::Cancelled).await?;
+        findings.push(Finding::OrphanCancelled {
+            symbol: sym.to_string(),
+            client_order_id: id,
+        });
+    }
+    Ok(())
+}
+
+/// Step 4: Sparky's position row set to the broker's; drift is what `exited` does not explain.
+async fn sync_position(
+    store: &Store,
+    account: &Account,
+    symbol: &str,
+    seen: Option<&PositionRow>,
+    broker: Option<&ExPosition>,
+    exited: Decimal,
+    findings: &mut Vec<Finding>,
+) -> Result<(), ReconcileError> {
+    let sparky = seen.map(|p| Held {
+        side: p.side,
+        quantity: p.quantity,
+    });
+    let broker_held = broker.map(|p| Held {
+        side: p.side,
+        quantity: p.quantity,
+    });
+    if sparky == broker_held {
+        return Ok(());
+    }
+    let drift = drift(sparky, broker_held, exited);
+    if !db::set_position(store, account, symbol, seen, broker).await? {
+        findings.push(Finding::PositionChangedMeanwhile {
+            symbol: symbol.to_string(),
+        });
+        return Ok(());
+    }
+    findings.push(Finding::PositionSynced {
+        symbol: symbol.to_string(),
+        sparky,
+        broker: broker_held,
+        drift,
+    });
+    Ok(())
+}
+
+/// The drift between Sparky's position and the broker's, given what protective fills closed;
+/// `None` when the fills explain the difference.
+pub fn drift(sparky: Option<Held>, broker: Option<Held>, exited: Decimal) -> Option<DriftKind> {
+    let explained = |from: Decimal, to: Decimal| from.checked_sub(exited) == Some(to);
+    match (sparky, broker) {
+        (None, None) => None,
+        (None, Some(_)) => Some(DriftKind::Opened),
+        (Some(s), None) => (!explained(s.quantity, Decimal::ZERO)).then_some(DriftKind::Closed),
+        (Some(s), Some(b)) if s.side != b.side => Some(DriftKind::Flipped),
+        (Some(s), Some(b)) if s.quantity == b.quantity => None,
+        (Some(s), Some(b)) => (!explained(s.quantity, b.quantity)).then_some(DriftKind::Resized),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    fn held(side: Side, q: Decimal) -> Option<Held> {
+        Some(Held { side, quantity: q })
+    }
+
+    #[test]
+    fn drift_is_what_protective_fills_do_not_explain() {
+        let long = |q| held(Side::Long, q);
+        assert_eq!(
+            drift(long(dec!(1)), None, dec!(1)),
+            None,
+            "the stop closed it"
+        );
+        assert_eq!(drift(long(dec!(1)), None, dec!(0)), Some(DriftKind::Closed));
+        assert_eq!(drift(long(dec!(1)), long(dec!(0.4)), dec!(0.6)), None);
+        assert_eq!(
+            drift(long(dec!(1)), long(dec!(0.4)), dec!(0)),
+            Some(DriftKind::Resized)
+        );
+        assert_eq!(drift(None, long(dec!(1)), dec!(0)), Some(DriftKind::Opened));
+        assert_eq!(
+            drift(long(dec!(1)), held(Side::Short, dec!(1)), dec!(1)),
+            Some(DriftKind::Flipped)
+        );
+        assert_eq!(drift(None, None, dec!(0)), None);
+    }
+
+    #[test]
+    fn a_tradier_oco_fill_at_a_profit_is_the_take_profit() {
+        use ExchangeKind::*;
+        assert_eq!(
+            exit_reason(Tradier, Leg::StopLoss, Some(dec!(5))),
+            ExitReason::TakeProfit
+        );
+        assert_eq!(
+            exit_reason(Tradier, Leg::StopLoss, Some(dec!(-5))),
+            ExitReason::StopLoss
+        );
+        assert_eq!(
+            exit_reason(Aster, Leg::StopLoss, Some(dec!(5))),
+            ExitReason::StopLoss
+        );
+        assert_eq!(
+            exit_reason(Aster, Leg::TakeProfit, None),
+            ExitReason::TakeProfit
+        );
+    }
+}
