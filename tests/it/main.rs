@@ -17,6 +17,7 @@ mod operations;
 mod ordering;
 mod pipeline;
 mod procs;
+mod reconcile;
 mod recovery;
 mod scripted;
 mod security;

@@ -1,0 +1,424 @@
+//! Issue 12 items 4 and 5: the working-order follower and the reconciliation with the broker, end
+//! to end (real Postgres and Redis, the fake brokers). Sweeps are explicit calls
+//! (`Worker::reconcile`, `sparky::cli::reconcile`), never waited for.
+
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use serde_json::{json, Value};
+use sparky::domain::{Account, CredentialEnv, ExchangeKind, Side};
+use sparky::exchanges::{client_order_id, Leg};
+use sparky::job::{ExitReason, JobStatus};
+use sparky::reconcile::{AccountReport, DriftKind, Finding};
+use uuid::Uuid;
+
+use crate::fakes::*;
+use crate::helpers::*;
+
+fn account(user: Uuid, exchange: ExchangeKind) -> Account {
+    Account {
+        user_id: user,
+        exchange,
+        environment: CredentialEnv::Production,
+    }
+}
+
+fn protected(mut hook: Value, sl: u32, tp: u32) -> Value {
+    hook["stop_loss_percent"] = json!(sl);
+    hook["take_profit_percent"] = json!(tp);
+    hook
+}
+
+async fn reconcile(app: &TestApp, user: Uuid) -> Vec<AccountReport> {
+    let reports = app.worker().reconcile(Some(user)).await.unwrap();
+    for r in &reports {
+        assert_eq!(r.error, None, "{r}");
+    }
+    reports
+}
+
+fn findings(reports: &[AccountReport]) -> Vec<Finding> {
+    reports.iter().flat_map(|r| r.findings.clone()).collect()
+}
+
+async fn broker_order_state(app: &TestApp, coid: &str) -> String {
+    sqlx::query_scalar("SELECT state FROM broker_orders WHERE client_order_id = $1")
+        .bind(coid)
+        .fetch_one(&app.store.pool)
+        .await
+        .unwrap()
+}
+
+/// A stop fires at the broker: the reconciliation records the `sl` exit (quantity, price, PnL,
+/// exit reason) as a trade of the job that placed it, cancels the take-profit left orphaned,
+/// deletes Sparky's position without calling it drift, and the next buy opens.
+#[tokio::test]
+async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
+    let (fake, _, app, user, secret) = aster_app().await;
+    let buy = app
+        .enqueue(&protected(
+            webhook(user, &secret, "aster", "buy", "ETHUSDT", 100),
+            2,
+            4,
+        ))
+        .await;
+    app.run_worker_until_idle().await;
+    assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
+
+    // The price falls through the stop (2940): the broker closes the long at 2900.
+    fake.set_price("ETHUSDT", dec!(2900));
+    assert_eq!(fake.position("ETHUSDT"), Decimal::ZERO);
+    assert_eq!(
+        fake.open_orders("ETHUSDT").len(),
+        1,
+        "the take-profit rests"
+    );
+
+    let found = findings(&reconcile(&app, user).await);
+    let sl = client_order_id(buy, Leg::StopLoss);
+    let tp = client_order_id(buy, Leg::TakeProfit);
+    assert_eq!(
+        found,
+        [
+            Finding::ProtectionFilled {
+                symbol: "ETHUSDT".into(),
+                job_id: buy,
+                client_order_id: sl.clone(),
+                exit_reason: ExitReason::StopLoss,
+                quantity: dec!(0.033),
+                price: Some(dec!(2900)),
+                pnl: Some(dec!(-3.3)),
+            },
+            Finding::OrphanCancelled {
+                symbol: "ETHUSDT".into(),
+                client_order_id: tp.clone(),
+            },
+            Finding::PositionSynced {
+                symbol: "ETHUSDT".into(),
+                sparky: Some(sparky::reconcile::Held {
+                    side: Side::Long,
+                    quantity: dec!(0.033)
+                }),
+                broker: None,
+                drift: None,
+            },
+        ]
+    );
+    let (leg, qty, price, pnl, reason): (String, Decimal, Decimal, Decimal, ExitReason) =
+        sqlx::query_as(
+            "SELECT leg, quantity, price, pnl, exit_reason FROM trades WHERE job_id = $1 AND leg = 'sl'",
+        )
+        .bind(buy)
+        .fetch_one(&app.store.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (leg.as_str(), qty, price, pnl, reason),
+        (
+            "sl",
+            dec!(0.033),
+            dec!(2900),
+            dec!(-3.3),
+            ExitReason::StopLoss
+        )
+    );
+    assert_eq!(broker_order_state(&app, &sl).await, "filled");
+    assert_eq!(broker_order_state(&app, &tp).await, "cancelled");
+    assert!(fake.open_orders("ETHUSDT").is_empty(), "no orphan left");
+    assert_eq!(app.position(user, "ETHUSDT").await, None);
+
+    // A second sweep finds nothing more.
+    assert!(findings(&reconcile(&app, user).await).is_empty());
+
+    // The next buy opens a new long (it is not "already long").
+    let again = app
+        .enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
+        .await;
+    app.run_worker_until_idle().await;
+    let job = app.job(again).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert_eq!(fake.position("ETHUSDT"), dec!(0.034), "100 USD at 2900");
+    let pos = app.position(user, "ETHUSDT").await.unwrap();
+    assert_eq!((pos.side, pos.quantity), (Side::Long, dec!(0.034)));
+}
+
+/// The user closes the position by hand at the broker: Sparky's stop-loss and take-profit are
+/// orphaned and cancelled, the position row goes, and it is drift (metric, `sparky status`).
+#[tokio::test]
+async fn orphaned_protection_is_cancelled_and_a_hand_close_is_drift() {
+    let (fake, url, app, user, secret) = aster_app().await;
+    let buy = app
+        .enqueue(&protected(
+            webhook(user, &secret, "aster", "buy", "ETHUSDT", 100),
+            2,
+            4,
+        ))
+        .await;
+    app.run_worker_until_idle().await;
+    assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
+    let (s, body) = aster_call(
+        &url,
+        "POST",
+        "/fapi/v1/order",
+        &[
+            ("symbol", "ETHUSDT"),
+            ("side", "SELL"),
+            ("type", "MARKET"),
+            ("quantity", "0.033"),
+            ("newClientOrderId", "by-hand-1"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(fake.open_orders("ETHUSDT").len(), 2);
+
+    let found = findings(&reconcile(&app, user).await);
+    let mut orphans: Vec<String> = found
+        .iter()
+        .filter_map(|f| match f {
+            Finding::OrphanCancelled {
+                client_order_id, ..
+            } => Some(client_order_id.clone()),
+            _ => None,
+        })
+        .collect();
+    orphans.sort();
+    assert_eq!(
+        orphans,
+        [
+            client_order_id(buy, Leg::StopLoss),
+            client_order_id(buy, Leg::TakeProfit)
+        ]
+    );
+    assert_eq!(
+        found.iter().filter_map(Finding::drift).collect::<Vec<_>>(),
+        [DriftKind::Closed]
+    );
+    assert!(fake.open_orders("ETHUSDT").is_empty());
+    assert_eq!(app.position(user, "ETHUSDT").await, None);
+    // No trade is invented for the hand close.
+    assert_eq!(app.trades(user).await.len(), 1, "only the open");
+
+    let status = sparky::status::collect(&app.queue).await.unwrap();
+    let r = &status.reconciliation;
+    assert!(r.last_sweep_at.is_some());
+    assert_eq!((r.accounts, r.errors, r.drift_total), (1, 0, 1));
+    assert_eq!(r.drift.get("closed"), Some(&1));
+    assert!(sparky::status::render_table(&status).contains("drift 1 (closed 1"));
+    let metrics = sparky::metrics::render();
+    assert!(
+        metrics.contains("sparky_reconcile_drift_total"),
+        "the drift metric is exported"
+    );
+}
+
+fn limit_buy(user: Uuid, secret: &str, price: u32, ttl: u64) -> Value {
+    let mut hook = protected(webhook(user, secret, "aster", "buy", "ETHUSDT", 100), 2, 4);
+    hook["order_type"] = json!("limit");
+    hook["price"] = json!(price);
+    hook["limit_ttl_secs"] = json!(ttl);
+    hook
+}
+
+/// A working limit entry fills when the price crosses it: the follower records the open fill, the
+/// position and the protection at levels from the fill price, and the job ends `succeeded`.
+#[tokio::test]
+async fn a_working_limit_entry_that_fills_is_recorded_and_protected_by_the_follower() {
+    let (fake, _, app, user, secret) = aster_app().await;
+    let entry = app.enqueue(&limit_buy(user, &secret, 2900, 600)).await;
+    app.run_worker_until_idle().await;
+    assert_eq!(app.job(entry).await.status, JobStatus::Working);
+    // Not yet crossed: the follower leaves it alone.
+    assert!(findings(&reconcile(&app, user).await).is_empty());
+    assert_eq!(app.job(entry).await.status, JobStatus::Working);
+
+    fake.set_price("ETHUSDT", dec!(2890));
+    assert_eq!(fake.position("ETHUSDT"), dec!(0.034), "filled at the limit");
+    let found = findings(&reconcile(&app, user).await);
+    assert_eq!(
+        found,
+        [Finding::EntryFilled {
+            symbol: "ETHUSDT".into(),
+            job_id: entry,
+            quantity: dec!(0.034),
+            price: Some(dec!(2900)),
+            status: JobStatus::Succeeded,
+        }]
+    );
+    assert_eq!(app.job(entry).await.status, JobStatus::Succeeded);
+    let open: Vec<_> = app
+        .trades(user)
+        .await
+        .into_iter()
+        .map(|t| (t.leg, t.quantity, t.price))
+        .collect();
+    assert_eq!(open, [("open".into(), dec!(0.034), Some(dec!(2900)))]);
+    let pos = app.position(user, "ETHUSDT").await.unwrap();
+    assert_eq!(
+        (
+            pos.side,
+            pos.quantity,
+            pos.entry_price,
+            pos.stop_loss_price,
+            pos.take_profit_price
+        ),
+        (
+            Side::Long,
+            dec!(0.034),
+            dec!(2900),
+            Some(dec!(2842)),
+            Some(dec!(3016))
+        )
+    );
+    assert_eq!(
+        fake.open_orders("ETHUSDT").len(),
+        2,
+        "stop-loss and take-profit"
+    );
+    assert_eq!(
+        broker_order_state(&app, &client_order_id(entry, Leg::Open)).await,
+        "filled"
+    );
+    assert_eq!(
+        broker_order_state(&app, &client_order_id(entry, Leg::StopLoss)).await,
+        "open"
+    );
+    // Nothing else to do on the next sweep.
+    assert!(findings(&reconcile(&app, user).await).is_empty());
+}
+
+/// A working entry past its time is cancelled at the broker and the job ends `expired`. (Its
+/// `expires_at` is moved into the past rather than waited for.)
+#[tokio::test]
+async fn a_working_entry_past_its_time_is_cancelled_and_the_job_expires() {
+    let (fake, _, app, user, secret) = aster_app().await;
+    let entry = app.enqueue(&limit_buy(user, &secret, 2900, 600)).await;
+    app.run_worker_until_idle().await;
+    assert_eq!(app.job(entry).await.status, JobStatus::Working);
+    sqlx::query(
+        "UPDATE broker_orders SET expires_at = now() - interval '1 second' WHERE job_id = $1",
+    )
+    .bind(entry)
+    .execute(&app.store.pool)
+    .await
+    .unwrap();
+
+    let found = findings(&reconcile(&app, user).await);
+    assert_eq!(
+        found,
+        [Finding::EntryExpired {
+            symbol: "ETHUSDT".into(),
+            job_id: entry
+        }]
+    );
+    assert_eq!(app.job(entry).await.status, JobStatus::Expired);
+    assert!(
+        fake.open_orders("ETHUSDT").is_empty(),
+        "cancelled at the broker"
+    );
+    assert_eq!(
+        broker_order_state(&app, &client_order_id(entry, Leg::Open)).await,
+        "cancelled"
+    );
+    assert!(app.trades(user).await.is_empty());
+    assert_eq!(app.position(user, "ETHUSDT").await, None);
+    // The price crossing later fills nothing.
+    fake.set_price("ETHUSDT", dec!(2800));
+    assert_eq!(fake.position("ETHUSDT"), Decimal::ZERO);
+}
+
+/// `sparky reconcile --user U` prints what it found and did for that user's accounts only.
+#[tokio::test]
+async fn sparky_reconcile_user_prints_what_it_found_per_account() {
+    let (fake, _, app, user, secret) = aster_app().await;
+    let (other, other_secret) = app.create_user().await;
+    store_credentials(
+        &app,
+        other,
+        "aster",
+        ASTER_KEY,
+        ASTER_SECRET,
+        None,
+        json!({}),
+    )
+    .await;
+    app.enqueue(&protected(
+        webhook(user, &secret, "aster", "buy", "ETHUSDT", 100),
+        2,
+        4,
+    ))
+    .await;
+    app.enqueue(&webhook(
+        other,
+        &other_secret,
+        "aster",
+        "buy",
+        "SOLUSDT",
+        300,
+    ))
+    .await;
+    app.run_worker_until_idle().await;
+    fake.set_price("ETHUSDT", dec!(2900));
+
+    let out = sparky::cli::reconcile(&app.config, &app.store, Some(user), false)
+        .await
+        .unwrap();
+    assert!(
+        out.starts_with(&format!("{user}/aster/production:\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains("ETHUSDT: stop_loss filled at the broker (0.033 at 2900, pnl -3.3)"),
+        "{out}"
+    );
+    assert!(out.contains("ETHUSDT: orphaned protective order"), "{out}");
+    assert!(
+        out.contains("ETHUSDT: position long 0.033 -> flat (explained by the fills above)"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&other.to_string()),
+        "only --user's accounts: {out}"
+    );
+    assert_eq!(out.lines().count(), 4, "{out}");
+
+    // JSON for scripts; the other user's long is in line with the broker.
+    let out = sparky::cli::reconcile(&app.config, &app.store, Some(other), true)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["account"]["user_id"], json!(other));
+    assert_eq!(v[0]["findings"], json!([]));
+    let again = sparky::cli::reconcile(&app.config, &app.store, Some(user), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        "nothing to reconcile: no positions or resting orders recorded\n"
+    );
+}
+
+/// A write based on a stale read changes nothing: the reconciliation's position update is
+/// compare-and-set on the row it read, so a job that committed in between wins (the race
+/// `sparky reconcile`, which runs outside the lanes, can have with a job).
+#[tokio::test]
+async fn a_position_a_job_changed_meanwhile_is_left_alone() {
+    let (_fake, _, app, user, secret) = aster_app().await;
+    app.enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
+        .await;
+    app.run_worker_until_idle().await;
+    let acct = account(user, ExchangeKind::Aster);
+    let seen = app.store.position(&acct, "ETHUSDT").await.unwrap().unwrap();
+    // A job commits a bigger position after the sweep read the row.
+    sqlx::query("UPDATE positions SET quantity = 0.066 WHERE user_id = $1")
+        .bind(user)
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
+    let wrote =
+        sparky::reconcile::db::set_position(&app.store, &acct, "ETHUSDT", Some(&seen), None)
+            .await
+            .unwrap();
+    assert!(!wrote);
+    let now = app.store.position(&acct, "ETHUSDT").await.unwrap().unwrap();
+    assert_eq!(now.quantity, dec!(0.066), "the job's position stands");
+}
