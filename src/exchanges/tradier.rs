@@ -181,11 +181,32 @@ enum Parsed {
     Dead(String),
 }
 
+/// What an order filled and at what average price. An advanced order (OCO: a protective pair)
+/// carries its fills on its legs (`leg[]`, each with `exec_quantity` and `avg_fill_price`); the
+/// parent's own fields are used when they say more (Tradier documents the order-level fields, not
+/// whether an advanced order's parent carries its legs' fills).
+fn fill_of(o: &Value) -> (Decimal, Option<Decimal>) {
+    let own = |v: &Value| {
+        (
+            dec(&v["exec_quantity"]).unwrap_or_default().normalize(),
+            dec(&v["avg_fill_price"]).filter(|p| *p > Decimal::ZERO),
+        )
+    };
+    let parent = own(o);
+    if parent.0 > Decimal::ZERO || !o["leg"].is_array() && !o["leg"].is_object() {
+        return parent;
+    }
+    list(&o["leg"])
+        .into_iter()
+        .map(own)
+        .find(|(q, _)| *q > Decimal::ZERO)
+        .unwrap_or(parent)
+}
+
 fn parse_order(o: &Value, coid: &str) -> Result<Parsed, ExchangeError> {
     let id = id_text(&o["id"]).ok_or_else(|| http::unexpected(NAME, "order without `id`"))?;
     let status = o["status"].as_str().unwrap_or_default();
-    let filled_qty = dec(&o["exec_quantity"]).unwrap_or_default().normalize();
-    let avg_price = dec(&o["avg_fill_price"]).filter(|p| *p > Decimal::ZERO);
+    let (filled_qty, avg_price) = fill_of(o);
     let ack = |state| OrderAck {
         exchange_order_id: id.clone(),
         client_order_id: o["tag"].as_str().unwrap_or(coid).to_string(),
@@ -769,6 +790,23 @@ mod tests {
         assert!(
             matches!(parse_order(&r, "x").unwrap(), Parsed::Rejected(m) if m.contains("Insufficient buying power"))
         );
+    }
+
+    #[test]
+    fn an_oco_orders_fill_is_read_from_the_leg_that_filled() {
+        let o = json!({"id": 7, "status": "filled", "class": "oco", "tag": "x",
+            "leg": [
+                {"id": 8, "type": "limit", "status": "canceled", "exec_quantity": 0.0},
+                {"id": 9, "type": "stop", "status": "filled", "exec_quantity": 5.0,
+                 "avg_fill_price": 171.0}
+            ]});
+        match parse_order(&o, "x").unwrap() {
+            Parsed::Live(a) => {
+                assert_eq!(a.state, OrderState::Filled);
+                assert_eq!((a.filled_qty, a.avg_price), (dec!(5), Some(dec!(171))));
+            }
+            _ => panic!("filled"),
+        }
     }
 
     #[test]

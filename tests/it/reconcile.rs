@@ -422,3 +422,234 @@ async fn a_position_a_job_changed_meanwhile_is_left_alone() {
     let now = app.store.position(&acct, "ETHUSDT").await.unwrap().unwrap();
     assert_eq!(now.quantity, dec!(0.066), "the job's position stands");
 }
+
+/// One user of the "done when" run: an exchange, a symbol of its own (the fakes are one account
+/// each), the alert size, and whether its last entry carries a stop-loss / take-profit.
+struct Trader {
+    user: Uuid,
+    secret: String,
+    exchange: ExchangeKind,
+    symbol: &'static str,
+    usd: u32,
+    last_entry_protected: bool,
+}
+
+impl Trader {
+    fn hook(&self, action: &str, protect: bool) -> Value {
+        let hook = webhook(
+            self.user,
+            &self.secret,
+            self.exchange.as_str(),
+            action,
+            self.symbol,
+            self.usd,
+        );
+        if protect {
+            protected(hook, 2, 4)
+        } else {
+            hook
+        }
+    }
+
+    /// buy, sell (a reversal), close, buy: stop-loss / take-profit on the first entry or on the
+    /// other two, so half the entries are protected across users.
+    fn alerts(&self) -> Vec<Value> {
+        let p = self.last_entry_protected;
+        vec![
+            self.hook("buy", !p),
+            self.hook("sell", p),
+            self.hook("close", false),
+            self.hook("buy", p),
+        ]
+    }
+}
+
+/// Every `n`th first close order (client id ending in the close leg's letter `c`) fills half.
+fn every_nth_close(n: usize, id_field: &'static str) -> impl FnMut(&Value) -> Option<Partial> {
+    let mut seen = 0usize;
+    move |o| {
+        let first_close = o[id_field]
+            .as_str()
+            .is_some_and(|id| id.starts_with("sp") && id.ends_with('c'));
+        if !first_close {
+            return None;
+        }
+        seen += 1;
+        (seen % n == 1).then_some(Partial::Fraction(dec!(0.5)))
+    }
+}
+
+/// Issue 12's "done when": several users on the Aster and Tradier fakes, stop-loss / take-profit on
+/// half the entries, a fifth of the closes partially filled, a price move that fires the stops, then
+/// a reconciliation. Ends with no orphaned protective order at any broker, every broker position
+/// what the alerts asked for (flat where a stop fired), and Sparky's positions equal to the
+/// brokers'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn done_when_protection_partial_closes_and_fired_stops_end_in_line_with_the_brokers() {
+    let (aster, aster_url) = AsterFake::start().await;
+    let (tradier, tradier_url) = TradierFake::start().await;
+    let app = TestApp::spawn_with(|c| {
+        c.aster_base_url = Some(aster_url.clone());
+        c.tradier_base_url = Some(format!("{tradier_url}/v1"));
+    })
+    .await;
+    aster.partial_when(every_nth_close(5, "clientOrderId"));
+    tradier.partial_when(every_nth_close(5, "tag"));
+
+    let plan = [
+        (ExchangeKind::Aster, "ETHUSDT", 100, true),
+        (ExchangeKind::Aster, "SOLUSDT", 300, false),
+        (ExchangeKind::Tradier, "AAPL", 1000, true),
+        (ExchangeKind::Tradier, "SPY", 1000, false),
+    ];
+    let mut traders = vec![];
+    for (exchange, symbol, usd, last_entry_protected) in plan {
+        let (user, secret) = app.create_user().await;
+        match exchange {
+            ExchangeKind::Aster => {
+                store_credentials(
+                    &app,
+                    user,
+                    "aster",
+                    ASTER_KEY,
+                    ASTER_SECRET,
+                    None,
+                    json!({}),
+                )
+                .await
+            }
+            _ => {
+                store_credentials(
+                    &app,
+                    user,
+                    "tradier",
+                    TRADIER_TOKEN,
+                    "unused",
+                    Some(TRADIER_ACCOUNT),
+                    json!({}),
+                )
+                .await
+            }
+        }
+        traders.push(Trader {
+            user,
+            secret,
+            exchange,
+            symbol,
+            usd,
+            last_entry_protected,
+        });
+    }
+    // The users' alerts interleaved, each user's in order.
+    let mut jobs = vec![];
+    for step in 0..4 {
+        for t in &traders {
+            jobs.push(app.enqueue(&t.alerts()[step]).await);
+        }
+    }
+    app.run_worker_until_idle().await;
+    for j in &jobs {
+        let row = app.job(*j).await;
+        assert_eq!(row.status, JobStatus::Succeeded, "{row:?}");
+    }
+    let partial_closes: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM trades WHERE leg = 'close2'")
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap();
+    assert!(
+        partial_closes >= 2,
+        "some closes filled partly and were completed"
+    );
+
+    // Every user is long again; the price falls 10 %: the protected longs' stops fire.
+    for t in &traders {
+        let before = broker_position(&aster, &tradier, t);
+        assert!(before > Decimal::ZERO, "{}: {before}", t.symbol);
+    }
+    aster.set_price("ETHUSDT", dec!(2700));
+    aster.set_price("SOLUSDT", dec!(135));
+    tradier.set_price("AAPL", dec!(171));
+    tradier.set_price("SPY", dec!(450));
+
+    let reports = app.worker().reconcile(None).await.unwrap();
+    for r in &reports {
+        assert_eq!(r.error, None, "{r}");
+        assert_eq!(r.drift().count(), 0, "every change is explained: {r}");
+    }
+
+    // No orphaned protective order at any broker: nothing Sparky placed rests where the broker is
+    // flat, and what rests protects the open longs.
+    for t in &traders {
+        let held = broker_position(&aster, &tradier, t);
+        let resting = sparky_resting(&aster, &tradier, t);
+        if t.last_entry_protected {
+            assert_eq!(held, Decimal::ZERO, "{}: the stop fired", t.symbol);
+            assert!(resting.is_empty(), "{}: orphans {resting:?}", t.symbol);
+            let reason: ExitReason = sqlx::query_scalar(
+                "SELECT exit_reason FROM trades WHERE user_id = $1 AND leg = 'sl'",
+            )
+            .bind(t.user)
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap();
+            assert_eq!(reason, ExitReason::StopLoss, "{}", t.symbol);
+        } else {
+            assert!(held > Decimal::ZERO, "{}: still long", t.symbol);
+            assert!(resting.is_empty(), "{}: unprotected entry", t.symbol);
+        }
+        // Sparky's position equals the broker's.
+        let mine = app
+            .store
+            .position(&account(t.user, t.exchange), t.symbol)
+            .await
+            .unwrap()
+            .map(|p| match p.side {
+                Side::Long => p.quantity,
+                Side::Short => -p.quantity,
+            })
+            .unwrap_or_default();
+        assert_eq!(mine, held, "{}", t.symbol);
+    }
+    let open_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM broker_orders WHERE state = 'open'")
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap();
+    assert_eq!(open_rows, 0, "Sparky records nothing resting");
+}
+
+fn broker_position(aster: &AsterFake, tradier: &TradierFake, t: &Trader) -> Decimal {
+    match t.exchange {
+        ExchangeKind::Aster => aster.position(t.symbol),
+        _ => tradier.position(t.symbol),
+    }
+}
+
+/// Sparky's orders resting at `t`'s broker in its symbol.
+fn sparky_resting(aster: &AsterFake, tradier: &TradierFake, t: &Trader) -> Vec<Value> {
+    let orders = match t.exchange {
+        ExchangeKind::Aster => aster.open_orders(t.symbol),
+        _ => tradier
+            .open_orders()
+            .into_iter()
+            .filter(|o| {
+                o["symbol"] == t.symbol
+                    || o["leg"]
+                        .as_array()
+                        .is_some_and(|l| l.iter().any(|l| l["symbol"] == t.symbol))
+            })
+            .collect(),
+    };
+    let id = |o: &Value| {
+        o["clientOrderId"]
+            .as_str()
+            .or(o["tag"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    orders
+        .into_iter()
+        .filter(|o| id(o).starts_with("sp"))
+        .collect()
+}
