@@ -795,11 +795,11 @@ mod tests {
     #[test]
     fn an_oco_orders_fill_is_read_from_the_leg_that_filled() {
         let o = json!({"id": 7, "status": "filled", "class": "oco", "tag": "x",
-            "leg": [
-                {"id": 8, "type": "limit", "status": "canceled", "exec_quantity": 0.0},
-                {"id": 9, "type": "stop", "status": "filled", "exec_quantity": 5.0,
-                 "avg_fill_price": 171.0}
-            ]});
+        "leg": [
+            {"id": 8, "type": "limit", "status": "canceled", "exec_quantity": 0.0},
+            {"id": 9, "type": "stop", "status": "filled", "exec_quantity": 5.0,
+             "avg_fill_price": 171.0}
+        ]});
         match parse_order(&o, "x").unwrap() {
             Parsed::Live(a) => {
                 assert_eq!(a.state, OrderState::Filled);

@@ -653,3 +653,100 @@ fn sparky_resting(aster: &AsterFake, tradier: &TradierFake, t: &Trader) -> Vec<V
         .filter(|o| id(o).starts_with("sp"))
         .collect()
 }
+
+/// Wait until `done` holds, checking every 20 ms; fail with `what` after a minute (a deadline for
+/// liveness on a loaded machine, not a measure of speed).
+async fn eventually<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done().await {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The periodic sweep runs on the user's lane, between the user's jobs and never alongside one: a
+/// worker sweeping every 10 ms while it runs a stream of reversals and closes (each a cancel, a
+/// close, an open and new protection at the broker) never catches a job half-way, which would
+/// show as drift (a position the broker has and Sparky has not committed yet). It also picks up
+/// the stop that fires at the end on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_sweep_never_runs_alongside_the_users_jobs() {
+    let (fake, _, app, user, secret) = aster_app().await;
+    let mut config = app.config.clone();
+    config.reconcile_interval = std::time::Duration::from_millis(10);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = sparky::worker::Worker::new(
+        config,
+        app.store.clone(),
+        app.queue.clone(),
+        shutdown.clone(),
+    );
+    let watch = worker.clone();
+    let run = tokio::spawn(async move {
+        worker
+            .run(
+                sparky::worker::RunMode::Forever,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+    });
+    // Sweeps start once the partitions are live (their history passes done).
+    eventually("the worker owns its partitions", || async {
+        watch.partitions().settled()
+    })
+    .await;
+    // One alert at a time, the next as soon as the last finished, so the sweeps (queued every
+    // 10 ms) land between and next to the jobs.
+    let mut jobs = vec![];
+    for action in ["buy", "sell", "buy", "close", "sell", "buy", "sell", "buy"] {
+        let hook = protected(
+            webhook(user, &secret, "aster", action, "ETHUSDT", 100),
+            2,
+            4,
+        );
+        let job = app.enqueue(&hook).await;
+        jobs.push(job);
+        let store = app.store.clone();
+        eventually("the job finished", || {
+            let store = store.clone();
+            async move {
+                let row = store.get_job(job).await.unwrap();
+                row.is_some_and(|r| r.status.is_final() && r.status != JobStatus::Working)
+            }
+        })
+        .await;
+    }
+    // The last buy's stop fires; a sweep records it by itself.
+    fake.set_price("ETHUSDT", dec!(2900));
+    eventually("a sweep recorded the stop", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM trades WHERE leg = 'sl'")
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    eventually("a sweep cancelled the orphaned take-profit", || async {
+        fake.open_orders("ETHUSDT").is_empty()
+    })
+    .await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+
+    let r = sparky::status::collect(&app.queue)
+        .await
+        .unwrap()
+        .reconciliation;
+    assert!(r.accounts >= 2, "swept during the jobs too: {r:?}");
+    for j in &jobs {
+        let row = app.job(*j).await;
+        assert_eq!(row.status, JobStatus::Succeeded, "{row:?}");
+    }
+    assert_eq!((r.drift_total, r.errors), (0, 0), "{r:?}");
+    assert_eq!(fake.position("ETHUSDT"), Decimal::ZERO);
+    assert_eq!(app.position(user, "ETHUSDT").await, None);
+}
