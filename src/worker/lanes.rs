@@ -28,7 +28,7 @@ use crate::queue::Entry;
 
 /// What a lane runs.
 enum Work {
-    Entry(Entry),
+    Entry(Box<Entry>),
     /// Reconcile the user's accounts with their brokers.
     Sweep,
 }
@@ -71,7 +71,7 @@ impl Lanes {
             .as_ref()
             .map(|j| j.alert.user_id)
             .unwrap_or_else(|_| Uuid::nil());
-        self.queue(user, (Work::Entry(entry), fence));
+        self.queue(user, (Work::Entry(Box::new(entry)), fence));
     }
 
     /// Queue a reconciliation of `user`'s accounts on the user's lane; `false` when one is already
@@ -132,7 +132,7 @@ impl Lane {
                 Work::Entry(entry) => {
                     let (partition, id) = (entry.partition, entry.id.clone());
                     if start {
-                        self.run(entry, &fence).await;
+                        self.run(*entry, &fence).await;
                     }
                     self.table.finish(partition, &id);
                 }
