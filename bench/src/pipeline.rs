@@ -115,6 +115,8 @@ fn open_outcome(job: &Job) -> Outcome {
             exchange_order_id: Some(format!("paper-{coid}")),
             client_order_id: coid,
             status: FillState::Filled,
+            pnl: None,
+            exit_reason: None,
         }],
         position: PositionChange::Open {
             side: Side::Long,
@@ -126,6 +128,9 @@ fn open_outcome(job: &Job) -> Outcome {
         message: None,
         error_class: None,
         history: vec![],
+        environment: domain::CredentialEnv::Production,
+        resting: vec![],
+        cancelled: vec![],
     }
 }
 

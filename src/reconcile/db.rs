@@ -79,13 +79,15 @@ fn decode(column: &str, e: String) -> sqlx::Error {
 }
 
 /// The accounts with something to reconcile (a position row, or an open `broker_orders` row),
-/// optionally of one user, in user order.
+/// optionally of one user, in user order. Paper accounts are left out: the paper exchange's
+/// positions are Sparky's own rows and nothing rests on it, so there is nothing to compare.
 pub async fn accounts(store: &Store, user: Option<Uuid>) -> Result<Vec<Account>, StoreError> {
     let rows = sqlx::query(
-        "SELECT user_id, exchange, environment FROM positions WHERE $1::uuid IS NULL OR user_id = $1
+        "SELECT user_id, exchange, environment FROM positions
+          WHERE exchange <> 'paper' AND ($1::uuid IS NULL OR user_id = $1)
          UNION
          SELECT user_id, exchange, environment FROM broker_orders
-          WHERE state = 'open' AND ($1::uuid IS NULL OR user_id = $1)
+          WHERE state = 'open' AND exchange <> 'paper' AND ($1::uuid IS NULL OR user_id = $1)
          ORDER BY 1, 2, 3",
     )
     .bind(user)
