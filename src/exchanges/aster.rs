@@ -35,6 +35,7 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use super::http::{self, dec, id_text, Call, Reply};
+use super::once::{place_once, poll_until_final, Polled};
 use super::{
     client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext, ExchangeError, Leg,
     OpenOrder, OrderAck, OrderRequest, OrderState, Protection, RestingOrder, SharedState,
@@ -485,7 +486,7 @@ impl AsterClient {
                 })?;
                 match ack {
                     Parsed::Live(ack) if wait_for_fill && !ack.state.is_final() => {
-                        Ok(self.await_fill(symbol, ack).await)
+                        self.await_fill(symbol, ack).await
                     }
                     Parsed::Live(ack) => Ok(ack),
                     Parsed::Dead { status, .. } => Err(ExchangeError::permanent(format!(
@@ -505,19 +506,17 @@ impl AsterClient {
     }
 
     /// A market order acknowledged as NEW: poll it briefly until it reports its fill.
-    async fn await_fill(&self, symbol: &Symbol, ack: OrderAck) -> OrderAck {
-        let deadline = tokio::time::Instant::now() + self.fill_poll;
-        let mut delay = Duration::from_millis(100);
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
-            if let Ok(Some(found)) = self.find_order(symbol, &ack.client_order_id).await {
-                if found.state.is_final() {
-                    return found;
-                }
-            }
-        }
-        ack
+    async fn await_fill(&self, symbol: &Symbol, ack: OrderAck) -> Result<OrderAck, ExchangeError> {
+        let coid = ack.client_order_id.clone();
+        // The order was placed: a failed look is no reason to call it failed (the ack stands).
+        poll_until_final(self.fill_poll, ack, || async {
+            Ok(match self.find_order(symbol, &coid).await {
+                Ok(Some(found)) if found.state.is_final() => Polled::Final(found),
+                Ok(Some(found)) => Polled::Working(found),
+                Ok(None) | Err(_) => Polled::Unseen,
+            })
+        })
+        .await
     }
 
     /// Place a protective order exactly once: retry transient failures a few times, resolve an
@@ -528,29 +527,11 @@ impl AsterClient {
         params: Vec<(&str, String)>,
         coid: &str,
     ) -> Result<OrderAck, ExchangeError> {
-        let mut last = None;
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                if let Ok(Some(ack)) = self.find_order(symbol, coid).await {
-                    return Ok(ack);
-                }
-                let wait = last
-                    .as_ref()
-                    .and_then(|e: &ExchangeError| e.retry_after)
-                    .unwrap_or(Duration::from_millis(300 * u64::from(attempt)))
-                    .min(Duration::from_secs(5));
-                tokio::time::sleep(wait).await;
-            }
-            match self.send_order(symbol, params.clone(), coid, false).await {
-                Ok(ack) => return Ok(ack),
-                Err(e) if e.class == ErrorClass::Permanent => return Err(e),
-                Err(e) => last = Some(e),
-            }
-        }
-        if let Ok(Some(ack)) = self.find_order(symbol, coid).await {
-            return Ok(ack);
-        }
-        Err(last.unwrap_or_else(|| ExchangeError::transient("aster: protective order not placed")))
+        place_once(
+            || self.send_order(symbol, params.clone(), coid, false),
+            || self.find_order(symbol, coid),
+        )
+        .await
     }
 }
 

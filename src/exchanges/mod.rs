@@ -14,6 +14,7 @@ pub mod aster;
 pub mod http;
 pub mod metered;
 pub mod oanda;
+mod once;
 pub mod paper;
 pub mod tradier;
 

@@ -21,7 +21,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::Method;
@@ -29,6 +28,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use super::http::{self, dec, id_text, Call, Reply};
+use super::once::place_once;
 use super::{
     client_order_id, sibling_client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext,
     ExchangeError, Leg, OpenOrder, OrderAck, OrderRequest, OrderState, Protection, RestingOrder,
@@ -560,40 +560,30 @@ impl Exchange for OandaClient {
         if wanted.is_empty() {
             return Ok(resting);
         }
-        let mut last = None;
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                let mut all = true;
-                for coid in &wanted {
-                    if !matches!(self.find_order(&p.symbol, coid).await, Ok(Some(_))) {
-                        all = false;
-                    }
-                }
-                if all {
-                    return Ok(resting);
-                }
-                let wait = last
-                    .as_ref()
-                    .and_then(|e: &ExchangeError| e.retry_after)
-                    .unwrap_or(Duration::from_millis(300 * u64::from(attempt)))
-                    .min(Duration::from_secs(5));
-                tokio::time::sleep(wait).await;
-            }
-            match self
-                .call(
+        let body = &body;
+        place_once(
+            || async {
+                self.call(
                     Method::PUT,
                     &format!("/trades/@{trade_id}/orders"),
                     Some(body.clone()),
                     Call::Write,
                 )
                 .await
-            {
-                Ok(_) => return Ok(resting),
-                Err(f) if f.error.class == ErrorClass::Permanent => return Err(f.error),
-                Err(f) => last = Some(f.error),
-            }
-        }
-        Err(last.unwrap_or_else(|| ExchangeError::transient("oanda: protection not set")))
+                .map(|_| resting.clone())
+                .map_err(|f| f.error)
+            },
+            || async {
+                // Placed when every wanted order is found.
+                for coid in &wanted {
+                    if self.find_order(&p.symbol, coid).await?.is_none() {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(resting.clone()))
+            },
+        )
+        .await
     }
 
     /// `GET /pendingOrders`, this instrument's: entries (LIMIT, STOP, MARKET_IF_TOUCHED) and the

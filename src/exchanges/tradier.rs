@@ -35,6 +35,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::http::{self, dec, id_text, Call, Reply};
+use super::once::{place_once, poll_until_final, Polled};
 use super::{
     client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext, ExchangeError, Leg,
     OpenOrder, OrderAck, OrderRequest, OrderState, Protection, RestingOrder, SymbolRules,
@@ -325,7 +326,7 @@ impl TradierClient {
                 http::snippet(&v.to_string())
             )));
         };
-        let mut ack = OrderAck {
+        let ack = OrderAck {
             exchange_order_id: id.clone(),
             client_order_id: coid.to_string(),
             state: OrderState::Accepted,
@@ -335,24 +336,15 @@ impl TradierClient {
         if !wait_for_fill {
             return Ok(ack);
         }
-        let deadline = tokio::time::Instant::now() + self.fill_poll;
-        let mut delay = Duration::from_millis(50);
-        loop {
-            if let Ok(o) = self.order_by_id(&id).await {
-                match parse_order(&o, coid)? {
-                    Parsed::Live(a) if a.state.is_final() => return Ok(a),
-                    Parsed::Live(a) => ack = a,
-                    Parsed::Rejected(msg) | Parsed::Dead(msg) => {
-                        return Err(ExchangeError::permanent(msg))
-                    }
-                }
+        poll_until_final(self.fill_poll, ack, || async {
+            let o = self.order_by_id(&id).await?;
+            match parse_order(&o, coid)? {
+                Parsed::Live(a) if a.state.is_final() => Ok(Polled::Final(a)),
+                Parsed::Live(a) => Ok(Polled::Working(a)),
+                Parsed::Rejected(msg) | Parsed::Dead(msg) => Err(ExchangeError::permanent(msg)),
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(ack);
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
-        }
+        })
+        .await
     }
 
     /// The orders carrying `tag`, on every day its job could have placed them.
@@ -441,29 +433,11 @@ impl TradierClient {
         form: Vec<(String, String)>,
         coid: &str,
     ) -> Result<OrderAck, ExchangeError> {
-        let mut last = None;
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                if let Ok(Some(ack)) = self.find_order(&p.symbol, coid).await {
-                    return Ok(ack);
-                }
-                let wait = last
-                    .as_ref()
-                    .and_then(|e: &ExchangeError| e.retry_after)
-                    .unwrap_or(Duration::from_millis(300 * u64::from(attempt)))
-                    .min(Duration::from_secs(5));
-                tokio::time::sleep(wait).await;
-            }
-            match self.send_order(form.clone(), coid, false).await {
-                Ok(ack) => return Ok(ack),
-                Err(e) if e.class == ErrorClass::Permanent => return Err(e),
-                Err(e) => last = Some(e),
-            }
-        }
-        if let Ok(Some(ack)) = self.find_order(&p.symbol, coid).await {
-            return Ok(ack);
-        }
-        Err(last.unwrap_or_else(|| ExchangeError::transient("tradier: protection not placed")))
+        place_once(
+            || self.send_order(form.clone(), coid, false),
+            || self.find_order(&p.symbol, coid),
+        )
+        .await
     }
 }
 

@@ -146,17 +146,16 @@ pub(super) async fn target_remaining(
     Ok(remaining)
 }
 
-/// Record close orders an earlier delivery placed (found by client order id). `entry`: the
-/// position's entry price, for the realized PnL (unknown after the position is gone).
+/// Record close orders an earlier delivery placed (found by client order id), closing a position
+/// of `side` entered at `entry` (for the realized PnL; unknown once the position is gone).
 pub(super) fn record_found(
     found: &[(Leg, OrderAck)],
-    held: Option<&ExPosition>,
+    side: Side,
+    entry: Option<Decimal>,
     progress: &mut Progress,
 ) {
     for (leg, ack) in found {
         if ack.filled_qty > Decimal::ZERO {
-            let side = held.map_or(Side::Long, |p| p.side);
-            let entry = held.and_then(|p| p.entry_price);
             progress.fills.push(close_fill(*leg, side, ack, entry));
         }
     }
@@ -214,7 +213,7 @@ pub(super) async fn close_to(
     } else {
         protect::cancel_protection(ex, job, progress).await?
     };
-    record_found(found, Some(&p), progress);
+    record_found(found, p.side, p.entry_price, progress);
     let entry = p.entry_price;
     let side = p.side;
     let mut held = Some(p);

@@ -444,8 +444,9 @@ async fn close_job(
                 format!("no open position in {sym} to close"),
             ));
         }
-        // An earlier delivery closed it all: record what it sent.
-        close::record_found(&placed.closes, None, progress);
+        // An earlier delivery closed it all: record what it sent (a long's close, as far as
+        // anything tells now: the position is gone and the close orders do not say).
+        close::record_found(&placed.closes, Side::Long, None, progress);
         progress.position = Some(PositionChange::Flat);
         return Ok(done(progress));
     };
@@ -469,7 +470,7 @@ async fn open_job(
     if let Some(ack) = placed.open {
         // The whole job got as far as the open leg before: record it and finish what is missing
         // (its protection), send nothing else.
-        close::record_found(&placed.closes, None, progress);
+        close::record_found(&placed.closes, side.opposite(), None, progress);
         return recovered_open(ex, job, side, ack, progress).await;
     }
     if let Some(p) = &position {
@@ -535,7 +536,7 @@ async fn open_job(
         }
         None if !placed.closes.is_empty() => {
             // An earlier delivery closed the old side: record what it sent.
-            close::record_found(&placed.closes, None, progress);
+            close::record_found(&placed.closes, side.opposite(), None, progress);
             progress.position = Some(PositionChange::Flat);
         }
         None => {}
@@ -731,7 +732,8 @@ pub async fn record_placed(
         }
     };
     let mut progress = Progress::default();
-    close::record_found(&placed.closes, None, &mut progress);
+    let closed_side = side_closed_by(job);
+    close::record_found(&placed.closes, closed_side, None, &mut progress);
     if !progress.fills.is_empty() {
         // What the closes left is unknown here; the reconciliation compares it with the broker.
         given_up.position = PositionChange::Flat;
@@ -783,6 +785,12 @@ fn protective_prices(
         level(a.stop_loss_percent, long)?,
         level(a.take_profit_percent, !long)?,
     ))
+}
+
+/// The side of the position a job's close orders closed: the opposite of a reversal's new side; a
+/// long's for a plain close (nothing else tells once the position is gone).
+fn side_closed_by(job: &Job) -> Side {
+    job.alert.action.side().map_or(Side::Long, Side::opposite)
 }
 
 /// A succeeded outcome from what the attempt did.
