@@ -139,6 +139,10 @@ impl FromRequestParts<Arc<AppState>> for CallerOrSecret {
         match bearer(&parts.headers) {
             Some(Ok(token)) => Ok(CallerOrSecret(token_owner(st, parts, token).await?)),
             Some(Err(())) => Err(ApiError::BadToken),
+            // Neither credential: ask for the token (the route's first way in).
+            None if header(&parts.headers, "x-sparky-secret").is_none() => {
+                Err(ApiError::BadToken)
+            }
             None => {
                 let Peer(peer) = Peer::from_request_parts(parts, st)
                     .await
