@@ -140,9 +140,7 @@ impl FromRequestParts<Arc<AppState>> for CallerOrSecret {
             Some(Ok(token)) => Ok(CallerOrSecret(token_owner(st, parts, token).await?)),
             Some(Err(())) => Err(ApiError::BadToken),
             // Neither credential: ask for the token (the route's first way in).
-            None if header(&parts.headers, "x-sparky-secret").is_none() => {
-                Err(ApiError::BadToken)
-            }
+            None if header(&parts.headers, "x-sparky-secret").is_none() => Err(ApiError::BadToken),
             None => {
                 let Peer(peer) = Peer::from_request_parts(parts, st)
                     .await
@@ -183,6 +181,7 @@ impl Params {
         let Query(pairs) =
             q.map_err(|e| ApiError::BadRequest(vec![invalid("query", e.body_text())]))?;
         let mut map = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
         let mut errors = vec![];
         for (k, v) in pairs {
             if !allowed.contains(&k.as_str()) {
@@ -193,7 +192,7 @@ impl Params {
                         allowed.join(", ")
                     ),
                 ));
-            } else if map.contains_key(&k) {
+            } else if !seen.insert(k.clone()) {
                 errors.push(invalid(&k, "given more than once"));
             } else if !v.trim().is_empty() {
                 map.insert(k, v.trim().to_string());
@@ -690,7 +689,7 @@ fn position_view(row: &Value) -> Option<PositionView> {
     let dec = |k: &str| {
         row.get(k)
             .filter(|v| !v.is_null())
-            .and_then(|v| Decimal::from_str(&v.to_string().trim_matches('"').to_string()).ok())
+            .and_then(|v| Decimal::from_str(v.to_string().trim_matches('"')).ok())
     };
     let time = |k: &str| {
         text(k).and_then(|t| {
