@@ -337,6 +337,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn debug_never_shows_a_destination_or_secret() {
+        let c = NewChannel {
+            kind: ChannelKind::Telegram,
+            destination: SecretString::new("-100999"),
+            secret: Some(SecretString::new("123:TOKENVALUE")),
+            events: vec![EventKind::Dead],
+            label: None,
+        };
+        let o = OpenChannel {
+            channel_id: Uuid::nil(),
+            kind: ChannelKind::Discord,
+            destination: SecretString::new("https://discord.com/api/webhooks/1/SECRETPART"),
+            secret: None,
+        };
+        let dbg = format!("{c:?} {o:?}");
+        for s in ["-100999", "TOKENVALUE", "SECRETPART"] {
+            assert!(!dbg.contains(s), "{dbg}");
+        }
+    }
+
+    #[test]
     fn urls_must_be_https_except_to_loopback() {
         assert_eq!(
             check_url("https://discord.com/api/webhooks/1/abc").unwrap(),

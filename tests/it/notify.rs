@@ -481,6 +481,33 @@ async fn notify_cli_adds_lists_and_removes_channels_and_names_bad_flags() {
     .unwrap_err();
     assert!(e.to_string().starts_with("--channel"), "{e}");
 
+    // `notify test` sends now and says what the channel answered.
+    let (sink, addr) = Sink::start(&[Reply::Status(200), Reply::Status(503)]).await;
+    let (c, whsec) = add_webhook(
+        &app,
+        user,
+        format!("http://{addr}/t"),
+        vec![EventKind::Dead],
+    )
+    .await;
+    let c = c.to_string();
+    run(
+        cli(&["notify", "test", "--user", &u, "--channel", &c]),
+        app.config.clone(),
+    )
+    .await
+    .unwrap();
+    let got = sink.received();
+    assert_eq!(got.len(), 1);
+    assert!(verify(&whsec, &got[0]));
+    let e = run(
+        cli(&["notify", "test", "--user", &u, "--channel", &c]),
+        app.config.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("503"), "{e}");
+
     // Tokens: created for an existing user only; revoke names what it did not find.
     let e = run(
         cli(&[
@@ -513,5 +540,45 @@ async fn notify_cli_adds_lists_and_removes_channels_and_names_bad_flags() {
     )
     .await
     .is_err());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_job_ended_outside_its_commit_still_writes_its_event_in_the_same_transaction() {
+    use sparky::executor::Outcome;
+    use sparky::job::{FailureClass, JobStatus};
+    let app = app_with_key().await;
+    let (user, secret) = app.create_user().await;
+    add_webhook(
+        &app,
+        user,
+        "http://127.0.0.1:9/x".into(),
+        vec![EventKind::Dead],
+    )
+    .await;
+    let body = alert(user, &secret, "buy");
+    let job = sparky::domain::Job {
+        job_id: Uuid::now_v7(),
+        accepted_at: chrono::Utc::now(),
+        alert: sparky::domain::parse_alert(body.as_object().unwrap(), None).unwrap(),
+    };
+    app.store.begin_job(&job, 0, "0-1").await.unwrap();
+    let dead = Outcome::failed(
+        JobStatus::Dead,
+        FailureClass::Internal,
+        "a panic around the job",
+    );
+    assert!(app.store.mark_failed(job.job_id, &dead).await.unwrap());
+    // Again: the row is final, nothing is written twice.
+    assert!(!app.store.mark_failed(job.job_id, &dead).await.unwrap());
+    let events: Vec<(String, Uuid, Value)> =
+        sqlx::query_as("SELECT kind, job_id, payload FROM notification_outbox")
+            .fetch_all(&app.store.pool)
+            .await
+            .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].0.as_str(), events[0].1), ("dead", job.job_id));
+    assert_eq!(events[0].2["data"]["error_class"], "internal");
+    assert_eq!(deliveries(&app).await, [("pending".to_string(), 0)]);
     app.cleanup().await;
 }
