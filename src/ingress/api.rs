@@ -240,31 +240,20 @@ impl Params {
         })
     }
 
-    /// The filters every list shares: symbol, exchange, since, until.
+    /// The filters every list shares: symbol, exchange, since, until. The symbol is normalised as
+    /// an alert's is (a `PREFIX:` stripped, upper-case; `EURUSD` -> `EUR_USD` with `exchange=oanda`).
     fn filter(&mut self) -> JobFilter {
+        let exchange = self.parse("exchange", ExchangeKind::from_str);
         let symbol = self.parse("symbol", |v| {
-            let s = v.rsplit_once(':').map_or(v, |(_, s)| s).trim();
-            if s.is_empty()
-                || s.len() > 32
-                || !s
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-'))
-            {
-                return Err(
-                    "not a symbol (letters, digits, `_`, `.`, `/`, `-`; at most 32)".into(),
-                );
-            }
-            Ok(s.to_ascii_uppercase())
-        });
-        let exchange = self.parse("exchange", |v| {
-            ExchangeKind::from_str(v).map(|e| e.as_str().to_string())
+            crate::domain::Symbol::parse(v, exchange.unwrap_or(ExchangeKind::Paper))
+                .map(|s| s.as_str().to_string())
         });
         let since = self.time("since");
         let until = self.time("until");
         JobFilter {
             statuses: vec![],
             symbol,
-            exchange,
+            exchange: exchange.map(|e| e.as_str().to_string()),
             since,
             until,
         }
