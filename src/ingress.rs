@@ -51,6 +51,9 @@ use crate::store::Store;
 
 pub use auth::{AuthFailures, LookupError, LookupLimits, Origin, SecretCache};
 
+/// Connections of the user API's own pool ([`AppState::api_store`]).
+pub const API_DB_CONNECTIONS: u32 = 4;
+
 /// Largest accepted webhook body.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -58,6 +61,10 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct AppState {
     pub queue: Queue,
     pub store: Store,
+    /// The user API's reads and token look-ups run on a pool of their own
+    /// ([`API_DB_CONNECTIONS`]), so a flood of `/v1` requests (or of bad
+    /// tokens) can never take a connection from `/readyz` or anything else.
+    pub api_store: Store,
     pub secrets: Arc<SecretCache>,
     pub auth_failures: Arc<AuthFailures>,
     pub rate_limit: RateLimit,
@@ -95,6 +102,7 @@ impl AppState {
                     wait: config.secret_lookup_wait,
                 },
             )),
+            api_store: store.sibling(API_DB_CONNECTIONS, Duration::from_secs(2)),
             queue,
             store,
             rate_limit: config.rate_limit,

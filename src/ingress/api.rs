@@ -20,6 +20,12 @@
 //! `limit`: 1..=200, default 50. Query parameters are checked: an unknown one, a bad value or a
 //! cursor from another route is a 400 naming the parameter; an empty value means "not given".
 //!
+//! # Isolation
+//! The API's reads and token look-ups run on a Postgres pool of their own
+//! ([`super::API_DB_CONNECTIONS`] connections): however it is loaded, it never takes a connection
+//! from `/readyz` or the webhook's secret look-ups (which have theirs), and the webhook path does
+//! not touch Postgres at all.
+//!
 //! # Replay
 //! `POST /v1/jobs/{job_id}/replay` runs [`crate::replay::replay`], the rules of `sparky replay`:
 //! only the owner's `rejected`/`dead` jobs, moved back to `queued` by compare-and-set (of two
@@ -92,7 +98,7 @@ fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
 
 async fn token_owner(st: &AppState, parts: &Parts, token: &str) -> Result<Uuid, ApiError> {
     let owner = st
-        .store
+        .api_store
         .api_token_owner(&hash_api_token(token))
         .await
         .map_err(unavailable)?;
@@ -591,7 +597,7 @@ pub(crate) async fn list_jobs(
     let after: Option<Uuid> = p.cursor();
     p.done()?;
     let rows = st
-        .store
+        .api_store
         .jobs_page(user, &filter, after, limit + 1)
         .await
         .map_err(unavailable)?;
@@ -627,7 +633,7 @@ pub(crate) async fn list_dead_letters(
     let after: Option<Uuid> = p.cursor();
     p.done()?;
     let rows = st
-        .store
+        .api_store
         .jobs_page(user, &filter, after, limit + 1)
         .await
         .map_err(unavailable)?;
@@ -662,7 +668,7 @@ pub(crate) async fn list_trades(
     let after: Option<i64> = p.cursor();
     p.done()?;
     let rows = st
-        .store
+        .api_store
         .trades_page(user, &filter, after, limit + 1)
         .await
         .map_err(unavailable)?;
@@ -722,7 +728,7 @@ pub(crate) async fn list_positions(
     let after: Option<PositionKey> = p.cursor();
     p.done()?;
     let rows = st
-        .store
+        .api_store
         .positions_page(user, after.as_ref(), limit + 1)
         .await
         .map_err(unavailable)?;
@@ -755,12 +761,16 @@ pub(crate) async fn get_job(
     let job_id = Uuid::parse_str(&job_id).map_err(|_| ApiError::NotFound)?;
     // Not found and not yours look the same.
     let job = st
-        .store
+        .api_store
         .job_of_user(owner, job_id)
         .await
         .map_err(unavailable)?
         .ok_or(ApiError::NotFound)?;
-    let trades = st.store.trades_of_job(job_id).await.map_err(unavailable)?;
+    let trades = st
+        .api_store
+        .trades_of_job(job_id)
+        .await
+        .map_err(unavailable)?;
     let ms =
         |from: DateTime<Utc>, to: Option<DateTime<Utc>>| to.map(|t| (t - from).num_milliseconds());
     let timing = Timing {
@@ -814,7 +824,7 @@ pub(crate) async fn replay_job(
     let body = body.map_err(|r| ApiError::BadRequest(vec![invalid("body", r.body_text())]))?;
     let req = replay_request(&body)?;
     // Ownership first: another user's job is "not found", and nothing about it is touched.
-    st.store
+    st.api_store
         .job_of_user(owner, job_id)
         .await
         .map_err(unavailable)?
@@ -824,7 +834,7 @@ pub(crate) async fn replay_job(
         allow_stale: req.allow_stale,
         max_signal_age: st.max_signal_age,
     };
-    let items = replay::replay(&st.store, &st.queue, &[job_id], &opts)
+    let items = replay::replay(&st.api_store, &st.queue, &[job_id], &opts)
         .await
         .map_err(|e| {
             tracing::error!(error = %e, %job_id, "self-service replay failed");
