@@ -95,6 +95,7 @@ pub struct Dispatcher {
     http: reqwest::Client,
     config: DispatcherConfig,
     owner: String,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl Dispatcher {
@@ -112,7 +113,14 @@ impl Dispatcher {
             http,
             config,
             owner: format!("dispatcher-{}", Uuid::now_v7().simple()),
+            metrics: None,
         }
+    }
+
+    /// Count every attempt in `sparky_notification_attempts_total{channel, outcome}`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Dispatcher {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Deliver until `shutdown`. Database errors are logged and waited out (backoff).
@@ -223,6 +231,19 @@ impl Dispatcher {
         if !attempt.ok {
             tracing::warn!(event_id = %c.event_id, channel_id = %c.channel_id, attempt = c.attempt,
                 error = attempt.error.as_deref().unwrap_or(""), "notification delivery failed");
+        }
+        if let Some(m) = &self.metrics {
+            let channel = c
+                .kind
+                .parse::<ChannelKind>()
+                .map_or("unknown", ChannelKind::as_str);
+            let gave_up = attempt.permanent || c.attempt >= self.config.max_attempts;
+            let outcome = match (attempt.ok, gave_up) {
+                (true, _) => "delivered",
+                (false, true) => "failed",
+                (false, false) => "retry",
+            };
+            m.notification_attempt(channel, outcome);
         }
         if let Err(e) = self.record(&c, &attempt, took).await {
             // The lease expires and the delivery is attempted again: at least once.

@@ -104,11 +104,26 @@ async fn app_with_key() -> TestApp {
 }
 
 fn dispatcher(app: &TestApp, config: DispatcherConfig) -> Arc<Dispatcher> {
-    Arc::new(Dispatcher::new(
-        app.store.sibling(2, Duration::from_secs(5)),
-        app.config.master_key.iter().cloned().collect(),
-        config,
-    ))
+    Arc::new(
+        Dispatcher::new(
+            app.store.sibling(2, Duration::from_secs(5)),
+            app.config.master_key.iter().cloned().collect(),
+            config,
+        )
+        .with_metrics(sparky::metrics::Metrics::new(&app.config.namespace)),
+    )
+}
+
+/// The value of `sparky_notification_attempts_total{outcome}` in `ns`.
+fn attempts_metric(ns: &str, outcome: &str) -> f64 {
+    sparky::metrics::samples(&sparky::metrics::render(), ns)
+        .into_iter()
+        .filter(|(n, labels, _)| {
+            n == "sparky_notification_attempts_total"
+                && labels.iter().any(|(k, v)| k == "outcome" && v == outcome)
+        })
+        .map(|(_, _, v)| v)
+        .sum()
 }
 
 async fn add_webhook(
@@ -239,6 +254,14 @@ async fn a_signed_notification_reaches_the_sink_and_is_retried_after_it_failed()
             .await
             .unwrap();
     assert_eq!(log, [(1, false, Some(500)), (2, true, Some(200))]);
+    let ns = &app.config.namespace;
+    assert_eq!(
+        (
+            attempts_metric(ns, "retry"),
+            attempts_metric(ns, "delivered")
+        ),
+        (1.0, 1.0)
+    );
     // Neither the URL's secret parts nor the signing secret were logged.
     let logs = captured_logs();
     assert!(!logs.contains(whsec.expose()));
