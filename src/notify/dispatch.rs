@@ -48,6 +48,9 @@ pub struct DispatcherConfig {
     pub request_timeout: Duration,
     /// The Telegram Bot API (tests point it at a local server).
     pub telegram_base_url: String,
+    /// Events older than this whose deliveries are all settled (delivered or failed) are deleted
+    /// with their deliveries and log, about once an hour.
+    pub retention: Duration,
 }
 
 impl Default for DispatcherConfig {
@@ -61,6 +64,7 @@ impl Default for DispatcherConfig {
             max_backoff: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(10),
             telegram_base_url: "https://api.telegram.org".into(),
+            retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -126,7 +130,19 @@ impl Dispatcher {
     /// Deliver until `shutdown`. Database errors are logged and waited out (backoff).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut delays = crate::retry::schedule();
+        let mut last_purge = Instant::now();
         loop {
+            if last_purge.elapsed() > Duration::from_secs(3600) {
+                last_purge = Instant::now();
+                match self.purge().await {
+                    Ok(n) if n > 0 => tracing::info!(
+                        events = n,
+                        "purged settled notifications past their retention"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "purging old notifications failed"),
+                }
+            }
             let wait = match self.run_once().await {
                 Ok(0) => self.config.idle_wait,
                 Ok(_) => {
@@ -152,6 +168,21 @@ impl Dispatcher {
         let n = claimed.len();
         futures::future::join_all(claimed.into_iter().map(|c| self.deliver(c))).await;
         Ok(n)
+    }
+
+    /// Delete events older than `retention` whose deliveries are all settled (none pending), with
+    /// their deliveries and attempt log. Returns how many events went.
+    pub async fn purge(&self) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM notification_outbox o
+             WHERE o.created_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (SELECT 1 FROM notification_deliveries d
+                               WHERE d.event_id = o.event_id AND d.status = 'pending')",
+        )
+        .bind(self.config.retention.as_secs_f64())
+        .execute(&self.store.pool)
+        .await?
+        .rows_affected())
     }
 
     async fn claim(&self) -> Result<Vec<Claimed>, StoreError> {

@@ -254,6 +254,17 @@ async fn a_signed_notification_reaches_the_sink_and_is_retried_after_it_failed()
             .await
             .unwrap();
     assert_eq!(log, [(1, false, Some(500)), (2, true, Some(200))]);
+    // Retention: a settled event goes with its deliveries and log; younger ones stay.
+    assert_eq!(d.purge().await.unwrap(), 0, "within the retention");
+    let purger = dispatcher(
+        &app,
+        DispatcherConfig {
+            retention: Duration::ZERO,
+            ..fast(None)
+        },
+    );
+    assert_eq!(purger.purge().await.unwrap(), 1);
+    assert!(deliveries(&app).await.is_empty());
     let ns = &app.config.namespace;
     assert_eq!(
         (
@@ -308,6 +319,16 @@ async fn no_notification_is_lost_when_the_dispatcher_dies_mid_delivery() {
             .unwrap();
     assert_eq!(status, "pending");
     assert!(owner.is_some(), "still leased by the dead dispatcher");
+
+    // Retention never takes an event that is still to be delivered.
+    let purger = dispatcher(
+        &app,
+        DispatcherConfig {
+            retention: Duration::ZERO,
+            ..fast(None)
+        },
+    );
+    assert_eq!(purger.purge().await.unwrap(), 0);
 
     // Another dispatcher (another worker process) takes it once the lease has expired.
     let second = dispatcher(&app, fast(None));
