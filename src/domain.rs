@@ -214,6 +214,28 @@ impl FromStr for CredentialEnv {
     }
 }
 
+/// One broker account of a user: where positions and orders live. Two credential rows of one user
+/// (paper and Aster, or an Aster production and sandbox key) are two accounts, and a symbol open
+/// on one is unrelated to the same symbol on the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Account {
+    pub user_id: Uuid,
+    pub exchange: ExchangeKind,
+    pub environment: CredentialEnv,
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}",
+            self.user_id,
+            self.exchange,
+            self.environment.as_str()
+        )
+    }
+}
+
 /// A trading symbol in the exchange's own form (`ETHUSDT`, `EUR_USD`, `AAPL`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -277,6 +299,10 @@ pub struct Alert {
     /// protection resized. Absent: a close closes it all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub close_percent: Option<Decimal>,
+    /// How long an entry that rests unfilled at the broker is followed before it is cancelled
+    /// (1 s to 30 days; default [`crate::executor::DEFAULT_LIMIT_TTL_SECS`], one day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_ttl_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -471,6 +497,9 @@ impl Alert {
         if let Some(n) = self.max_lag_secs {
             check("max_lag_secs", bounds::max_lag_secs(n));
         }
+        if let Some(n) = self.limit_ttl_secs {
+            check("limit_ttl_secs", bounds::max_lag_secs(n));
+        }
         if errs.is_empty() {
             Ok(())
         } else {
@@ -610,6 +639,25 @@ pub fn parse_alert(
             }
         },
     };
+    let limit_ttl_secs = match body.get("limit_ttl_secs") {
+        None | Some(Value::Null) => None,
+        Some(v) => match number_text(v).and_then(|s| s.parse::<u64>().ok()) {
+            Some(n) => bounds::max_lag_secs(n)
+                .map(|()| n)
+                .map_err(|m| bad("limit_ttl_secs", m))
+                .ok(),
+            None => {
+                bad(
+                    "limit_ttl_secs",
+                    format!(
+                        "must be a whole number of seconds from 1 to {}",
+                        bounds::MAX_LAG_SECS
+                    ),
+                );
+                None
+            }
+        },
+    };
     let environment = match text(body, "environment") {
         Ok(None) => None,
         Ok(Some(s)) => s
@@ -641,6 +689,7 @@ pub fn parse_alert(
         alert_id,
         timestamp,
         max_lag_secs,
+        limit_ttl_secs,
         environment,
     })
 }

@@ -140,6 +140,22 @@ impl FillState {
     }
 }
 
+/// Why a position (or part of it) was exited: `trades.exit_reason` of a closing fill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum ExitReason {
+    /// An alert closed it (a close, a reversal, a `close_percent`).
+    Signal,
+    /// Its stop-loss order fired at the broker (found by the reconciliation).
+    StopLoss,
+    /// Its take-profit order fired at the broker (found by the reconciliation).
+    TakeProfit,
+    /// It disappeared at the broker with no Sparky order to explain it (closed by hand,
+    /// liquidated): the reconciliation records it so Sparky matches the broker.
+    External,
+}
+
 impl fmt::Display for FillState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 use uuid::Uuid;
 
-use crate::domain::{Job, Side};
+use crate::domain::{Account, CredentialEnv, Job, Side};
 use crate::executor::{Fill, Outcome, PositionChange};
 use crate::job::{FailureClass, FillState, JobStatus};
 
@@ -101,6 +101,7 @@ pub struct PositionRow {
     pub user_id: Uuid,
     pub symbol: String,
     pub exchange: String,
+    pub environment: CredentialEnv,
     pub side: Side,
     pub quantity: Decimal,
     pub entry_price: Decimal,
@@ -594,29 +595,33 @@ impl Store {
         Ok(r.as_ref().map(trade_row).transpose()?)
     }
 
+    /// The open position of one account in `symbol`.
     pub async fn position(
         &self,
-        user_id: Uuid,
+        account: &Account,
         symbol: &str,
     ) -> Result<Option<PositionRow>, StoreError> {
-        let r = sqlx::query(
-            "SELECT user_id, symbol, exchange, side, quantity, entry_price, stop_loss_price, take_profit_price
-             FROM positions WHERE user_id = $1 AND symbol = $2",
-        )
-        .bind(user_id)
+        let r = sqlx::query(&format!(
+            "{POSITION_SELECT} WHERE user_id = $1 AND exchange = $2 AND environment = $3 AND symbol = $4"
+        ))
+        .bind(account.user_id)
+        .bind(account.exchange.as_str())
+        .bind(account.environment.as_str())
         .bind(symbol)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(r.map(|r| PositionRow {
-            user_id: r.get("user_id"),
-            symbol: r.get("symbol"),
-            exchange: r.get("exchange"),
-            side: Side::from_str(r.get::<&str, _>("side")).unwrap_or(Side::Long),
-            quantity: r.get("quantity"),
-            entry_price: r.get("entry_price"),
-            stop_loss_price: r.get("stop_loss_price"),
-            take_profit_price: r.get("take_profit_price"),
-        }))
+        Ok(r.as_ref().map(position_row).transpose()?)
+    }
+
+    /// Every open position of a user, on every account, in account then symbol order.
+    pub async fn positions_of_user(&self, user_id: Uuid) -> Result<Vec<PositionRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{POSITION_SELECT} WHERE user_id = $1 ORDER BY exchange, environment, symbol"
+        ))
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(position_row).collect::<Result<_, _>>()?)
     }
 }
 
@@ -629,17 +634,24 @@ pub async fn record_fills(
     outcome: &Outcome,
 ) -> Result<(), StoreError> {
     let a = &job.alert;
+    let env = outcome.environment.as_str();
     for f in &outcome.fills {
-        insert_trade(tx, job, f).await?;
+        insert_trade(tx, job, env, f).await?;
     }
+    record_broker_orders(tx, job, outcome).await?;
     match &outcome.position {
         PositionChange::Unchanged => {}
         PositionChange::Flat => {
-            sqlx::query("DELETE FROM positions WHERE user_id = $1 AND symbol = $2")
-                .bind(a.user_id)
-                .bind(a.symbol.as_str())
-                .execute(&mut **tx)
-                .await?;
+            sqlx::query(
+                "DELETE FROM positions
+                 WHERE user_id = $1 AND exchange = $2 AND environment = $3 AND symbol = $4",
+            )
+            .bind(a.user_id)
+            .bind(a.exchange.as_str())
+            .bind(env)
+            .bind(a.symbol.as_str())
+            .execute(&mut **tx)
+            .await?;
         }
         PositionChange::Open {
             side,
@@ -649,10 +661,10 @@ pub async fn record_fills(
             take_profit_price,
         } => {
             sqlx::query(
-            "INSERT INTO positions (user_id, symbol, exchange, side, quantity, entry_price, stop_loss_price, take_profit_price, last_job_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (user_id, symbol) DO UPDATE SET
-               exchange = EXCLUDED.exchange, side = EXCLUDED.side, quantity = EXCLUDED.quantity,
+            "INSERT INTO positions (user_id, symbol, exchange, side, quantity, entry_price, stop_loss_price, take_profit_price, last_job_id, environment)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (user_id, exchange, environment, symbol) DO UPDATE SET
+               side = EXCLUDED.side, quantity = EXCLUDED.quantity,
                entry_price = EXCLUDED.entry_price, stop_loss_price = EXCLUDED.stop_loss_price,
                take_profit_price = EXCLUDED.take_profit_price, last_job_id = EXCLUDED.last_job_id,
                opened_at = now(), updated_at = now()",
@@ -666,6 +678,7 @@ pub async fn record_fills(
         .bind(stop_loss_price)
         .bind(take_profit_price)
         .bind(job.job_id)
+        .bind(env)
         .execute(&mut **tx)
         .await?;
         }
@@ -676,12 +689,13 @@ pub async fn record_fills(
 async fn insert_trade(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     job: &Job,
+    environment: &str,
     f: &Fill,
 ) -> Result<(), StoreError> {
     let a = &job.alert;
     sqlx::query(
-        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment, pnl, exit_reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
          ON CONFLICT (job_id, leg) DO NOTHING",
     )
     .bind(job.job_id)
@@ -695,14 +709,89 @@ async fn insert_trade(
     .bind(pg_text(&f.client_order_id))
     .bind(f.exchange_order_id.as_deref().map(pg_text))
     .bind(f.status)
+    .bind(environment)
+    .bind(f.pnl)
+    .bind(f.exit_reason)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// The orders the job left resting at the broker (`broker_orders`, state `open`) and the Sparky
+/// orders it cancelled (state `cancelled`). Skipped entirely when the job touched none (the common
+/// case: no statement is sent).
+async fn record_broker_orders(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: &Job,
+    outcome: &Outcome,
+) -> Result<(), StoreError> {
+    let a = &job.alert;
+    if !outcome.cancelled.is_empty() {
+        sqlx::query(
+            "UPDATE broker_orders SET state = 'cancelled', updated_at = now()
+             WHERE client_order_id = ANY($1) AND state = 'open'",
+        )
+        .bind(&outcome.cancelled)
+        .execute(&mut **tx)
+        .await?;
+    }
+    for o in &outcome.resting {
+        let expires_at = (o.leg == crate::exchanges::Leg::Open).then(|| {
+            let ttl = crate::executor::working_ttl_secs(a);
+            Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX / 1000))
+        });
+        sqlx::query(
+            "INSERT INTO broker_orders (client_order_id, job_id, user_id, exchange, environment, symbol, leg, side, quantity, price, exchange_order_id, state, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'open', $12)
+             ON CONFLICT (client_order_id) DO UPDATE SET
+               exchange_order_id = EXCLUDED.exchange_order_id, quantity = EXCLUDED.quantity,
+               price = EXCLUDED.price, state = 'open', updated_at = now()",
+        )
+        .bind(pg_text(&o.client_order_id))
+        .bind(job.job_id)
+        .bind(a.user_id)
+        .bind(a.exchange.as_str())
+        .bind(outcome.environment.as_str())
+        .bind(a.symbol.as_str())
+        .bind(o.leg.as_str())
+        .bind(o.side.as_str())
+        .bind(o.quantity)
+        .bind(o.price)
+        .bind(o.exchange_order_id.as_deref().map(pg_text))
+        .bind(expires_at)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 
 /// The columns [`job_row`] reads.
 const JOB_SELECT: &str = "SELECT job_id, user_id, partition, entry_id, exchange, action, symbol,
     status, attempts, error_class, error, accepted_at, started_at, finished_at FROM jobs";
+
+/// The columns [`position_row`] reads.
+const POSITION_SELECT: &str = "SELECT user_id, symbol, exchange, environment, side, quantity,
+    entry_price, stop_loss_price, take_profit_price FROM positions";
+
+fn position_row(r: &sqlx::postgres::PgRow) -> Result<PositionRow, sqlx::Error> {
+    let side: &str = r.try_get("side")?;
+    let environment: &str = r.try_get("environment")?;
+    let decode = |column: &str, e: String| sqlx::Error::ColumnDecode {
+        index: column.into(),
+        source: e.into(),
+    };
+    Ok(PositionRow {
+        user_id: r.try_get("user_id")?,
+        symbol: r.try_get("symbol")?,
+        exchange: r.try_get("exchange")?,
+        environment: CredentialEnv::from_str(environment).map_err(|e| decode("environment", e))?,
+        side: Side::from_str(side).map_err(|e| decode("side", e))?,
+        quantity: r.try_get("quantity")?,
+        entry_price: r.try_get("entry_price")?,
+        stop_loss_price: r.try_get("stop_loss_price")?,
+        take_profit_price: r.try_get("take_profit_price")?,
+    })
+}
 
 /// The columns [`trade_row`] reads.
 const TRADE_SELECT: &str = "SELECT job_id, user_id, exchange, symbol, leg, side, quantity, price,

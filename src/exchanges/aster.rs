@@ -35,9 +35,11 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use super::http::{self, dec, id_text, Call, Reply};
+use super::once::{place_once, poll_until_final, Polled};
 use super::{
     client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext, ExchangeError, Leg,
-    OrderAck, OrderRequest, OrderState, Protection, SharedState, SymbolRules,
+    OpenOrder, OrderAck, OrderRequest, OrderState, Protection, RestingOrder, SharedState,
+    SymbolRules,
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Symbol};
@@ -483,8 +485,8 @@ impl AsterClient {
                     ))
                 })?;
                 match ack {
-                    Parsed::Live(ack) if wait_for_fill && ack.state != OrderState::Filled => {
-                        Ok(self.await_fill(symbol, ack).await)
+                    Parsed::Live(ack) if wait_for_fill && !ack.state.is_final() => {
+                        self.await_fill(symbol, ack).await
                     }
                     Parsed::Live(ack) => Ok(ack),
                     Parsed::Dead { status, .. } => Err(ExchangeError::permanent(format!(
@@ -504,19 +506,17 @@ impl AsterClient {
     }
 
     /// A market order acknowledged as NEW: poll it briefly until it reports its fill.
-    async fn await_fill(&self, symbol: &Symbol, ack: OrderAck) -> OrderAck {
-        let deadline = tokio::time::Instant::now() + self.fill_poll;
-        let mut delay = Duration::from_millis(100);
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
-            if let Ok(Some(found)) = self.find_order(symbol, &ack.client_order_id).await {
-                if found.state == OrderState::Filled {
-                    return found;
-                }
-            }
-        }
-        ack
+    async fn await_fill(&self, symbol: &Symbol, ack: OrderAck) -> Result<OrderAck, ExchangeError> {
+        let coid = ack.client_order_id.clone();
+        // The order was placed: a failed look is no reason to call it failed (the ack stands).
+        poll_until_final(self.fill_poll, ack, || async {
+            Ok(match self.find_order(symbol, &coid).await {
+                Ok(Some(found)) if found.state.is_final() => Polled::Final(found),
+                Ok(Some(found)) => Polled::Working(found),
+                Ok(None) | Err(_) => Polled::Unseen,
+            })
+        })
+        .await
     }
 
     /// Place a protective order exactly once: retry transient failures a few times, resolve an
@@ -526,30 +526,12 @@ impl AsterClient {
         symbol: &Symbol,
         params: Vec<(&str, String)>,
         coid: &str,
-    ) -> Result<(), ExchangeError> {
-        let mut last = None;
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                if self.find_order(symbol, coid).await.ok().flatten().is_some() {
-                    return Ok(());
-                }
-                let wait = last
-                    .as_ref()
-                    .and_then(|e: &ExchangeError| e.retry_after)
-                    .unwrap_or(Duration::from_millis(300 * u64::from(attempt)))
-                    .min(Duration::from_secs(5));
-                tokio::time::sleep(wait).await;
-            }
-            match self.send_order(symbol, params.clone(), coid, false).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.class == ErrorClass::Permanent => return Err(e),
-                Err(e) => last = Some(e),
-            }
-        }
-        if self.find_order(symbol, coid).await.ok().flatten().is_some() {
-            return Ok(());
-        }
-        Err(last.unwrap_or_else(|| ExchangeError::transient("aster: protective order not placed")))
+    ) -> Result<OrderAck, ExchangeError> {
+        place_once(
+            || self.send_order(symbol, params.clone(), coid, false),
+            || self.find_order(symbol, coid),
+        )
+        .await
     }
 }
 
@@ -573,8 +555,8 @@ fn parse_order(v: &Value) -> Result<Parsed, ExchangeError> {
     let state = match status {
         "FILLED" => OrderState::Filled,
         "NEW" | "PARTIALLY_FILLED" => OrderState::Accepted,
-        // Final with a partial fill: what filled is the position.
-        _ if filled_qty > Decimal::ZERO => OrderState::Filled,
+        // Final (EXPIRED, CANCELED) with a partial fill: what filled is the position.
+        _ if filled_qty > Decimal::ZERO => OrderState::PartiallyFilled,
         other => {
             return Ok(Parsed::Dead {
                 status: other.to_string(),
@@ -725,9 +707,11 @@ impl Exchange for AsterClient {
         }
     }
 
-    async fn protect(&self, p: &Protection) -> Result<(), ExchangeError> {
-        let side = side_param(OrderSide::closing(p.position_side));
+    async fn protect(&self, p: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
+        let order_side = OrderSide::closing(p.position_side);
+        let side = side_param(order_side);
         let mut failures = Vec::new();
+        let mut placed = Vec::new();
         for (leg, kind, price) in [
             (Leg::StopLoss, "STOP_MARKET", p.stop_loss),
             (Leg::TakeProfit, "TAKE_PROFIT_MARKET", p.take_profit),
@@ -742,12 +726,20 @@ impl Exchange for AsterClient {
                 ("closePosition", "true".into()),
                 ("newClientOrderId", coid.clone()),
             ];
-            if let Err(e) = self.place_protective(&p.symbol, params, &coid).await {
-                failures.push((leg, e));
+            match self.place_protective(&p.symbol, params, &coid).await {
+                Ok(ack) => placed.push(RestingOrder {
+                    leg,
+                    client_order_id: coid,
+                    exchange_order_id: Some(ack.exchange_order_id),
+                    side: order_side,
+                    quantity: p.quantity,
+                    price: Some(price),
+                }),
+                Err(e) => failures.push((leg, e)),
             }
         }
         match failures.len() {
-            0 => Ok(()),
+            0 => Ok(placed),
             _ => {
                 let class = failures
                     .iter()
@@ -767,6 +759,71 @@ impl Exchange for AsterClient {
             }
         }
     }
+
+    async fn open_orders(&self, symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
+        let v = self
+            .signed(
+                Method::GET,
+                "/fapi/v1/openOrders",
+                &[("symbol", symbol.to_string())],
+                Call::Read,
+            )
+            .await
+            .map_err(|e| e.error)?;
+        let list = v
+            .as_array()
+            .ok_or_else(|| http::unexpected(NAME, "openOrders is not a list"))?;
+        list.iter().map(open_order).collect()
+    }
+
+    async fn cancel_order(&self, symbol: &Symbol, order: &OpenOrder) -> Result<(), ExchangeError> {
+        let res = self
+            .signed(
+                Method::DELETE,
+                "/fapi/v1/order",
+                &[
+                    ("symbol", symbol.to_string()),
+                    ("orderId", order.exchange_order_id.clone()),
+                ],
+                Call::Write,
+            )
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            // -2011 "Unknown order sent" / -2013 "Order does not exist": no longer open (filled
+            // or cancelled meanwhile); the caller lists again and reads the position.
+            Err(e) if matches!(e.code, Some(-2011 | -2013)) => Ok(()),
+            Err(e) => Err(e.error),
+        }
+    }
+}
+
+/// One entry of `GET /fapi/v1/openOrders`.
+fn open_order(v: &Value) -> Result<OpenOrder, ExchangeError> {
+    let exchange_order_id =
+        id_text(&v["orderId"]).ok_or_else(|| http::unexpected(NAME, "order without `orderId`"))?;
+    let side = match v["side"].as_str() {
+        Some("BUY") => OrderSide::Buy,
+        Some("SELL") => OrderSide::Sell,
+        _ => return Err(http::unexpected(NAME, "open order without a `side`")),
+    };
+    let kind = v["type"].as_str().unwrap_or_default();
+    let stop = dec(&v["stopPrice"]).filter(|p| *p > Decimal::ZERO);
+    let price = dec(&v["price"]).filter(|p| *p > Decimal::ZERO);
+    let close_position = v["closePosition"].as_bool().unwrap_or(false);
+    Ok(OpenOrder {
+        exchange_order_id,
+        client_order_id: v["clientOrderId"].as_str().map(str::to_string),
+        side,
+        quantity: if close_position {
+            None
+        } else {
+            dec(&v["origQty"])
+        },
+        stop_loss: stop.filter(|_| matches!(kind, "STOP_MARKET" | "STOP")),
+        take_profit: stop.filter(|_| matches!(kind, "TAKE_PROFIT_MARKET" | "TAKE_PROFIT")),
+        limit_price: price.filter(|_| kind == "LIMIT"),
+    })
 }
 
 #[cfg(test)]

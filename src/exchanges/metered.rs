@@ -14,7 +14,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
-use super::{ExPosition, Exchange, ExchangeError, OrderAck, OrderRequest, Protection, SymbolRules};
+use super::{
+    ExPosition, Exchange, ExchangeError, OpenOrder, OrderAck, OrderRequest, Protection,
+    RestingOrder, SymbolRules,
+};
 use crate::domain::{ExchangeKind, Symbol};
 use crate::metrics::Metrics;
 
@@ -111,8 +114,16 @@ impl Exchange for Metered {
         self.timed("find_order", self.inner.find_order(symbol, client_order_id))
             .await
     }
-    async fn protect(&self, protection: &Protection) -> Result<(), ExchangeError> {
+    async fn protect(&self, protection: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
         self.timed("protect", self.inner.protect(protection)).await
+    }
+    async fn open_orders(&self, symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
+        self.timed("open_orders", self.inner.open_orders(symbol))
+            .await
+    }
+    async fn cancel_order(&self, symbol: &Symbol, order: &OpenOrder) -> Result<(), ExchangeError> {
+        self.timed("cancel_order", self.inner.cancel_order(symbol, order))
+            .await
     }
     fn protects_on_fill(&self) -> bool {
         self.inner.protects_on_fill()

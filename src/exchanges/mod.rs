@@ -14,6 +14,7 @@ pub mod aster;
 pub mod http;
 pub mod metered;
 pub mod oanda;
+mod once;
 pub mod paper;
 pub mod tradier;
 
@@ -115,35 +116,97 @@ impl std::error::Error for ExchangeError {}
 pub enum Leg {
     Open,
     Close,
+    /// A second close order, for what the first one left open (a partial fill).
+    Close2,
+    /// The third and last close order of a job.
+    Close3,
     StopLoss,
     TakeProfit,
 }
 
 impl Leg {
+    /// The close orders one job may send, in order: a close that fills only partly is followed by
+    /// the next, for what remains, until the position is where the job wants it (at most three).
+    pub const CLOSES: [Leg; 3] = [Leg::Close, Leg::Close2, Leg::Close3];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Leg::Open => "open",
             Leg::Close => "close",
+            Leg::Close2 => "close2",
+            Leg::Close3 => "close3",
             Leg::StopLoss => "sl",
             Leg::TakeProfit => "tp",
         }
     }
+
+    pub fn is_close(self) -> bool {
+        matches!(self, Leg::Close | Leg::Close2 | Leg::Close3)
+    }
+
+    pub fn is_protective(self) -> bool {
+        matches!(self, Leg::StopLoss | Leg::TakeProfit)
+    }
 }
 
 /// The client order id of a job's leg: `sp` + the job id as 32 hex digits + one letter for the leg
-/// (`o`pen, `c`lose, `s`top-loss, `t`ake-profit): 35 characters, letters and digits only, so it is
-/// valid for Aster (`^[.A-Z:/a-z0-9_-]{1,36}$`), OANDA client ids and Tradier tags alike.
+/// (`o`pen, `c`lose, `d`/`e` the second and third close, `s`top-loss, `t`ake-profit): 35
+/// characters, letters and digits only, so it is valid for Aster (`^[.A-Z:/a-z0-9_-]{1,36}$`),
+/// OANDA client ids and Tradier tags alike. [`parse_client_order_id`] reads it back: an order at
+/// the broker is Sparky's exactly when its id parses.
 pub fn client_order_id(job_id: Uuid, leg: Leg) -> String {
     format!("sp{}{}", job_id.simple(), leg_letter(leg))
 }
 
+const LEG_LETTERS: [(Leg, char); 6] = [
+    (Leg::Open, 'o'),
+    (Leg::Close, 'c'),
+    (Leg::Close2, 'd'),
+    (Leg::Close3, 'e'),
+    (Leg::StopLoss, 's'),
+    (Leg::TakeProfit, 't'),
+];
+
 fn leg_letter(leg: Leg) -> char {
-    match leg {
-        Leg::Open => 'o',
-        Leg::Close => 'c',
-        Leg::StopLoss => 's',
-        Leg::TakeProfit => 't',
+    LEG_LETTERS
+        .iter()
+        .find(|(l, _)| *l == leg)
+        .map(|(_, c)| *c)
+        .expect("every leg has a letter")
+}
+
+/// The job and leg of a Sparky client order id; `None` for any other id (an order the user placed
+/// by hand, or another program's).
+pub fn parse_client_order_id(id: &str) -> Option<(Uuid, Leg)> {
+    let rest = id.strip_prefix("sp")?;
+    if rest.len() != 33 || !rest.is_ascii() {
+        return None;
     }
+    let (hex, letter) = rest.split_at(32);
+    let letter = letter.chars().next()?;
+    let leg = LEG_LETTERS.iter().find(|(_, c)| *c == letter)?.0;
+    let job = Uuid::try_parse(hex).ok()?;
+    Some((job, leg))
+}
+
+/// When the job behind a client order id was created, read from the id itself: `sp` + a UUIDv7 as
+/// 32 hex digits (+ leg letters), and a UUIDv7 starts with its Unix time in milliseconds (48 bits,
+/// RFC 9562). `None` for an id of another shape or another UUID version. Job ids are made when the
+/// alert is accepted, so this is the earliest time any order of the job can exist.
+pub fn client_order_id_time(client_order_id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let hex = client_order_id.strip_prefix("sp")?.get(..32)?;
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let id = Uuid::try_parse(hex).ok()?;
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let b = id.as_bytes();
+    let ms = b[..6]
+        .iter()
+        .fold(0i64, |acc, x| (acc << 8) | i64::from(*x));
+    chrono::DateTime::from_timestamp_millis(ms)
 }
 
 /// The client order id of another leg of the same job as `client_order_id`.
@@ -219,8 +282,58 @@ pub struct OnFill {
 pub enum OrderState {
     /// Completely filled.
     Filled,
-    /// Accepted, not (yet) filled (a resting limit order).
+    /// Final with only part filled (`filled_qty` < ordered): the rest was cancelled or expired and
+    /// will never fill (an Aster market order `EXPIRED` with a partial `executedQty`; a Tradier
+    /// order `canceled` after `partially_filled`).
+    PartiallyFilled,
+    /// Accepted and still working at the broker: nothing or only part filled so far (a resting
+    /// limit order, a Tradier order outside market hours).
     Accepted,
+}
+
+impl OrderState {
+    /// Is the order final (nothing more will fill)?
+    pub fn is_final(self) -> bool {
+        !matches!(self, OrderState::Accepted)
+    }
+}
+
+/// An order resting at the broker (not final), as [`Exchange::open_orders`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenOrder {
+    pub exchange_order_id: String,
+    /// The client order id (Aster `clientOrderId`, OANDA `clientExtensions.id`, Tradier `tag`).
+    pub client_order_id: Option<String>,
+    pub side: OrderSide,
+    /// `None` for an order that closes whatever is open (Aster `closePosition=true`).
+    pub quantity: Option<Decimal>,
+    /// What the order does: protective levels (a Tradier OCO carries both), or an entry's limit.
+    pub stop_loss: Option<Decimal>,
+    pub take_profit: Option<Decimal>,
+    pub limit_price: Option<Decimal>,
+}
+
+impl OpenOrder {
+    /// The Sparky job and leg that placed it; `None` when Sparky did not.
+    pub fn sparky_leg(&self) -> Option<(Uuid, Leg)> {
+        self.client_order_id
+            .as_deref()
+            .and_then(parse_client_order_id)
+    }
+}
+
+/// An order a job leaves resting at the broker (a protective order, or a working entry): recorded
+/// in `broker_orders` with the job's commit, so later jobs, the working-order follower and the
+/// reconciliation know what is Sparky's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RestingOrder {
+    pub leg: Leg,
+    pub client_order_id: String,
+    pub exchange_order_id: Option<String>,
+    pub side: OrderSide,
+    pub quantity: Decimal,
+    /// The trigger (stop-loss, take-profit) or limit (entry) price.
+    pub price: Option<Decimal>,
 }
 
 /// The exchange's answer to an order (or to a look-up of one).
@@ -268,8 +381,15 @@ pub trait Exchange: Send + Sync {
         symbol: &Symbol,
         client_order_id: &str,
     ) -> Result<Option<OrderAck>, ExchangeError>;
-    /// Place exchange-native stop-loss / take-profit orders for a new position.
-    async fn protect(&self, protection: &Protection) -> Result<(), ExchangeError>;
+    /// Place exchange-native stop-loss / take-profit orders for a position (with the client order
+    /// ids of the job's `sl` / `tp` legs); returns what now rests at the broker.
+    async fn protect(&self, protection: &Protection) -> Result<Vec<RestingOrder>, ExchangeError>;
+    /// The orders resting at the broker in `symbol` (anyone's: callers pick Sparky's by
+    /// [`OpenOrder::sparky_leg`]).
+    async fn open_orders(&self, symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError>;
+    /// Cancel one resting order. An order that is already final (filled or cancelled meanwhile) is
+    /// not an error: callers confirm with [`Exchange::open_orders`] and read the position.
+    async fn cancel_order(&self, symbol: &Symbol, order: &OpenOrder) -> Result<(), ExchangeError>;
     /// Does this exchange attach stop-loss / take-profit to the opening order itself
     /// ([`OrderRequest::on_fill`]) instead of placing them after the fill with [`Exchange::protect`]?
     fn protects_on_fill(&self) -> bool {
@@ -423,11 +543,23 @@ mod tests {
     #[test]
     fn client_order_ids_fit_every_exchange() {
         let job = Uuid::now_v7();
-        for leg in [Leg::Open, Leg::Close, Leg::StopLoss, Leg::TakeProfit] {
+        for (leg, _) in LEG_LETTERS {
             let id = client_order_id(job, leg);
             assert!(id.len() <= 36, "{id}");
             assert!(id.chars().all(|c| c.is_ascii_alphanumeric()), "{id}");
             assert_eq!(id, client_order_id(job, leg), "deterministic");
+            assert_eq!(parse_client_order_id(&id), Some((job, leg)));
+        }
+        for other in [
+            "",
+            "sp",
+            "abc",
+            "sp123",
+            &format!("sp{}x", job.simple()),
+            &format!("xx{}o", job.simple()),
+            "spé",
+        ] {
+            assert_eq!(parse_client_order_id(other), None, "{other}");
         }
         assert_ne!(
             client_order_id(job, Leg::Open),
@@ -436,6 +568,31 @@ mod tests {
         assert_eq!(
             sibling_client_order_id(&client_order_id(job, Leg::Open), Leg::StopLoss),
             client_order_id(job, Leg::StopLoss)
+        );
+    }
+
+    #[test]
+    fn a_client_order_id_tells_when_its_job_was_created() {
+        // A fixed UUIDv7 whose first 48 bits are 0x0193_7a3c_2a00 ms = 2024-11-29T23:23:03.552Z.
+        let job = Uuid::parse_str("01937a3c-2a00-7abc-8def-0123456789ab").unwrap();
+        let t = client_order_id_time(&client_order_id(job, Leg::StopLoss)).unwrap();
+        assert_eq!(t.timestamp_millis(), 0x0193_7a3c_2a00);
+        assert_eq!(t.to_rfc3339(), "2024-11-29T23:23:03.552+00:00");
+        // A fresh job id: now, to the millisecond.
+        let before = chrono::Utc::now().timestamp_millis();
+        let id = client_order_id(Uuid::now_v7(), Leg::Open);
+        let t = client_order_id_time(&id).unwrap().timestamp_millis();
+        assert!(t >= before && t <= chrono::Utc::now().timestamp_millis());
+        // Not one of Sparky's ids, or not a UUIDv7: no time.
+        assert_eq!(client_order_id_time("x1"), None);
+        assert_eq!(client_order_id_time("spxau"), None);
+        assert_eq!(
+            client_order_id_time(&client_order_id(Uuid::new_v4(), Leg::Open)),
+            None
+        );
+        assert_eq!(
+            client_order_id_time("sp01937a3c2a007abc8def0123456789zz"),
+            None
         );
     }
 }

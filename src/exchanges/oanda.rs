@@ -21,7 +21,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::Method;
@@ -29,9 +28,11 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use super::http::{self, dec, id_text, Call, Reply};
+use super::once::place_once;
 use super::{
     client_order_id, sibling_client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext,
-    ExchangeError, Leg, OrderAck, OrderRequest, OrderState, Protection, SharedState, SymbolRules,
+    ExchangeError, Leg, OpenOrder, OrderAck, OrderRequest, OrderState, Protection, RestingOrder,
+    SharedState, SymbolRules,
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
@@ -530,10 +531,11 @@ impl Exchange for OandaClient {
         }
     }
 
-    async fn protect(&self, p: &Protection) -> Result<(), ExchangeError> {
+    async fn protect(&self, p: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
         let trade_id = client_order_id(p.job_id, Leg::Open);
         let mut body = json!({});
         let mut wanted = Vec::new();
+        let mut resting = Vec::new();
         for (leg, key, price) in [
             (Leg::StopLoss, "stopLoss", p.stop_loss),
             (Leg::TakeProfit, "takeProfit", p.take_profit),
@@ -545,45 +547,98 @@ impl Exchange for OandaClient {
                 "timeInForce": "GTC",
                 "clientExtensions": {"id": coid, "tag": TAG},
             });
+            resting.push(RestingOrder {
+                leg,
+                client_order_id: coid.clone(),
+                exchange_order_id: None,
+                side: OrderSide::closing(p.position_side),
+                quantity: p.quantity,
+                price: Some(price),
+            });
             wanted.push(coid);
         }
         if wanted.is_empty() {
-            return Ok(());
+            return Ok(resting);
         }
-        let mut last = None;
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                let mut all = true;
-                for coid in &wanted {
-                    if !matches!(self.find_order(&p.symbol, coid).await, Ok(Some(_))) {
-                        all = false;
-                    }
-                }
-                if all {
-                    return Ok(());
-                }
-                let wait = last
-                    .as_ref()
-                    .and_then(|e: &ExchangeError| e.retry_after)
-                    .unwrap_or(Duration::from_millis(300 * u64::from(attempt)))
-                    .min(Duration::from_secs(5));
-                tokio::time::sleep(wait).await;
-            }
-            match self
-                .call(
+        let body = &body;
+        place_once(
+            || async {
+                self.call(
                     Method::PUT,
                     &format!("/trades/@{trade_id}/orders"),
                     Some(body.clone()),
                     Call::Write,
                 )
                 .await
-            {
-                Ok(_) => return Ok(()),
-                Err(f) if f.error.class == ErrorClass::Permanent => return Err(f.error),
-                Err(f) => last = Some(f.error),
+                .map(|_| resting.clone())
+                .map_err(|f| f.error)
+            },
+            || async {
+                // Placed when every wanted order is found.
+                for coid in &wanted {
+                    if self.find_order(&p.symbol, coid).await?.is_none() {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(resting.clone()))
+            },
+        )
+        .await
+    }
+
+    /// `GET /pendingOrders`, this instrument's: entries (LIMIT, STOP, MARKET_IF_TOUCHED) and the
+    /// trades' dependent STOP_LOSS / TAKE_PROFIT orders.
+    async fn open_orders(&self, symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
+        let v = self.get("/pendingOrders").await?;
+        let Some(orders) = v["orders"].as_array() else {
+            return Err(http::unexpected(NAME, "pendingOrders without `orders`"));
+        };
+        let mut open = Vec::new();
+        for o in orders {
+            let kind = o["type"].as_str().unwrap_or_default();
+            let instrument = o["instrument"].as_str();
+            // Dependent orders carry no instrument; they belong to a trade in this account.
+            if instrument.is_some_and(|i| i != symbol.as_str()) {
+                continue;
             }
+            let Some(id) = id_text(&o["id"]) else {
+                return Err(http::unexpected(NAME, "pending order without `id`"));
+            };
+            let price = dec(&o["price"]);
+            let units = dec(&o["units"]).unwrap_or_default();
+            open.push(OpenOrder {
+                exchange_order_id: id,
+                client_order_id: o["clientExtensions"]["id"].as_str().map(str::to_string),
+                side: if units < Decimal::ZERO {
+                    OrderSide::Sell
+                } else {
+                    OrderSide::Buy
+                },
+                quantity: (!units.is_zero()).then(|| units.abs()),
+                stop_loss: price.filter(|_| kind == "STOP_LOSS"),
+                take_profit: price.filter(|_| kind == "TAKE_PROFIT"),
+                limit_price: price
+                    .filter(|_| matches!(kind, "LIMIT" | "STOP" | "MARKET_IF_TOUCHED")),
+            });
         }
-        Err(last.unwrap_or_else(|| ExchangeError::transient("oanda: protection not set")))
+        Ok(open)
+    }
+
+    async fn cancel_order(&self, _symbol: &Symbol, order: &OpenOrder) -> Result<(), ExchangeError> {
+        match self
+            .call(
+                Method::PUT,
+                &format!("/orders/{}/cancel", order.exchange_order_id),
+                None,
+                Call::Write,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // ORDER_DOESNT_EXIST: filled or cancelled meanwhile (the caller lists again).
+            Err(f) if f.status == Some(404) => Ok(()),
+            Err(f) => Err(f.error),
+        }
     }
 }
 

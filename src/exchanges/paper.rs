@@ -7,22 +7,26 @@
 //!   they are marketable (buy limit >= price, sell limit <= price); a paper exchange keeps no order
 //!   book, so a non-marketable limit order is rejected with a message saying so.
 //! - Orders below the minimum quantity or notional, or not a multiple of the step, are rejected.
-//! - Its "account" is Sparky's own `positions`/`trades` tables: the position it reports is the stored
-//!   one and an order look-up by client order id reads `trades`. Since those rows are written in the
-//!   same transaction as the job's final state, a paper order that was "placed" by a worker that
-//!   crashed before committing never existed, and a redelivery places it again: exactly once.
+//! - Its account is the user's **paper account** in Sparky's own tables: the position it reports is
+//!   the stored row of the account (user, `paper`, environment) and nothing else — never a row of a
+//!   live account (Aster, OANDA, Tradier) in the same symbol — and an order look-up by client order
+//!   id reads `trades`. Since those rows are written in the same transaction as the job's final
+//!   state, a paper order that was "placed" by a worker that crashed before committing never
+//!   existed, and a redelivery places it again: exactly once. (Keeping the paper book in the same
+//!   commit also keeps the paper pipeline at one transaction per job; a separate paper ledger would
+//!   add a second.) Within the job, the client (built per job) adds the orders it filled so far to
+//!   the committed book, so a position read after a close sees the close, as on a real broker.
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
-use uuid::Uuid;
 
 use super::{
-    ExPosition, Exchange, ExchangeError, OrderAck, OrderRequest, OrderState, Protection,
-    SymbolRules,
+    ExPosition, Exchange, ExchangeError, OpenOrder, OrderAck, OrderRequest, OrderState, Protection,
+    RestingOrder, SymbolRules,
 };
 use crate::credentials::Credentials;
-use crate::domain::{ExchangeKind, OrderSide, OrderType, Symbol};
+use crate::domain::{Account, ExchangeKind, OrderSide, OrderType, Symbol};
 use crate::store::Store;
 
 /// (symbol, price, step, min notional)
@@ -70,7 +74,10 @@ pub fn paper_market(symbol: &str) -> (Decimal, SymbolRules) {
 
 pub struct PaperExchange {
     store: Store,
-    user_id: Uuid,
+    account: Account,
+    /// The orders this client filled (this job's, not committed yet): symbol, client order id,
+    /// signed quantity (positive buys), price.
+    filled: std::sync::Mutex<Vec<(String, OrderAck, Decimal)>>,
     /// Simulated order latency, uniformly in `min..=max` ms (`extra_config.latency_ms`).
     latency_ms: Option<(u64, u64)>,
 }
@@ -91,7 +98,12 @@ impl PaperExchange {
         };
         PaperExchange {
             store,
-            user_id: creds.user_id,
+            account: Account {
+                user_id: creds.user_id,
+                exchange: ExchangeKind::Paper,
+                environment: creds.environment,
+            },
+            filled: std::sync::Mutex::new(Vec::new()),
             latency_ms,
         }
     }
@@ -107,14 +119,44 @@ impl PaperExchange {
         }
     }
 
-    fn fill(&self, client_order_id: &str, qty: Decimal, price: Decimal) -> OrderAck {
-        OrderAck {
+    fn fill(
+        &self,
+        symbol: &Symbol,
+        side: OrderSide,
+        client_order_id: &str,
+        qty: Decimal,
+        price: Decimal,
+    ) -> OrderAck {
+        let ack = OrderAck {
             exchange_order_id: format!("paper-{client_order_id}"),
             client_order_id: client_order_id.to_string(),
             state: OrderState::Filled,
             filled_qty: qty,
             avg_price: Some(price),
+        };
+        let signed = match side {
+            OrderSide::Buy => qty,
+            OrderSide::Sell => -qty,
+        };
+        self.filled.lock().unwrap_or_else(|e| e.into_inner()).push((
+            symbol.to_string(),
+            ack.clone(),
+            signed,
+        ));
+        ack
+    }
+
+    /// The net quantity this client filled in `symbol` (signed) and the last fill's price.
+    fn own_fills(&self, symbol: &Symbol) -> Result<(Decimal, Option<Decimal>), ExchangeError> {
+        let filled = self.filled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut net = Decimal::ZERO;
+        let mut price = None;
+        for (s, ack, signed) in filled.iter().filter(|(s, ..)| s == symbol.as_str()) {
+            debug_assert_eq!(s, symbol.as_str());
+            net = crate::money::add(net, *signed)?;
+            price = ack.avg_price;
         }
+        Ok((net, price))
     }
 }
 
@@ -139,14 +181,23 @@ impl Exchange for PaperExchange {
     async fn position(&self, symbol: &Symbol) -> Result<Option<ExPosition>, ExchangeError> {
         let p = self
             .store
-            .position(self.user_id, symbol.as_str())
+            .position(&self.account, symbol.as_str())
             .await
             .map_err(db_error)?;
-        Ok(p.map(|p| ExPosition {
-            side: p.side,
-            quantity: p.quantity,
-            entry_price: Some(p.entry_price),
-        }))
+        let committed = match &p {
+            Some(p) if p.side == crate::domain::Side::Long => p.quantity,
+            Some(p) => -p.quantity,
+            None => Decimal::ZERO,
+        };
+        let (own, last_price) = self.own_fills(symbol)?;
+        let net = crate::money::add(committed, own)?;
+        // The committed entry price while the side is the committed one; a side this job opened
+        // entered at its fill.
+        let entry = match &p {
+            Some(p) if (net > Decimal::ZERO) == (committed > Decimal::ZERO) => Some(p.entry_price),
+            _ => last_price,
+        };
+        Ok(ExPosition::from_signed(net, entry))
     }
 
     async fn place_order(&self, o: &OrderRequest) -> Result<OrderAck, ExchangeError> {
@@ -191,7 +242,7 @@ impl Exchange for PaperExchange {
                 )));
             }
         }
-        Ok(self.fill(&o.client_order_id, o.quantity, price))
+        Ok(self.fill(&o.symbol, o.side, &o.client_order_id, o.quantity, price))
     }
 
     async fn close_position(
@@ -202,7 +253,8 @@ impl Exchange for PaperExchange {
     ) -> Result<OrderAck, ExchangeError> {
         self.simulate_latency().await;
         let (price, _) = paper_market(symbol.as_str());
-        Ok(self.fill(client_order_id, position.quantity, price))
+        let side = OrderSide::closing(position.side);
+        Ok(self.fill(symbol, side, client_order_id, position.quantity, price))
     }
 
     async fn find_order(
@@ -210,9 +262,19 @@ impl Exchange for PaperExchange {
         _symbol: &Symbol,
         client_order_id: &str,
     ) -> Result<Option<OrderAck>, ExchangeError> {
+        let own = self
+            .filled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, ack, _)| ack.client_order_id == client_order_id)
+            .map(|(_, ack, _)| ack.clone());
+        if own.is_some() {
+            return Ok(own);
+        }
         let t = self
             .store
-            .trade_by_client_order_id(self.user_id, client_order_id)
+            .trade_by_client_order_id(self.account.user_id, client_order_id)
             .await
             .map_err(db_error)?;
         Ok(t.map(|t| OrderAck {
@@ -226,8 +288,20 @@ impl Exchange for PaperExchange {
         }))
     }
 
-    async fn protect(&self, _protection: &Protection) -> Result<(), ExchangeError> {
+    async fn protect(&self, _protection: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
         // The paper exchange has no triggers to run; the levels are recorded on the position row.
-        Ok(())
+        Ok(vec![])
+    }
+
+    async fn open_orders(&self, _symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
+        // Nothing rests on the paper exchange: every order fills at once or is rejected.
+        Ok(vec![])
+    }
+
+    async fn cancel_order(&self, symbol: &Symbol, order: &OpenOrder) -> Result<(), ExchangeError> {
+        Err(ExchangeError::permanent(format!(
+            "paper: no order {} rests in {symbol}",
+            order.exchange_order_id
+        )))
     }
 }

@@ -15,7 +15,11 @@
 //!   `reason_description`).
 //! - Exactly once: Tradier has no idempotency key and no duplicate-order error. Every order carries
 //!   the leg's client order id as its `tag`; after an unknown outcome the executor looks the order up
-//!   by listing today's orders (`includeTags=true`, every page) and only resends if no order has the tag.
+//!   by listing the orders (`includeTags=true`, every page) and only resends if no order has the tag.
+//!   The default list is today's session only, so a miss there is followed by dated `filter=all`
+//!   listings from the day the job was created (its UUIDv7 time, read from the tag; see
+//!   [`lookup_range`]) to today, in windows of at most a month: a replay after midnight still finds
+//!   yesterday's order.
 //! - Rate limits: 429, and also a 400 "Quota Violation" (reported by one client; both are handled as
 //!   transient, waiting for `Retry-After` or `X-Ratelimit-Expiry`).
 //! - Stop-loss / take-profit: one OCO order (a sell/buy-to-cover `limit` at the take-profit and a
@@ -25,14 +29,16 @@ use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{Days, NaiveDate};
 use reqwest::Method;
 use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::http::{self, dec, id_text, Call, Reply};
+use super::once::{place_once, poll_until_final, Polled};
 use super::{
     client_order_id, ErrorClass, ExPosition, Exchange, ExchangeContext, ExchangeError, Leg,
-    OrderAck, OrderRequest, OrderState, Protection, SymbolRules,
+    OpenOrder, OrderAck, OrderRequest, OrderState, Protection, RestingOrder, SymbolRules,
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
@@ -45,6 +51,41 @@ const NAME: &str = "tradier";
 /// Orders asked for per page when listing (and the most pages read).
 const PAGE: usize = 100;
 const MAX_PAGES: usize = 20;
+
+/// A `filter=all` look-up goes back at most this many days (a job is never replayed later).
+pub const MAX_LOOKBACK_DAYS: u64 = 62;
+/// How far back to look for a tag that carries no creation time (not one of Sparky's ids).
+pub const DEFAULT_LOOKBACK_DAYS: u64 = 7;
+/// Days in one `filter=all` window: Tradier returns "a maximum of 1 month of data".
+pub const WINDOW_DAYS: u64 = 28;
+
+/// The days (`start`, `end`, inclusive) on which the order tagged `tag` can have been created, as
+/// of `today` (UTC): from the day its job was created ([`super::client_order_id_time`]) minus one
+/// (Tradier's day is the US market's, which is behind UTC) to today; at most
+/// [`MAX_LOOKBACK_DAYS`] back, [`DEFAULT_LOOKBACK_DAYS`] for a tag without a time.
+pub fn lookup_range(tag: &str, today: NaiveDate) -> (NaiveDate, NaiveDate) {
+    let earliest = today - Days::new(MAX_LOOKBACK_DAYS);
+    let start = match super::client_order_id_time(tag) {
+        Some(t) => t.date_naive() - Days::new(1),
+        None => today - Days::new(DEFAULT_LOOKBACK_DAYS),
+    };
+    (start.clamp(earliest, today), today)
+}
+
+/// `start..=end` cut into windows of at most [`WINDOW_DAYS`] days, newest first.
+pub fn lookup_windows(start: NaiveDate, end: NaiveDate) -> Vec<(NaiveDate, NaiveDate)> {
+    let mut out = Vec::new();
+    let mut to = end;
+    while to >= start {
+        let from = (to - Days::new(WINDOW_DAYS - 1)).max(start);
+        out.push((from, to));
+        match from.pred_opt() {
+            Some(p) => to = p,
+            None => break,
+        }
+    }
+    out
+}
 
 /// The items of a Tradier collection: `"null"`/`null` (empty), one object, or a list.
 pub fn list(v: &Value) -> Vec<&Value> {
@@ -168,7 +209,8 @@ fn parse_order(o: &Value, coid: &str) -> Result<Parsed, ExchangeError> {
                 .filter(|s| !s.is_empty())
                 .unwrap_or(status)
         )),
-        _ if filled_qty > Decimal::ZERO => Parsed::Live(ack(OrderState::Filled)),
+        // Canceled / expired after a partial fill: what filled is the position.
+        _ if filled_qty > Decimal::ZERO => Parsed::Live(ack(OrderState::PartiallyFilled)),
         other => Parsed::Dead(format!("tradier order {id} is {other} with nothing filled")),
     })
 }
@@ -263,7 +305,7 @@ impl TradierClient {
                 http::snippet(&v.to_string())
             )));
         };
-        let mut ack = OrderAck {
+        let ack = OrderAck {
             exchange_order_id: id.clone(),
             client_order_id: coid.to_string(),
             state: OrderState::Accepted,
@@ -273,34 +315,54 @@ impl TradierClient {
         if !wait_for_fill {
             return Ok(ack);
         }
-        let deadline = tokio::time::Instant::now() + self.fill_poll;
-        let mut delay = Duration::from_millis(50);
-        loop {
-            if let Ok(o) = self.order_by_id(&id).await {
-                match parse_order(&o, coid)? {
-                    Parsed::Live(a) if a.state == OrderState::Filled => return Ok(a),
-                    Parsed::Live(a) => ack = a,
-                    Parsed::Rejected(msg) | Parsed::Dead(msg) => {
-                        return Err(ExchangeError::permanent(msg))
-                    }
-                }
+        poll_until_final(self.fill_poll, ack, || async {
+            let o = self.order_by_id(&id).await?;
+            match parse_order(&o, coid)? {
+                Parsed::Live(a) if a.state.is_final() => Ok(Polled::Final(a)),
+                Parsed::Live(a) => Ok(Polled::Working(a)),
+                Parsed::Rejected(msg) | Parsed::Dead(msg) => Err(ExchangeError::permanent(msg)),
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(ack);
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
-        }
+        })
+        .await
     }
 
-    /// Today's orders carrying `tag`, reading every page.
+    /// The orders carrying `tag`, on every day its job could have placed them.
+    ///
+    /// `GET /orders` lists only the current session's orders, so after midnight a replay would not
+    /// see yesterday's order and would send it again. So: today's list first (every page); if the
+    /// tag is not there, `filter=all` windows from the day the job was created (read from the
+    /// tag itself, [`lookup_range`]) to today, newest window first, each at most a month as
+    /// Tradier allows, every page. Tradier asks apps not to poll `filter=all`; this runs only when a
+    /// look-up misses today's list (an unknown outcome, a recovery, a protective-order retry).
     async fn orders_tagged(&self, tag: &str) -> Result<Vec<Value>, ExchangeError> {
+        let has_tag = |o: &Value| o["tag"] == tag;
+        let found = self.scan_orders("", has_tag).await?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        let (start, end) = lookup_range(tag, chrono::Utc::now().date_naive());
+        let mut found = Vec::new();
+        for (from, to) in lookup_windows(start, end) {
+            found.extend(
+                self.scan_orders(&format!("&filter=all&start={from}&end={to}"), has_tag)
+                    .await?,
+            );
+        }
+        Ok(found)
+    }
+
+    /// The orders `keep` picks in one listing (`extra` is added to the query), every page.
+    async fn scan_orders(
+        &self,
+        extra: &str,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Result<Vec<Value>, ExchangeError> {
         let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for page in 1..=MAX_PAGES {
             let v = self
                 .get(&format!(
-                    "/accounts/{}/orders?includeTags=true&page={page}&limit={PAGE}",
+                    "/accounts/{}/orders?includeTags=true&page={page}&limit={PAGE}{extra}",
                     self.account
                 ))
                 .await?;
@@ -312,7 +374,7 @@ impl TradierClient {
                     continue;
                 }
                 new += 1;
-                if o["tag"] == tag {
+                if keep(o) {
                     found.push(o.clone());
                 }
             }
@@ -349,30 +411,12 @@ impl TradierClient {
         p: &Protection,
         form: Vec<(String, String)>,
         coid: &str,
-    ) -> Result<(), ExchangeError> {
-        let mut last = None;
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                if matches!(self.find_order(&p.symbol, coid).await, Ok(Some(_))) {
-                    return Ok(());
-                }
-                let wait = last
-                    .as_ref()
-                    .and_then(|e: &ExchangeError| e.retry_after)
-                    .unwrap_or(Duration::from_millis(300 * u64::from(attempt)))
-                    .min(Duration::from_secs(5));
-                tokio::time::sleep(wait).await;
-            }
-            match self.send_order(form.clone(), coid, false).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.class == ErrorClass::Permanent => return Err(e),
-                Err(e) => last = Some(e),
-            }
-        }
-        if matches!(self.find_order(&p.symbol, coid).await, Ok(Some(_))) {
-            return Ok(());
-        }
-        Err(last.unwrap_or_else(|| ExchangeError::transient("tradier: protection not placed")))
+    ) -> Result<OrderAck, ExchangeError> {
+        place_once(
+            || self.send_order(form.clone(), coid, false),
+            || self.find_order(&p.symbol, coid),
+        )
+        .await
     }
 }
 
@@ -509,7 +553,7 @@ impl Exchange for TradierClient {
         let mut best = None;
         for o in self.orders_tagged(client_order_id).await? {
             match parse_order(&o, client_order_id)? {
-                Parsed::Live(a) if a.state == OrderState::Filled => return Ok(Some(a)),
+                Parsed::Live(a) if a.state.is_final() => return Ok(Some(a)),
                 Parsed::Live(a) => best = Some(a),
                 // A rejected or cancelled order had no effect: the leg may be sent again.
                 Parsed::Rejected(_) | Parsed::Dead(_) => {}
@@ -518,7 +562,7 @@ impl Exchange for TradierClient {
         Ok(best)
     }
 
-    async fn protect(&self, p: &Protection) -> Result<(), ExchangeError> {
+    async fn protect(&self, p: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
         let qty = whole(p.quantity);
         let side = match p.position_side {
             Side::Long => "sell",
@@ -526,7 +570,7 @@ impl Exchange for TradierClient {
         };
         let sym = p.symbol.to_string();
         let (form, coid) = match (p.stop_loss, p.take_profit) {
-            (None, None) => return Ok(()),
+            (None, None) => return Ok(vec![]),
             (Some(sl), Some(tp)) => {
                 let coid = client_order_id(p.job_id, Leg::StopLoss);
                 let q = qty.to_string();
@@ -560,7 +604,96 @@ impl Exchange for TradierClient {
                 (f, coid)
             }
         };
-        self.place_protective(p, form, &coid).await
+        let ack = self.place_protective(p, form, &coid).await?;
+        // One OCO order carries both levels under the stop-loss leg's id.
+        let order_side = OrderSide::closing(p.position_side);
+        let resting = |leg, price| RestingOrder {
+            leg,
+            client_order_id: client_order_id(p.job_id, leg),
+            exchange_order_id: Some(ack.exchange_order_id.clone()),
+            side: order_side,
+            quantity: qty,
+            price,
+        };
+        Ok(match (p.stop_loss, p.take_profit) {
+            (Some(sl), _) => vec![resting(Leg::StopLoss, Some(sl))],
+            (None, tp) => vec![resting(Leg::TakeProfit, tp)],
+        })
+    }
+
+    /// The account's open orders in `symbol` (statuses open, partially_filled, pending), read from
+    /// every page of `/orders`; an OCO order is one entry with both levels.
+    async fn open_orders(&self, symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
+        let mut open = Vec::new();
+        // Today's list: open orders (GTC ones included) are in the current session's list.
+        for o in self.scan_orders("", |_| true).await? {
+            let status = o["status"].as_str().unwrap_or_default();
+            if !matches!(status, "open" | "partially_filled" | "pending") {
+                continue;
+            }
+            let legs: Vec<&Value> = if o["class"] == "oco" {
+                list(&o["leg"])
+            } else {
+                vec![&o]
+            };
+            if !legs.iter().any(|l| l["symbol"] == symbol.as_str()) {
+                continue;
+            }
+            let Some(id) = id_text(&o["id"]) else {
+                return Err(http::unexpected(NAME, "order without `id`"));
+            };
+            let client_order_id = o["tag"].as_str().map(str::to_string);
+            let sparky_leg = client_order_id
+                .as_deref()
+                .and_then(super::parse_client_order_id)
+                .map(|(_, leg)| leg);
+            let mut order = OpenOrder {
+                exchange_order_id: id,
+                client_order_id,
+                side: match legs[0]["side"].as_str() {
+                    Some("buy" | "buy_to_cover") => OrderSide::Buy,
+                    _ => OrderSide::Sell,
+                },
+                quantity: dec(&legs[0]["quantity"]),
+                stop_loss: None,
+                take_profit: None,
+                limit_price: None,
+            };
+            for l in &legs {
+                match l["type"].as_str() {
+                    Some("stop") | Some("stop_limit") => {
+                        order.stop_loss = dec(&l["stop_price"]).or(dec(&l["stop"]))
+                    }
+                    Some("limit") if sparky_leg == Some(Leg::TakeProfit) || o["class"] == "oco" => {
+                        order.take_profit = dec(&l["price"])
+                    }
+                    Some("limit") => order.limit_price = dec(&l["price"]),
+                    _ => {}
+                }
+            }
+            open.push(order);
+        }
+        Ok(open)
+    }
+
+    async fn cancel_order(&self, _symbol: &Symbol, order: &OpenOrder) -> Result<(), ExchangeError> {
+        match self
+            .call(
+                Method::DELETE,
+                &format!(
+                    "/accounts/{}/orders/{}",
+                    self.account, order.exchange_order_id
+                ),
+                None,
+                Call::Write,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // "order already in finalized state": filled or cancelled meanwhile.
+            Err(e) if e.message.contains("finalized") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -609,6 +742,46 @@ mod tests {
         let r = json!({"id": 1, "status": "rejected", "reason_description": "Insufficient buying power"});
         assert!(
             matches!(parse_order(&r, "x").unwrap(), Parsed::Rejected(m) if m.contains("Insufficient buying power"))
+        );
+    }
+
+    #[test]
+    fn look_ups_cover_every_day_since_the_job_was_created() {
+        let day = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        // A job created 2024-11-29 (UTC), looked up on 2024-12-01: from 11-28 (the US day can be
+        // the day before) to today, one window.
+        let job = uuid::Uuid::parse_str("01937a3c-2a00-7abc-8def-0123456789ab").unwrap();
+        let tag = client_order_id(job, Leg::Open);
+        let (start, end) = lookup_range(&tag, day("2024-12-01"));
+        assert_eq!((start, end), (day("2024-11-28"), day("2024-12-01")));
+        assert_eq!(lookup_windows(start, end), vec![(start, end)]);
+        // The same job looked up the day it was created.
+        assert_eq!(
+            lookup_range(&tag, day("2024-11-29")),
+            (day("2024-11-28"), day("2024-11-29"))
+        );
+        // Long ago: bounded, in windows of at most 28 days, newest first, with no gap.
+        let (start, end) = lookup_range(&tag, day("2025-06-01"));
+        assert_eq!(start, day("2025-06-01") - Days::new(MAX_LOOKBACK_DAYS));
+        let w = lookup_windows(start, end);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0], (day("2025-05-05"), day("2025-06-01")));
+        assert_eq!(w.last().unwrap().0, start);
+        for pair in w.windows(2) {
+            assert_eq!(pair[1].1.succ_opt().unwrap(), pair[0].0);
+        }
+        assert!(w
+            .iter()
+            .all(|(a, b)| (*b - *a).num_days() < WINDOW_DAYS as i64));
+        // A tag that is not one of Sparky's ids: the default look-back.
+        assert_eq!(
+            lookup_range("x1", day("2024-12-01")),
+            (day("2024-11-24"), day("2024-12-01"))
+        );
+        // A creation time in the future (clock skew): today only.
+        assert_eq!(
+            lookup_range(&tag, day("2024-11-01")),
+            (day("2024-11-01"), day("2024-11-01"))
         );
     }
 

@@ -408,8 +408,10 @@ pub struct TradeView {
     pub trade_id: i64,
     pub job_id: Uuid,
     pub exchange: String,
+    /// `production` or `sandbox`: the account the order went to.
+    pub environment: String,
     pub symbol: String,
-    /// `open`, `close`, `sl` or `tp`.
+    /// `open`, `close` (`close2`, `close3`: the remainders of a close), `sl` or `tp`.
     pub leg: String,
     /// `buy` or `sell`.
     pub side: String,
@@ -434,6 +436,7 @@ impl From<TradeRecord> for TradeView {
             trade_id: t.id,
             job_id: t.job_id,
             exchange: t.exchange,
+            environment: t.environment,
             symbol: t.symbol,
             leg: t.leg,
             side: t.side,

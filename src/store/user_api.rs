@@ -37,6 +37,8 @@ pub struct TradeRecord {
     pub id: i64,
     pub job_id: Uuid,
     pub exchange: String,
+    /// `production` or `sandbox`: the account the order went to.
+    pub environment: String,
     pub symbol: String,
     pub leg: String,
     pub side: String,
@@ -173,7 +175,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<TradeRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, job_id, exchange, symbol, leg, side, quantity, price, status, pnl, fee,
+            "SELECT id, job_id, exchange, environment, symbol, leg, side, quantity, price, status, pnl, fee,
                     exit_reason, client_order_id, exchange_order_id, created_at
              FROM trades
              WHERE user_id = $1
@@ -200,6 +202,7 @@ impl Store {
                     id: r.try_get("id")?,
                     job_id: r.try_get("job_id")?,
                     exchange: r.try_get("exchange")?,
+                    environment: r.try_get("environment")?,
                     symbol: r.try_get("symbol")?,
                     leg: r.try_get("leg")?,
                     side: r.try_get("side")?,

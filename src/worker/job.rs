@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::credentials::{CredentialError, CredentialLoader, Credentials};
-use crate::domain::Job;
+use crate::domain::{CredentialEnv, Job};
 use crate::exchanges::metered::Metered;
 use crate::exchanges::{ExchangeContext, ExchangeFactory};
 use crate::executor::{self, Outcome, PositionChange, RetryPolicy};
@@ -289,9 +289,10 @@ impl JobRunner {
             );
             let look_up = async {
                 match self.client_for(job).await? {
-                    Ok(client) => {
+                    Ok((client, environment)) => {
                         executor::record_placed(&client, job, poison.clone(), &self.policy, fence)
                             .await
+                            .map(|o| Outcome { environment, ..o })
                     }
                     Err(_) => Some(poison.clone()),
                 }
@@ -331,7 +332,7 @@ impl JobRunner {
     }
 
     async fn run_on_exchange(&self, job: &Job, recover: bool, fence: &Fence) -> Option<Outcome> {
-        let client = match self.client_for(job).await? {
+        let (client, environment) = match self.client_for(job).await? {
             Ok(c) => c,
             Err(outcome) => return Some(outcome),
         };
@@ -339,12 +340,13 @@ impl JobRunner {
         if outcome.is_none() {
             tracing::warn!("lease lost; leaving the job to the partition's next owner");
         }
-        outcome
+        outcome.map(|o| Outcome { environment, ..o })
     }
 
-    /// The job's exchange client (credentials loaded, client built), or the outcome that ends the
-    /// job without one; `None` on shutdown.
-    async fn client_for(&self, job: &Job) -> Option<Result<Metered, Outcome>> {
+    /// The job's exchange client (credentials loaded, client built) and the environment of its
+    /// credentials (which account the job trades on), or the outcome that ends the job without
+    /// one; `None` on shutdown.
+    async fn client_for(&self, job: &Job) -> Option<Result<(Metered, CredentialEnv), Outcome>> {
         let creds = match self.load_credentials(job).await? {
             Ok(c) => c,
             Err(outcome) => return Some(Err(outcome)),
@@ -356,7 +358,10 @@ impl JobRunner {
                     "✅ Created {exchange} executor for user {}",
                     job.alert.user_id
                 );
-                Some(Ok(Metered::new(c, self.metrics.clone(), job.accepted_at)))
+                Some(Ok((
+                    Metered::new(c, self.metrics.clone(), job.accepted_at),
+                    creds.environment,
+                )))
             }
             Err(e) => Some(Err(Outcome::failed(
                 JobStatus::Rejected,

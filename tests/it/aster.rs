@@ -427,3 +427,356 @@ async fn aster_leverage_and_protective_orders() {
     let e = AsterClient::new(&bad, &ctx(Duration::from_secs(1), &url, "x", "x")).unwrap_err();
     assert!(e.message.contains("1 to 125"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fake's broker behaviour for issue 12: open orders, cancel, stops that fire, partial fills
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn aster_fake_closeposition_stop_fires_on_a_price_move_and_the_other_leg_stays_open() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let mut j = job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(100));
+    j.alert.stop_loss_percent = Some(dec!(2));
+    j.alert.take_profit_percent = Some(dec!(4));
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    let sl_id = client_order_id(j.job_id, Leg::StopLoss);
+    let tp_id = client_order_id(j.job_id, Leg::TakeProfit);
+
+    // Both protective orders are listed as open, over HTTP and by the helper.
+    let (s, open) = aster_call(&url, "GET", "/fapi/v1/openOrders", &[("symbol", "ETHUSDT")]).await;
+    assert_eq!(s, 200, "{open}");
+    let ids: Vec<&str> = open
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["clientOrderId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![sl_id.as_str(), tp_id.as_str()]);
+    assert_eq!(open[0]["closePosition"], true);
+    assert_eq!(fake.open_orders("ETHUSDT").len(), 2);
+
+    // Not crossed: nothing happens.
+    fake.set_price("ETHUSDT", dec!(2950));
+    assert_eq!(fake.position("ETHUSDT"), dec!(0.033));
+    // Crossed: the stop closes the whole position at the new price.
+    fake.set_price("ETHUSDT", dec!(2930));
+    assert_eq!(fake.position("ETHUSDT"), dec!(0));
+    let sym = Symbol::parse("ETHUSDT", ExchangeKind::Aster).unwrap();
+    assert_eq!(ex.position(&sym).await.unwrap(), None);
+    let sl = ex.find_order(&sym, &sl_id).await.unwrap().unwrap();
+    assert_eq!(sl.state, OrderState::Filled);
+    assert_eq!(
+        (sl.filled_qty, sl.avg_price),
+        (dec!(0.033), Some(dec!(2930)))
+    );
+    // The exit is visible as an execution with its realized PnL (0.033 x -70).
+    let (_, trades) =
+        aster_call(&url, "GET", "/fapi/v1/userTrades", &[("symbol", "ETHUSDT")]).await;
+    let exit = trades.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(exit["orderId"], fake.order(&sl_id).unwrap()["orderId"]);
+    assert_eq!(
+        (exit["side"].as_str(), exit["qty"].as_str()),
+        (Some("SELL"), Some("0.033"))
+    );
+    assert_eq!(exit["realizedPnl"], "-2.31");
+    assert_eq!(fake.user_trades("ETHUSDT").len(), 2);
+
+    // The take-profit was not cancelled by Aster: it is an orphan until someone cancels it.
+    let open = fake.open_orders("ETHUSDT");
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0]["clientOrderId"], tp_id.as_str());
+    let (s, one) = aster_call(
+        &url,
+        "GET",
+        "/fapi/v1/openOrder",
+        &[("symbol", "ETHUSDT"), ("origClientOrderId", &sl_id)],
+    )
+    .await;
+    assert_eq!(
+        (s, one["code"].as_i64()),
+        (400, Some(-2013)),
+        "a filled order is not open"
+    );
+    let (s, c) = aster_call(
+        &url,
+        "DELETE",
+        "/fapi/v1/order",
+        &[("symbol", "ETHUSDT"), ("origClientOrderId", &tp_id)],
+    )
+    .await;
+    assert_eq!((s, c["status"].as_str()), (200, Some("CANCELED")), "{c}");
+    // Cancelling a final order (cancelled or filled) is refused with -2011.
+    for id in [&tp_id, &sl_id] {
+        let (s, c) = aster_call(
+            &url,
+            "DELETE",
+            "/fapi/v1/order",
+            &[("symbol", "ETHUSDT"), ("origClientOrderId", id)],
+        )
+        .await;
+        assert_eq!((s, c["code"].as_i64()), (400, Some(-2011)), "{c}");
+    }
+    assert!(fake.open_orders("ETHUSDT").is_empty());
+    let (_, all) = aster_call(&url, "GET", "/fapi/v1/allOrders", &[("symbol", "ETHUSDT")]).await;
+    let states: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["FILLED", "FILLED", "CANCELED"]);
+}
+
+#[tokio::test]
+async fn aster_fake_leftover_closeposition_stop_closes_the_next_position_and_cancel_by_order_id() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let mut j = job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(100));
+    j.alert.take_profit_percent = Some(dec!(4));
+    assert_eq!(run(&ex, &j).await.status, JobStatus::Succeeded);
+    // Closed by hand (not by Sparky, which would cancel it); the take-profit (3120) stays.
+    let (s, c) = aster_call(
+        &url,
+        "POST",
+        "/fapi/v1/order",
+        &[
+            ("symbol", "ETHUSDT"),
+            ("side", "SELL"),
+            ("type", "MARKET"),
+            ("quantity", "0.033"),
+            ("reduceOnly", "true"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(fake.position("ETHUSDT"), dec!(0));
+    assert_eq!(fake.open_orders("ETHUSDT").len(), 1);
+    // A new long; the old take-profit closes it when the price reaches 3120.
+    let j2 = job(ExchangeKind::Aster, Action::Buy, "ETHUSDT", dec!(200));
+    assert_eq!(run(&ex, &j2).await.status, JobStatus::Succeeded);
+    assert_eq!(fake.position("ETHUSDT"), dec!(0.066));
+    fake.set_price("ETHUSDT", dec!(3125));
+    assert_eq!(fake.position("ETHUSDT"), dec!(0));
+    let tp = fake
+        .order(&client_order_id(j.job_id, Leg::TakeProfit))
+        .unwrap();
+    assert_eq!(
+        (tp["status"].as_str(), tp["executedQty"].as_str()),
+        (Some("FILLED"), Some("0.066"))
+    );
+
+    // A quantity + reduceOnly stop closes at most its quantity; cancel by orderId; cancel-all.
+    fake.set_price("ETHUSDT", dec!(3000));
+    let j3 = job(ExchangeKind::Aster, Action::Sell, "ETHUSDT", dec!(300));
+    assert_eq!(run(&ex, &j3).await.status, JobStatus::Succeeded);
+    assert_eq!(fake.position("ETHUSDT"), dec!(-0.1));
+    for (coid, stop) in [("q1", "3200"), ("q2", "3300"), ("q3", "3400")] {
+        let (s, o) = aster_call(
+            &url,
+            "POST",
+            "/fapi/v1/order",
+            &[
+                ("symbol", "ETHUSDT"),
+                ("side", "BUY"),
+                ("type", "STOP_MARKET"),
+                ("stopPrice", stop),
+                ("quantity", "0.04"),
+                ("reduceOnly", "true"),
+                ("newClientOrderId", coid),
+            ],
+        )
+        .await;
+        assert_eq!((s, o["status"].as_str()), (200, Some("NEW")), "{o}");
+    }
+    fake.set_price("ETHUSDT", dec!(3210));
+    assert_eq!(fake.position("ETHUSDT"), dec!(-0.06));
+    let q2 = fake.order("q2").unwrap();
+    let (s, c) = aster_call(
+        &url,
+        "DELETE",
+        "/fapi/v1/order",
+        &[
+            ("symbol", "ETHUSDT"),
+            ("orderId", &q2["orderId"].to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (s, c["clientOrderId"].as_str(), c["status"].as_str()),
+        (200, Some("q2"), Some("CANCELED"))
+    );
+    let (s, c) = aster_call(
+        &url,
+        "DELETE",
+        "/fapi/v1/allOpenOrders",
+        &[("symbol", "ETHUSDT")],
+    )
+    .await;
+    assert_eq!((s, c["code"].as_str()), (200, Some("200")));
+    assert!(fake.open_orders("ETHUSDT").is_empty());
+    fake.set_price("ETHUSDT", dec!(3500));
+    assert_eq!(
+        fake.position("ETHUSDT"),
+        dec!(-0.06),
+        "cancelled stops never fire"
+    );
+}
+
+#[tokio::test]
+async fn aster_fake_partial_market_fill_ends_expired_and_a_limit_rests_until_crossed() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let sym = Symbol::parse("ETHUSDT", ExchangeKind::Aster).unwrap();
+    fake.partial_next(dec!(0.5));
+    let req = |coid: &str, side, qty, order_type, limit_price, reduce_only| OrderRequest {
+        on_fill: None,
+        symbol: sym.clone(),
+        side,
+        quantity: qty,
+        order_type,
+        limit_price,
+        reduce_only,
+        leg: Leg::Open,
+        client_order_id: coid.into(),
+    };
+    ex.place_order(&req(
+        "m1",
+        OrderSide::Buy,
+        dec!(0.035),
+        OrderType::Market,
+        None,
+        false,
+    ))
+    .await
+    .unwrap();
+    let m1 = fake.order("m1").unwrap();
+    assert_eq!(
+        (
+            m1["status"].as_str(),
+            m1["origQty"].as_str(),
+            m1["executedQty"].as_str()
+        ),
+        (Some("EXPIRED"), Some("0.035"), Some("0.017"))
+    );
+    assert_eq!(fake.position("ETHUSDT"), dec!(0.017));
+    // A partial close by quantity.
+    fake.partial_next_qty(dec!(0.01));
+    ex.place_order(&req(
+        "m2",
+        OrderSide::Sell,
+        dec!(0.017),
+        OrderType::Market,
+        None,
+        true,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(fake.order("m2").unwrap()["status"], "EXPIRED");
+    assert_eq!(fake.position("ETHUSDT"), dec!(0.007));
+    // The next one fills in full again.
+    ex.place_order(&req(
+        "m3",
+        OrderSide::Sell,
+        dec!(0.007),
+        OrderType::Market,
+        None,
+        true,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(fake.order("m3").unwrap()["status"], "FILLED");
+    assert_eq!(fake.position("ETHUSDT"), dec!(0));
+
+    // A limit below the market rests (NEW) and fills at its limit when the price comes down.
+    let ack = ex
+        .place_order(&req(
+            "l1",
+            OrderSide::Buy,
+            dec!(0.01),
+            OrderType::Limit,
+            Some(dec!(2900)),
+            false,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(ack.state, OrderState::Accepted);
+    assert_eq!(fake.open_orders("ETHUSDT").len(), 1);
+    fake.set_price("ETHUSDT", dec!(2950));
+    assert_eq!(fake.order("l1").unwrap()["status"], "NEW");
+    fake.set_price("ETHUSDT", dec!(2890));
+    let l1 = ex.find_order(&sym, "l1").await.unwrap().unwrap();
+    assert_eq!(
+        (l1.state, l1.filled_qty, l1.avg_price),
+        (OrderState::Filled, dec!(0.01), Some(dec!(2900)))
+    );
+    assert_eq!(fake.position("ETHUSDT"), dec!(0.01));
+    assert!(fake.open_orders("ETHUSDT").is_empty());
+    // A marketable limit fills at once.
+    let ack = ex
+        .place_order(&req(
+            "l2",
+            OrderSide::Sell,
+            dec!(0.01),
+            OrderType::Limit,
+            Some(dec!(2800)),
+            true,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(ack.state, OrderState::Filled);
+    assert_eq!(fake.position("ETHUSDT"), dec!(0));
+
+    // By rule: every second reduce-only market order fills a third.
+    let mut n = 0;
+    fake.partial_when(move |o| {
+        if o["reduceOnly"] != true {
+            return None;
+        }
+        n += 1;
+        (n % 2 == 0).then_some(Partial::Fraction(dec!(0.34)))
+    });
+    ex.place_order(&req(
+        "r0",
+        OrderSide::Buy,
+        dec!(0.06),
+        OrderType::Market,
+        None,
+        false,
+    ))
+    .await
+    .unwrap();
+    for (coid, status) in [("r1", "FILLED"), ("r2", "EXPIRED"), ("r3", "FILLED")] {
+        ex.place_order(&req(
+            coid,
+            OrderSide::Sell,
+            dec!(0.015),
+            OrderType::Market,
+            None,
+            true,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(fake.order(coid).unwrap()["status"], status, "{coid}");
+    }
+    assert_eq!(fake.order("r0").unwrap()["status"], "FILLED");
+    assert_eq!(
+        fake.position("ETHUSDT"),
+        dec!(0.06) - dec!(0.015) - dec!(0.005) - dec!(0.015)
+    );
+    // positionRisk without a symbol: a row per market.
+    let (_, rows) = aster_call(&url, "GET", "/fapi/v2/positionRisk", &[]).await;
+    let amts: Vec<(&str, &str)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["symbol"].as_str().unwrap(),
+                r["positionAmt"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(amts, vec![("ETHUSDT", "0.025"), ("SOLUSDT", "0.000")]);
+}

@@ -9,37 +9,17 @@
 //!
 //! Client-level tests drive a client (or the executor over it) directly; the end-to-end tests go
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rust_decimal_macros::dec;
 use serde_json::json;
 use sparky::domain::{CredentialEnv, ExchangeKind, Side};
 use sparky::exchanges::{client_order_id, ExPosition, Leg};
-use uuid::Uuid;
 
 use crate::fakes::*;
 use crate::helpers::*;
 // End to end: webhook -> worker -> fake broker -> Postgres
 // ---------------------------------------------------------------------------------------------
-
-/// An Aster fake, an app whose worker talks to it, and a user with Aster credentials.
-pub(crate) async fn aster_app() -> (Arc<AsterFake>, String, TestApp, Uuid, String) {
-    let (fake, url) = AsterFake::start().await;
-    let app = TestApp::spawn_with(|c| c.aster_base_url = Some(url.clone())).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "aster",
-        ASTER_KEY,
-        ASTER_SECRET,
-        None,
-        json!({}),
-    )
-    .await;
-    (fake, url, app, user, secret)
-}
 
 #[tokio::test]
 async fn e2e_aster_buy_reversal_unknown_outcome_and_rejection() {

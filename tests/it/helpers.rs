@@ -415,8 +415,22 @@ impl TestApp {
         self.store.trades_of_user(user).await.unwrap()
     }
 
+    /// The user's position in `symbol`, on whichever account holds one (a test that opens the
+    /// same symbol on two accounts asks [`Store::position`] for the account).
     pub async fn position(&self, user: Uuid, symbol: &str) -> Option<PositionRow> {
-        self.store.position(user, symbol).await.unwrap()
+        let mut rows: Vec<PositionRow> = self
+            .store
+            .positions_of_user(user)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.symbol == symbol)
+            .collect();
+        assert!(
+            rows.len() <= 1,
+            "{symbol} is open on several accounts: {rows:?}"
+        );
+        rows.pop()
     }
 
     /// Entries in all partition streams (acked or not).

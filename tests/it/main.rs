@@ -11,6 +11,7 @@ mod fakes;
 mod faults;
 mod helpers;
 mod hostile;
+mod lifecycle;
 mod notify;
 mod oanda;
 mod operations;

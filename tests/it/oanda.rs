@@ -255,3 +255,279 @@ async fn oanda_auth_and_rate_limit_errors_are_classified() {
     let e = OandaClient::new(&c, &ctx(Duration::from_secs(1), "x", &url, "x")).unwrap_err();
     assert!(e.message.contains("account id"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fake's broker behaviour for issue 12: trades, dependent orders, pending orders, cancel
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn oanda_fake_on_fill_orders_go_with_the_trade_when_the_position_is_closed() {
+    let (fake, url) = OandaFake::start().await;
+    let ex = oanda_client(&url, Duration::from_secs(5));
+    let mut j = job(ExchangeKind::Oanda, Action::Sell, "EUR_USD", dec!(100));
+    j.alert.stop_loss_percent = Some(dec!(1));
+    j.alert.take_profit_percent = Some(dec!(2));
+    assert_eq!(run(&ex, &j).await.status, JobStatus::Succeeded);
+    let open_id = client_order_id(j.job_id, Leg::Open);
+    let trade = fake.trade(&format!("@{open_id}")).unwrap();
+    assert_eq!(
+        (trade["state"].as_str(), trade["currentUnits"].as_str()),
+        (Some("OPEN"), Some("-92"))
+    );
+    // The dependent orders are PENDING, tied to the trade, and listed as pending orders.
+    let (s, v) = oanda_call(&url, "GET", "/pendingOrders", None).await;
+    assert_eq!(s, 200);
+    let pending = v["orders"].as_array().unwrap();
+    assert_eq!(pending.len(), 2);
+    for o in pending {
+        // As OANDA's dependent orders: the trade's id and client id, no instrument.
+        assert_eq!(o["tradeID"], trade["id"]);
+        assert_eq!(o["clientTradeID"], open_id.as_str());
+        assert!(o.get("instrument").is_none(), "{o}");
+    }
+    let sl_id = client_order_id(j.job_id, Leg::StopLoss);
+    let (_, sl) = oanda_call(&url, "GET", &format!("/orders/@{sl_id}"), None).await;
+    assert_eq!(
+        (sl["order"]["type"].as_str(), sl["order"]["state"].as_str()),
+        (Some("STOP_LOSS"), Some("PENDING"))
+    );
+    assert_eq!(trade["stopLossOrderID"], sl["order"]["id"]);
+    let (_, v) = oanda_call(
+        &url,
+        "GET",
+        "/orders?state=PENDING&instrument=EUR_USD",
+        None,
+    )
+    .await;
+    assert_eq!(v["orders"].as_array().unwrap().len(), 2);
+
+    // Closing the position closes the trade; OANDA cancels its orders (LINKED_TRADE_CLOSED).
+    let c = job(ExchangeKind::Oanda, Action::Close, "EUR_USD", dec!(100));
+    assert_eq!(run(&ex, &c).await.status, JobStatus::Succeeded);
+    assert_eq!(fake.position("EUR_USD"), dec!(0));
+    let trade = fake.trade(trade["id"].as_str().unwrap()).unwrap();
+    assert_eq!(trade["state"], "CLOSED");
+    assert!(fake.pending_orders().is_empty());
+    let (_, v) = oanda_call(&url, "GET", "/pendingOrders", None).await;
+    assert_eq!(v["orders"], json!([]));
+    for leg in [Leg::StopLoss, Leg::TakeProfit] {
+        let (_, o) = oanda_call(
+            &url,
+            "GET",
+            &format!("/orders/@{}", client_order_id(j.job_id, leg)),
+            None,
+        )
+        .await;
+        assert_eq!(o["order"]["state"], "CANCELLED");
+        let t = o["order"]["cancellingTransactionID"].as_str().unwrap();
+        let (_, t) = oanda_call(&url, "GET", &format!("/transactions/{t}"), None).await;
+        assert_eq!(
+            (
+                t["transaction"]["type"].as_str(),
+                t["transaction"]["reason"].as_str()
+            ),
+            (Some("ORDER_CANCEL"), Some("LINKED_TRADE_CLOSED"))
+        );
+    }
+    // Cancelling one of them now: it no longer exists as a pending order.
+    let (s, v) = oanda_call(&url, "PUT", &format!("/orders/@{sl_id}/cancel"), None).await;
+    assert_eq!(
+        (s, v["errorCode"].as_str()),
+        (404, Some("ORDER_DOESNT_EXIST")),
+        "{v}"
+    );
+    assert_eq!(
+        v["orderCancelRejectTransaction"]["rejectReason"],
+        "ORDER_DOESNT_EXIST"
+    );
+}
+
+#[tokio::test]
+async fn oanda_fake_stop_loss_fires_on_a_price_move_and_closes_its_trade() {
+    let (fake, url) = OandaFake::start().await;
+    let ex = oanda_client(&url, Duration::from_secs(5));
+    let sym = Symbol::parse("EUR_USD", ExchangeKind::Oanda).unwrap();
+    let mut j = job(ExchangeKind::Oanda, Action::Buy, "EUR_USD", dec!(100));
+    j.alert.stop_loss_percent = Some(dec!(1));
+    j.alert.take_profit_percent = Some(dec!(2));
+    assert_eq!(run(&ex, &j).await.status, JobStatus::Succeeded);
+    assert_eq!(fake.position("EUR_USD"), dec!(92));
+    let sl_id = client_order_id(j.job_id, Leg::StopLoss);
+    let tp_id = client_order_id(j.job_id, Leg::TakeProfit);
+    let sl_price = dv_of(&fake.orders_with(&sl_id)[0]["price"]);
+    let (_, last) = oanda_call(&url, "GET", "/openTrades", None).await;
+    let before = last["lastTransactionID"].as_str().unwrap().to_string();
+
+    fake.set_price("EUR_USD", sl_price + dec!(0.0001));
+    assert_eq!(fake.position("EUR_USD"), dec!(92), "not crossed");
+    fake.set_price("EUR_USD", sl_price - dec!(0.0010));
+    assert_eq!(fake.position("EUR_USD"), dec!(0));
+    assert_eq!(ex.position(&sym).await.unwrap(), None);
+    // The stop-loss is FILLED and the client sees the exit with its price.
+    let sl = ex.find_order(&sym, &sl_id).await.unwrap().unwrap();
+    assert_eq!(
+        (sl.state, sl.filled_qty, sl.avg_price),
+        (OrderState::Filled, dec!(92), Some(sl_price - dec!(0.0010)))
+    );
+    let order = &fake.orders_with(&sl_id)[0];
+    let (_, fill) = oanda_call(
+        &url,
+        "GET",
+        &format!(
+            "/transactions/{}",
+            order["fillingTransactionID"].as_str().unwrap()
+        ),
+        None,
+    )
+    .await;
+    let fill = &fill["transaction"];
+    assert_eq!(
+        (
+            fill["type"].as_str(),
+            fill["reason"].as_str(),
+            fill["units"].as_str()
+        ),
+        (Some("ORDER_FILL"), Some("STOP_LOSS_ORDER"), Some("-92"))
+    );
+    let open_trade = fake
+        .trade(&format!("@{}", client_order_id(j.job_id, Leg::Open)))
+        .unwrap();
+    assert_eq!(fill["tradesClosed"][0]["tradeID"], open_trade["id"]);
+    assert!(dv_of(&fill["pl"]) < rust_decimal::Decimal::ZERO, "{fill}");
+    // The trade is CLOSED by the stop-loss, and the take-profit cancelled with it.
+    assert_eq!(open_trade["state"], "CLOSED");
+    assert_eq!(open_trade["closingTransactionIDs"], json!([fill["id"]]));
+    assert_eq!(open_trade["averageClosePrice"], fill["price"]);
+    assert_eq!(fake.orders_with(&tp_id)[0]["state"], "CANCELLED");
+    let (_, closed) =
+        oanda_call(&url, "GET", "/trades?state=CLOSED&instrument=EUR_USD", None).await;
+    assert_eq!(closed["trades"][0]["id"], open_trade["id"]);
+    assert_eq!(closed["trades"][0]["realizedPL"], fill["pl"]);
+    // The change feed since before the move: the fill, then the cancel.
+    let (_, since) = oanda_call(
+        &url,
+        "GET",
+        &format!("/transactions/sinceid?id={before}"),
+        None,
+    )
+    .await;
+    let types: Vec<&str> = since["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, vec!["ORDER_FILL", "ORDER_CANCEL"]);
+}
+
+fn dv_of(v: &Value) -> rust_decimal::Decimal {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn oanda_fake_working_limit_cancel_and_trade_orders() {
+    let (fake, url) = OandaFake::start().await;
+    let ex = oanda_client(&url, Duration::from_secs(5));
+    let sym = Symbol::parse("EUR_USD", ExchangeKind::Oanda).unwrap();
+    let limit = |coid: &str, price| OrderRequest {
+        on_fill: Some(sparky::exchanges::OnFill {
+            stop_loss: Some(dec!(1.07)),
+            take_profit: None,
+        }),
+        symbol: sym.clone(),
+        side: OrderSide::Buy,
+        quantity: dec!(100),
+        order_type: OrderType::Limit,
+        limit_price: Some(price),
+        reduce_only: false,
+        leg: Leg::Open,
+        client_order_id: coid.into(),
+    };
+    // A buy limit below the ask rests (PENDING) and can be cancelled by client id.
+    let a = ex.place_order(&limit("spl1o", dec!(1.08))).await.unwrap();
+    assert_eq!(a.state, OrderState::Accepted);
+    assert_eq!(fake.pending_orders().len(), 1);
+    let (s, v) = oanda_call(&url, "PUT", "/orders/@spl1o/cancel", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["orderCancelTransaction"]["reason"].as_str(),
+            v["orderCancelTransaction"]["clientOrderID"].as_str()
+        ),
+        (Some("CLIENT_REQUEST"), Some("spl1o"))
+    );
+    let (s, _) = oanda_call(&url, "PUT", "/orders/@spl1o/cancel", None).await;
+    assert_eq!(s, 404);
+    fake.set_price("EUR_USD", dec!(1.07900));
+    assert_eq!(
+        fake.position("EUR_USD"),
+        dec!(0),
+        "a cancelled limit never fills"
+    );
+
+    // Another rests until the ask reaches it, then fills at its price with its stop-loss on fill.
+    fake.set_quote("EUR_USD", dec!(1.08500), dec!(1.08520));
+    ex.place_order(&limit("spl2o", dec!(1.08))).await.unwrap();
+    fake.set_quote("EUR_USD", dec!(1.07990), dec!(1.08000));
+    assert_eq!(fake.position("EUR_USD"), dec!(100));
+    let found = ex.find_order(&sym, "spl2o").await.unwrap().unwrap();
+    assert_eq!(
+        (found.state, found.avg_price),
+        (OrderState::Filled, Some(dec!(1.08)))
+    );
+    let trades = fake.open_trades("EUR_USD");
+    assert_eq!(trades.len(), 1);
+    let tid = trades[0]["id"].as_str().unwrap().to_string();
+    let sl = fake.pending_orders();
+    assert_eq!(
+        (sl.len(), sl[0]["type"].as_str(), sl[0]["tradeID"].as_str()),
+        (1, Some("STOP_LOSS"), Some(tid.as_str()))
+    );
+    // The trade's stop-loss is replaced, then removed, through PUT /trades/{id}/orders.
+    let (s, v) = oanda_call(
+        &url,
+        "PUT",
+        &format!("/trades/{tid}/orders"),
+        Some(json!({"stopLoss": {"price": "1.06", "timeInForce": "GTC"}})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["stopLossOrderCancelTransaction"]["reason"],
+        "CLIENT_REQUEST_REPLACED"
+    );
+    assert_eq!(fake.pending_orders()[0]["price"], "1.06");
+    let (s, v) = oanda_call(
+        &url,
+        "PUT",
+        &format!("/trades/{tid}/orders"),
+        Some(json!({"stopLoss": null})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(fake.pending_orders().is_empty());
+    fake.set_price("EUR_USD", dec!(1.0));
+    assert_eq!(fake.position("EUR_USD"), dec!(100), "no stop left");
+    // A partial close reduces the trade, which stays open under its id.
+    let (s, v) = oanda_call(
+        &url,
+        "PUT",
+        "/positions/EUR_USD/close",
+        Some(json!({"longUnits": "40"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["longOrderFillTransaction"]["tradeReduced"]["units"],
+        "-40"
+    );
+    assert_eq!(fake.position("EUR_USD"), dec!(60));
+    let (_, p) = oanda_call(&url, "GET", "/positions/EUR_USD", None).await;
+    assert_eq!(
+        (
+            p["position"]["long"]["units"].as_str(),
+            p["position"]["long"]["tradeIDs"][0].as_str()
+        ),
+        (Some("60"), Some(tid.as_str()))
+    );
+}

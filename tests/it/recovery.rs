@@ -8,7 +8,6 @@ use serde_json::json;
 use sparky::exchanges::{client_order_id, Leg};
 use sparky::replay::{self, Decision, Options};
 
-use crate::exchanges::*;
 use crate::fakes::*;
 use crate::helpers::captured_logs;
 use crate::procs::spawn_worker;

@@ -12,8 +12,8 @@ use rust_decimal_macros::dec;
 use sparky::credentials::Credentials;
 use sparky::domain::{ExchangeKind, OrderSide, Side, Symbol};
 use sparky::exchanges::{
-    ExPosition, Exchange, ExchangeError, ExchangeFactory, OrderAck, OrderRequest, OrderState,
-    Protection, SymbolRules,
+    ExPosition, Exchange, ExchangeError, ExchangeFactory, OpenOrder, OrderAck, OrderRequest,
+    OrderState, Protection, RestingOrder, SymbolRules,
 };
 use tokio::sync::{Notify, Semaphore};
 
@@ -55,7 +55,7 @@ pub struct Scripted {
     gates: Mutex<HashMap<String, Arc<Gate>>>,
     prices: Mutex<HashMap<String, Decimal>>,
     /// symbol -> the fraction of a position a close fills (the rest stays open).
-    partial_closes: Mutex<HashMap<String, Decimal>>,
+    partial_closes: Mutex<HashMap<String, std::collections::VecDeque<Decimal>>>,
 }
 
 impl Scripted {
@@ -74,12 +74,13 @@ impl Scripted {
     pub fn set_price(&self, symbol: &str, price: Decimal) {
         self.prices.lock().unwrap().insert(symbol.into(), price);
     }
-    /// Closes of `symbol` fill only `fraction` of the position.
-    pub fn partial_closes(&self, symbol: &str, fraction: Decimal) {
+    /// The next closes of `symbol` fill only these fractions of the position, one each, in order
+    /// (later closes fill completely).
+    pub fn partial_closes(&self, symbol: &str, fractions: &[Decimal]) {
         self.partial_closes
             .lock()
             .unwrap()
-            .insert(symbol.into(), fraction);
+            .insert(symbol.into(), fractions.iter().copied().collect());
     }
     pub fn position_of(&self, symbol: &str) -> Option<(Side, Decimal)> {
         self.positions.lock().unwrap().get(symbol).copied()
@@ -183,11 +184,20 @@ impl Exchange for Client {
             OrderSide::Buy => Side::Long,
             OrderSide::Sell => Side::Short,
         };
-        self.0
-            .positions
-            .lock()
-            .unwrap()
-            .insert(sym.into(), (side, order.quantity));
+        let mut positions = self.0.positions.lock().unwrap();
+        match positions.get(sym).copied() {
+            // A reduce-only order (a partial close) takes from the position.
+            Some((held, q)) if order.reduce_only && held != side => {
+                if order.quantity >= q {
+                    positions.remove(sym);
+                } else {
+                    positions.insert(sym.into(), (held, q - order.quantity));
+                }
+            }
+            _ => {
+                positions.insert(sym.into(), (side, order.quantity));
+            }
+        }
         Ok(a)
     }
     async fn close_position(
@@ -202,8 +212,8 @@ impl Exchange for Client {
             .partial_closes
             .lock()
             .unwrap()
-            .get(symbol.as_str())
-            .copied();
+            .get_mut(symbol.as_str())
+            .and_then(|q| q.pop_front());
         let filled = fraction.map_or(position.quantity, |f| (position.quantity * f).round_dp(3));
         let a = self
             .0
@@ -232,7 +242,17 @@ impl Exchange for Client {
             .find(|o| o.client_order_id == client_order_id)
             .map(|o| ack(&o.client_order_id, o.quantity)))
     }
-    async fn protect(&self, _protection: &Protection) -> Result<(), ExchangeError> {
+    async fn protect(&self, _protection: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
+        Ok(vec![])
+    }
+    async fn open_orders(&self, _symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
+        Ok(vec![])
+    }
+    async fn cancel_order(
+        &self,
+        _symbol: &Symbol,
+        _order: &OpenOrder,
+    ) -> Result<(), ExchangeError> {
         Ok(())
     }
 }

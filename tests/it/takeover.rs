@@ -394,15 +394,62 @@ async fn a_poison_job_records_the_orders_its_earlier_deliveries_placed_and_sends
 }
 
 #[tokio::test]
-async fn a_reversal_whose_close_fills_partly_opens_nothing_and_records_the_remainder() {
+async fn a_reversal_whose_close_fills_partly_closes_the_rest_before_opening() {
     let app = TestApp::spawn().await;
     let (user, secret) = app.paper_user().await;
     let scripted = Scripted::new();
-    // Long 1.0 ETHUSDT; the reversal's close fills only 0.6.
+    // Long 1.0 ETHUSDT; the reversal's first close fills only 0.6 (issue 12's example: before, the
+    // reversal then sold 1.0 and the account ended short 0.6 while Sparky recorded short 1.0).
     let buy = app.enqueue(&nth(user, &secret, 0)).await;
     run_until_idle(scripted_worker(&app, &scripted).0).await;
     assert_eq!(status(&app, buy).await, Some(JobStatus::Succeeded));
-    scripted.partial_closes("ETHUSDT", Decimal::new(6, 1));
+    scripted.partial_closes("ETHUSDT", &[Decimal::new(6, 1)]);
+    let sell = app.enqueue(&nth(user, &secret, 1)).await;
+    run_until_idle(scripted_worker(&app, &scripted).0).await;
+
+    let row = app.job(sell).await;
+    assert_eq!(row.status, JobStatus::Succeeded, "{row:?}");
+    let legs: Vec<(String, Decimal)> = app
+        .trades(user)
+        .await
+        .into_iter()
+        .filter(|t| t.job_id == sell)
+        .map(|t| (t.leg, t.quantity))
+        .collect();
+    let opened = legs[2].1;
+    assert_eq!(
+        legs,
+        [
+            ("close".to_string(), Decimal::new(6, 1)),
+            ("close2".to_string(), Decimal::new(4, 1)),
+            ("open".to_string(), opened),
+        ],
+        "the remainder was closed by a second order before the short was opened"
+    );
+    assert_eq!(
+        scripted.position_of("ETHUSDT"),
+        Some((sparky::domain::Side::Short, opened)),
+        "the account holds exactly the new side"
+    );
+    let position = app.position(user, "ETHUSDT").await.expect("the short");
+    assert_eq!(
+        (position.side, position.quantity),
+        (sparky::domain::Side::Short, opened)
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_close_that_stays_partial_after_three_orders_opens_nothing_and_records_the_remainder() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let scripted = Scripted::new();
+    let buy = app.enqueue(&nth(user, &secret, 0)).await;
+    run_until_idle(scripted_worker(&app, &scripted).0).await;
+    assert_eq!(status(&app, buy).await, Some(JobStatus::Succeeded));
+    // Every close fills half of what is left: 1.0 -> 0.5 -> 0.25 -> 0.125.
+    let half = Decimal::new(5, 1);
+    scripted.partial_closes("ETHUSDT", &[half, half, half]);
     let sell = app.enqueue(&nth(user, &secret, 1)).await;
     run_until_idle(scripted_worker(&app, &scripted).0).await;
 
@@ -410,7 +457,7 @@ async fn a_reversal_whose_close_fills_partly_opens_nothing_and_records_the_remai
     assert_eq!(row.status, JobStatus::Dead, "{row:?}");
     let error = row.error.unwrap();
     assert!(
-        error.contains("filled only 0.6") && error.contains("long 0.4 remain open"),
+        error.contains("3 orders filled 0.875") && error.contains("long 0.125 remain open"),
         "{error}"
     );
     let opens = scripted
@@ -422,19 +469,14 @@ async fn a_reversal_whose_close_fills_partly_opens_nothing_and_records_the_remai
         opens, 1,
         "the short side was not opened on top of the remainder"
     );
-    assert_eq!(
-        scripted.position_of("ETHUSDT"),
-        Some((sparky::domain::Side::Long, Decimal::new(4, 1)))
-    );
     let position = app.position(user, "ETHUSDT").await.expect("the remainder");
     assert_eq!(
         (position.side, position.quantity),
-        (sparky::domain::Side::Long, Decimal::new(4, 1)),
+        (sparky::domain::Side::Long, Decimal::new(125, 3)),
         "Sparky records what the broker holds"
     );
     // A close alert for the remainder then makes the account flat.
     let close = app.enqueue(&alert(user, &secret, "close")).await;
-    scripted.partial_closes("ETHUSDT", Decimal::ONE);
     run_until_idle(scripted_worker(&app, &scripted).0).await;
     assert_eq!(status(&app, close).await, Some(JobStatus::Succeeded));
     assert_eq!(scripted.position_of("ETHUSDT"), None);

@@ -97,6 +97,9 @@ async fn every_route_answers_404_or_nothing_for_another_users_objects() {
         "{positions}"
     );
     assert_eq!(positions["items"][0]["exchange"], "paper");
+    assert_eq!(positions["items"][0]["environment"], "production");
+    assert_eq!(trades["items"][0]["environment"], "production");
+    assert_eq!(trades["items"][0]["side"], "buy");
     assert_eq!(positions["items"][0]["symbol"], "ETHUSDT");
     assert_eq!(positions["items"][0]["last_job_id"], alice_buy.to_string());
 

@@ -34,6 +34,57 @@ use crate::helpers::*;
 // Fake-server plumbing shared by the three fakes
 // ---------------------------------------------------------------------------------------------
 
+/// How much of the next market order fills (`partial_next` of the Aster and Tradier fakes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Partial {
+    /// This fraction of the quantity (rounded down to the step).
+    Fraction(Decimal),
+    /// This quantity (at most the order's).
+    Qty(Decimal),
+}
+
+/// Decides, for each market order the queue does not cover, whether it fills partly: it gets the
+/// order as the fake keeps it (Aster: `clientOrderId`, `reduceOnly`, `side`; Tradier: `tag`,
+/// `side`) and may count calls (e.g. every fifth close leg).
+pub(crate) type PartialRule = Box<dyn FnMut(&Value) -> Option<Partial> + Send>;
+
+/// Apply a signed fill to a position with an average entry price; returns the realized PnL.
+pub(crate) fn apply_fill(
+    positions: &mut HashMap<String, Decimal>,
+    entries: &mut HashMap<String, Decimal>,
+    sym: &str,
+    signed: Decimal,
+    price: Decimal,
+) -> Decimal {
+    if signed.is_zero() {
+        return Decimal::ZERO;
+    }
+    let pos = positions.get(sym).copied().unwrap_or_default();
+    let entry = entries.get(sym).copied().unwrap_or_default();
+    let mut pnl = Decimal::ZERO;
+    let new_pos = pos + signed;
+    if pos.is_zero() || pos.is_sign_positive() == signed.is_sign_positive() {
+        let e = (pos.abs() * entry + signed.abs() * price) / new_pos.abs();
+        entries.insert(sym.to_string(), e);
+    } else {
+        let closed = signed.abs().min(pos.abs());
+        pnl = closed
+            * (price - entry)
+            * if pos > Decimal::ZERO {
+                Decimal::ONE
+            } else {
+                -Decimal::ONE
+            };
+        if new_pos.is_zero() {
+            entries.remove(sym);
+        } else if new_pos.is_sign_positive() != pos.is_sign_positive() {
+            entries.insert(sym.to_string(), price);
+        }
+    }
+    positions.insert(sym.to_string(), new_pos);
+    pnl
+}
+
 #[derive(Clone, Debug)]
 pub(crate) enum Fault {
     /// Answer this (status, JSON or text body, headers) without doing anything.
@@ -84,6 +135,11 @@ impl Core {
             headers: headers.clone(),
         });
     }
+    /// Every request, in the order received.
+    pub(crate) fn all_seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
     pub(crate) fn seen(&self, route: &str) -> Vec<Seen> {
         self.seen
             .lock()
@@ -239,6 +295,7 @@ pub(crate) fn job(kind: ExchangeKind, action: Action, symbol: &str, usd: Decimal
             stop_loss_percent: None,
             take_profit_percent: None,
             close_percent: None,
+            limit_ttl_secs: None,
             strategy_id: None,
             strategy: None,
             alert_id: None,

@@ -1,6 +1,22 @@
 //! The OANDA v20 fake.
+//!
+//! A trade model: market and limit fills reduce the oldest opposite trades (or the dependent
+//! order's own trade) and open a trade with the rest; `stopLossOnFill` / `takeProfitOnFill` and
+//! `PUT /trades/{id|@clientID}/orders` make dependent STOP_LOSS / TAKE_PROFIT orders tied to the
+//! trade, which OANDA cancels (LINKED_TRADE_CLOSED) when the trade closes any other way.
+//!
+//! Endpoints: `instruments`, `pricing`, `openPositions`, `positions/{instrument}`,
+//! `positions/{instrument}/close` (ALL or units), `POST /orders` (MARKET, LIMIT), `pendingOrders`,
+//! `orders?state=&instrument=&count=&ids=`, `orders/{id|@clientID}`,
+//! `PUT orders/{id|@clientID}/cancel` (404 ORDER_DOESNT_EXIST when not pending), `trades?state=`,
+//! `openTrades`, `trades/{id|@clientID}`, `transactions/{id}`, `transactions/sinceid?id=`.
+//!
+//! Test controls: `set_price(instrument, price)` (bid = ask) and `set_quote(instrument, bid, ask)`
+//! fire crossed stop-losses, take-profits and limits; helpers `pending_orders()`,
+//! `position(instrument)`, `trade(spec)`, `open_trades(instrument)`, `orders_with(coid)`;
+//! `oanda_call` sends any request.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,11 +41,16 @@ pub(crate) const OANDA_ACCOUNT: &str = "101-004-1234567-001";
 pub(crate) struct OandaState {
     /// instrument -> (bid, ask, tradeUnitsPrecision, displayPrecision, minimumTradeSize)
     pub(crate) instruments: HashMap<&'static str, (Decimal, Decimal, u32, u32, Decimal)>,
-    /// instrument -> net units
+    /// instrument -> net units (kept equal to the sum of the open trades; a test that writes here
+    /// directly gets a trade for the difference at the next request)
     pub(crate) positions: HashMap<String, Decimal>,
+    /// Every order: MARKET / LIMIT (with the `request` as sent) and the dependent STOP_LOSS /
+    /// TAKE_PROFIT orders (with `tradeID`), in creation order.
     pub(crate) orders: Vec<Value>,
-    pub(crate) transactions: HashMap<String, Value>,
-    pub(crate) trades: HashMap<String, Value>,
+    /// id -> transaction (ORDER_FILL, ORDER_CANCEL, MARKET_ORDER, ...).
+    pub(crate) transactions: BTreeMap<u64, Value>,
+    /// Every trade, open and closed (OANDA's Trade objects).
+    pub(crate) trades: Vec<Value>,
     pub(crate) next_id: u64,
     pub(crate) insufficient_margin: bool,
 }
@@ -50,8 +71,8 @@ impl OandaFake {
                 instruments,
                 positions: HashMap::new(),
                 orders: vec![],
-                transactions: HashMap::new(),
-                trades: HashMap::new(),
+                transactions: BTreeMap::new(),
+                trades: vec![],
                 next_id: 6000,
                 insufficient_margin: false,
             }),
@@ -72,6 +93,461 @@ impl OandaFake {
             .cloned()
             .collect()
     }
+
+    /// The PENDING orders (resting limits, dependent stop-loss / take-profit orders).
+    pub(crate) fn pending_orders(&self) -> Vec<Value> {
+        self.st
+            .lock()
+            .unwrap()
+            .orders
+            .iter()
+            .filter(|o| o["state"] == "PENDING")
+            .cloned()
+            .collect()
+    }
+
+    /// The net units of `instrument` (0 when flat).
+    pub(crate) fn position(&self, instrument: &str) -> Decimal {
+        let mut st = self.st.lock().unwrap();
+        sync_trades(&mut st, instrument);
+        st.positions.get(instrument).copied().unwrap_or_default()
+    }
+
+    /// The trade with this id or client id (`@` + client id), open or closed.
+    pub(crate) fn trade(&self, spec: &str) -> Option<Value> {
+        let st = self.st.lock().unwrap();
+        find_trade(&st, spec).map(|i| st.trades[i].clone())
+    }
+
+    /// The open trades of `instrument`.
+    pub(crate) fn open_trades(&self, instrument: &str) -> Vec<Value> {
+        let mut st = self.st.lock().unwrap();
+        sync_trades(&mut st, instrument);
+        st.trades
+            .iter()
+            .filter(|t| t["state"] == "OPEN" && t["instrument"] == instrument)
+            .cloned()
+            .collect()
+    }
+
+    /// Set the price of `instrument` (bid = ask = `price`) and fire what it crosses; see
+    /// [`OandaFake::set_quote`].
+    pub(crate) fn set_price(&self, instrument: &str, price: Decimal) {
+        self.set_quote(instrument, price, price);
+    }
+
+    /// Set the quote of `instrument` and fire the PENDING orders it crosses, in creation order: a
+    /// long trade's STOP_LOSS when the bid is at or below it, its TAKE_PROFIT when the bid is at or
+    /// above it (a short trade's: the ask, mirrored); a buy LIMIT when the ask is at or below it, a
+    /// sell LIMIT when the bid is at or above it. A stop-loss fills at the bid/ask, a take-profit
+    /// and a limit at their price. A dependent order closes its whole trade (ORDER_FILL with
+    /// `tradesClosed`, reason STOP_LOSS_ORDER / TAKE_PROFIT_ORDER), and the trade's other dependent
+    /// orders are cancelled with LINKED_TRADE_CLOSED, as OANDA does.
+    pub(crate) fn set_quote(&self, instrument: &str, bid: Decimal, ask: Decimal) {
+        let mut st = self.st.lock().unwrap();
+        sync_trades(&mut st, instrument);
+        let inst = st
+            .instruments
+            .get_mut(instrument)
+            .expect("a known instrument");
+        inst.0 = bid;
+        inst.1 = ask;
+        let mut i = 0;
+        while i < st.orders.len() {
+            let o = st.orders[i].clone();
+            i += 1;
+            // Dependent orders name no instrument: their trade's.
+            if o["state"] != "PENDING" || order_instrument(&st, &o) != instrument {
+                continue;
+            }
+            let price = dv(&o["price"]);
+            let oid = o["id"].as_str().unwrap_or_default().to_string();
+            match o["type"].as_str().unwrap_or_default() {
+                ty @ ("STOP_LOSS" | "TAKE_PROFIT") => {
+                    let Some(t) = find_trade(&st, o["tradeID"].as_str().unwrap_or_default()) else {
+                        continue;
+                    };
+                    let long = dv(&st.trades[t]["currentUnits"]) > Decimal::ZERO;
+                    let market = if long { bid } else { ask };
+                    let (fires, at) = match (ty, long) {
+                        ("STOP_LOSS", true) => (market <= price, market),
+                        ("STOP_LOSS", false) => (market >= price, market),
+                        (_, true) => (market >= price, price),
+                        (_, false) => (market <= price, price),
+                    };
+                    if !fires {
+                        continue;
+                    }
+                    let reason = if ty == "STOP_LOSS" {
+                        "STOP_LOSS_ORDER"
+                    } else {
+                        "TAKE_PROFIT_ORDER"
+                    };
+                    let coid = o["clientExtensions"]["id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    let units = -dv(&st.trades[t]["currentUnits"]);
+                    // Triggered: not one of the trade's orders to cancel when it closes.
+                    st.orders[i - 1]["state"] = json!("TRIGGERED");
+                    let fill =
+                        fill_units(&mut st, instrument, units, at, &oid, &coid, reason, Some(t));
+                    let idx = i - 1;
+                    mark_filled(&mut st, idx, &fill);
+                }
+                "LIMIT" => {
+                    let units = dv(&o["units"]);
+                    let fires = if units > Decimal::ZERO {
+                        ask <= price
+                    } else {
+                        bid >= price
+                    };
+                    if !fires {
+                        continue;
+                    }
+                    let req = o["request"].clone();
+                    let coid = o["clientExtensions"]["id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    let fill = fill_units(
+                        &mut st,
+                        instrument,
+                        units,
+                        price,
+                        &oid,
+                        &coid,
+                        "LIMIT_ORDER",
+                        None,
+                    );
+                    let idx = i - 1;
+                    mark_filled(&mut st, idx, &fill);
+                    on_fill_orders(&mut st, &req, &fill);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A decimal from an OANDA string number (0 when absent).
+fn dv(v: &Value) -> Decimal {
+    v.as_str()
+        .and_then(|s| Decimal::from_str(s).ok())
+        .unwrap_or_default()
+}
+
+fn new_id(st: &mut OandaState) -> String {
+    st.next_id += 1;
+    st.next_id.to_string()
+}
+
+fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// Record a transaction (with a fresh id and the time); returns it.
+fn record_txn(st: &mut OandaState, mut t: Value) -> Value {
+    let id = new_id(st);
+    t["id"] = json!(id);
+    t["time"] = json!(now_text());
+    t["accountID"] = json!(OANDA_ACCOUNT);
+    st.transactions.insert(st.next_id, t.clone());
+    t
+}
+
+fn last_txn(st: &OandaState) -> String {
+    st.next_id.to_string()
+}
+
+/// The index of the trade `spec` names: its id, or `@` + its client id.
+fn find_trade(st: &OandaState, spec: &str) -> Option<usize> {
+    match spec.strip_prefix('@') {
+        Some(c) => st
+            .trades
+            .iter()
+            .rposition(|t| t["clientExtensions"]["id"] == c),
+        None => st.trades.iter().position(|t| t["id"] == spec),
+    }
+}
+
+/// The index of the order `spec` names: its id, or `@` + its client id (the latest).
+fn find_order(st: &OandaState, spec: &str) -> Option<usize> {
+    match spec.strip_prefix('@') {
+        Some(c) => st
+            .orders
+            .iter()
+            .rposition(|o| o["clientExtensions"]["id"] == c),
+        None => st.orders.iter().position(|o| o["id"] == spec),
+    }
+}
+
+/// Make the open trades of `instrument` add up to `positions[instrument]` (tests may set the
+/// position directly): the difference becomes a trade at the mid, or reduces the oldest trades.
+fn sync_trades(st: &mut OandaState, instrument: &str) {
+    let net = st.positions.get(instrument).copied().unwrap_or_default();
+    let open: Decimal = st
+        .trades
+        .iter()
+        .filter(|t| t["state"] == "OPEN" && t["instrument"] == instrument)
+        .map(|t| dv(&t["currentUnits"]))
+        .sum();
+    let mut diff = net - open;
+    if diff.is_zero() {
+        return;
+    }
+    if open.is_zero() || open.is_sign_positive() == diff.is_sign_positive() {
+        let Some((bid, ask, ..)) = st.instruments.get(instrument).copied() else {
+            return;
+        };
+        let id = new_id(st);
+        st.trades.push(
+            json!({"id": id, "instrument": instrument, "price": ((bid + ask) / dec!(2)).to_string(),
+            "openTime": now_text(), "state": "OPEN", "initialUnits": diff.to_string(),
+            "currentUnits": diff.to_string(), "realizedPL": "0.0000", "unrealizedPL": "0.0000",
+            "financing": "0.0000", "clientExtensions": {}}),
+        );
+        return;
+    }
+    for t in st.trades.iter_mut() {
+        if diff.is_zero() || t["state"] != "OPEN" || t["instrument"] != instrument {
+            continue;
+        }
+        let cur = dv(&t["currentUnits"]);
+        let take = if cur.abs() <= diff.abs() { -cur } else { diff };
+        diff -= take;
+        let left = cur + take;
+        t["currentUnits"] = json!(left.to_string());
+        if left.is_zero() {
+            t["state"] = json!("CLOSED");
+        }
+    }
+}
+
+/// Fill `units` (signed) of `instrument` at `price` for order `order_id`: close / reduce the
+/// target trade (a dependent order's) or the oldest opposite trades first, open a trade with the
+/// rest (`trade_ext` its client extensions). Closing a trade cancels its dependent orders
+/// (LINKED_TRADE_CLOSED). Returns the ORDER_FILL transaction.
+#[allow(clippy::too_many_arguments)]
+fn fill_units(
+    st: &mut OandaState,
+    instrument: &str,
+    units: Decimal,
+    price: Decimal,
+    order_id: &str,
+    coid: &str,
+    reason: &str,
+    target: Option<usize>,
+) -> Value {
+    fill_units_ext(
+        st,
+        instrument,
+        units,
+        price,
+        order_id,
+        coid,
+        reason,
+        target,
+        &Value::Null,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fill_units_ext(
+    st: &mut OandaState,
+    instrument: &str,
+    units: Decimal,
+    price: Decimal,
+    order_id: &str,
+    coid: &str,
+    reason: &str,
+    target: Option<usize>,
+    trade_ext: &Value,
+) -> Value {
+    sync_trades(st, instrument);
+    let fill_id = new_id(st);
+    let mut left = units;
+    let mut closed = Vec::new();
+    let mut reduced = Value::Null;
+    let mut pl = Decimal::ZERO;
+    let candidates: Vec<usize> = match target {
+        Some(t) => vec![t],
+        None => (0..st.trades.len()).collect(),
+    };
+    let mut closed_ids = Vec::new();
+    for t in candidates {
+        let tr = &st.trades[t];
+        if left.is_zero() || tr["state"] != "OPEN" || tr["instrument"] != instrument {
+            continue;
+        }
+        let cur = dv(&tr["currentUnits"]);
+        if cur.is_sign_positive() == left.is_sign_positive() {
+            continue;
+        }
+        let take = if cur.abs() <= left.abs() { cur } else { -left };
+        let trade_pl = (price - dv(&tr["price"])) * take;
+        pl += trade_pl;
+        left += take;
+        let remaining = cur - take;
+        let tid = tr["id"].as_str().unwrap_or_default().to_string();
+        let tr = &mut st.trades[t];
+        tr["currentUnits"] = json!(remaining.to_string());
+        tr["realizedPL"] = json!((dv(&tr["realizedPL"]) + trade_pl).round_dp(4).to_string());
+        let part = json!({"tradeID": tid, "units": (-take).to_string(), "price": price.to_string(),
+            "realizedPL": trade_pl.round_dp(4).to_string(), "financing": "0.0000"});
+        if remaining.is_zero() {
+            tr["state"] = json!("CLOSED");
+            tr["averageClosePrice"] = json!(price.to_string());
+            tr["closeTime"] = json!(now_text());
+            tr["closingTransactionIDs"] = json!([fill_id.clone()]);
+            closed.push(part);
+            closed_ids.push(tid);
+        } else {
+            reduced = part;
+        }
+    }
+    let mut opened = Value::Null;
+    if !left.is_zero() && target.is_none() {
+        st.trades.push(json!({"id": fill_id, "instrument": instrument, "price": price.to_string(),
+            "openTime": now_text(), "state": "OPEN", "initialUnits": left.to_string(),
+            "currentUnits": left.to_string(), "realizedPL": "0.0000", "unrealizedPL": "0.0000",
+            "financing": "0.0000", "clientExtensions": if trade_ext.is_object() { trade_ext.clone() } else { json!({}) }}));
+        opened = json!({"tradeID": fill_id, "units": left.to_string(), "price": price.to_string()});
+    }
+    let filled = if target.is_some() {
+        units - left
+    } else {
+        units
+    };
+    *st.positions.entry(instrument.to_string()).or_default() += filled;
+    let mut fill = json!({"id": fill_id, "type": "ORDER_FILL", "orderID": order_id, "clientOrderID": coid,
+        "instrument": instrument, "units": filled.to_string(), "fullVWAP": price.to_string(),
+        "price": price.to_string(), "pl": pl.round_dp(4).to_string(), "financing": "0.0000",
+        "commission": "0.0000", "reason": reason, "time": now_text(), "accountID": OANDA_ACCOUNT});
+    if opened.is_object() {
+        fill["tradeOpened"] = opened;
+    }
+    if !closed.is_empty() {
+        fill["tradesClosed"] = json!(closed);
+    }
+    if reduced.is_object() {
+        fill["tradeReduced"] = reduced;
+    }
+    st.transactions
+        .insert(fill_id.parse().unwrap(), fill.clone());
+    for tid in closed_ids {
+        cancel_dependents(st, &tid);
+    }
+    fill
+}
+
+/// Cancel the PENDING dependent orders of trade `tid` (it was closed).
+fn cancel_dependents(st: &mut OandaState, tid: &str) {
+    for i in 0..st.orders.len() {
+        if st.orders[i]["state"] == "PENDING" && st.orders[i]["tradeID"] == tid {
+            cancel_order(st, i, "LINKED_TRADE_CLOSED");
+        }
+    }
+}
+
+/// Cancel order `i` with `reason`; returns the ORDER_CANCEL transaction.
+fn cancel_order(st: &mut OandaState, i: usize, reason: &str) -> Value {
+    let o = st.orders[i].clone();
+    let t = record_txn(
+        st,
+        json!({"type": "ORDER_CANCEL", "orderID": o["id"], "clientOrderID": o["clientExtensions"]["id"],
+            "reason": reason}),
+    );
+    let o = &mut st.orders[i];
+    o["state"] = json!("CANCELLED");
+    o["cancellingTransactionID"] = t["id"].clone();
+    o["cancelledTime"] = t["time"].clone();
+    if let Some(tid) = o["tradeID"].as_str().map(str::to_string) {
+        let key = if o["type"] == "STOP_LOSS" {
+            "stopLossOrderID"
+        } else {
+            "takeProfitOrderID"
+        };
+        if let Some(tr) = st.trades.iter_mut().find(|t| t["id"] == tid.as_str()) {
+            if tr[key] == o["id"] {
+                tr.as_object_mut().unwrap().remove(key);
+            }
+        }
+    }
+    t
+}
+
+/// Order `i` was filled by `fill`.
+fn mark_filled(st: &mut OandaState, i: usize, fill: &Value) {
+    let o = &mut st.orders[i];
+    o["state"] = json!("FILLED");
+    o["fillingTransactionID"] = fill["id"].clone();
+    o["filledTime"] = fill["time"].clone();
+    if let Some(t) = fill["tradeOpened"]["tradeID"].as_str() {
+        o["tradeOpenedID"] = json!(t);
+    }
+    if let Some(c) = fill["tradesClosed"].as_array() {
+        o["tradeClosedIDs"] = json!(c.iter().map(|x| x["tradeID"].clone()).collect::<Vec<_>>());
+    }
+    if let Some(t) = fill["tradeReduced"]["tradeID"].as_str() {
+        o["tradeReducedID"] = json!(t);
+    }
+}
+
+/// A dependent order (STOP_LOSS / TAKE_PROFIT) on trade index `t`; replaces one of that kind.
+/// Returns its create transaction and the cancel of the one it replaced, if any.
+fn dependent_order(
+    st: &mut OandaState,
+    t: usize,
+    kind: &str,
+    spec: &Value,
+) -> (Value, Option<Value>) {
+    let key = if kind == "STOP_LOSS" {
+        "stopLossOrderID"
+    } else {
+        "takeProfitOrderID"
+    };
+    let mut replaced = None;
+    if let Some(old) = st.trades[t][key].as_str().map(str::to_string) {
+        if let Some(i) = st.orders.iter().position(|o| o["id"] == old.as_str()) {
+            replaced = Some(cancel_order(st, i, "CLIENT_REQUEST_REPLACED"));
+        }
+    }
+    let tr = st.trades[t].clone();
+    let txn = record_txn(
+        st,
+        json!({"type": format!("{kind}_ORDER"), "tradeID": tr["id"], "price": spec["price"],
+            "timeInForce": spec["timeInForce"].as_str().unwrap_or("GTC"),
+            "clientExtensions": spec["clientExtensions"], "reason": "CLIENT_ORDER"}),
+    );
+    // As OANDA's StopLossOrder / TakeProfitOrder: no `instrument`; the trade's id and client id.
+    st.orders.push(json!({"id": txn["id"], "type": kind, "state": "PENDING",
+        "tradeID": tr["id"], "price": spec["price"], "timeInForce": spec["timeInForce"].as_str().unwrap_or("GTC"),
+        "clientExtensions": spec["clientExtensions"], "createTime": txn["time"],
+        "clientTradeID": tr["clientExtensions"]["id"]}));
+    st.trades[t][key] = txn["id"].clone();
+    (txn, replaced)
+}
+
+/// `stopLossOnFill` / `takeProfitOnFill` of `req`, for the trade `fill` opened.
+fn on_fill_orders(st: &mut OandaState, req: &Value, fill: &Value) -> Value {
+    let mut out = json!({});
+    let Some(t) = fill["tradeOpened"]["tradeID"]
+        .as_str()
+        .and_then(|id| find_trade(st, id))
+    else {
+        return out;
+    };
+    for (key, kind, name) in [
+        ("stopLossOnFill", "STOP_LOSS", "stopLoss"),
+        ("takeProfitOnFill", "TAKE_PROFIT", "takeProfit"),
+    ] {
+        if req[key].is_object() {
+            let (txn, _) = dependent_order(st, t, kind, &req[key]);
+            out[format!("{name}OrderTransaction")] = txn;
+        }
+    }
+    out
 }
 
 pub(crate) async fn oanda_handle(
@@ -83,16 +559,26 @@ pub(crate) async fn oanda_handle(
 ) -> Response {
     let prefix = format!("/v3/accounts/{OANDA_ACCOUNT}");
     let rest = uri.path().strip_prefix(&prefix).unwrap_or("?").to_string();
-    // Route names without ids: "GET /orders/@", "PUT /positions/close", ...
+    // Route names without ids: "GET /orders/@", "PUT /positions/close", "PUT /orders/{spec}/cancel"...
     let route = {
-        let r = if rest.starts_with("/orders/@") {
+        let r = if rest.starts_with("/orders/") && rest.ends_with("/cancel") {
+            "/orders/{spec}/cancel".to_string()
+        } else if rest.starts_with("/orders/@") {
             "/orders/@".to_string()
+        } else if rest.starts_with("/orders/") {
+            "/orders/{id}".to_string()
         } else if rest.starts_with("/positions/") && rest.ends_with("/close") {
             "/positions/close".to_string()
+        } else if rest.starts_with("/positions/") {
+            "/positions/{instrument}".to_string()
         } else if rest.starts_with("/transactions/") {
             "/transactions/".to_string()
-        } else if rest.starts_with("/trades/@") {
+        } else if rest.starts_with("/trades/@") && rest.ends_with("/orders") {
             "/trades/@/orders".to_string()
+        } else if rest.starts_with("/trades/") && rest.ends_with("/orders") {
+            "/trades/{id}/orders".to_string()
+        } else if rest.starts_with("/trades/") {
+            "/trades/{spec}".to_string()
         } else {
             rest.clone()
         };
@@ -126,33 +612,6 @@ pub(crate) async fn oanda_handle(
 }
 
 impl OandaFake {
-    pub(crate) fn fill(
-        st: &mut OandaState,
-        instrument: &str,
-        units: Decimal,
-        coid: &str,
-        trade_coid: Option<&str>,
-    ) -> Value {
-        let (bid, ask, ..) = st.instruments[instrument];
-        let price = if units > Decimal::ZERO { ask } else { bid };
-        let order_id = st.next_id.to_string();
-        let fill_id = (st.next_id + 1).to_string();
-        st.next_id += 2;
-        *st.positions.entry(instrument.to_string()).or_default() += units;
-        let fill = json!({"id": fill_id, "type": "ORDER_FILL", "orderID": order_id, "clientOrderID": coid,
-            "instrument": instrument, "units": units.to_string(), "fullVWAP": price.to_string(),
-            "price": price.to_string(), "pl": "0.0000", "tradeOpened": {"tradeID": fill_id, "units": units.to_string()}});
-        st.transactions.insert(fill_id.clone(), fill.clone());
-        if let Some(t) = trade_coid {
-            st.trades
-                .insert(t.to_string(), json!({"id": fill_id, "orders": []}));
-        }
-        st.orders.push(json!({"id": order_id, "state": "FILLED", "fillingTransactionID": fill_id,
-            "instrument": instrument, "units": units.to_string(), "clientExtensions": {"id": coid}}));
-        json!({"orderCreateTransaction": {"id": order_id, "type": "MARKET_ORDER", "units": units.to_string()},
-            "orderFillTransaction": fill, "lastTransactionID": fill_id})
-    }
-
     pub(crate) fn process(
         &self,
         method: &Method,
@@ -162,6 +621,10 @@ impl OandaFake {
     ) -> (u16, Value) {
         let mut st = self.st.lock().unwrap();
         let inst_q = param(q, "instruments").unwrap_or_default().to_string();
+        let names: Vec<String> = st.instruments.keys().map(|k| k.to_string()).collect();
+        for n in &names {
+            sync_trades(&mut st, n);
+        }
         match (method.as_str(), rest) {
             ("GET", "/instruments") => match st.instruments.get(inst_q.as_str()) {
                 Some((_, _, tup, dp, min)) => (
@@ -189,15 +652,116 @@ impl OandaFake {
                 ),
             },
             ("GET", "/openPositions") => {
-                let positions: Vec<Value> = st.positions.iter().filter(|(_, u)| !u.is_zero()).map(|(i, u)| {
-                    let (l, s) = if *u > Decimal::ZERO { (*u, Decimal::ZERO) } else { (Decimal::ZERO, *u) };
-                    json!({"instrument": i, "long": {"units": l.to_string(), "averagePrice": "1.08520"},
-                        "short": {"units": s.to_string(), "averagePrice": "1.08500"}})
-                }).collect();
+                let mut insts: Vec<String> = st
+                    .positions
+                    .iter()
+                    .filter(|(_, u)| !u.is_zero())
+                    .map(|(i, _)| i.clone())
+                    .collect();
+                insts.sort();
+                let positions: Vec<Value> = insts.iter().map(|i| position_json(&st, i)).collect();
                 (
                     200,
-                    json!({"positions": positions, "lastTransactionID": "1"}),
+                    json!({"positions": positions, "lastTransactionID": last_txn(&st)}),
                 )
+            }
+            ("GET", r) if r.starts_with("/positions/") => {
+                let inst = &r["/positions/".len()..];
+                if !st.instruments.contains_key(inst) {
+                    return (
+                        400,
+                        json!({"errorMessage": "Invalid value specified for 'instrument'"}),
+                    );
+                }
+                (
+                    200,
+                    json!({"position": position_json(&st, inst), "lastTransactionID": last_txn(&st)}),
+                )
+            }
+            ("GET", "/pendingOrders") => {
+                let orders: Vec<Value> = st
+                    .orders
+                    .iter()
+                    .rev()
+                    .filter(|o| o["state"] == "PENDING")
+                    .cloned()
+                    .collect();
+                (
+                    200,
+                    json!({"orders": orders, "lastTransactionID": last_txn(&st)}),
+                )
+            }
+            ("GET", "/orders") => {
+                let state = param(q, "state").unwrap_or("PENDING");
+                let inst = param(q, "instrument");
+                let count: usize = param(q, "count")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(50)
+                    .min(500);
+                let ids: Option<Vec<&str>> = param(q, "ids").map(|i| i.split(',').collect());
+                let orders: Vec<Value> = st
+                    .orders
+                    .iter()
+                    .rev()
+                    .filter(|o| state == "ALL" || o["state"] == state)
+                    .filter(|o| inst.is_none_or(|i| order_instrument(&st, o) == i))
+                    .filter(|o| {
+                        ids.as_ref()
+                            .is_none_or(|ids| ids.iter().any(|i| o["id"] == *i))
+                    })
+                    .take(count)
+                    .cloned()
+                    .collect();
+                (
+                    200,
+                    json!({"orders": orders, "lastTransactionID": last_txn(&st)}),
+                )
+            }
+            ("GET", "/openTrades") => {
+                let trades: Vec<Value> = st
+                    .trades
+                    .iter()
+                    .rev()
+                    .filter(|t| t["state"] == "OPEN")
+                    .cloned()
+                    .collect();
+                (
+                    200,
+                    json!({"trades": trades, "lastTransactionID": last_txn(&st)}),
+                )
+            }
+            ("GET", "/trades") => {
+                let state = param(q, "state").unwrap_or("OPEN");
+                let inst = param(q, "instrument");
+                let count: usize = param(q, "count")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(50)
+                    .min(500);
+                let trades: Vec<Value> = st
+                    .trades
+                    .iter()
+                    .rev()
+                    .filter(|t| state == "ALL" || t["state"] == state)
+                    .filter(|t| inst.is_none_or(|i| t["instrument"] == i))
+                    .take(count)
+                    .cloned()
+                    .collect();
+                (
+                    200,
+                    json!({"trades": trades, "lastTransactionID": last_txn(&st)}),
+                )
+            }
+            ("GET", r) if r.starts_with("/trades/") => {
+                match find_trade(&st, &r["/trades/".len()..]) {
+                    Some(t) => (
+                        200,
+                        json!({"trade": st.trades[t], "lastTransactionID": last_txn(&st)}),
+                    ),
+                    None => (
+                        404,
+                        json!({"errorCode": "NO_SUCH_TRADE", "errorMessage": "The Trade specified does not exist"}),
+                    ),
+                }
             }
             ("POST", "/orders") => {
                 let o = &body["order"];
@@ -205,10 +769,11 @@ impl OandaFake {
                     .as_str()
                     .unwrap_or_default()
                     .to_string();
-                if st
-                    .orders
-                    .iter()
-                    .any(|x| x["clientExtensions"]["id"] == coid.as_str())
+                if !coid.is_empty()
+                    && st
+                        .orders
+                        .iter()
+                        .any(|x| x["clientExtensions"]["id"] == coid.as_str())
                 {
                     return (
                         400,
@@ -217,7 +782,8 @@ impl OandaFake {
                     );
                 }
                 let inst = o["instrument"].as_str().unwrap_or_default().to_string();
-                let Some((_, _, tup, _, min)) = st.instruments.get(inst.as_str()).copied() else {
+                let Some((bid, ask, tup, _, min)) = st.instruments.get(inst.as_str()).copied()
+                else {
                     return (
                         400,
                         json!({"errorMessage": "Invalid value specified for 'instrument'", "errorCode": "INSTRUMENT_UNKNOWN"}),
@@ -244,53 +810,105 @@ impl OandaFake {
                         "errorCode": "UNITS_MIMIMUM_NOT_MET", "errorMessage": "The Order's units do not meet the minimum"}),
                     );
                 }
-                let id = st.next_id.to_string();
+                let ty = o["type"].as_str().unwrap_or("MARKET").to_string();
+                let create = record_txn(
+                    &mut st,
+                    json!({"type": format!("{ty}_ORDER"), "instrument": inst, "units": units_s,
+                        "timeInForce": o["timeInForce"], "positionFill": o["positionFill"],
+                        "clientExtensions": o["clientExtensions"], "reason": "CLIENT_ORDER"}),
+                );
+                let id = create["id"].as_str().unwrap().to_string();
+                let mut order = json!({"id": id, "type": ty, "state": "PENDING", "instrument": inst,
+                    "units": units_s, "createTime": create["time"], "clientExtensions": o["clientExtensions"].clone(),
+                    "request": o.clone()});
                 if st.insufficient_margin {
-                    st.next_id += 2;
-                    let cancel_id = (st.next_id - 1).to_string();
-                    let cancel = json!({"id": cancel_id, "type": "ORDER_CANCEL", "orderID": id, "reason": "INSUFFICIENT_MARGIN"});
-                    st.transactions.insert(cancel_id.clone(), cancel.clone());
-                    st.orders.push(
-                        json!({"id": id, "state": "CANCELLED", "cancellingTransactionID": cancel_id,
-                        "clientExtensions": o["clientExtensions"].clone()}),
-                    );
+                    st.orders.push(order);
+                    let i = st.orders.len() - 1;
+                    let cancel = cancel_order(&mut st, i, "INSUFFICIENT_MARGIN");
                     return (
                         201,
-                        json!({"orderCreateTransaction": {"id": id, "type": "MARKET_ORDER"},
-                        "orderCancelTransaction": cancel, "lastTransactionID": cancel_id}),
+                        json!({"orderCreateTransaction": create,
+                        "orderCancelTransaction": cancel, "lastTransactionID": last_txn(&st)}),
                     );
                 }
-                if o["type"] == "LIMIT" {
-                    st.next_id += 1;
-                    st.orders.push(
-                        json!({"id": id, "state": "PENDING", "price": o["price"].clone(),
-                        "clientExtensions": o["clientExtensions"].clone()}),
-                    );
-                    return (
-                        201,
-                        json!({"orderCreateTransaction": {"id": id, "type": "LIMIT_ORDER"}}),
-                    );
-                }
-                let trade = o["tradeClientExtensions"]["id"]
-                    .as_str()
-                    .map(str::to_string);
-                let mut r = Self::fill(&mut st, &inst, units, &coid, trade.as_deref());
-                if let Some(last) = st.orders.last_mut() {
-                    last["request"] = o.clone();
-                }
-                // Stop-loss / take-profit on fill: pending orders created with the trade.
-                for (key, kind) in [
-                    ("stopLossOnFill", "stopLoss"),
-                    ("takeProfitOnFill", "takeProfit"),
-                ] {
-                    if o[key].is_object() {
-                        let id = st.next_id.to_string();
-                        st.next_id += 1;
-                        st.orders.push(json!({"id": id, "state": "PENDING", "type": kind, "price": o[key]["price"].clone(),
-                            "clientExtensions": o[key]["clientExtensions"].clone(), "tradeClientID": trade.clone()}));
-                        r[format!("{kind}OrderTransaction")] = json!({"id": id});
+                if ty == "LIMIT" {
+                    order["price"] = o["price"].clone();
+                    order["timeInForce"] = o["timeInForce"].clone();
+                    st.orders.push(order);
+                    // A limit through the market fills at once (at its price); at or outside it,
+                    // it rests until `set_price` crosses it.
+                    let p = dv(&o["price"]);
+                    if (units > Decimal::ZERO && ask < p) || (units < Decimal::ZERO && bid > p) {
+                        let i = st.orders.len() - 1;
+                        let fill = fill_units_ext(
+                            &mut st,
+                            &inst,
+                            units,
+                            p,
+                            &id,
+                            &coid,
+                            "LIMIT_ORDER",
+                            None,
+                            &o["tradeClientExtensions"],
+                        );
+                        mark_filled(&mut st, i, &fill);
+                        let mut r = on_fill_orders(&mut st, o, &fill);
+                        r["orderCreateTransaction"] = create;
+                        r["orderFillTransaction"] = fill;
+                        r["lastTransactionID"] = json!(last_txn(&st));
+                        return (201, r);
                     }
+                    return (
+                        201,
+                        json!({"orderCreateTransaction": create, "lastTransactionID": last_txn(&st)}),
+                    );
                 }
+                // MARKET: buys at the ask, sells at the bid. REDUCE_ONLY fills at most the
+                // opposite position.
+                let mut fill_units_n = units;
+                if o["positionFill"] == "REDUCE_ONLY" {
+                    let net = st.positions.get(&inst).copied().unwrap_or_default();
+                    let room = if units > Decimal::ZERO {
+                        (-net).max(Decimal::ZERO)
+                    } else {
+                        net.max(Decimal::ZERO)
+                    };
+                    if room.is_zero() {
+                        st.orders.push(order);
+                        let i = st.orders.len() - 1;
+                        let cancel = cancel_order(&mut st, i, "REDUCE_ONLY_VIOLATION");
+                        return (
+                            201,
+                            json!({"orderCreateTransaction": create, "orderCancelTransaction": cancel,
+                                "lastTransactionID": last_txn(&st)}),
+                        );
+                    }
+                    fill_units_n = if units > Decimal::ZERO {
+                        units.min(room)
+                    } else {
+                        units.max(-room)
+                    };
+                }
+                st.orders.push(order);
+                let i = st.orders.len() - 1;
+                let price = if units > Decimal::ZERO { ask } else { bid };
+                let fill = fill_units_ext(
+                    &mut st,
+                    &inst,
+                    fill_units_n,
+                    price,
+                    &id,
+                    &coid,
+                    "MARKET_ORDER",
+                    None,
+                    &o["tradeClientExtensions"],
+                );
+                mark_filled(&mut st, i, &fill);
+                // Stop-loss / take-profit on fill: dependent orders of the trade it opened.
+                let mut r = on_fill_orders(&mut st, o, &fill);
+                r["orderCreateTransaction"] = create;
+                r["orderFillTransaction"] = fill;
+                r["lastTransactionID"] = json!(last_txn(&st));
                 (201, r)
             }
             ("PUT", r) if r.starts_with("/positions/") && r.ends_with("/close") => {
@@ -299,11 +917,20 @@ impl OandaFake {
                     .trim_end_matches("/close")
                     .to_string();
                 let net = st.positions.get(&inst).copied().unwrap_or_default();
-                let (prefix, units, ext) = if body["longUnits"] == "ALL" {
-                    ("long", -net, &body["longClientExtensions"])
-                } else {
-                    ("short", -net, &body["shortClientExtensions"])
-                };
+                let (prefix, spec, ext) =
+                    if body["longUnits"].is_string() && body["longUnits"] != "NONE" {
+                        (
+                            "long",
+                            body["longUnits"].as_str().unwrap().to_string(),
+                            &body["longClientExtensions"],
+                        )
+                    } else {
+                        (
+                            "short",
+                            body["shortUnits"].as_str().unwrap_or("NONE").to_string(),
+                            &body["shortClientExtensions"],
+                        )
+                    };
                 if (prefix == "long" && net <= Decimal::ZERO)
                     || (prefix == "short" && net >= Decimal::ZERO)
                 {
@@ -313,57 +940,149 @@ impl OandaFake {
                         "errorCode": "CLOSEOUT_POSITION_DOESNT_EXIST", "errorMessage": "The Position requested to be closed out does not exist"}),
                     );
                 }
+                let units = match spec.as_str() {
+                    "ALL" => -net,
+                    s => match Decimal::from_str(s) {
+                        Ok(u) if u > Decimal::ZERO && u <= net.abs() => {
+                            if net > Decimal::ZERO {
+                                -u
+                            } else {
+                                u
+                            }
+                        }
+                        _ => {
+                            return (
+                                400,
+                                json!({format!("{prefix}OrderRejectTransaction"): {"rejectReason": "CLOSEOUT_POSITION_UNITS_EXCEED_POSITION_SIZE"},
+                                "errorCode": "CLOSEOUT_POSITION_UNITS_EXCEED_POSITION_SIZE", "errorMessage": "The Position closeout units exceed the position size"}),
+                            )
+                        }
+                    },
+                };
                 let coid = ext["id"].as_str().unwrap_or_default().to_string();
-                let r = Self::fill(&mut st, &inst, units, &coid, None);
+                let (bid, ask, ..) = st.instruments[inst.as_str()];
+                let create = record_txn(
+                    &mut st,
+                    json!({"type": "MARKET_ORDER", "instrument": inst, "units": units.to_string(),
+                        "timeInForce": "FOK", "positionFill": "REDUCE_ONLY", "reason": "POSITION_CLOSEOUT",
+                        "clientExtensions": ext, "longPositionCloseout": if prefix == "long" { json!({"instrument": inst, "units": spec}) } else { Value::Null },
+                        "shortPositionCloseout": if prefix == "short" { json!({"instrument": inst, "units": spec}) } else { Value::Null }}),
+                );
+                let id = create["id"].as_str().unwrap().to_string();
+                st.orders.push(json!({"id": id, "type": "MARKET", "state": "PENDING", "instrument": inst,
+                    "units": units.to_string(), "createTime": create["time"], "clientExtensions": ext.clone(),
+                    "request": body.clone()}));
+                let i = st.orders.len() - 1;
+                let price = if units > Decimal::ZERO { ask } else { bid };
+                let fill = fill_units(
+                    &mut st,
+                    &inst,
+                    units,
+                    price,
+                    &id,
+                    &coid,
+                    "MARKET_ORDER_POSITION_CLOSEOUT",
+                    None,
+                );
+                mark_filled(&mut st, i, &fill);
                 (
                     200,
-                    json!({format!("{prefix}OrderCreateTransaction"): r["orderCreateTransaction"].clone(),
-                    format!("{prefix}OrderFillTransaction"): r["orderFillTransaction"].clone(), "lastTransactionID": "1"}),
+                    json!({format!("{prefix}OrderCreateTransaction"): create,
+                    format!("{prefix}OrderFillTransaction"): fill, "lastTransactionID": last_txn(&st)}),
                 )
             }
-            ("GET", r) if r.starts_with("/orders/@") => {
-                let coid = &r["/orders/@".len()..];
-                match st
-                    .orders
-                    .iter()
-                    .rev()
-                    .find(|o| o["clientExtensions"]["id"] == coid)
-                {
-                    Some(o) => (200, json!({"order": o, "lastTransactionID": "1"})),
+            ("PUT", r) if r.starts_with("/orders/") && r.ends_with("/cancel") => {
+                let spec = r.trim_start_matches("/orders/").trim_end_matches("/cancel");
+                match find_order(&st, spec) {
+                    Some(i) if st.orders[i]["state"] == "PENDING" => {
+                        let cancel = cancel_order(&mut st, i, "CLIENT_REQUEST");
+                        let id = cancel["id"].clone();
+                        (
+                            200,
+                            json!({"orderCancelTransaction": cancel, "relatedTransactionIDs": [id],
+                            "lastTransactionID": last_txn(&st)}),
+                        )
+                    }
+                    _ => {
+                        let reject = record_txn(
+                            &mut st,
+                            json!({"type": "ORDER_CANCEL_REJECT", "orderID": spec, "rejectReason": "ORDER_DOESNT_EXIST"}),
+                        );
+                        (
+                            404,
+                            json!({"orderCancelRejectTransaction": reject, "relatedTransactionIDs": [reject["id"]],
+                            "lastTransactionID": last_txn(&st), "errorCode": "ORDER_DOESNT_EXIST",
+                            "errorMessage": "The Order specified does not exist"}),
+                        )
+                    }
+                }
+            }
+            ("GET", r) if r.starts_with("/orders/") => {
+                match find_order(&st, &r["/orders/".len()..]) {
+                    Some(i) => (
+                        200,
+                        json!({"order": st.orders[i], "lastTransactionID": last_txn(&st)}),
+                    ),
                     None => (
                         404,
                         json!({"errorCode": "ORDER_DOESNT_EXIST", "errorMessage": "The order ID specified does not exist"}),
                     ),
                 }
             }
+            ("GET", "/transactions/sinceid") => {
+                let since: u64 = param(q, "id").and_then(|i| i.parse().ok()).unwrap_or(0);
+                let txns: Vec<Value> = st
+                    .transactions
+                    .range(since + 1..)
+                    .map(|(_, t)| t.clone())
+                    .collect();
+                (
+                    200,
+                    json!({"transactions": txns, "lastTransactionID": last_txn(&st)}),
+                )
+            }
             ("GET", r) if r.starts_with("/transactions/") => {
-                let id = &r["/transactions/".len()..];
-                match st.transactions.get(id) {
-                    Some(t) => (200, json!({"transaction": t})),
+                let id = r["/transactions/".len()..].parse::<u64>().unwrap_or(0);
+                match st.transactions.get(&id) {
+                    Some(t) => (
+                        200,
+                        json!({"transaction": t, "lastTransactionID": last_txn(&st)}),
+                    ),
                     None => (404, json!({"errorMessage": "Transaction not found"})),
                 }
             }
-            ("PUT", r) if r.starts_with("/trades/@") => {
-                let coid = r
-                    .trim_start_matches("/trades/@")
-                    .trim_end_matches("/orders")
-                    .to_string();
-                if !st.trades.contains_key(&coid) {
+            ("PUT", r) if r.starts_with("/trades/") && r.ends_with("/orders") => {
+                let spec = r.trim_start_matches("/trades/").trim_end_matches("/orders");
+                let Some(t) = find_trade(&st, spec).filter(|t| st.trades[*t]["state"] == "OPEN")
+                else {
                     return (
                         404,
                         json!({"errorCode": "NO_SUCH_TRADE", "errorMessage": "The Trade specified does not exist"}),
                     );
-                }
+                };
                 let mut out = json!({});
-                for key in ["stopLoss", "takeProfit"] {
+                for (key, kind, id_key) in [
+                    ("stopLoss", "STOP_LOSS", "stopLossOrderID"),
+                    ("takeProfit", "TAKE_PROFIT", "takeProfitOrderID"),
+                ] {
                     if body[key].is_object() {
-                        let id = st.next_id.to_string();
-                        st.next_id += 1;
-                        st.orders.push(json!({"id": id, "state": "PENDING", "type": key, "price": body[key]["price"].clone(),
-                            "clientExtensions": body[key]["clientExtensions"].clone(), "tradeClientID": coid}));
-                        out[format!("{key}OrderTransaction")] = json!({"id": id});
+                        let (txn, replaced) = dependent_order(&mut st, t, kind, &body[key]);
+                        out[format!("{key}OrderTransaction")] = txn;
+                        if let Some(c) = replaced {
+                            out[format!("{key}OrderCancelTransaction")] = c;
+                        }
+                    } else if body.get(key).is_some_and(Value::is_null) {
+                        // null: cancel the trade's order of that kind.
+                        if let Some(old) = st.trades[t][id_key].as_str().map(str::to_string) {
+                            if let Some(i) = st.orders.iter().position(|o| o["id"] == old.as_str())
+                            {
+                                out[format!("{key}OrderCancelTransaction")] =
+                                    cancel_order(&mut st, i, "CLIENT_REQUEST");
+                            }
+                        }
                     }
                 }
+                out["lastTransactionID"] = json!(last_txn(&st));
                 (200, out)
             }
             _ => (
@@ -372,6 +1091,60 @@ impl OandaFake {
             ),
         }
     }
+}
+
+/// The instrument of an order (a dependent order's is its trade's).
+fn order_instrument(st: &OandaState, o: &Value) -> Value {
+    match o["tradeID"].as_str().and_then(|t| find_trade(st, t)) {
+        Some(t) => st.trades[t]["instrument"].clone(),
+        None => o["instrument"].clone(),
+    }
+}
+
+/// OANDA's Position of `inst`, from its open trades.
+fn position_json(st: &OandaState, inst: &str) -> Value {
+    let side = |long: bool| {
+        let trades: Vec<&Value> = st
+            .trades
+            .iter()
+            .filter(|t| t["state"] == "OPEN" && t["instrument"] == inst)
+            .filter(|t| (dv(&t["currentUnits"]) > Decimal::ZERO) == long)
+            .collect();
+        let units: Decimal = trades.iter().map(|t| dv(&t["currentUnits"])).sum();
+        let cost: Decimal = trades
+            .iter()
+            .map(|t| dv(&t["currentUnits"]) * dv(&t["price"]))
+            .sum();
+        let mut v = json!({"units": units.to_string(), "pl": "0.0000", "unrealizedPL": "0.0000",
+            "tradeIDs": trades.iter().map(|t| t["id"].clone()).collect::<Vec<_>>()});
+        if !units.is_zero() {
+            v["averagePrice"] = json!((cost / units).round_dp(5).normalize().to_string());
+        }
+        v
+    };
+    json!({"instrument": inst, "long": side(true), "short": side(false), "pl": "0.0000", "unrealizedPL": "0.0000"})
+}
+
+/// A request straight to the fake (token, JSON), for tests of endpoints no client method uses
+/// yet; `path` is after `/v3/accounts/{id}`. Returns (status, JSON).
+pub(crate) async fn oanda_call(
+    url: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = reqwest::Client::new()
+        .request(m, format!("{url}/v3/accounts/{OANDA_ACCOUNT}{path}"))
+        .bearer_auth(OANDA_TOKEN);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
 }
 
 pub(crate) fn oanda_client(url: &str, timeout: Duration) -> OandaClient {

@@ -4,20 +4,35 @@
 //!   exchange's step; below the minimum quantity or notional -> `rejected` with the numbers.
 //! - Same side as the open position: `skipped`.
 //! - Opposite side: a reversal. The new leg is sized and checked first (so a too-small reversal does
-//!   not close anything), then the position is closed reduce-only, and only once that close is
-//!   confirmed filled is the new side opened.
-//! - `close`: close the whole position; no position -> `skipped`.
-//! - Stop-loss / take-profit: exchange-native protective orders after the open; if they cannot be
-//!   placed the job is `succeeded_unprotected` with the reason.
+//!   not close anything), then the position is closed (see below), and only once it is flat at the
+//!   broker is the new side opened.
+//! - `close`: close the whole position, or `close_percent` of it; no position -> `skipped`.
+//! - An entry that the broker accepts but does not fill (a resting limit order) ends `working`: it
+//!   is recorded in `broker_orders` and followed until it fills or expires. A later alert in the same
+//!   symbol first cancels a working entry an earlier job left.
+//! - Stop-loss / take-profit: exchange-native protective orders after the open, sized to what
+//!   filled (OANDA attaches them to the fill); if they cannot be placed the job is
+//!   `succeeded_unprotected` with the reason. They are recorded with their broker ids.
+//!
+//! Closing ([`close`]): the position's protective orders are cancelled first and the cancellation
+//! confirmed (OANDA's go with the trade), then close orders are sent until the broker's position is
+//! what the job wants (flat, or the `close_percent` remainder): a close that fills only partly is
+//! followed by another for the rest, at most three ([`Leg::CLOSES`]); if the position is still not
+//! there, the job ends `dead` with the numbers and nothing new is opened. A partial close re-places
+//! the protection for the remainder. Every closing fill carries its realized PnL.
 //!
 //! The executor never writes to the database: it returns an [`Outcome`] (status, the fills to record,
-//! the position change) which the worker commits in one transaction.
+//! the position change, the orders left resting and cancelled) which the worker commits in one
+//! transaction.
 //!
 //! Failures follow the exchange error taxonomy. Transient errors are retried with exponential backoff
 //! and jitter (`backon`'s schedule, bounded by attempts and total time); an unknown outcome is resolved
 //! by looking the order up by its client order id; from the first retry on (and on any redelivery of
 //! the job, `recover = true`) every leg is looked up before it is placed, so a leg the exchange
 //! already has is recorded, not sent again.
+
+mod close;
+mod protect;
 
 use std::time::Duration;
 
@@ -26,13 +41,13 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::domain::{Job, OrderSide, OrderType, Side};
+use crate::domain::{CredentialEnv, Job, OrderSide, OrderType, Side};
 use crate::exchanges::{
     client_order_id, ErrorClass, ExPosition, Exchange, ExchangeError, Leg, OnFill, OrderAck,
-    OrderRequest, OrderState, Protection,
+    OrderRequest, OrderState, RestingOrder,
 };
 pub use crate::job::JobStatus;
-use crate::job::{FailureClass, FillState};
+use crate::job::{ExitReason, FailureClass, FillState};
 use crate::money::{self, round_down, round_to_tick, units_for_usd, Overflow};
 use crate::partition::Fence;
 
@@ -46,6 +61,13 @@ pub struct Fill {
     pub client_order_id: String,
     pub exchange_order_id: Option<String>,
     pub status: FillState,
+    /// Realized PnL of a closing fill, in the symbol's quote currency (USD for USDT pairs, US
+    /// shares and `*_USD` pairs): (exit - entry) x quantity for a long, (entry - exit) x quantity
+    /// for a short, from the broker's entry price. `None` on an opening fill or when a price is
+    /// unknown. Fees are not included (no broker returns them with the order).
+    pub pnl: Option<Decimal>,
+    /// Why a closing fill exited the position.
+    pub exit_reason: Option<ExitReason>,
 }
 
 /// How the user's position in the job's symbol changed.
@@ -80,6 +102,14 @@ pub struct Outcome {
     pub message: Option<String>,
     pub error_class: Option<FailureClass>,
     pub history: Vec<AttemptError>,
+    /// The environment of the credentials the job ran with: with the job's user and exchange, the
+    /// account its fills and position belong to. Set by the worker once the credentials are loaded.
+    pub environment: CredentialEnv,
+    /// Orders the job leaves resting at the broker (protective orders, a working entry).
+    pub resting: Vec<RestingOrder>,
+    /// Client order ids of Sparky orders the job cancelled at the broker (an earlier position's
+    /// protection, a working entry an earlier job left).
+    pub cancelled: Vec<String>,
 }
 
 impl Outcome {
@@ -91,6 +121,9 @@ impl Outcome {
             message: Some(message.into()),
             error_class: None,
             history: vec![],
+            environment: CredentialEnv::Production,
+            resting: vec![],
+            cancelled: vec![],
         }
     }
     /// A job that fails before reaching the exchange (no credentials, stale, ...).
@@ -183,11 +216,11 @@ pub async fn execute_until(
     let mut schedule = policy.schedule();
     let mut history = Vec::new();
     loop {
-        let mut fills = Vec::new();
+        let mut progress = Progress::default();
         if fence.is_void() {
             return None;
         }
-        let result = attempt(ex, job, recover, &mut fills, fence).await;
+        let result = attempt(ex, job, recover, &mut progress, fence).await;
         if fence.is_void() && result.is_err() {
             // Stopped between legs (or failed after the lease was lost): the next owner finishes it.
             return None;
@@ -220,23 +253,15 @@ pub async fn execute_until(
                 None => JobStatus::Dead,
             },
         };
-        let position = if fills.iter().any(|f| f.leg == Leg::Close) {
-            PositionChange::Flat
-        } else {
-            PositionChange::Unchanged
-        };
         let message = if status == JobStatus::Dead {
             format!("gave up after {} attempts: {}", history.len(), err.message)
         } else {
             err.message.clone()
         };
         return Some(Outcome {
-            status,
-            fills,
-            position,
-            message: Some(message),
             error_class: Some(err.class.into()),
             history,
+            ..progress.into_outcome(status, Some(message))
         });
     }
 }
@@ -252,23 +277,63 @@ fn still_ours(fence: &Fence) -> Result<(), ExchangeError> {
     }
 }
 
-fn fill_of(leg: Leg, side: OrderSide, ack: &OrderAck, fallback_qty: Decimal) -> Fill {
-    let quantity = if ack.filled_qty > Decimal::ZERO {
-        ack.filled_qty
-    } else {
-        fallback_qty
-    };
+/// The trade row of an opening leg's acknowledgement.
+fn open_fill(side: OrderSide, ack: &OrderAck, fallback_qty: Decimal) -> Fill {
     Fill {
-        leg,
+        leg: Leg::Open,
         side,
-        quantity,
+        quantity: filled_or(ack, fallback_qty),
         price: ack.avg_price,
         client_order_id: ack.client_order_id.clone(),
         exchange_order_id: Some(ack.exchange_order_id.clone()),
-        status: match ack.state {
-            OrderState::Filled => FillState::Filled,
-            OrderState::Accepted => FillState::Accepted,
-        },
+        status: FillState::Filled,
+        pnl: None,
+        exit_reason: None,
+    }
+}
+
+/// What an acknowledged order filled: its `filled_qty`, or `fallback` for a broker that reports a
+/// complete fill without a quantity.
+fn filled_or(ack: &OrderAck, fallback: Decimal) -> Decimal {
+    if ack.filled_qty > Decimal::ZERO {
+        ack.filled_qty
+    } else if ack.state == OrderState::Filled {
+        fallback
+    } else {
+        Decimal::ZERO
+    }
+}
+
+/// What one attempt did so far: kept when it fails half-way, so the job's record says what
+/// happened at the broker.
+#[derive(Default)]
+struct Progress {
+    fills: Vec<Fill>,
+    resting: Vec<RestingOrder>,
+    cancelled: Vec<String>,
+    /// The position as the broker last reported it after a close (`None`: no close ran).
+    position: Option<PositionChange>,
+}
+
+impl Progress {
+    fn into_outcome(self, status: JobStatus, message: Option<String>) -> Outcome {
+        Outcome {
+            status,
+            fills: self.fills,
+            position: self.position.unwrap_or(PositionChange::Unchanged),
+            message,
+            error_class: None,
+            history: vec![],
+            environment: CredentialEnv::Production,
+            resting: self.resting,
+            cancelled: self.cancelled,
+        }
+    }
+
+    fn cancelled(&mut self, client_order_id: &str) {
+        if !self.cancelled.iter().any(|c| c == client_order_id) {
+            self.cancelled.push(client_order_id.to_string());
+        }
     }
 }
 
@@ -304,87 +369,107 @@ async fn place_leg(
     }
 }
 
+/// The legs a previous delivery of the job placed, looked up by their client order ids.
+#[derive(Default)]
+struct Placed {
+    /// Close orders found, in leg order, with what they filled.
+    closes: Vec<(Leg, OrderAck)>,
+    open: Option<OrderAck>,
+}
+
+impl Placed {
+    async fn look_up(ex: &dyn Exchange, job: &Job) -> Result<Placed, ExchangeError> {
+        let sym = &job.alert.symbol;
+        let mut closes = Vec::new();
+        for leg in Leg::CLOSES {
+            if let Some(ack) = ex
+                .find_order(sym, &client_order_id(job.job_id, leg))
+                .await?
+            {
+                closes.push((leg, ack));
+            }
+        }
+        let open = ex
+            .find_order(sym, &client_order_id(job.job_id, Leg::Open))
+            .await?;
+        Ok(Placed { closes, open })
+    }
+
+    fn closed_qty(&self) -> Result<Decimal, Overflow> {
+        self.closes
+            .iter()
+            .try_fold(Decimal::ZERO, |sum, (_, a)| money::add(sum, a.filled_qty))
+    }
+}
+
 async fn attempt(
     ex: &dyn Exchange,
     job: &Job,
     recover: bool,
-    fills: &mut Vec<Fill>,
+    progress: &mut Progress,
     fence: &Fence,
 ) -> Result<Outcome, ExchangeError> {
-    let a = &job.alert;
-    let sym = &a.symbol;
-    let open_id = client_order_id(job.job_id, Leg::Open);
-
-    // Legs a previous delivery already placed.
-    let (prev_close, prev_open) = if recover {
-        placed_legs(ex, job).await?
+    let placed = if recover {
+        Placed::look_up(ex, job).await?
     } else {
-        (None, None)
+        Placed::default()
     };
-    let position = ex.position(sym).await?;
-    // A close a previous delivery placed, while the position it was closing is still open: that
-    // close filled only partly. Its client order id is spent, so nothing more is sent.
-    if let (Some(ack), Some(p)) = (&prev_close, &position) {
-        if a.action.side() != Some(p.side) {
-            return Ok(still_open_after_close(job, p, ack, fills));
-        }
+    // An entry an earlier job left working in this symbol goes first, in the user's order: the
+    // alert after it decides what the account holds now.
+    still_ours(fence)?;
+    protect::cancel_sparky_orders(ex, job, |leg| leg == Leg::Open, progress).await?;
+    let position = ex.position(&job.alert.symbol).await?;
+    match job.alert.action.side() {
+        None => close_job(ex, job, position, placed, progress, fence).await,
+        Some(side) => open_job(ex, job, side, position, placed, progress, fence).await,
     }
+}
 
-    let Some(side) = a.action.side() else {
-        // close
-        if let Some(ack) = prev_close {
-            let side = position
-                .as_ref()
-                .map(|p| OrderSide::closing(p.side))
-                .unwrap_or(OrderSide::Sell);
-            fills.push(fill_of(Leg::Close, side, &ack, Decimal::ZERO));
-            return Ok(done(fills, PositionChange::Flat));
-        }
-        let Some(p) = position else {
+/// `close` (all of the position, or `close_percent` of it).
+async fn close_job(
+    ex: &dyn Exchange,
+    job: &Job,
+    position: Option<ExPosition>,
+    placed: Placed,
+    progress: &mut Progress,
+    fence: &Fence,
+) -> Result<Outcome, ExchangeError> {
+    let sym = &job.alert.symbol;
+    let Some(p) = position else {
+        if placed.closes.is_empty() {
             return Ok(Outcome::new(
                 JobStatus::Skipped,
                 format!("no open position in {sym} to close"),
             ));
-        };
-        still_ours(fence)?;
-        let ack = close(ex, job, &p).await?;
-        fills.push(fill_of(
-            Leg::Close,
-            OrderSide::closing(p.side),
-            &ack,
-            p.quantity,
-        ));
-        if let Some(partial) = partly_closed(job, &p, &ack, fills) {
-            return Ok(partial);
         }
-        return Ok(done(fills, PositionChange::Flat));
+        // An earlier delivery closed it all: record what it sent.
+        close::record_found(&placed.closes, None, progress);
+        progress.position = Some(PositionChange::Flat);
+        return Ok(done(progress));
     };
+    let target = close::target_remaining(ex, job, &p, placed.closed_qty()?).await?;
+    let closed = close::close_to(ex, job, p, target, &placed.closes, progress, fence).await?;
+    closed.into_outcome(job, target, progress)
+}
 
-    if let Some(ack) = &prev_close {
-        let close_side = OrderSide::closing(side.opposite());
-        fills.push(fill_of(Leg::Close, close_side, ack, Decimal::ZERO));
+/// `buy` / `sell`: open, skip, or reverse.
+async fn open_job(
+    ex: &dyn Exchange,
+    job: &Job,
+    side: Side,
+    position: Option<ExPosition>,
+    placed: Placed,
+    progress: &mut Progress,
+    fence: &Fence,
+) -> Result<Outcome, ExchangeError> {
+    let a = &job.alert;
+    let sym = &a.symbol;
+    if let Some(ack) = placed.open {
+        // The whole job got as far as the open leg before: record it and finish what is missing
+        // (its protection), send nothing else.
+        close::record_found(&placed.closes, None, progress);
+        return recovered_open(ex, job, side, ack, progress).await;
     }
-    if let Some(ack) = prev_open {
-        // The whole job got as far as the open leg before: record it, do not send anything.
-        fills.push(fill_of(
-            Leg::Open,
-            OrderSide::opening(side),
-            &ack,
-            Decimal::ZERO,
-        ));
-        let entry = ack.avg_price.unwrap_or_default();
-        return Ok(done(
-            fills,
-            PositionChange::Open {
-                side,
-                quantity: ack.filled_qty,
-                entry_price: entry,
-                stop_loss_price: None,
-                take_profit_price: None,
-            },
-        ));
-    }
-
     if let Some(p) = &position {
         if p.side == side {
             return Ok(Outcome::new(
@@ -437,21 +522,21 @@ async fn attempt(
         )));
     }
 
-    // Reversal: close first, and only go on once the close is confirmed.
-    if let Some(p) = &position {
-        if prev_close.is_none() {
-            still_ours(fence)?;
-            let ack = close(ex, job, p).await?;
-            fills.push(fill_of(
-                Leg::Close,
-                OrderSide::closing(p.side),
-                &ack,
-                p.quantity,
-            ));
-            if let Some(partial) = partly_closed(job, p, &ack, fills) {
-                return Ok(partial);
+    // Reversal: the old side is closed, and the new one opened only once the broker is flat.
+    match position {
+        Some(p) => {
+            let closed =
+                close::close_to(ex, job, p, Decimal::ZERO, &placed.closes, progress, fence).await?;
+            if closed.remaining.is_some() {
+                return closed.into_outcome(job, Decimal::ZERO, progress);
             }
         }
+        None if !placed.closes.is_empty() => {
+            // An earlier delivery closed the old side: record what it sent.
+            close::record_found(&placed.closes, None, progress);
+            progress.position = Some(PositionChange::Flat);
+        }
+        None => {}
     }
 
     // Exchanges that protect on fill get the levels with the order, from the reference price.
@@ -474,132 +559,116 @@ async fn attempt(
         limit_price: (a.order_type == OrderType::Limit).then_some(reference_price),
         reduce_only: false,
         leg: Leg::Open,
-        client_order_id: open_id,
+        client_order_id: client_order_id(job.job_id, Leg::Open),
         on_fill: on_fill.clone(),
     };
     still_ours(fence)?;
     let ack = place_leg(ex, &order, None).await?;
-    fills.push(fill_of(Leg::Open, order.side, &ack, qty));
-    if ack.state != OrderState::Filled {
-        // A resting limit order: no position yet.
-        let position = if position.is_some() {
-            PositionChange::Flat
-        } else {
-            PositionChange::Unchanged
-        };
-        return Ok(done(fills, position));
+    if !ack.state.is_final() {
+        return Ok(working(job, &order, &ack, progress));
     }
+    let filled = filled_or(&ack, qty);
+    progress.fills.push(open_fill(order.side, &ack, qty));
     let entry = ack.avg_price.unwrap_or(reference_price);
-    let filled = if ack.filled_qty > Decimal::ZERO {
-        ack.filled_qty
-    } else {
-        qty
-    };
     let (sl, tp) = match &on_fill {
         Some(f) => (f.stop_loss, f.take_profit),
         None => protective_prices(side, entry, a, rules.tick)?,
     };
-    let mut outcome = done(
-        fills,
-        PositionChange::Open {
-            side,
-            quantity: filled,
-            entry_price: entry,
-            stop_loss_price: sl,
-            take_profit_price: tp,
-        },
-    );
-    if on_fill.is_none() && (sl.is_some() || tp.is_some()) {
-        let protection = Protection {
-            symbol: sym.clone(),
-            position_side: side,
-            quantity: filled,
-            stop_loss: sl,
-            take_profit: tp,
-            job_id: job.job_id,
-        };
-        // Not stopped here even if the lease was lost: the position exists, and leaving it without
-        // its stop-loss would be worse than a late protective order.
-        if let Err(e) = ex.protect(&protection).await {
-            outcome.status = JobStatus::SucceededUnprotected;
-            outcome.message = Some(format!("position opened but not protected: {}", e.message));
-            outcome.error_class = Some(e.class.into());
-        }
+    progress.position = Some(PositionChange::Open {
+        side,
+        quantity: filled,
+        entry_price: entry,
+        stop_loss_price: sl,
+        take_profit_price: tp,
+    });
+    let mut outcome = done(progress);
+    if ack.state == OrderState::PartiallyFilled {
+        outcome.message = Some(format!(
+            "partially filled: {} of {qty} {sym}; the rest was cancelled by the broker",
+            filled.normalize()
+        ));
+    }
+    if on_fill.is_none() {
+        protect::protect_new(ex, job, side, filled, sl, tp, &mut outcome).await;
     }
     Ok(outcome)
 }
 
-/// A close that filled only part of the position: the job stops there (the new side is never
-/// opened on top of a remainder) and ends `dead` with the numbers; Sparky records what filled and
-/// the remainder as the open position. `None` when the close filled the whole position.
-fn partly_closed(
-    job: &Job,
-    p: &ExPosition,
-    ack: &OrderAck,
-    fills: &mut Vec<Fill>,
-) -> Option<Outcome> {
-    if ack.filled_qty <= Decimal::ZERO || ack.filled_qty >= p.quantity {
-        return None;
-    }
-    let remainder = p.quantity - ack.filled_qty; // no overflow: 0 < filled < quantity
-    let remaining = ExPosition {
-        quantity: remainder,
-        ..p.clone()
-    };
-    Some(still_open_after_close(job, &remaining, ack, fills))
-}
-
-/// The outcome of a job whose close left `p` open at the broker.
-fn still_open_after_close(
-    job: &Job,
-    p: &ExPosition,
-    ack: &OrderAck,
-    fills: &mut Vec<Fill>,
-) -> Outcome {
-    let message = format!(
-        "the close of {} {} filled only {} (order {}); {} {} remain open at the broker and the new side was not opened; send a close alert for the remainder",
-        p.quantity
-            .checked_add(ack.filled_qty)
-            .unwrap_or(p.quantity)
-            .normalize(),
+/// An entry the broker accepted but has not filled: the job ends `working` and the order is
+/// recorded for the follower (which records its fill and protects it, or cancels it when its time
+/// is up).
+fn working(job: &Job, order: &OrderRequest, ack: &OrderAck, progress: &mut Progress) -> Outcome {
+    progress.resting.push(RestingOrder {
+        leg: Leg::Open,
+        client_order_id: order.client_order_id.clone(),
+        exchange_order_id: Some(ack.exchange_order_id.clone()),
+        side: order.side,
+        quantity: order.quantity,
+        price: order.limit_price,
+    });
+    let mut outcome = std::mem::take(progress).into_outcome(JobStatus::Working, None);
+    outcome.message = Some(format!(
+        "{} {} {} accepted and working at the broker (order {}, {} filled so far); it is followed until it fills or is cancelled after {} s",
+        order.side.as_str(),
+        order.quantity.normalize(),
         job.alert.symbol,
-        ack.filled_qty.normalize(),
         ack.exchange_order_id,
-        p.side.as_str(),
-        p.quantity.normalize(),
-    );
-    Outcome {
-        status: JobStatus::Dead,
-        fills: std::mem::take(fills),
-        position: PositionChange::Open {
-            side: p.side,
-            quantity: p.quantity,
-            entry_price: p.entry_price.or(ack.avg_price).unwrap_or_default(),
-            stop_loss_price: None,
-            take_profit_price: None,
-        },
-        error_class: Some(FailureClass::Permanent),
-        history: vec![AttemptError {
-            at: Utc::now(),
-            class: FailureClass::Permanent,
-            message: message.clone(),
-        }],
-        message: Some(message),
-    }
+        ack.filled_qty.normalize(),
+        working_ttl_secs(&job.alert),
+    ));
+    outcome
 }
 
-/// The close and open legs a previous delivery of `job` placed, looked up by their client order ids.
-async fn placed_legs(
+/// How long a working entry is followed before it is cancelled: the alert's `limit_ttl_secs`, or
+/// [`DEFAULT_LIMIT_TTL_SECS`].
+pub fn working_ttl_secs(a: &crate::domain::Alert) -> u64 {
+    a.limit_ttl_secs.unwrap_or(DEFAULT_LIMIT_TTL_SECS)
+}
+
+/// A working entry's default lifetime: one day.
+pub const DEFAULT_LIMIT_TTL_SECS: u64 = 24 * 3600;
+
+/// A redelivered job whose open leg an earlier delivery placed: record it, and place its
+/// protection if that delivery did not get to it.
+async fn recovered_open(
     ex: &dyn Exchange,
     job: &Job,
-) -> Result<(Option<OrderAck>, Option<OrderAck>), ExchangeError> {
-    let sym = &job.alert.symbol;
-    Ok((
-        ex.find_order(sym, &client_order_id(job.job_id, Leg::Close))
-            .await?,
-        ex.find_order(sym, &client_order_id(job.job_id, Leg::Open))
-            .await?,
-    ))
+    side: Side,
+    ack: OrderAck,
+    progress: &mut Progress,
+) -> Result<Outcome, ExchangeError> {
+    let order_side = OrderSide::opening(side);
+    if !ack.state.is_final() {
+        let order = OrderRequest {
+            symbol: job.alert.symbol.clone(),
+            side: order_side,
+            quantity: ack.filled_qty,
+            order_type: job.alert.order_type,
+            limit_price: job.alert.price,
+            reduce_only: false,
+            leg: Leg::Open,
+            client_order_id: ack.client_order_id.clone(),
+            on_fill: None,
+        };
+        return Ok(working(job, &order, &ack, progress));
+    }
+    let filled = ack.filled_qty;
+    progress.fills.push(open_fill(order_side, &ack, filled));
+    let entry = ack.avg_price.unwrap_or_default();
+    let rules = ex.symbol_rules(&job.alert.symbol).await?;
+    let (sl, tp) = protective_prices(side, entry, &job.alert, rules.tick)?;
+    progress.position = Some(PositionChange::Open {
+        side,
+        quantity: filled,
+        entry_price: entry,
+        stop_loss_price: sl,
+        take_profit_price: tp,
+    });
+    let mut outcome = done(progress);
+    if !ex.protects_on_fill() {
+        protect::protect_new(ex, job, side, filled, sl, tp, &mut outcome).await;
+    }
+    Ok(outcome)
 }
 
 /// For a job that is given up (`poison`: delivered too often without finishing): record what its
@@ -614,9 +683,9 @@ pub async fn record_placed(
     fence: &Fence,
 ) -> Option<Outcome> {
     let mut schedule = policy.schedule();
-    let (close, open) = loop {
-        match placed_legs(ex, job).await {
-            Ok(legs) => break legs,
+    let placed = loop {
+        match Placed::look_up(ex, job).await {
+            Ok(placed) => break placed,
             Err(_) if fence.is_void() => return None,
             Err(e) => match schedule.next() {
                 Some(delay) => {
@@ -633,30 +702,25 @@ pub async fn record_placed(
             },
         }
     };
-    let side = job.alert.action.side();
-    if let Some(ack) = close.filter(|a| a.filled_qty > Decimal::ZERO) {
-        let closing = side.map_or(OrderSide::Sell, |s| OrderSide::closing(s.opposite()));
-        given_up
-            .fills
-            .push(fill_of(Leg::Close, closing, &ack, Decimal::ZERO));
+    let mut progress = Progress::default();
+    close::record_found(&placed.closes, None, &mut progress);
+    if !progress.fills.is_empty() {
+        // What the closes left is unknown here; the reconciliation compares it with the broker.
         given_up.position = PositionChange::Flat;
     }
-    if let (Some(ack), Some(side)) = (open.filter(|a| a.filled_qty > Decimal::ZERO), side) {
-        given_up.fills.push(fill_of(
-            Leg::Open,
-            OrderSide::opening(side),
-            &ack,
-            Decimal::ZERO,
-        ));
-        if ack.state == OrderState::Filled {
-            given_up.position = PositionChange::Open {
-                side,
-                quantity: ack.filled_qty,
-                entry_price: ack.avg_price.unwrap_or_default(),
-                stop_loss_price: None,
-                take_profit_price: None,
-            };
-        }
+    given_up.fills.append(&mut progress.fills);
+    let side = job.alert.action.side();
+    if let (Some(ack), Some(side)) = (placed.open.filter(|a| a.filled_qty > Decimal::ZERO), side) {
+        given_up
+            .fills
+            .push(open_fill(OrderSide::opening(side), &ack, Decimal::ZERO));
+        given_up.position = PositionChange::Open {
+            side,
+            quantity: ack.filled_qty,
+            entry_price: ack.avg_price.unwrap_or_default(),
+            stop_loss_price: None,
+            take_profit_price: None,
+        };
     }
     if !given_up.fills.is_empty() {
         let m = given_up.message.take().unwrap_or_default();
@@ -693,35 +757,7 @@ fn protective_prices(
     ))
 }
 
-async fn close(ex: &dyn Exchange, job: &Job, p: &ExPosition) -> Result<OrderAck, ExchangeError> {
-    let order = OrderRequest {
-        symbol: job.alert.symbol.clone(),
-        side: OrderSide::closing(p.side),
-        quantity: p.quantity,
-        order_type: OrderType::Market,
-        limit_price: None,
-        reduce_only: true,
-        leg: Leg::Close,
-        client_order_id: client_order_id(job.job_id, Leg::Close),
-        on_fill: None,
-    };
-    let ack = place_leg(ex, &order, Some(p)).await?;
-    if ack.state != OrderState::Filled {
-        return Err(ExchangeError::permanent(format!(
-            "closing {} {} was not confirmed filled (order {}); the new side was not opened",
-            p.quantity, job.alert.symbol, ack.exchange_order_id
-        )));
-    }
-    Ok(ack)
-}
-
-fn done(fills: &mut Vec<Fill>, position: PositionChange) -> Outcome {
-    Outcome {
-        status: JobStatus::Succeeded,
-        fills: std::mem::take(fills),
-        position,
-        message: None,
-        error_class: None,
-        history: vec![],
-    }
+/// A succeeded outcome from what the attempt did.
+fn done(progress: &mut Progress) -> Outcome {
+    std::mem::take(progress).into_outcome(JobStatus::Succeeded, None)
 }

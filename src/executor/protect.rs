@@ -1,0 +1,168 @@
+//! Sparky's orders resting at the broker: protective stop-loss / take-profit orders placed after
+//! an open (and recorded with their broker ids), cancelled before the position is closed, and
+//! re-placed for what a partial close leaves; working entries an earlier job left, cancelled by the
+//! next alert in the symbol.
+//!
+//! Sparky's orders are told apart from the user's own by their client order ids
+//! ([`crate::exchanges::parse_client_order_id`]): what the broker lists is the truth, so an order
+//! orphaned by a crash between the broker and the commit is found and cancelled too.
+
+use rust_decimal::Decimal;
+
+use super::{Outcome, Progress};
+use crate::domain::{Job, Side};
+use crate::exchanges::{Exchange, ExchangeError, Leg, OpenOrder, Protection, RestingOrder};
+use crate::job::JobStatus;
+
+/// How many list-and-cancel rounds before giving up (an order that keeps reappearing).
+const CANCEL_ROUNDS: usize = 3;
+
+/// Stop-loss / take-profit levels of a position.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Levels {
+    pub stop_loss: Option<Decimal>,
+    pub take_profit: Option<Decimal>,
+}
+
+impl Levels {
+    pub fn any(&self) -> bool {
+        self.stop_loss.is_some() || self.take_profit.is_some()
+    }
+}
+
+/// Cancel every Sparky order of another job resting in the job's symbol whose leg `which` picks,
+/// and confirm: list again until none is left (bounded). Returns what was cancelled.
+pub(super) async fn cancel_sparky_orders(
+    ex: &dyn Exchange,
+    job: &Job,
+    which: impl Fn(Leg) -> bool,
+    progress: &mut Progress,
+) -> Result<Vec<OpenOrder>, ExchangeError> {
+    let sym = &job.alert.symbol;
+    let mut cancelled = Vec::new();
+    for _ in 0..CANCEL_ROUNDS {
+        let mine: Vec<OpenOrder> = ex
+            .open_orders(sym)
+            .await?
+            .into_iter()
+            .filter(|o| {
+                o.sparky_leg()
+                    .is_some_and(|(owner, leg)| owner != job.job_id && which(leg))
+            })
+            .collect();
+        if mine.is_empty() {
+            return Ok(cancelled);
+        }
+        for o in mine {
+            ex.cancel_order(sym, &o).await?;
+            if let Some(id) = &o.client_order_id {
+                progress.cancelled(id);
+            }
+            cancelled.push(o);
+        }
+    }
+    Err(ExchangeError::transient(format!(
+        "Sparky orders in {sym} are still open after {CANCEL_ROUNDS} rounds of cancelling them"
+    )))
+}
+
+/// Cancel the protective orders of the position in the job's symbol; returns their levels (to
+/// protect what a partial close leaves).
+pub(super) async fn cancel_protection(
+    ex: &dyn Exchange,
+    job: &Job,
+    progress: &mut Progress,
+) -> Result<Levels, ExchangeError> {
+    let cancelled = cancel_sparky_orders(ex, job, Leg::is_protective, progress).await?;
+    Ok(Levels {
+        stop_loss: cancelled.iter().find_map(|o| o.stop_loss),
+        take_profit: cancelled.iter().find_map(|o| o.take_profit),
+    })
+}
+
+/// Place protection for `quantity` of a `side` position at `levels`, with the job's `sl`/`tp`
+/// client order ids.
+pub(super) async fn place(
+    ex: &dyn Exchange,
+    job: &Job,
+    side: Side,
+    quantity: Decimal,
+    levels: Levels,
+) -> Result<Vec<RestingOrder>, ExchangeError> {
+    ex.protect(&Protection {
+        symbol: job.alert.symbol.clone(),
+        position_side: side,
+        quantity,
+        stop_loss: levels.stop_loss,
+        take_profit: levels.take_profit,
+        job_id: job.job_id,
+    })
+    .await
+}
+
+/// Protect a position the job opened (`quantity`: what filled). A redelivery first looks for the
+/// protection an earlier delivery placed and sends only what is missing. If it cannot be placed,
+/// the job is `succeeded_unprotected` with the reason.
+pub(super) async fn protect_new(
+    ex: &dyn Exchange,
+    job: &Job,
+    side: Side,
+    quantity: Decimal,
+    stop_loss: Option<Decimal>,
+    take_profit: Option<Decimal>,
+    outcome: &mut Outcome,
+) {
+    let mut levels = Levels {
+        stop_loss,
+        take_profit,
+    };
+    if !levels.any() {
+        return;
+    }
+    // Not stopped here even if the lease was lost: the position exists, and leaving it without
+    // its stop-loss would be worse than a late protective order.
+    let result = async {
+        let own: Vec<OpenOrder> = ex
+            .open_orders(&job.alert.symbol)
+            .await?
+            .into_iter()
+            .filter(|o| {
+                o.sparky_leg()
+                    .is_some_and(|(owner, leg)| owner == job.job_id && leg.is_protective())
+            })
+            .collect();
+        let mut resting: Vec<RestingOrder> = own
+            .iter()
+            .filter_map(|o| {
+                let (_, leg) = o.sparky_leg()?;
+                Some(RestingOrder {
+                    leg,
+                    client_order_id: o.client_order_id.clone()?,
+                    exchange_order_id: Some(o.exchange_order_id.clone()),
+                    side: o.side,
+                    quantity: o.quantity.unwrap_or(quantity),
+                    price: o.stop_loss.or(o.take_profit),
+                })
+            })
+            .collect();
+        if own.iter().any(|o| o.stop_loss.is_some()) {
+            levels.stop_loss = None;
+        }
+        if own.iter().any(|o| o.take_profit.is_some()) {
+            levels.take_profit = None;
+        }
+        if levels.any() {
+            resting.extend(place(ex, job, side, quantity, levels).await?);
+        }
+        Ok::<_, ExchangeError>(resting)
+    }
+    .await;
+    match result {
+        Ok(resting) => outcome.resting.extend(resting),
+        Err(e) => {
+            outcome.status = JobStatus::SucceededUnprotected;
+            outcome.message = Some(format!("position opened but not protected: {}", e.message));
+            outcome.error_class = Some(e.class.into());
+        }
+    }
+}
