@@ -29,6 +29,13 @@
 //!   and a Telegram bot token are encrypted under `SPARKY_MASTER_KEY` like credentials
 //!   ([`channel`]); nothing of them is logged, and `notify list` shows only the host.
 //!
+//! # What it does not promise
+//! - **Order.** Deliveries are sent concurrently and retried independently: a channel may receive
+//!   events out of order; `occurred_at` (and the UUIDv7 `event_id`) order them.
+//! - **Jobs without a row.** A job that never got a `jobs` row (its alert broke a bound before it
+//!   began, or Postgres refused to record it at all) raises no notification: the API cannot show it
+//!   either; it is in the dead-letter stream for the operator.
+//!
 //! # Events for later sources
 //! [`EventKind::StopLossFired`] and [`EventKind::TakeProfitFired`] come from reconciliation (a
 //! protective order that fired at the broker). That code calls [`enqueue_event`] inside the
