@@ -48,6 +48,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A user's notification channels: Discord, Slack, Telegram, or a signed HTTPS webhook.
+    #[command(subcommand)]
+    Notify(NotifyCommand),
     /// Partitions (owner, lag, pending, oldest pending age), live workers, dead-letter size.
     Status {
         #[arg(long)]
@@ -114,6 +117,89 @@ pub enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+    /// API tokens for the user API (`Authorization: Bearer`), separate from the webhook secret.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create an API token and print it (shown once; only its hash is stored).
+    Create {
+        #[arg(long)]
+        user: Uuid,
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke one API token (`--token-id`) or all of the user's (`--all`).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["token_id", "all"])))]
+    Revoke {
+        #[arg(long)]
+        user: Uuid,
+        #[arg(long)]
+        token_id: Option<Uuid>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NotifyCommand {
+    /// Add a channel. Its URL (Discord/Slack webhook URLs are secrets), signing secret and bot token
+    /// are encrypted under SPARKY_MASTER_KEY; give any of them as `-` to read it from standard input.
+    Add(NotifyAdd),
+    /// The user's channels (no secrets shown).
+    List {
+        #[arg(long)]
+        user: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a channel (its undelivered notifications go with it).
+    Remove {
+        #[arg(long)]
+        user: Uuid,
+        #[arg(long)]
+        channel: Uuid,
+    },
+    /// Send a test notification to a channel now and say what it answered.
+    Test {
+        #[arg(long)]
+        user: Uuid,
+        #[arg(long)]
+        channel: Uuid,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct NotifyAdd {
+    #[arg(long)]
+    pub user: Uuid,
+    /// webhook | discord | slack | telegram
+    #[arg(long)]
+    pub kind: String,
+    /// The URL (webhook, discord, slack); `-` reads it from standard input (or env SPARKY_NOTIFY_URL).
+    #[arg(long, env = "SPARKY_NOTIFY_URL", hide_env_values = true)]
+    pub url: Option<SecretString>,
+    /// Telegram: the chat id (numeric, or @channel).
+    #[arg(long)]
+    pub chat_id: Option<String>,
+    /// Telegram: the bot token; `-` reads it from standard input (or env SPARKY_TELEGRAM_BOT_TOKEN).
+    #[arg(long, env = "SPARKY_TELEGRAM_BOT_TOKEN", hide_env_values = true)]
+    pub bot_token: Option<SecretString>,
+    /// Webhook: the `whsec_` signing secret (default: a new one, printed once); `-` reads stdin.
+    #[arg(long)]
+    pub secret: Option<SecretString>,
+    /// The events it wants, comma-separated: filled, rejected, dead, blocked, unprotected,
+    /// stop_loss_fired, take_profit_fired; or `all`.
+    #[arg(long, default_value = "all")]
+    pub events: String,
+    #[arg(long)]
+    pub label: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -348,6 +434,47 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::User(UserCommand::Token(TokenCommand::Create { user, label, json })) => {
+            store.check_migrated().await?;
+            let token = crate::secrets::generate_api_token();
+            let token_id = Uuid::now_v7();
+            store
+                .create_api_token(
+                    user,
+                    token_id,
+                    &crate::secrets::hash_api_token(token.expose()),
+                    label.as_deref(),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("--user: {e}"))?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"user_id": user, "token_id": token_id, "token": token.expose()})
+                );
+            } else {
+                println!("token_id: {token_id}\ntoken:    {}\n(the token is shown once; only its hash is stored. Use it as `Authorization: Bearer <token>`)", token.expose());
+            }
+        }
+        Command::User(UserCommand::Token(TokenCommand::Revoke {
+            user,
+            token_id,
+            all: _,
+        })) => {
+            store.check_migrated().await?;
+            let n = store.revoke_api_tokens(user, token_id).await?;
+            if n == 0 {
+                anyhow::bail!(
+                    "no active API token matched (user {user}{})",
+                    token_id.map(|t| format!(", token {t}")).unwrap_or_default()
+                );
+            }
+            println!("revoked {n} API token(s) of user {user}");
+        }
+        Command::Notify(cmd) => {
+            store.check_migrated().await?;
+            notify_command(&store, &config, cmd).await?;
+        }
         Command::Dlq(DlqCommand::List { user, limit, json }) => {
             store.check_migrated().await?;
             let jobs = store.failed_jobs(user, None, None, limit).await?;
@@ -465,6 +592,150 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                     report.failed[0].1
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// `sparky notify ...`.
+async fn notify_command(store: &Store, config: &Config, cmd: NotifyCommand) -> anyhow::Result<()> {
+    use crate::notify::channel::{self, ChannelKind, NewChannel};
+    let keys: Vec<&crate::secrets::MasterKey> = config.master_key.iter().collect();
+    match cmd {
+        NotifyCommand::Add(a) => {
+            let kind: ChannelKind = a
+                .kind
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--kind: {e}"))?;
+            let events = crate::notify::EventKind::parse_list(&a.events)
+                .map_err(|e| anyhow::anyhow!("--events: {e}"))?;
+            let mut stdin = std::io::stdin().lock();
+            let mut from_stdin =
+                |v: Option<SecretString>, flag: &str| -> anyhow::Result<Option<SecretString>> {
+                    match v {
+                        Some(v) if v.expose() == "-" => {
+                            let mut line = zeroize::Zeroizing::new(String::new());
+                            std::io::BufRead::read_line(&mut stdin, &mut line).map_err(|e| {
+                                anyhow::anyhow!("{flag} -: cannot read standard input: {e}")
+                            })?;
+                            let v = SecretString::new(line.trim());
+                            if v.is_empty() {
+                                anyhow::bail!("{flag}: empty");
+                            }
+                            Ok(Some(v))
+                        }
+                        other => Ok(other),
+                    }
+                };
+            let (destination, secret) = match kind {
+                ChannelKind::Telegram => {
+                    if a.url.is_some() || a.secret.is_some() {
+                        anyhow::bail!(
+                            "--url/--secret: a telegram channel takes --chat-id and --bot-token"
+                        );
+                    }
+                    let chat = a.chat_id.ok_or_else(|| {
+                        anyhow::anyhow!("--chat-id: required for a telegram channel")
+                    })?;
+                    (
+                        SecretString::new(chat),
+                        from_stdin(a.bot_token, "--bot-token")?,
+                    )
+                }
+                _ => {
+                    if a.chat_id.is_some() || a.bot_token.is_some() {
+                        anyhow::bail!("--chat-id/--bot-token: only for a telegram channel");
+                    }
+                    let url = from_stdin(a.url, "--url")?
+                        .ok_or_else(|| anyhow::anyhow!("--url: required for a {kind} channel"))?;
+                    (url, from_stdin(a.secret, "--secret")?)
+                }
+            };
+            if config.master_key.is_none() {
+                eprintln!("warning: SPARKY_MASTER_KEY is not set; the channel's URL and secrets are stored in plaintext");
+            }
+            let (info, generated) = channel::add(
+                store,
+                config.master_key.as_ref(),
+                a.user,
+                NewChannel {
+                    kind,
+                    destination,
+                    secret,
+                    events,
+                    label: a.label,
+                },
+            )
+            .await?;
+            if a.json {
+                let mut v = serde_json::to_value(&info)?;
+                if let Some(s) = &generated {
+                    v["signing_secret"] = json!(s.expose());
+                }
+                println!("{v}");
+            } else {
+                println!(
+                    "channel_id: {}\nkind:       {}\nto:         {}",
+                    info.channel_id, info.kind, info.display
+                );
+                if let Some(s) = generated {
+                    println!("signing secret: {}\n(shown once; verify the webhook-signature header with it, per the Standard Webhooks spec)", s.expose());
+                }
+            }
+        }
+        NotifyCommand::List { user, json } => {
+            let chans = channel::list(store, user).await?;
+            if json {
+                println!("{}", serde_json::to_string(&chans)?);
+            } else if chans.is_empty() {
+                println!("no notification channels for user {user}");
+            } else {
+                for c in chans {
+                    let events: Vec<&str> = c.events.iter().map(|e| e.as_str()).collect();
+                    println!(
+                        "{}  {:<8}  {:<32}  {}  {}",
+                        c.channel_id,
+                        c.kind,
+                        c.display,
+                        events.join(","),
+                        c.label.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        NotifyCommand::Remove { user, channel } => {
+            if !channel::remove(store, user, channel).await? {
+                anyhow::bail!("--channel: user {user} has no channel {channel}");
+            }
+            println!("removed channel {channel}");
+        }
+        NotifyCommand::Test { user, channel } => {
+            let ch = channel::load(store, &keys, user, channel).await?;
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?;
+            let event = crate::notify::dispatch::test_event(user);
+            let msg_id = event["event_id"].as_str().unwrap_or("test").to_string();
+            let defaults = crate::notify::dispatch::DispatcherConfig::default();
+            let a = crate::notify::dispatch::send(
+                &http,
+                &defaults.telegram_base_url,
+                &ch,
+                &msg_id,
+                &event,
+            )
+            .await;
+            if !a.ok {
+                anyhow::bail!(
+                    "the channel did not take the test notification: {}",
+                    a.error.unwrap_or_default()
+                );
+            }
+            println!(
+                "delivered (the channel answered {})",
+                a.http_status.unwrap_or(200)
+            );
         }
     }
     Ok(())

@@ -18,7 +18,9 @@
 //! Authentication (who owns a secret, failed-authentication limits, the bounded look-up queue) is
 //! in [`auth`]: a presented secret is always verified, whatever its source did before.
 
+pub mod api;
 pub mod auth;
+pub mod openapi;
 
 use std::future::IntoFuture;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -27,14 +29,11 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{
-    ConnectInfo, DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Request, State,
-};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header::RETRY_AFTER, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::{json, Value};
@@ -52,6 +51,9 @@ use crate::store::Store;
 
 pub use auth::{AuthFailures, LookupError, LookupLimits, Origin, SecretCache};
 
+/// Connections of the user API's own pool ([`AppState::api_store`]).
+pub const API_DB_CONNECTIONS: u32 = 4;
+
 /// Largest accepted webhook body.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -59,6 +61,10 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct AppState {
     pub queue: Queue,
     pub store: Store,
+    /// The user API's reads and token look-ups run on a pool of their own
+    /// ([`API_DB_CONNECTIONS`]), so a flood of `/v1` requests (or of bad
+    /// tokens) can never take a connection from `/readyz` or anything else.
+    pub api_store: Store,
     pub secrets: Arc<SecretCache>,
     pub auth_failures: Arc<AuthFailures>,
     pub rate_limit: RateLimit,
@@ -67,6 +73,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// On shutdown, in-flight requests get this long to finish (`SPARKY_DRAIN_TIMEOUT_SECS`).
     pub drain_timeout: Duration,
+    /// `SPARKY_MAX_SIGNAL_AGE_SECS`: a self-service replay of an older job needs `allow_stale`.
+    pub max_signal_age: Duration,
 }
 
 impl AppState {
@@ -81,6 +89,7 @@ impl AppState {
             )),
             metrics: Metrics::new(&queue.keys.ns),
             drain_timeout: config.drain_timeout,
+            max_signal_age: config.max_signal_age,
             secrets: Arc::new(SecretCache::new(
                 store.sibling(
                     config.secret_lookup_concurrency as u32,
@@ -93,6 +102,7 @@ impl AppState {
                     wait: config.secret_lookup_wait,
                 },
             )),
+            api_store: store.sibling(API_DB_CONNECTIONS, Duration::from_secs(2)),
             queue,
             store,
             rate_limit: config.rate_limit,
@@ -135,6 +145,16 @@ pub enum ApiError {
         retry_after: Duration,
     },
     Unavailable(String),
+    /// A user API request without a valid API token (`Authorization: Bearer`).
+    BadToken,
+    /// A user API request with bad query parameters or body (each field named).
+    BadRequest(Vec<FieldError>),
+    /// A self-service replay the replay rules refuse (not failed, would be stale, invalid).
+    NotReplayable {
+        status: Option<crate::job::JobStatus>,
+        decision: crate::replay::Decision,
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -151,6 +171,9 @@ impl ApiError {
             ApiError::Conflict { .. } => "conflict",
             ApiError::Busy { .. } => "auth_busy",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::BadToken => "bad_token",
+            ApiError::BadRequest(_) => "invalid",
+            ApiError::NotReplayable { .. } => "not_replayable",
         }
     }
 }
@@ -232,21 +255,54 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(m) => {
                 (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": m}))).into_response()
             }
+            ApiError::BadToken => {
+                let mut r = (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": "missing or invalid API token: send `Authorization: Bearer <token>` with a token from `sparky user token create`"})),
+                )
+                    .into_response();
+                r.headers_mut()
+                    .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+                r
+            }
+            ApiError::BadRequest(errs) => {
+                let summary = errs
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({
+                        "error": format!("invalid request: {summary}"),
+                        "field": errs.first().map(|e| e.field.clone()),
+                        "errors": errs,
+                    })),
+                )
+                    .into_response()
+            }
+            ApiError::NotReplayable {
+                status,
+                decision,
+                message,
+            } => (
+                StatusCode::CONFLICT,
+                Json(json!({"error": format!("not replayed: {message}"), "status": status, "decision": decision})),
+            )
+                .into_response(),
         }
     }
 }
 
 /// The ingress routes. The state is shared behind an `Arc`: axum clones the state for every request,
 /// and cloning `AppState` itself (Redis client, key names, the Lua script source) showed up as
-/// allocation in the ingress profile (BENCHMARKS.md).
+/// allocation in the ingress profile (BENCHMARKS.md). The routes and the OpenAPI document come from
+/// one list ([`openapi::routes`]).
 pub fn router(state: AppState) -> Router {
     let state = Arc::new(state);
-    Router::new()
-        .route("/webhook", post(webhook))
-        .route("/v1/jobs/{job_id}", get(get_job))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(crate::metrics::handler))
+    let (routes, _doc) = openapi::routes().split_for_parts();
+    routes
+        .fallback(no_such_route)
         .route_layer(middleware::from_fn_with_state(
             state.metrics.clone(),
             track_latency,
@@ -255,11 +311,25 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The answer to a path no route serves (told apart from a `404` of a route: `route` is absent).
+async fn no_such_route() -> (StatusCode, Json<Value>) {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": "no such route; GET /openapi.json lists every route"})),
+    )
+}
+
 /// The route template as a static label value (no allocation per request).
 fn route_label(path: Option<&MatchedPath>) -> &'static str {
     match path.map(MatchedPath::as_str) {
         Some("/webhook") => "/webhook",
+        Some("/v1/jobs") => "/v1/jobs",
         Some("/v1/jobs/{job_id}") => "/v1/jobs/{job_id}",
+        Some("/v1/jobs/{job_id}/replay") => "/v1/jobs/{job_id}/replay",
+        Some("/v1/positions") => "/v1/positions",
+        Some("/v1/trades") => "/v1/trades",
+        Some("/v1/dead-letters") => "/v1/dead-letters",
+        Some("/openapi.json") => "/openapi.json",
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
@@ -400,6 +470,22 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
+/// Take an alert: validate, authenticate, enqueue.
+#[utoipa::path(post, path = "/webhook", tag = "webhook",
+    security(("webhook_secret" = []), ()),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Same as the body's `alert_id`")),
+    request_body(content = openapi::WebhookRequest, description = "JSON (also sent as text/plain by TradingView); at most 64 KiB", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Durably queued", body = openapi::Queued),
+        (status = 200, description = "A repeat of an accepted alert (same `alert_id`, same alert): nothing enqueued", body = openapi::Duplicate),
+        (status = 400, description = "Invalid alert: every problem, each naming its field", body = openapi::InvalidBody),
+        (status = 401, description = "Missing or wrong webhook secret, or `user_id` not its owner", body = openapi::ErrorBody),
+        (status = 403, description = "The client address is not in SPARKY_IP_ALLOWLIST", body = openapi::ErrorBody),
+        (status = 409, description = "The `alert_id` was first used for a different alert", body = openapi::ConflictBody),
+        (status = 413, description = "Body larger than 64 KiB", body = openapi::InvalidBody),
+        (status = 429, description = "The user's rate limit, or too many failed authentications (Retry-After)", body = openapi::RetryBody),
+        (status = 503, description = "Cannot verify the secret or confirm the enqueue right now (Retry-After on the former)", body = openapi::ErrorBody),
+    ))]
 async fn webhook(
     State(st): State<Arc<AppState>>,
     Peer(peer): Peer,
@@ -501,55 +587,26 @@ async fn handle_webhook(
     }
 }
 
-/// `GET /v1/jobs/{job_id}`: the job's status and orders, for the owner's secret only.
-async fn get_job(
-    State(st): State<Arc<AppState>>,
-    Peer(peer): Peer,
-    headers: HeaderMap,
-    Path(job_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let ip = net::client_ip(peer, &headers, &st.trusted_proxies);
-    let origin = st.auth_failures.origin(ip, None);
-    let owner = authenticate(&st, &origin, header(&headers, "x-sparky-secret")).await?;
-    let job_id = Uuid::parse_str(&job_id).map_err(|_| ApiError::NotFound)?;
-    let unavailable = |e: crate::store::StoreError| {
-        tracing::error!(error = %e, "job look-up failed");
-        ApiError::Unavailable("cannot read jobs right now".into())
-    };
-    // Not found and not yours look the same.
-    let job = st
-        .store
-        .get_job(job_id)
-        .await
-        .map_err(unavailable)?
-        .filter(|j| j.user_id == owner)
-        .ok_or(ApiError::NotFound)?;
-    let trades = st.store.trades_of_job(job_id).await.map_err(unavailable)?;
-    let ms = |from: chrono::DateTime<Utc>, to: Option<chrono::DateTime<Utc>>| {
-        to.map(|t| (t - from).num_milliseconds())
-    };
-    let timing = json!({
-        "queued_ms": ms(job.accepted_at, job.started_at),
-        "run_ms": job.started_at.and_then(|s| ms(s, job.finished_at)),
-        "total_ms": ms(job.accepted_at, job.finished_at),
-    });
-    Ok(Json(json!({
-        "job_id": job.job_id,
-        "status": job.status,
-        "attempts": job.attempts,
-        "error_class": job.error_class,
-        "error": job.error,
-        "exchange": job.exchange,
-        "action": job.action,
-        "symbol": job.symbol,
-        "accepted_at": job.accepted_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "timing": timing,
-        "orders": trades,
-    })))
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is up", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
 }
 
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+async fn metrics_text() -> impl IntoResponse {
+    crate::metrics::handler().await
+}
+
+/// Readiness: Redis and Postgres answer.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = openapi::Readiness),
+        (status = 503, description = "Redis or Postgres does not answer", body = openapi::Readiness),
+    ))]
 async fn ready(State(st): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
     let redis = st.queue.ping().await.is_ok();
     let postgres = st.store.ping().await.is_ok();

@@ -8,7 +8,7 @@
 //!
 //! Modules are named for what they own: [`config`], [`domain`] (typed webhook values and the parser),
 //! [`queue`] (Redis Streams), [`store`] (Postgres), [`credentials`], [`exchanges`], [`executor`],
-//! [`ingress`], [`worker`], [`partition`], [`replay`], [`metrics`] (Prometheus), [`status`]
+//! [`ingress`] (and its user API), [`notify`] (notifications), [`worker`], [`partition`], [`replay`], [`metrics`] (Prometheus), [`status`]
 //! (`sparky status`), [`telemetry`], [`cli`]. The binaries (`sparky`, `sparky-ingress`, `sparky-worker`) only
 //! call into this library, so tests run the real ingress and worker in-process.
 
@@ -23,6 +23,7 @@ pub mod job;
 pub mod metrics;
 pub mod money;
 pub mod net;
+pub mod notify;
 pub mod partition;
 pub mod queue;
 pub mod reconcile;

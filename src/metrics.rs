@@ -201,6 +201,15 @@ impl Metrics {
         }
     }
 
+    /// One notification delivery attempt (`outcome`: `delivered`, `retry`, `failed`).
+    pub fn notification_attempt(&self, channel: &'static str, outcome: &'static str) {
+        metrics::counter!(
+            "sparky_notification_attempts_total",
+            self.labels(ns_labels!(self, "channel" => channel, "outcome" => outcome))
+        )
+        .increment(1);
+    }
+
     pub fn dead_lettered(
         &self,
         status: crate::job::JobStatus,

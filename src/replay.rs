@@ -46,7 +46,7 @@ pub struct Options {
 }
 
 /// What happened (or, with `--dry-run`, would happen) to one job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     /// Re-enqueued (or would be).

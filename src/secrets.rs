@@ -254,6 +254,22 @@ pub fn hash_webhook_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// A fresh API token (`sparky user token create`), shown to the user once. `sat_` (Sparky API
+/// token) tells it apart from a webhook secret (`sk_`) at a glance; the two are never interchangeable.
+pub fn generate_api_token() -> SecretString {
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    let s = SecretString::new(format!("sat_{}", hex::encode(b)));
+    b.zeroize();
+    s
+}
+
+/// What is stored for an API token: hex SHA-256 (a random 256-bit token, like a webhook secret:
+/// no KDF needed, and the hash is the look-up key, so timing says nothing about stored tokens).
+pub fn hash_api_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

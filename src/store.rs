@@ -18,6 +18,9 @@ use crate::domain::{Account, CredentialEnv, Job, Side};
 use crate::executor::{Fill, Outcome, PositionChange};
 use crate::job::{FailureClass, FillState, JobStatus};
 
+mod user_api;
+pub use user_api::{JobFilter, PositionKey, TradeRecord};
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
@@ -442,6 +445,9 @@ impl Store {
             return Err(StoreError::Superseded(job.job_id));
         }
         record_fills(&mut tx, job, outcome).await?;
+        // The user's notification, in the outcome's own transaction (issue 15): never lost, never
+        // sent for an outcome that was rolled back.
+        crate::notify::record_job_outcome(&mut tx, job.job_id, &job.alert, outcome).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -450,17 +456,29 @@ impl Store {
     /// around it) in a failed state, if it has a row that is not final yet. `false` when no such
     /// row exists (it was never begun, or it already finished).
     pub async fn mark_failed(&self, job_id: Uuid, outcome: &Outcome) -> Result<bool, StoreError> {
-        let r = sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        let alert: Option<serde_json::Value> = sqlx::query_scalar(
             "UPDATE jobs SET status = $2, error_class = $3, error = $4, finished_at = now(), updated_at = now()
-             WHERE job_id = $1 AND status IN ('queued', 'executing')",
+             WHERE job_id = $1 AND status IN ('queued', 'executing')
+             RETURNING alert",
         )
         .bind(job_id)
         .bind(outcome.status)
         .bind(outcome.error_class)
         .bind(outcome.message.as_deref().map(pg_text))
-        .execute(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(r.rows_affected() > 0)
+        let Some(alert) = alert else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        // The user's notification, in the same transaction (issue 15). A stored alert that no
+        // longer reads back has no notification (the job row still says what happened).
+        if let Ok(alert) = serde_json::from_value(alert) {
+            crate::notify::record_job_outcome(&mut tx, job_id, &alert, outcome).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     pub async fn get_job(&self, job_id: Uuid) -> Result<Option<JobRow>, StoreError> {

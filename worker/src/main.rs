@@ -32,7 +32,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down: finishing in-flight jobs");
         s.cancel();
     });
-    worker.run(RunMode::Forever, config.drain_timeout).await?;
+    // Notifications: the dispatcher is its own task, on a pool of its own (two connections), so
+    // it never takes a connection or a lane from trading. Every worker process runs one; they share
+    // the outbox safely (leases, SKIP LOCKED). See `sparky::notify::dispatch`.
+    let dispatcher = std::sync::Arc::new(
+        sparky::notify::dispatch::Dispatcher::new(
+            worker.store.sibling(2, std::time::Duration::from_secs(5)),
+            config.master_key.iter().cloned().collect(),
+            sparky::notify::dispatch::DispatcherConfig::default(),
+        )
+        .with_metrics(worker.metrics.clone()),
+    );
+    let dispatching = tokio::spawn(dispatcher.run(shutdown.clone()));
+    let ran = worker.run(RunMode::Forever, config.drain_timeout).await;
+    shutdown.cancel();
+    let _ = dispatching.await;
+    ran?;
     tracing::info!("sparky-worker stopped");
     Ok(())
 }
