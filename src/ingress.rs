@@ -281,13 +281,7 @@ async fn track_latency(State(metrics): State<Metrics>, req: Request, next: Next)
 pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
     let store = Store::connect(&config.database_url, 8).await?;
     store.check_migrated().await?;
-    let queue = Queue::connect(
-        &config.redis_url,
-        &config.namespace,
-        config.partitions,
-        Duration::from_millis(1000),
-    )
-    .await?;
+    let queue = Queue::from_config(config, Duration::from_millis(1000)).await?;
     queue.check_partitions().await?;
     for w in queue.durability_warnings().await {
         tracing::warn!("{w}");

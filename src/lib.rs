@@ -25,6 +25,7 @@ pub mod money;
 pub mod net;
 pub mod partition;
 pub mod queue;
+pub mod redis_conn;
 pub mod replay;
 pub mod retry;
 pub mod secrets;

@@ -41,13 +41,17 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Script, Value};
+use redis::{Script, Value};
 use uuid::Uuid;
 
 use crate::domain::{Alert, Job};
+pub use crate::redis_conn::{RedisClient, RedisConn, RedisTarget};
 
 pub const GROUP: &str = "workers";
+/// On a cluster, how long a worker waits after a read of new entries found none (reads there
+/// poll: see [`Queue::read`]). The cost: up to this much extra latency for an idle partition,
+/// and one `XREADGROUP` per owned partition per interval.
+pub const CLUSTER_POLL: Duration = Duration::from_millis(20);
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 
@@ -61,6 +65,8 @@ pub enum QueueError {
         recorded: u32,
         namespace: String,
     },
+    #[error("the write reached {acked} of the {wanted} replicas SPARKY_REDIS_WAIT_REPLICAS asks for within SPARKY_REDIS_WAIT_TIMEOUT_MS")]
+    NotReplicated { wanted: u32, acked: u32 },
     #[error("unexpected reply from redis: {0}")]
     Protocol(String),
 }
@@ -229,29 +235,79 @@ pub fn alert_fingerprint(alert: &Alert) -> String {
 /// The Redis side of the pipeline. Cheap to clone.
 #[derive(Clone)]
 pub struct Queue {
-    client: Client,
-    conn: ConnectionManager,
+    client: RedisClient,
+    conn: RedisConn,
     pub keys: Keys,
     pub partitions: u32,
     enqueue_script: Script,
+    /// `SPARKY_REDIS_WAIT_REPLICAS` (0 = off) and the `WAIT` timeout: see [`Queue::with_wait_replicas`].
+    wait_replicas: u32,
+    wait_timeout: Duration,
+}
+
+/// A script call built by hand, so that it can be pipelined with `WAIT` (one round trip).
+pub(crate) struct ScriptCall<'a> {
+    script: &'a Script,
+    /// The script's source (`redis::Script` does not give it back), for `EVAL`.
+    source: &'static str,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'a> ScriptCall<'a> {
+    pub(crate) fn new(script: &'a Script, source: &'static str) -> Self {
+        ScriptCall {
+            script,
+            source,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+    pub(crate) fn key(&mut self, k: String) -> &mut Self {
+        self.keys.push(k);
+        self
+    }
+    pub(crate) fn arg(&mut self, a: impl redis::ToRedisArgs) -> &mut Self {
+        self.args.extend(a.to_redis_args());
+        self
+    }
+    /// `EVALSHA` (by hash) or `EVAL` (the source, which also loads it into the node's cache).
+    fn cmd(&self, by_hash: bool) -> redis::Cmd {
+        let mut c = if by_hash {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(self.script.get_hash());
+            c
+        } else {
+            let mut c = redis::cmd("EVAL");
+            c.arg(self.source);
+            c
+        };
+        c.arg(self.keys.len()).arg(&self.keys);
+        for a in &self.args {
+            c.arg(a.as_slice());
+        }
+        c
+    }
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        || e.code() == Some("NOSCRIPT")
 }
 
 impl Queue {
-    /// Connect. Commands time out after `response_timeout` so a dead Redis gives a fast error
-    /// (the ingress turns it into 503) instead of a hung request.
+    /// Connect to a single Redis (a URL) or a cluster ([`RedisTarget::Cluster`]). Commands time
+    /// out after `response_timeout` so a dead Redis gives a fast error (the ingress turns it into
+    /// 503) instead of a hung request.
     pub async fn connect(
-        redis_url: &str,
+        target: impl Into<RedisTarget>,
         namespace: &str,
         partitions: u32,
         response_timeout: Duration,
     ) -> Result<Queue, QueueError> {
-        let client = Client::open(redis_url)?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(response_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = client.get_connection_manager_with_config(cfg).await?;
+        let target = target.into();
+        let client = RedisClient::open(&target, response_timeout)?;
+        let conn = client.shared(response_timeout).await?;
         Ok(Queue {
             client,
             conn,
@@ -260,27 +316,93 @@ impl Queue {
             },
             partitions,
             enqueue_script: Script::new(ENQUEUE_LUA),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(500),
         })
     }
 
+    /// Connect as `config` says: `REDIS_CLUSTER_URLS` or `REDIS_URL`, the namespace, the partition
+    /// count and `SPARKY_REDIS_WAIT_REPLICAS`.
+    pub async fn from_config(
+        config: &crate::config::Config,
+        response_timeout: Duration,
+    ) -> Result<Queue, QueueError> {
+        Ok(Queue::connect(
+            config.redis_target(),
+            &config.namespace,
+            config.partitions,
+            response_timeout,
+        )
+        .await?
+        .with_wait_replicas(config.redis_wait_replicas, config.redis_wait_timeout))
+    }
+
+    /// Durable writes: an enqueue (and a lease acquire or renewal) counts only once `replicas`
+    /// replicas of the key's master acknowledged it (`WAIT replicas timeout`, pipelined with the
+    /// script: still one round trip). Fewer within `timeout`: [`QueueError::NotReplicated`].
+    pub fn with_wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = replicas;
+        self.wait_timeout = timeout;
+        self
+    }
+
+    pub fn wait_replicas(&self) -> u32 {
+        self.wait_replicas
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.client.is_cluster()
+    }
+
     /// A shared multiplexed connection for ordinary commands.
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 
-    /// A dedicated connection for blocking reads (a blocking command would stall every other command
-    /// multiplexed on a shared connection).
-    pub async fn blocking_conn(
+    /// A connection for the read loop. On a single Redis a dedicated one, for blocking reads (a
+    /// blocking command would stall every other command multiplexed on a shared connection); on a
+    /// cluster the shared one (reads there do not block, see [`Queue::read`]).
+    pub async fn blocking_conn(&self, block: Duration) -> Result<RedisConn, QueueError> {
+        if self.is_cluster() {
+            return Ok(self.conn());
+        }
+        Ok(self.client.dedicated(block + Duration::from_secs(5)).await?)
+    }
+
+    /// Run a script; with `replicate` (and `SPARKY_REDIS_WAIT_REPLICAS` > 0) pipelined with `WAIT`
+    /// on the same node, and refused unless enough replicas acknowledged. A node that does not
+    /// have the script cached (after a failover or restart) is sent its source.
+    pub(crate) async fn eval<T: redis::FromRedisValue>(
         &self,
-        block: Duration,
-    ) -> Result<MultiplexedConnection, QueueError> {
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(block + Duration::from_secs(5)));
-        Ok(self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await?)
+        call: &ScriptCall<'_>,
+        replicate: bool,
+    ) -> Result<T, QueueError> {
+        let mut c = self.conn();
+        if !replicate || self.wait_replicas == 0 {
+            return match call.cmd(true).query_async(&mut c).await {
+                Err(e) if is_noscript(&e) => Ok(call.cmd(false).query_async(&mut c).await?),
+                r => Ok(r?),
+            };
+        }
+        let pipe = |by_hash: bool| {
+            let mut p = redis::pipe();
+            p.add_command(call.cmd(by_hash))
+                .cmd("WAIT")
+                .arg(self.wait_replicas)
+                .arg(self.wait_timeout.as_millis() as u64);
+            p
+        };
+        let (value, acked): (Value, i64) = match pipe(true).query_async(&mut c).await {
+            Err(e) if is_noscript(&e) => pipe(false).query_async(&mut c).await?,
+            r => r?,
+        };
+        if acked < i64::from(self.wait_replicas) {
+            return Err(QueueError::NotReplicated {
+                wanted: self.wait_replicas,
+                acked: acked.max(0) as u32,
+            });
+        }
+        Ok(redis::from_redis_value(value).map_err(redis::RedisError::from)?)
     }
 
     pub async fn ping(&self) -> Result<(), QueueError> {
@@ -329,17 +451,18 @@ impl Queue {
         let user = &job.alert.user_id;
         let p = self.partition_of(user);
         let json = serde_json::to_string(job).expect("a job serialises");
-        let mut inv = self.enqueue_script.key(self.keys.stream(p));
-        inv.key(format!("{}:{{p{p}}}:rl:{user}", self.keys.ns));
+        let mut call = ScriptCall::new(&self.enqueue_script, ENQUEUE_LUA);
+        call.key(self.keys.stream(p));
+        call.key(format!("{}:{{p{p}}}:rl:{user}", self.keys.ns));
         if let Some(a) = &job.alert.alert_id {
-            inv.key(self.keys.idempotency(p, user, a));
+            call.key(self.keys.idempotency(p, user, a));
         }
         let (per_sec, burst) = if limit.enabled() {
             (limit.per_sec, limit.burst.max(1))
         } else {
             (0.0, 0)
         };
-        inv.arg(job.job_id.to_string())
+        call.arg(job.job_id.to_string())
             .arg(json)
             .arg(IDEMPOTENCY_TTL_SECS)
             .arg(per_sec)
@@ -349,7 +472,9 @@ impl Queue {
             } else {
                 String::new()
             });
-        let (code, value): (i64, String) = inv.invoke_async(&mut self.conn()).await?;
+        // With SPARKY_REDIS_WAIT_REPLICAS the script and `WAIT` go in one pipeline: a 202 (and a
+        // `200 duplicate`) only once the replicas hold the entry.
+        let (code, value): (i64, String) = self.eval(&call, true).await?;
         match code {
             1 => Ok((p, Enqueued::Queued { entry_id: value })),
             0 | 3 => {
@@ -440,11 +565,19 @@ impl Queue {
         }
     }
 
-    /// `XREADGROUP` over several partitions at once. `cursors[i]` is `">"` for new entries or an id
-    /// to re-read this consumer's pending entries after it.
+    /// `XREADGROUP` over several partitions. `cursors[i]` is `">"` for new entries or an id to
+    /// re-read this consumer's pending entries after it.
+    ///
+    /// On a single Redis: one command over every partition, blocking up to `block` for new entries.
+    /// On a cluster each partition is its own slot (a multi-stream read would be `CROSSSLOT`), so
+    /// each partition gets its own non-blocking `XREADGROUP`, all sent at once (the cluster
+    /// connection pipelines them per node); when none returns anything the call waits
+    /// [`CLUSTER_POLL`] (at most `block`), so an idle worker polls instead of blocking. A failed
+    /// read of any partition fails the call: entries the others delivered stay pending for this
+    /// consumer and are re-read (the read loop treats the whole read as lost).
     pub async fn read(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         consumer: &str,
         cursors: &[(u32, String)],
         count: usize,
@@ -454,23 +587,39 @@ impl Queue {
             tokio::time::sleep(block).await;
             return Ok(vec![]);
         }
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(GROUP)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS");
-        for (p, _) in cursors {
-            cmd.arg(self.keys.stream(*p));
+        let command = |cursors: &[(u32, String)], block: Option<Duration>| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP").arg(GROUP).arg(consumer).arg("COUNT").arg(count);
+            if let Some(b) = block {
+                cmd.arg("BLOCK").arg(b.as_millis() as u64);
+            }
+            cmd.arg("STREAMS");
+            for (p, _) in cursors {
+                cmd.arg(self.keys.stream(*p));
+            }
+            for (_, id) in cursors {
+                cmd.arg(id);
+            }
+            cmd
+        };
+        if !conn.is_cluster() {
+            let v: Value = command(cursors, Some(block)).query_async(conn).await?;
+            return self.parse_read(v);
         }
-        for (_, id) in cursors {
-            cmd.arg(id);
+        let reads = cursors.iter().map(|c| {
+            let mut conn = conn.clone();
+            let cmd = command(std::slice::from_ref(c), None);
+            async move { cmd.query_async::<Value>(&mut conn).await }
+        });
+        let mut out = Vec::new();
+        for v in futures::future::join_all(reads).await {
+            out.extend(self.parse_read(v?)?);
         }
-        let v: Value = cmd.query_async(conn).await?;
-        self.parse_read(v)
+        let only_new = cursors.iter().all(|(_, id)| id == ">");
+        if out.is_empty() && only_new {
+            tokio::time::sleep(CLUSTER_POLL.min(block)).await;
+        }
+        Ok(out)
     }
 
     fn parse_read(&self, v: Value) -> Result<Vec<Entry>, QueueError> {

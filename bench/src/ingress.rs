@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use redis::aio::ConnectionManager;
+use sparky::queue::RedisConn;
 use serde_json::json;
 
 use crate::cpu::{self, CpuUse};
@@ -187,7 +187,7 @@ async fn wrk(
 
 #[derive(Clone)]
 struct Ceiling {
-    conn: ConnectionManager,
+    conn: RedisConn,
     stream: String,
 }
 

@@ -26,7 +26,7 @@ fn new_key() -> MasterKey {
 async fn second_ingress(app: &TestApp, config: &sparky::config::Config) -> std::net::SocketAddr {
     let store = Store::connect(&config.database_url, 4).await.unwrap();
     let queue = Queue::connect(
-        &config.redis_url,
+        config.redis_target(),
         &config.namespace,
         config.partitions,
         Duration::from_millis(1000),
