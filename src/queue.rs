@@ -938,25 +938,45 @@ impl Queue {
     /// `CONFIG`) is reported as unknown rather than failing start-up.
     pub async fn durability_warnings(&self) -> Vec<String> {
         let mut c = self.conn();
-        let policy: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
-            .query_async(&mut c)
-            .await;
-        let policy = policy.ok().and_then(|v| v.get(1).cloned());
-        let info: Result<String, _> = redis::cmd("INFO")
-            .arg("persistence")
-            .query_async(&mut c)
-            .await;
-        let info = info.ok();
-        let aof = info.as_deref().and_then(|i| info_field(i, "aof_enabled"));
-        let save: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("save")
-            .query_async(&mut c)
-            .await;
-        let save = save.ok().and_then(|v| v.get(1).cloned());
-        durability_risks(policy.as_deref(), aof.as_deref(), save.as_deref())
+        // On a cluster every master is asked (each holds its own share of the jobs).
+        let nodes = match c.masters().await {
+            Ok(n) => n,
+            Err(e) => return vec![format!("could not list the Redis Cluster nodes: {e}")],
+        };
+        let mut out = Vec::new();
+        for node in nodes {
+            let text = |v: Result<Value, redis::RedisError>| -> Option<String> {
+                v.ok().and_then(|v| redis::from_redis_value::<String>(v).ok())
+            };
+            let list = |v: Result<Value, redis::RedisError>| -> Option<String> {
+                v.ok()
+                    .and_then(|v| redis::from_redis_value::<Vec<String>>(v).ok())
+                    .and_then(|v| v.get(1).cloned())
+            };
+            let policy = list(
+                c.on_node(
+                    node.as_ref(),
+                    redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
+                )
+                .await,
+            );
+            let info = text(
+                c.on_node(node.as_ref(), redis::cmd("INFO").arg("persistence"))
+                    .await,
+            );
+            let aof = info.as_deref().and_then(|i| info_field(i, "aof_enabled"));
+            let save = list(
+                c.on_node(node.as_ref(), redis::cmd("CONFIG").arg("GET").arg("save"))
+                    .await,
+            );
+            for w in durability_risks(policy.as_deref(), aof.as_deref(), save.as_deref()) {
+                out.push(match &node {
+                    Some(n) => format!("node {}: {w}", n.addr),
+                    None => w,
+                });
+            }
+        }
+        out
     }
 }
 
