@@ -36,8 +36,16 @@
 //! | `{ns}:dlq` | stream | dead-letter entries (rejected, dead, unreadable), replayable |
 //! | `{ns}:cred:{user}:{exchange}:{env}` | string, TTL 60 s | credential cache (see `credentials`) |
 //!
-//! All keys of one partition share the hash tag `{pN}`, so the enqueue script touches one slot and the
-//! design runs on Redis Cluster unchanged.
+//! All keys of one partition share the hash tag `{pN}`, so the enqueue script touches one slot. The
+//! global keys (`meta:partitions`, `workers`, `dlq`, `cred:*`, `authfail:*`) are each used alone by
+//! their command or script, so every command and script stays in one slot of a Redis Cluster
+//! (`REDIS_CLUSTER_URLS`, see `redis_conn`). What differs there: [`Queue::read`] reads each
+//! partition with its own `XREADGROUP` (a multi-stream read is `CROSSSLOT`), polling instead of
+//! blocking; keyless commands (`SCAN`, `CONFIG`, `INFO`) go to every master.
+//!
+//! With `SPARKY_REDIS_WAIT_REPLICAS=N` the enqueue script (and the lease acquire/renew scripts) are
+//! pipelined with `WAIT N timeout` on the same node ([`Queue::eval`]): one round trip, and a `202`
+//! only once N replicas hold the entry ([`QueueError::NotReplicated`] otherwise, answered `503`).
 
 use std::time::Duration;
 
