@@ -431,11 +431,8 @@ impl Config {
             }
             redis_cluster_urls.push(item.to_string());
         }
-        let redis_wait_replicas: u32 = num(
-            vars,
-            "SPARKY_REDIS_WAIT_REPLICAS",
-            d.redis_wait_replicas,
-        )?;
+        let redis_wait_replicas: u32 =
+            num(vars, "SPARKY_REDIS_WAIT_REPLICAS", d.redis_wait_replicas)?;
         let redis_wait_timeout = Duration::from_millis(num(
             vars,
             "SPARKY_REDIS_WAIT_TIMEOUT_MS",

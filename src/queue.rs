@@ -374,7 +374,10 @@ impl Queue {
         if self.is_cluster() {
             return Ok(self.conn());
         }
-        Ok(self.client.dedicated(block + Duration::from_secs(5)).await?)
+        Ok(self
+            .client
+            .dedicated(block + Duration::from_secs(5))
+            .await?)
     }
 
     /// Run a script; with `replicate` (and `SPARKY_REDIS_WAIT_REPLICAS` > 0) pipelined with `WAIT`
@@ -597,7 +600,11 @@ impl Queue {
         }
         let command = |cursors: &[(u32, String)], block: Option<Duration>| {
             let mut cmd = redis::cmd("XREADGROUP");
-            cmd.arg("GROUP").arg(GROUP).arg(consumer).arg("COUNT").arg(count);
+            cmd.arg("GROUP")
+                .arg(GROUP)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(count);
             if let Some(b) = block {
                 cmd.arg("BLOCK").arg(b.as_millis() as u64);
             }
@@ -954,7 +961,8 @@ impl Queue {
         let mut out = Vec::new();
         for node in nodes {
             let text = |v: Result<Value, redis::RedisError>| -> Option<String> {
-                v.ok().and_then(|v| redis::from_redis_value::<String>(v).ok())
+                v.ok()
+                    .and_then(|v| redis::from_redis_value::<String>(v).ok())
             };
             let list = |v: Result<Value, redis::RedisError>| -> Option<String> {
                 v.ok()

@@ -20,7 +20,9 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -275,10 +277,7 @@ impl RedisConn {
         if !self.is_cluster() {
             return Ok(None);
         }
-        let text: String = redis::cmd("CLUSTER")
-            .arg("NODES")
-            .query_async(self)
-            .await?;
+        let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(self).await?;
         Ok(Some(parse_cluster_nodes(&text)))
     }
 

@@ -96,7 +96,12 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
         Some(nodes) => node_statuses(&nodes, queue.partitions),
     };
     Ok(Status {
-        redis_mode: if queue.is_cluster() { "cluster" } else { "single" }.into(),
+        redis_mode: if queue.is_cluster() {
+            "cluster"
+        } else {
+            "single"
+        }
+        .into(),
         nodes,
         namespace: queue.keys.ns.clone(),
         total_lag: partitions.iter().filter_map(|p| p.lag).sum(),

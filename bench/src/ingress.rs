@@ -14,8 +14,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use sparky::queue::RedisConn;
 use serde_json::json;
+use sparky::queue::RedisConn;
 
 use crate::cpu::{self, CpuUse};
 use crate::profile;

@@ -75,13 +75,11 @@ impl Leases {
 
     /// Announce this worker alive for another `ttl`; returns the live workers, sorted.
     pub async fn heartbeat(&self) -> Result<Vec<String>, QueueError> {
-        Ok(self
-            .heartbeat
-            .key(self.queue.keys.workers())
-            .arg(&self.me)
-            .arg(self.ttl_ms)
-            .invoke_async(&mut self.queue.conn())
-            .await?)
+        let mut call = ScriptCall::new(&self.heartbeat, HEARTBEAT_LUA);
+        call.key(self.queue.keys.workers());
+        call.arg(&self.me).arg(self.ttl_ms);
+        // Not replicated: a lost heartbeat only makes the others rebalance one period early.
+        self.queue.eval(&call, false).await
     }
 
     /// Leave the member set (graceful shutdown), so others rebalance at once.

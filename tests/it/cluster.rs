@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -143,8 +144,11 @@ impl Drop for PrivateCluster {
     }
 }
 
+/// `503` answers seen (the failover, a shard without its replica for `WAIT`).
+static UNAVAILABLE: AtomicU64 = AtomicU64::new(0);
+
 /// Post until answered 202 or 200 (an `alert_id` makes retries safe); returns the job id of a 202.
-/// 503s (the failover, a shard without its replica for `WAIT`) and 429s are retried.
+/// 503s and 429s are retried.
 async fn post_until_accepted(app: &TestApp, body: &Value) -> Option<Uuid> {
     let mut body = body.clone();
     body["alert_id"] = json!(format!(
@@ -158,7 +162,10 @@ async fn post_until_accepted(app: &TestApp, body: &Value) -> Option<Uuid> {
         match status.as_u16() {
             202 => return Some(v["job_id"].as_str().unwrap().parse().unwrap()),
             200 => return None,
-            429 | 503 => {}
+            503 => {
+                UNAVAILABLE.fetch_add(1, Ordering::Relaxed);
+            }
+            429 => {}
             other => panic!("unexpected {other}: {v}"),
         }
         assert!(Instant::now() < deadline, "alert never accepted: {body}");
@@ -184,7 +191,7 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
         .await,
     );
     assert!(app.queue.is_cluster());
-    let (n_users, per_user) = (24, 16);
+    let (n_users, per_user) = (24, 30);
     let mut users = vec![];
     for i in 0..n_users {
         let sym = symbol(i);
@@ -220,7 +227,7 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
                         let body = nth(u, &s, &sym, i);
                         accepted.extend(post_until_accepted(&app, &body).await);
                         // Spread the traffic over the run, so the master dies mid-traffic.
-                        tokio::time::sleep(Duration::from_millis(150)).await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                     accepted
                 }));
@@ -233,8 +240,8 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
         })
     };
 
-    // Kill a worker every 2-4 s; once a quarter of the jobs are done, SIGKILL the master of
-    // partition 0 (mid-traffic) and, after its replica took over, start it again.
+    // Kill a worker every 2-4 s; at the first kill, while alerts are still being posted, SIGKILL
+    // the master of partition 0 too and, after its replica took over, start it again.
     let total = (n_users * per_user) as i64;
     let (mut kills, mut killed_master) = (0, None);
     let mut restarted = false;
@@ -247,7 +254,8 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
         );
         let pause = rand::thread_rng().gen_range(2000..4000);
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        if killed_master.is_none() && finished_jobs(&app).await >= total / 4 {
+        if killed_master.is_none() {
+            assert!(!posting.is_finished(), "the master must die mid-traffic");
             let port = cluster.master_of_partition(0);
             cluster.kill9(port);
             println!(
@@ -275,8 +283,9 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
     let (port, _) = killed_master.expect("the master was killed mid-run");
     assert!(restarted);
     println!(
-        "{total} jobs, {} answered 202, {kills} worker SIGKILLs, master {port} SIGKILLed, in {:?}",
+        "{total} jobs, {} answered 202, {} answers 503 (retried), {kills} worker SIGKILLs, master {port} SIGKILLed, in {:?}",
         accepted.len(),
+        UNAVAILABLE.load(Ordering::Relaxed),
         started.elapsed()
     );
 
@@ -321,19 +330,29 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
         assert_eq!(recorded, want, "{sym}: Sparky recorded another order");
     }
     for p in 0..app.config.partitions {
-        assert_eq!(app.queue.pending_count(p).await.unwrap(), 0, "partition {p}");
+        assert_eq!(
+            app.queue.pending_count(p).await.unwrap(),
+            0,
+            "partition {p}"
+        );
     }
     // The killed master came back as a replica of the node that took its place.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cluster.is_synced_replica(port) {
-        assert!(Instant::now() < deadline, "node {port} did not rejoin as a replica");
+        assert!(
+            Instant::now() < deadline,
+            "node {port} did not rejoin as a replica"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // `sparky status` shows the cluster's nodes, all healthy again.
     let status = sparky::status::collect(&app.queue).await.unwrap();
     assert_eq!(status.redis_mode, "cluster");
     assert_eq!(status.nodes.len(), 6, "{:?}", status.nodes);
-    assert_eq!(status.nodes.iter().filter(|n| n.role == "master").count(), 3);
+    assert_eq!(
+        status.nodes.iter().filter(|n| n.role == "master").count(),
+        3
+    );
     let covered: HashSet<u32> = status
         .nodes
         .iter()
