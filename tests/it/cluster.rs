@@ -368,3 +368,100 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
         Err(_) => panic!("the app is still shared"),
     }
 }
+
+/// A `redis-server` on a free port with extra arguments (a replica: `--replicaof`).
+fn redis_server(args: &[&str]) -> (u16, std::process::Child) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server on PATH");
+    (port, child)
+}
+
+/// `SPARKY_REDIS_WAIT_REPLICAS=1` on a single Redis with one replica: a 202 while the replica is
+/// attached; once it is gone, a 503 that says the alert may or may not have been accepted (the
+/// entry is on the master and runs once; the retry with the same `alert_id` is a duplicate).
+#[tokio::test]
+async fn wait_replicas_on_a_single_redis_answers_202_only_while_a_replica_holds_the_entry() {
+    let (mport, mut master) = redis_server(&[]);
+    let (_, mut replica) = redis_server(&["--replicaof", "127.0.0.1", &mport.to_string()]);
+    let murl = format!("redis://127.0.0.1:{mport}");
+    // Wait until the replica is attached (it syncs within a second or so).
+    let client = redis::Client::open(murl.as_str()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut c)
+                .await
+                .unwrap_or_default();
+            if info.contains("connected_slaves:1") && info.contains("state=online") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the replica did not attach");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let app = TestApp::spawn_with(|c| {
+        c.redis_url = murl.clone();
+        c.redis_wait_replicas = 1;
+        c.redis_wait_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (user, secret) = app.paper_user().await;
+    let mut body = alert(user, &secret, "buy");
+    body["alert_id"] = json!("first");
+    let (st, v) = app.post_webhook(&body).await;
+    assert_eq!(st.as_u16(), 202, "{v}");
+
+    let _ = replica.kill();
+    let _ = replica.wait();
+    body["alert_id"] = json!("second");
+    body["action"] = json!("sell");
+    let (st, v) = app.post_webhook(&body).await;
+    assert_eq!(st.as_u16(), 503, "{v}");
+    assert!(v.to_string().contains("may or may not"), "{v}");
+    // It is on the master: both entries run, once each. (A worker with the wait on could not
+    // take a lease now: its renewals need the replica too. This one runs without it.)
+    let queue = sparky::queue::Queue::connect(
+        &murl,
+        &app.config.namespace,
+        app.config.partitions,
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    let mut config = app.config.clone();
+    config.redis_wait_replicas = 0;
+    run_until_idle(sparky::worker::Worker::new(
+        config,
+        app.store.clone(),
+        queue,
+        tokio_util::sync::CancellationToken::new(),
+    ))
+    .await;
+    assert_eq!(app.queued_entries().await, 2);
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+        .fetch_one(&app.store.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 2);
+    app.cleanup().await;
+    let _ = master.kill();
+    let _ = master.wait();
+}
