@@ -68,14 +68,14 @@ impl RedisTarget {
 #[derive(Clone)]
 pub enum RedisClient {
     Single(Client),
-    Cluster(ClusterClient),
+    Cluster(Box<ClusterClient>),
 }
 
 impl RedisClient {
     pub fn open(target: &RedisTarget, response_timeout: Duration) -> RedisResult<RedisClient> {
         Ok(match target {
             RedisTarget::Single(url) => RedisClient::Single(Client::open(url.as_str())?),
-            RedisTarget::Cluster(seeds) => RedisClient::Cluster(
+            RedisTarget::Cluster(seeds) => RedisClient::Cluster(Box::new(
                 ClusterClientBuilder::new(seeds.iter().map(String::as_str))
                     .connection_timeout(Duration::from_secs(2))
                     .response_timeout(response_timeout)
@@ -88,7 +88,7 @@ impl RedisClient {
                     .min_retry_wait(50)
                     .max_retry_wait(500)
                     .build()?,
-            ),
+            )),
         })
     }
 
