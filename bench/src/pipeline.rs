@@ -126,6 +126,7 @@ fn open_outcome(job: &Job) -> Outcome {
         message: None,
         error_class: None,
         history: vec![],
+        environment: sparky::domain::CredentialEnv::Production,
     }
 }
 
