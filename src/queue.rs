@@ -56,10 +56,21 @@ use crate::domain::{Alert, Job};
 pub use crate::redis_conn::{RedisClient, RedisConn, RedisTarget};
 
 pub const GROUP: &str = "workers";
-/// On a cluster, how long a worker waits after a read of new entries found none (reads there
-/// poll: see [`Queue::read`]). The cost: up to this much extra latency for an idle partition,
-/// and one `XREADGROUP` per owned partition per interval.
+/// On a cluster, the longest a worker waits after a read of new entries found none (reads there
+/// poll: see [`Queue::read`]). The cost: up to this much extra latency for a job arriving on an
+/// idle worker, and one `XREADGROUP` per owned partition per interval while idle.
 pub const CLUSTER_POLL: Duration = Duration::from_millis(20);
+
+/// The wait after `idle` consecutive empty reads on a cluster: 1, 2, 4, 8, 16 ms, then
+/// [`CLUSTER_POLL`]. A busy worker reads again almost at once; an idle one settles at the cap.
+pub fn cluster_poll_delay(idle: u32) -> Duration {
+    Duration::from_millis(1u64 << idle.min(5)).min(CLUSTER_POLL)
+}
+
+/// Connections the replicated writes are spread over when `SPARKY_REDIS_WAIT_REPLICAS` is on:
+/// `WAIT` blocks the connection it is sent on until the replicas acknowledge, so on one
+/// connection every enqueue would wait for the previous one's replication.
+const WAIT_CONNECTIONS: usize = 8;
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 
@@ -251,6 +262,9 @@ pub struct Queue {
     /// `SPARKY_REDIS_WAIT_REPLICAS` (0 = off) and the `WAIT` timeout: see [`Queue::with_wait_replicas`].
     wait_replicas: u32,
     wait_timeout: Duration,
+    /// Connections for replicated writes (see [`WAIT_CONNECTIONS`]); empty: the shared one.
+    wait_conns: std::sync::Arc<Vec<RedisConn>>,
+    next_wait_conn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A script call built by hand, so that it can be pipelined with `WAIT` (one round trip).
@@ -326,6 +340,8 @@ impl Queue {
             enqueue_script: Script::new(ENQUEUE_LUA),
             wait_replicas: 0,
             wait_timeout: Duration::from_millis(500),
+            wait_conns: Default::default(),
+            next_wait_conn: Default::default(),
         })
     }
 
@@ -335,14 +351,22 @@ impl Queue {
         config: &crate::config::Config,
         response_timeout: Duration,
     ) -> Result<Queue, QueueError> {
-        Ok(Queue::connect(
+        let mut queue = Queue::connect(
             config.redis_target(),
             &config.namespace,
             config.partitions,
             response_timeout,
         )
         .await?
-        .with_wait_replicas(config.redis_wait_replicas, config.redis_wait_timeout))
+        .with_wait_replicas(config.redis_wait_replicas, config.redis_wait_timeout);
+        if queue.wait_replicas > 0 {
+            let mut conns = Vec::with_capacity(WAIT_CONNECTIONS);
+            for _ in 0..WAIT_CONNECTIONS {
+                conns.push(queue.client.shared(response_timeout).await?);
+            }
+            queue.wait_conns = std::sync::Arc::new(conns);
+        }
+        Ok(queue)
     }
 
     /// Durable writes: an enqueue (and a lease acquire or renewal) counts only once `replicas`
@@ -394,6 +418,12 @@ impl Queue {
                 Err(e) if is_noscript(&e) => Ok(call.cmd(false).query_async(&mut c).await?),
                 r => Ok(r?),
             };
+        }
+        if !self.wait_conns.is_empty() {
+            let i = self
+                .next_wait_conn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c = self.wait_conns[i % self.wait_conns.len()].clone();
         }
         let pipe = |by_hash: bool| {
             let mut p = redis::pipe();
@@ -582,8 +612,8 @@ impl Queue {
     /// On a single Redis: one command over every partition, blocking up to `block` for new entries.
     /// On a cluster each partition is its own slot (a multi-stream read would be `CROSSSLOT`), so
     /// each partition gets its own non-blocking `XREADGROUP`, all sent at once (the cluster
-    /// connection pipelines them per node); when none returns anything the call waits
-    /// [`CLUSTER_POLL`] (at most `block`), so an idle worker polls instead of blocking. A failed
+    /// connection pipelines them per node), and the call returns at once: the caller polls
+    /// ([`cluster_poll_delay`]) when nothing came back. A failed
     /// read of any partition fails the call: entries the others delivered stay pending for this
     /// consumer and are re-read (the read loop treats the whole read as lost).
     pub async fn read(
@@ -629,10 +659,6 @@ impl Queue {
         let mut out = Vec::new();
         for v in futures::future::join_all(reads).await {
             out.extend(self.parse_read(v?)?);
-        }
-        let only_new = cursors.iter().all(|(_, id)| id == ">");
-        if out.is_empty() && only_new {
-            tokio::time::sleep(CLUSTER_POLL.min(block)).await;
         }
         Ok(out)
     }
@@ -1140,6 +1166,15 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn cluster_polls_back_off_to_the_cap() {
+        let d: Vec<u64> = (0..8)
+            .map(|i| cluster_poll_delay(i).as_millis() as u64)
+            .collect();
+        assert_eq!(d, vec![1, 2, 4, 8, 16, 20, 20, 20]);
+        assert_eq!(cluster_poll_delay(u32::MAX), CLUSTER_POLL);
     }
 
     #[test]

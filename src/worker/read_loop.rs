@@ -49,6 +49,8 @@ impl<'a> ReadLoop<'a> {
         let mut conn = w.queue.blocking_conn(self.block).await?;
         let mut backoff = crate::retry::schedule();
         let mut next_trim = Instant::now() + TRIM_EVERY;
+        // Consecutive empty reads of new entries (a cluster's reads poll: see `Queue::read`).
+        let mut idle_polls = 0u32;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -105,6 +107,16 @@ impl<'a> ReadLoop<'a> {
                     _ = tokio::time::sleep(delay) => {},
                     _ = shutdown.cancelled() => return Ok(()),
                 }
+            }
+            if w.queue.is_cluster() && reads_only_new && got == 0 {
+                let delay = crate::queue::cluster_poll_delay(idle_polls).min(self.block);
+                idle_polls = idle_polls.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {},
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            } else {
+                idle_polls = 0;
             }
             if self.mode == RunMode::UntilIdle
                 && reads_only_new
