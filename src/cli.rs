@@ -251,7 +251,7 @@ pub struct SetCredentials {
 /// use), whatever `SPARKY_PARTITIONS` this shell has.
 pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let probe = Queue::connect(
-        &config.redis_url,
+        config.redis_target(),
         &config.namespace,
         config.partitions,
         Duration::from_secs(5),
@@ -264,7 +264,7 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let queue = match recorded {
         Some(n) if n != config.partitions => {
             Queue::connect(
-                &config.redis_url,
+                config.redis_target(),
                 &config.namespace,
                 n,
                 Duration::from_secs(5),
@@ -507,13 +507,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
         Command::Replay(r) => {
             store.check_migrated().await?;
-            let queue = Queue::connect(
-                &config.redis_url,
-                &config.namespace,
-                config.partitions,
-                Duration::from_secs(5),
-            )
-            .await?;
+            let queue = Queue::from_config(&config, Duration::from_secs(5)).await?;
             queue.check_partitions().await?;
             let selector = if !r.job.is_empty() {
                 replay::Selector::Jobs(r.job)
@@ -752,7 +746,7 @@ fn print_secret(user_id: Uuid, secret: &str, json: bool) {
 /// Drop cached credential rows of the user+exchange so a change is seen at once.
 async fn invalidate_cache(config: &Config, user: Uuid, exchange: ExchangeKind) {
     let Ok(q) = Queue::connect(
-        &config.redis_url,
+        config.redis_target(),
         &config.namespace,
         config.partitions,
         Duration::from_secs(2),
@@ -862,7 +856,7 @@ pub async fn rotate_key(
 /// `false` when Redis could not be reached.
 pub async fn flush_credential_cache(config: &Config) -> bool {
     let Ok(q) = Queue::connect(
-        &config.redis_url,
+        config.redis_target(),
         &config.namespace,
         config.partitions,
         Duration::from_secs(2),
@@ -872,30 +866,17 @@ pub async fn flush_credential_cache(config: &Config) -> bool {
         return false;
     };
     let mut c = q.conn();
-    let mut cursor: u64 = 0;
-    loop {
-        let res: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}:cred:*", q.keys.ns))
-            .arg("COUNT")
-            .arg(500)
-            .query_async(&mut c)
-            .await;
-        let Ok((next, keys)) = res else {
+    // SCAN on every master of a cluster; DEL splits its keys by slot there.
+    let Ok(keys) = c.scan_match(&format!("{}:cred:*", q.keys.ns)).await else {
+        return false;
+    };
+    for chunk in keys.chunks(500) {
+        let r: Result<i64, _> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
+        if r.is_err() {
             return false;
-        };
-        if !keys.is_empty() {
-            let r: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
-            if r.is_err() {
-                return false;
-            }
         }
-        if next == 0 {
-            return true;
-        }
-        cursor = next;
     }
+    true
 }
 
 /// What `sparky credentials encrypt-existing` did.

@@ -39,6 +39,15 @@ pub enum Environment {
 pub struct Config {
     pub database_url: String,
     pub redis_url: String,
+    /// Redis Cluster seed nodes (`REDIS_CLUSTER_URLS`, comma-separated). When not empty, every
+    /// process talks to the cluster and `redis_url` is ignored.
+    pub redis_cluster_urls: Vec<String>,
+    /// `SPARKY_REDIS_WAIT_REPLICAS`: the ingress answers 202 only after this many replicas hold
+    /// the entry (`WAIT`), and a worker counts a lease renewal only once it reached them (0 = off).
+    pub redis_wait_replicas: u32,
+    /// `SPARKY_REDIS_WAIT_TIMEOUT_MS`: how long one `WAIT` may take before the write counts as
+    /// not replicated (the ingress answers 503 "may or may not have been accepted").
+    pub redis_wait_timeout: Duration,
     /// Prefix of every Redis key (isolates deployments and tests).
     pub namespace: String,
     pub master_key: Option<MasterKey>,
@@ -108,6 +117,16 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("database_url", &redact_url(&self.database_url))
             .field("redis_url", &redact_url(&self.redis_url))
+            .field(
+                "redis_cluster_urls",
+                &self
+                    .redis_cluster_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("redis_wait_replicas", &self.redis_wait_replicas)
+            .field("redis_wait_timeout", &self.redis_wait_timeout)
             .field("namespace", &self.namespace)
             .field(
                 "master_key",
@@ -154,6 +173,9 @@ impl Default for Config {
         Config {
             database_url: "postgres://postgres@127.0.0.1:5432/sparky".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_cluster_urls: Vec::new(),
+            redis_wait_replicas: 0,
+            redis_wait_timeout: Duration::from_millis(500),
             namespace: "sparky".into(),
             master_key: None,
             environment: Environment::Dev,
@@ -397,9 +419,42 @@ impl Config {
                 "must be at least 10 (ms)".into(),
             ));
         }
+        let mut redis_cluster_urls = Vec::new();
+        for item in get("REDIS_CLUSTER_URLS").unwrap_or("").split(',') {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            if !item.starts_with("redis://") && !item.starts_with("rediss://") {
+                return Err(err(
+                    "REDIS_CLUSTER_URLS",
+                    format!(
+                        "`{}` is not a redis:// URL (give comma-separated seed nodes, e.g. redis://10.0.0.1:7000,redis://10.0.0.2:7000)",
+                        redact_url(item)
+                    ),
+                ));
+            }
+            redis_cluster_urls.push(item.to_string());
+        }
+        let redis_wait_replicas: u32 =
+            num(vars, "SPARKY_REDIS_WAIT_REPLICAS", d.redis_wait_replicas)?;
+        let redis_wait_timeout = Duration::from_millis(num(
+            vars,
+            "SPARKY_REDIS_WAIT_TIMEOUT_MS",
+            d.redis_wait_timeout.as_millis() as u64,
+        )?);
+        if redis_wait_timeout < Duration::from_millis(10) {
+            return Err(err(
+                "SPARKY_REDIS_WAIT_TIMEOUT_MS",
+                "must be at least 10 (ms); WAIT 0 would wait forever".into(),
+            ));
+        }
         Ok(Config {
             database_url: url("DATABASE_URL", &d.database_url)?,
             redis_url: url("REDIS_URL", &d.redis_url)?,
+            redis_cluster_urls,
+            redis_wait_replicas,
+            redis_wait_timeout,
             namespace,
             master_key,
             environment,
@@ -457,6 +512,15 @@ impl Config {
             log_level: get("LOG_LEVEL").unwrap_or(&d.log_level).to_string(),
             log_format,
         })
+    }
+
+    /// Where Redis is: the cluster when `REDIS_CLUSTER_URLS` is set, else `REDIS_URL`.
+    pub fn redis_target(&self) -> crate::redis_conn::RedisTarget {
+        if self.redis_cluster_urls.is_empty() {
+            crate::redis_conn::RedisTarget::Single(self.redis_url.clone())
+        } else {
+            crate::redis_conn::RedisTarget::Cluster(self.redis_cluster_urls.clone())
+        }
     }
 
     /// How long after *sending* a successful renewal this worker may act on a partition: the
@@ -535,6 +599,35 @@ mod tests {
         assert_eq!(c.max_signal_age, Duration::from_secs(60));
         assert_eq!(c.namespace, "sparky");
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
+        assert!(c.redis_cluster_urls.is_empty());
+        assert_eq!(c.redis_wait_replicas, 0);
+    }
+
+    #[test]
+    fn cluster_urls_switch_to_the_cluster_and_are_checked() {
+        let c = Config::from_map(&map(&[(
+            "REDIS_CLUSTER_URLS",
+            " redis://127.0.0.1:7000, redis://127.0.0.1:7001 ,",
+        )]))
+        .unwrap();
+        assert_eq!(
+            c.redis_target(),
+            crate::redis_conn::RedisTarget::Cluster(vec![
+                "redis://127.0.0.1:7000".into(),
+                "redis://127.0.0.1:7001".into()
+            ])
+        );
+        let e = Config::from_map(&map(&[(
+            "REDIS_CLUSTER_URLS",
+            "redis://127.0.0.1:7000,http://u:hunter2@x:1",
+        )]))
+        .unwrap_err();
+        assert_eq!(e.var, "REDIS_CLUSTER_URLS");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = Config::from_map(&map(&[("SPARKY_REDIS_WAIT_REPLICAS", "-1")])).unwrap_err();
+        assert_eq!(e.var, "SPARKY_REDIS_WAIT_REPLICAS");
+        let c = Config::from_map(&map(&[("SPARKY_REDIS_WAIT_REPLICAS", "1")])).unwrap();
+        assert_eq!(c.redis_wait_replicas, 1);
     }
 
     #[test]

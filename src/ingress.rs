@@ -351,13 +351,10 @@ async fn track_latency(State(metrics): State<Metrics>, req: Request, next: Next)
 pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
     let store = Store::connect(&config.database_url, 8).await?;
     store.check_migrated().await?;
-    let queue = Queue::connect(
-        &config.redis_url,
-        &config.namespace,
-        config.partitions,
-        Duration::from_millis(1000),
-    )
-    .await?;
+    // With SPARKY_REDIS_WAIT_REPLICAS the answer includes the WAIT: leave it its time.
+    let timeout =
+        Duration::from_millis(1000).max(config.redis_wait_timeout + Duration::from_millis(500));
+    let queue = Queue::from_config(config, timeout).await?;
     queue.check_partitions().await?;
     for w in queue.durability_warnings().await {
         tracing::warn!("{w}");

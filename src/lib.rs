@@ -27,6 +27,7 @@ pub mod notify;
 pub mod partition;
 pub mod queue;
 pub mod reconcile;
+pub mod redis_conn;
 pub mod replay;
 pub mod retry;
 pub mod secrets;

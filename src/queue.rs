@@ -36,18 +36,41 @@
 //! | `{ns}:dlq` | stream | dead-letter entries (rejected, dead, unreadable), replayable |
 //! | `{ns}:cred:{user}:{exchange}:{env}` | string, TTL 60 s | credential cache (see `credentials`) |
 //!
-//! All keys of one partition share the hash tag `{pN}`, so the enqueue script touches one slot and the
-//! design runs on Redis Cluster unchanged.
+//! All keys of one partition share the hash tag `{pN}`, so the enqueue script touches one slot. The
+//! global keys (`meta:partitions`, `workers`, `dlq`, `cred:*`, `authfail:*`) are each used alone by
+//! their command or script, so every command and script stays in one slot of a Redis Cluster
+//! (`REDIS_CLUSTER_URLS`, see `redis_conn`). What differs there: [`Queue::read`] reads each
+//! partition with its own `XREADGROUP` (a multi-stream read is `CROSSSLOT`), polling instead of
+//! blocking; keyless commands (`SCAN`, `CONFIG`, `INFO`) go to every master.
+//!
+//! With `SPARKY_REDIS_WAIT_REPLICAS=N` the enqueue script (and the lease acquire/renew scripts) are
+//! pipelined with `WAIT N timeout` on the same node ([`Queue::eval`]): one round trip, and a `202`
+//! only once N replicas hold the entry ([`QueueError::NotReplicated`] otherwise, answered `503`).
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Script, Value};
+use redis::{Script, Value};
 use uuid::Uuid;
 
 use crate::domain::{Alert, Job};
+pub use crate::redis_conn::{RedisClient, RedisConn, RedisTarget};
 
 pub const GROUP: &str = "workers";
+/// On a cluster, the longest a worker waits after a read of new entries found none (reads there
+/// poll: see [`Queue::read`]). The cost: up to this much extra latency for a job arriving on an
+/// idle worker, and one `XREADGROUP` per owned partition per interval while idle.
+pub const CLUSTER_POLL: Duration = Duration::from_millis(20);
+
+/// The wait after `idle` consecutive empty reads on a cluster: 1, 2, 4, 8, 16 ms, then
+/// [`CLUSTER_POLL`]. A busy worker reads again almost at once; an idle one settles at the cap.
+pub fn cluster_poll_delay(idle: u32) -> Duration {
+    Duration::from_millis(1u64 << idle.min(5)).min(CLUSTER_POLL)
+}
+
+/// Connections the replicated writes are spread over when `SPARKY_REDIS_WAIT_REPLICAS` is on:
+/// `WAIT` blocks the connection it is sent on until the replicas acknowledge, so on one
+/// connection every enqueue would wait for the previous one's replication.
+const WAIT_CONNECTIONS: usize = 8;
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 
@@ -61,6 +84,8 @@ pub enum QueueError {
         recorded: u32,
         namespace: String,
     },
+    #[error("the write reached {acked} of the {wanted} replicas SPARKY_REDIS_WAIT_REPLICAS asks for within SPARKY_REDIS_WAIT_TIMEOUT_MS")]
+    NotReplicated { wanted: u32, acked: u32 },
     #[error("unexpected reply from redis: {0}")]
     Protocol(String),
 }
@@ -233,29 +258,82 @@ pub fn alert_fingerprint(alert: &Alert) -> String {
 /// The Redis side of the pipeline. Cheap to clone.
 #[derive(Clone)]
 pub struct Queue {
-    client: Client,
-    conn: ConnectionManager,
+    client: RedisClient,
+    conn: RedisConn,
     pub keys: Keys,
     pub partitions: u32,
     enqueue_script: Script,
+    /// `SPARKY_REDIS_WAIT_REPLICAS` (0 = off) and the `WAIT` timeout: see [`Queue::with_wait_replicas`].
+    wait_replicas: u32,
+    wait_timeout: Duration,
+    /// Connections for replicated writes (see [`WAIT_CONNECTIONS`]); empty: the shared one.
+    wait_conns: std::sync::Arc<Vec<RedisConn>>,
+    next_wait_conn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A script call built by hand, so that it can be pipelined with `WAIT` (one round trip).
+pub(crate) struct ScriptCall<'a> {
+    script: &'a Script,
+    /// The script's source (`redis::Script` does not give it back), for `EVAL`.
+    source: &'static str,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'a> ScriptCall<'a> {
+    pub(crate) fn new(script: &'a Script, source: &'static str) -> Self {
+        ScriptCall {
+            script,
+            source,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+    pub(crate) fn key(&mut self, k: String) -> &mut Self {
+        self.keys.push(k);
+        self
+    }
+    pub(crate) fn arg(&mut self, a: impl redis::ToRedisArgs) -> &mut Self {
+        self.args.extend(a.to_redis_args());
+        self
+    }
+    /// `EVALSHA` (by hash) or `EVAL` (the source, which also loads it into the node's cache).
+    fn cmd(&self, by_hash: bool) -> redis::Cmd {
+        let mut c = if by_hash {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(self.script.get_hash());
+            c
+        } else {
+            let mut c = redis::cmd("EVAL");
+            c.arg(self.source);
+            c
+        };
+        c.arg(self.keys.len()).arg(&self.keys);
+        for a in &self.args {
+            c.arg(a.as_slice());
+        }
+        c
+    }
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        || e.code() == Some("NOSCRIPT")
 }
 
 impl Queue {
-    /// Connect. Commands time out after `response_timeout` so a dead Redis gives a fast error
-    /// (the ingress turns it into 503) instead of a hung request.
+    /// Connect to a single Redis (a URL) or a cluster ([`RedisTarget::Cluster`]). Commands time
+    /// out after `response_timeout` so a dead Redis gives a fast error (the ingress turns it into
+    /// 503) instead of a hung request.
     pub async fn connect(
-        redis_url: &str,
+        target: impl Into<RedisTarget>,
         namespace: &str,
         partitions: u32,
         response_timeout: Duration,
     ) -> Result<Queue, QueueError> {
-        let client = Client::open(redis_url)?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(response_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = client.get_connection_manager_with_config(cfg).await?;
+        let target = target.into();
+        let client = RedisClient::open(&target, response_timeout)?;
+        let conn = client.shared(response_timeout).await?;
         Ok(Queue {
             client,
             conn,
@@ -264,27 +342,112 @@ impl Queue {
             },
             partitions,
             enqueue_script: Script::new(ENQUEUE_LUA),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(500),
+            wait_conns: Default::default(),
+            next_wait_conn: Default::default(),
         })
     }
 
+    /// Connect as `config` says: `REDIS_CLUSTER_URLS` or `REDIS_URL`, the namespace, the partition
+    /// count and `SPARKY_REDIS_WAIT_REPLICAS`.
+    pub async fn from_config(
+        config: &crate::config::Config,
+        response_timeout: Duration,
+    ) -> Result<Queue, QueueError> {
+        let mut queue = Queue::connect(
+            config.redis_target(),
+            &config.namespace,
+            config.partitions,
+            response_timeout,
+        )
+        .await?
+        .with_wait_replicas(config.redis_wait_replicas, config.redis_wait_timeout);
+        if queue.wait_replicas > 0 {
+            let mut conns = Vec::with_capacity(WAIT_CONNECTIONS);
+            for _ in 0..WAIT_CONNECTIONS {
+                conns.push(queue.client.shared(response_timeout).await?);
+            }
+            queue.wait_conns = std::sync::Arc::new(conns);
+        }
+        Ok(queue)
+    }
+
+    /// Durable writes: an enqueue (and a lease acquire or renewal) counts only once `replicas`
+    /// replicas of the key's master acknowledged it (`WAIT replicas timeout`, pipelined with the
+    /// script: still one round trip). Fewer within `timeout`: [`QueueError::NotReplicated`].
+    pub fn with_wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = replicas;
+        self.wait_timeout = timeout;
+        self
+    }
+
+    pub fn wait_replicas(&self) -> u32 {
+        self.wait_replicas
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.client.is_cluster()
+    }
+
     /// A shared multiplexed connection for ordinary commands.
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 
-    /// A dedicated connection for blocking reads (a blocking command would stall every other command
-    /// multiplexed on a shared connection).
-    pub async fn blocking_conn(
-        &self,
-        block: Duration,
-    ) -> Result<MultiplexedConnection, QueueError> {
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(block + Duration::from_secs(5)));
+    /// A connection for the read loop. On a single Redis a dedicated one, for blocking reads (a
+    /// blocking command would stall every other command multiplexed on a shared connection); on a
+    /// cluster the shared one (reads there do not block, see [`Queue::read`]).
+    pub async fn blocking_conn(&self, block: Duration) -> Result<RedisConn, QueueError> {
+        if self.is_cluster() {
+            return Ok(self.conn());
+        }
         Ok(self
             .client
-            .get_multiplexed_async_connection_with_config(&cfg)
+            .dedicated(block + Duration::from_secs(5))
             .await?)
+    }
+
+    /// Run a script; with `replicate` (and `SPARKY_REDIS_WAIT_REPLICAS` > 0) pipelined with `WAIT`
+    /// on the same node, and refused unless enough replicas acknowledged. A node that does not
+    /// have the script cached (after a failover or restart) is sent its source.
+    pub(crate) async fn eval<T: redis::FromRedisValue>(
+        &self,
+        call: &ScriptCall<'_>,
+        replicate: bool,
+    ) -> Result<T, QueueError> {
+        let mut c = self.conn();
+        if !replicate || self.wait_replicas == 0 {
+            return match call.cmd(true).query_async(&mut c).await {
+                Err(e) if is_noscript(&e) => Ok(call.cmd(false).query_async(&mut c).await?),
+                r => Ok(r?),
+            };
+        }
+        if !self.wait_conns.is_empty() {
+            let i = self
+                .next_wait_conn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c = self.wait_conns[i % self.wait_conns.len()].clone();
+        }
+        let pipe = |by_hash: bool| {
+            let mut p = redis::pipe();
+            p.add_command(call.cmd(by_hash))
+                .cmd("WAIT")
+                .arg(self.wait_replicas)
+                .arg(self.wait_timeout.as_millis() as u64);
+            p
+        };
+        let (value, acked): (Value, i64) = match pipe(true).query_async(&mut c).await {
+            Err(e) if is_noscript(&e) => pipe(false).query_async(&mut c).await?,
+            r => r?,
+        };
+        if acked < i64::from(self.wait_replicas) {
+            return Err(QueueError::NotReplicated {
+                wanted: self.wait_replicas,
+                acked: acked.max(0) as u32,
+            });
+        }
+        Ok(redis::from_redis_value(value).map_err(redis::RedisError::from)?)
     }
 
     pub async fn ping(&self) -> Result<(), QueueError> {
@@ -333,17 +496,18 @@ impl Queue {
         let user = &job.alert.user_id;
         let p = self.partition_of(user);
         let json = serde_json::to_string(job).expect("a job serialises");
-        let mut inv = self.enqueue_script.key(self.keys.stream(p));
-        inv.key(format!("{}:{{p{p}}}:rl:{user}", self.keys.ns));
+        let mut call = ScriptCall::new(&self.enqueue_script, ENQUEUE_LUA);
+        call.key(self.keys.stream(p));
+        call.key(format!("{}:{{p{p}}}:rl:{user}", self.keys.ns));
         if let Some(a) = &job.alert.alert_id {
-            inv.key(self.keys.idempotency(p, user, a));
+            call.key(self.keys.idempotency(p, user, a));
         }
         let (per_sec, burst) = if limit.enabled() {
             (limit.per_sec, limit.burst.max(1))
         } else {
             (0.0, 0)
         };
-        inv.arg(job.job_id.to_string())
+        call.arg(job.job_id.to_string())
             .arg(json)
             .arg(IDEMPOTENCY_TTL_SECS)
             .arg(per_sec)
@@ -353,7 +517,9 @@ impl Queue {
             } else {
                 String::new()
             });
-        let (code, value): (i64, String) = inv.invoke_async(&mut self.conn()).await?;
+        // With SPARKY_REDIS_WAIT_REPLICAS the script and `WAIT` go in one pipeline: a 202 (and a
+        // `200 duplicate`) only once the replicas hold the entry.
+        let (code, value): (i64, String) = self.eval(&call, true).await?;
         match code {
             1 => Ok((p, Enqueued::Queued { entry_id: value })),
             0 | 3 => {
@@ -444,11 +610,19 @@ impl Queue {
         }
     }
 
-    /// `XREADGROUP` over several partitions at once. `cursors[i]` is `">"` for new entries or an id
-    /// to re-read this consumer's pending entries after it.
+    /// `XREADGROUP` over several partitions. `cursors[i]` is `">"` for new entries or an id to
+    /// re-read this consumer's pending entries after it.
+    ///
+    /// On a single Redis: one command over every partition, blocking up to `block` for new entries.
+    /// On a cluster each partition is its own slot (a multi-stream read would be `CROSSSLOT`), so
+    /// each partition gets its own non-blocking `XREADGROUP`, all sent at once (the cluster
+    /// connection pipelines them per node), and the call returns at once: the caller polls
+    /// ([`cluster_poll_delay`]) when nothing came back. A failed
+    /// read of any partition fails the call: entries the others delivered stay pending for this
+    /// consumer and are re-read (the read loop treats the whole read as lost).
     pub async fn read(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         consumer: &str,
         cursors: &[(u32, String)],
         count: usize,
@@ -458,23 +632,39 @@ impl Queue {
             tokio::time::sleep(block).await;
             return Ok(vec![]);
         }
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(GROUP)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS");
-        for (p, _) in cursors {
-            cmd.arg(self.keys.stream(*p));
+        let command = |cursors: &[(u32, String)], block: Option<Duration>| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(GROUP)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(count);
+            if let Some(b) = block {
+                cmd.arg("BLOCK").arg(b.as_millis() as u64);
+            }
+            cmd.arg("STREAMS");
+            for (p, _) in cursors {
+                cmd.arg(self.keys.stream(*p));
+            }
+            for (_, id) in cursors {
+                cmd.arg(id);
+            }
+            cmd
+        };
+        if !conn.is_cluster() {
+            let v: Value = command(cursors, Some(block)).query_async(conn).await?;
+            return self.parse_read(v);
         }
-        for (_, id) in cursors {
-            cmd.arg(id);
+        let reads = cursors.iter().map(|c| {
+            let mut conn = conn.clone();
+            let cmd = command(std::slice::from_ref(c), None);
+            async move { cmd.query_async::<Value>(&mut conn).await }
+        });
+        let mut out = Vec::new();
+        for v in futures::future::join_all(reads).await {
+            out.extend(self.parse_read(v?)?);
         }
-        let v: Value = cmd.query_async(conn).await?;
-        self.parse_read(v)
+        Ok(out)
     }
 
     fn parse_read(&self, v: Value) -> Result<Vec<Entry>, QueueError> {
@@ -832,25 +1022,46 @@ impl Queue {
     /// `CONFIG`) is reported as unknown rather than failing start-up.
     pub async fn durability_warnings(&self) -> Vec<String> {
         let mut c = self.conn();
-        let policy: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
-            .query_async(&mut c)
-            .await;
-        let policy = policy.ok().and_then(|v| v.get(1).cloned());
-        let info: Result<String, _> = redis::cmd("INFO")
-            .arg("persistence")
-            .query_async(&mut c)
-            .await;
-        let info = info.ok();
-        let aof = info.as_deref().and_then(|i| info_field(i, "aof_enabled"));
-        let save: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("save")
-            .query_async(&mut c)
-            .await;
-        let save = save.ok().and_then(|v| v.get(1).cloned());
-        durability_risks(policy.as_deref(), aof.as_deref(), save.as_deref())
+        // On a cluster every master is asked (each holds its own share of the jobs).
+        let nodes = match c.masters().await {
+            Ok(n) => n,
+            Err(e) => return vec![format!("could not list the Redis Cluster nodes: {e}")],
+        };
+        let mut out = Vec::new();
+        for node in nodes {
+            let text = |v: Result<Value, redis::RedisError>| -> Option<String> {
+                v.ok()
+                    .and_then(|v| redis::from_redis_value::<String>(v).ok())
+            };
+            let list = |v: Result<Value, redis::RedisError>| -> Option<String> {
+                v.ok()
+                    .and_then(|v| redis::from_redis_value::<Vec<String>>(v).ok())
+                    .and_then(|v| v.get(1).cloned())
+            };
+            let policy = list(
+                c.on_node(
+                    node.as_ref(),
+                    redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
+                )
+                .await,
+            );
+            let info = text(
+                c.on_node(node.as_ref(), redis::cmd("INFO").arg("persistence"))
+                    .await,
+            );
+            let aof = info.as_deref().and_then(|i| info_field(i, "aof_enabled"));
+            let save = list(
+                c.on_node(node.as_ref(), redis::cmd("CONFIG").arg("GET").arg("save"))
+                    .await,
+            );
+            for w in durability_risks(policy.as_deref(), aof.as_deref(), save.as_deref()) {
+                out.push(match &node {
+                    Some(n) => format!("node {}: {w}", n.addr),
+                    None => w,
+                });
+            }
+        }
+        out
     }
 }
 
@@ -998,6 +1209,15 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn cluster_polls_back_off_to_the_cap() {
+        let d: Vec<u64> = (0..8)
+            .map(|i| cluster_poll_delay(i).as_millis() as u64)
+            .collect();
+        assert_eq!(d, vec![1, 2, 4, 8, 16, 20, 20, 20]);
+        assert_eq!(cluster_poll_delay(u32::MAX), CLUSTER_POLL);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use serde::Serialize;
 
 use crate::queue::{Queue, QueueError};
+use crate::redis_conn::{slot_of, ClusterNode};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -17,6 +18,11 @@ pub struct Status {
     pub total_pending: u64,
     /// Redis settings under which accepted jobs could be lost (see the start-up checks).
     pub warnings: Vec<String>,
+    /// `single` or `cluster`.
+    pub redis_mode: String,
+    /// On a cluster: every node (from `CLUSTER NODES`) with the partitions it holds; empty on a
+    /// single Redis.
+    pub nodes: Vec<NodeStatus>,
     pub reconciliation: ReconcileStatus,
 }
 
@@ -49,6 +55,23 @@ impl ReconcileStatus {
                 .collect(),
         }
     }
+}
+
+/// One Redis Cluster node as `sparky status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub addr: String,
+    /// `master` or `replica`.
+    pub role: String,
+    /// For a replica: its master's address.
+    pub replica_of: Option<String>,
+    /// `ok`, or the failure flags the cluster reports (`fail`, `fail?`, ...) and a lost link.
+    pub state: String,
+    /// Hash slots served (masters).
+    pub slots: u32,
+    /// Partitions whose keys (hash tag `{pN}`) live on this node's shard (a replica: its
+    /// master's).
+    pub partitions: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,7 +123,18 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
             heartbeat_expires_in_ms: left,
         })
         .collect();
+    let nodes = match queue.conn().cluster_nodes().await? {
+        None => Vec::new(),
+        Some(nodes) => node_statuses(&nodes, queue.partitions),
+    };
     Ok(Status {
+        redis_mode: if queue.is_cluster() {
+            "cluster"
+        } else {
+            "single"
+        }
+        .into(),
+        nodes,
         namespace: queue.keys.ns.clone(),
         total_lag: partitions.iter().filter_map(|p| p.lag).sum(),
         total_pending: partitions.iter().map(|p| p.pending).sum(),
@@ -110,6 +144,44 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
         warnings: queue.durability_warnings().await,
         reconciliation: ReconcileStatus::from_fields(queue.reconciliation().await?),
     })
+}
+
+/// The cluster's nodes with the partitions each shard holds.
+pub fn node_statuses(nodes: &[ClusterNode], partitions: u32) -> Vec<NodeStatus> {
+    let parts_of = |n: &ClusterNode| -> Vec<u32> {
+        (0..partitions)
+            .filter(|p| n.serves(slot_of(&format!("{{p{p}}}"))))
+            .collect()
+    };
+    nodes
+        .iter()
+        .map(|n| {
+            let master = n
+                .master_id
+                .as_ref()
+                .and_then(|id| nodes.iter().find(|m| &m.id == id));
+            let mut bad = n.flags.clone();
+            if n.link != "connected" {
+                bad.push(n.link.clone());
+            }
+            NodeStatus {
+                addr: n.addr.clone(),
+                role: n.role.clone(),
+                replica_of: master.map(|m| m.addr.clone()),
+                state: if bad.is_empty() {
+                    "ok".into()
+                } else {
+                    bad.join(",")
+                },
+                slots: n.slots.iter().map(|(a, b)| u32::from(b - a) + 1).sum(),
+                partitions: match (n.role.as_str(), master) {
+                    ("master", _) => parts_of(n),
+                    (_, Some(m)) => parts_of(m),
+                    _ => Vec::new(),
+                },
+            }
+        })
+        .collect()
 }
 
 /// The human table `sparky status` prints.
@@ -173,6 +245,24 @@ pub fn render_table(s: &Status) -> String {
             )
         }
     ));
+    if !s.nodes.is_empty() {
+        out.push_str("\nredis cluster nodes:\n");
+        out.push_str(&format!(
+            "  {:<21}  {:<7}  {:<21}  {:<12}  {:>5}  partitions\n",
+            "node", "role", "replica of", "state", "slots"
+        ));
+        for n in &s.nodes {
+            out.push_str(&format!(
+                "  {:<21}  {:<7}  {:<21}  {:<12}  {:>5}  {:?}\n",
+                n.addr,
+                n.role,
+                n.replica_of.as_deref().unwrap_or("-"),
+                n.state,
+                n.slots,
+                n.partitions
+            ));
+        }
+    }
     for w in &s.warnings {
         out.push_str(&format!("\nwarning: {w}\n"));
     }

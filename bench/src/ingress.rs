@@ -14,8 +14,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use redis::aio::ConnectionManager;
 use serde_json::json;
+use sparky::queue::RedisConn;
 
 use crate::cpu::{self, CpuUse};
 use crate::profile;
@@ -187,7 +187,7 @@ async fn wrk(
 
 #[derive(Clone)]
 struct Ceiling {
-    conn: ConnectionManager,
+    conn: RedisConn,
     stream: String,
 }
 

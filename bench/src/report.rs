@@ -71,6 +71,17 @@ fn machine() -> String {
 
 async fn services(ctx: &Ctx) -> String {
     let redis = async {
+        if !ctx.redis_cluster_urls.is_empty() {
+            return Some(format!(
+                "Redis Cluster ({}), SPARKY_REDIS_WAIT_REPLICAS={}",
+                ctx.redis_cluster_urls,
+                if ctx.wait_replicas.is_empty() {
+                    "0"
+                } else {
+                    ctx.wait_replicas.as_str()
+                }
+            ));
+        }
         let client = redis::Client::open(ctx.redis_url.as_str()).ok()?;
         let mut c = client.get_multiplexed_async_connection().await.ok()?;
         let info: String = redis::cmd("INFO")

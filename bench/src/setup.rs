@@ -22,6 +22,11 @@ pub const PARTITIONS: u32 = 16;
 #[derive(Clone)]
 pub struct Ctx {
     pub redis_url: String,
+    /// `REDIS_CLUSTER_URLS`: when set, every part runs on that Redis Cluster (passed on to the
+    /// ingress and workers it starts), and `redis_url` is not used.
+    pub redis_cluster_urls: String,
+    /// `SPARKY_REDIS_WAIT_REPLICAS`, passed on to the ingress and workers.
+    pub wait_replicas: String,
     /// `DATABASE_URL` with its database replaced by `postgres` (for CREATE/DROP DATABASE).
     pub admin_url: String,
     /// The query part of `DATABASE_URL` (e.g. `?sslmode=disable`), kept on every database URL.
@@ -56,11 +61,29 @@ impl Ctx {
         }
         Ok(Ctx {
             redis_url,
+            redis_cluster_urls: std::env::var("REDIS_CLUSTER_URLS").unwrap_or_default(),
+            wait_replicas: std::env::var("SPARKY_REDIS_WAIT_REPLICAS").unwrap_or_default(),
             admin_url: format!("{base}/postgres{query}"),
             db_query: query,
             bin_dir,
             tmp,
         })
+    }
+
+    /// Where Redis is: the cluster when `REDIS_CLUSTER_URLS` is set.
+    pub fn redis_target(&self) -> sparky::redis_conn::RedisTarget {
+        let seeds: Vec<String> = self
+            .redis_cluster_urls
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        if seeds.is_empty() {
+            sparky::redis_conn::RedisTarget::Single(self.redis_url.clone())
+        } else {
+            sparky::redis_conn::RedisTarget::Cluster(seeds)
+        }
     }
 
     fn db_url(&self, name: &str) -> String {
@@ -152,7 +175,7 @@ impl Scope {
 
 /// A queue (with its consumer groups) on a namespace.
 pub async fn new_queue(ctx: &Ctx, ns: &str) -> anyhow::Result<Queue> {
-    let queue = Queue::connect(&ctx.redis_url, ns, PARTITIONS, Duration::from_secs(5))
+    let queue = Queue::connect(ctx.redis_target(), ns, PARTITIONS, Duration::from_secs(5))
         .await
         .context("connecting to Redis")?;
     queue.check_partitions().await?;
@@ -169,27 +192,14 @@ async fn drop_database(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Delete every key `{ns}:*` (SCAN + UNLINK, bounded by the number of keys).
+/// Delete every key `{ns}:*` (SCAN on every master + UNLINK, bounded by the number of keys).
 pub async fn delete_namespace(queue: &Queue, ns: &str) -> anyhow::Result<()> {
     let mut c = queue.conn();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{ns}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut c)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut c).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
+    let keys = c.scan_match(&format!("{ns}:*")).await?;
+    for chunk in keys.chunks(1000) {
+        let _: i64 = redis::cmd("UNLINK").arg(chunk).query_async(&mut c).await?;
     }
+    Ok(())
 }
 
 /// A user of the bench: id and webhook secret.
@@ -334,6 +344,8 @@ pub fn worker_env(
     vec![
         ("DATABASE_URL", scope.db_url.clone()),
         ("REDIS_URL", ctx.redis_url.clone()),
+        ("REDIS_CLUSTER_URLS", ctx.redis_cluster_urls.clone()),
+        ("SPARKY_REDIS_WAIT_REPLICAS", ctx.wait_replicas.clone()),
         ("SPARKY_NAMESPACE", ns.to_string()),
         ("SPARKY_PARTITIONS", PARTITIONS.to_string()),
         ("SPARKY_WORKER_CONCURRENCY", concurrency.to_string()),
@@ -363,6 +375,8 @@ pub async fn spawn_ingress_with(
     let env: Vec<(&str, String)> = [
         ("DATABASE_URL", scope.db_url.clone()),
         ("REDIS_URL", ctx.redis_url.clone()),
+        ("REDIS_CLUSTER_URLS", ctx.redis_cluster_urls.clone()),
+        ("SPARKY_REDIS_WAIT_REPLICAS", ctx.wait_replicas.clone()),
         ("SPARKY_NAMESPACE", scope.ns.clone()),
         ("SPARKY_PARTITIONS", PARTITIONS.to_string()),
         ("PORT", port.to_string()),

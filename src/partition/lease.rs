@@ -3,7 +3,7 @@
 
 use redis::Script;
 
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Queue, QueueError, ScriptCall};
 
 // KEYS[1] workers zset; ARGV[1] me, ARGV[2] ttl ms. Returns the live members (sorted).
 const HEARTBEAT_LUA: &str = r#"
@@ -75,13 +75,11 @@ impl Leases {
 
     /// Announce this worker alive for another `ttl`; returns the live workers, sorted.
     pub async fn heartbeat(&self) -> Result<Vec<String>, QueueError> {
-        Ok(self
-            .heartbeat
-            .key(self.queue.keys.workers())
-            .arg(&self.me)
-            .arg(self.ttl_ms)
-            .invoke_async(&mut self.queue.conn())
-            .await?)
+        let mut call = ScriptCall::new(&self.heartbeat, HEARTBEAT_LUA);
+        call.key(self.queue.keys.workers());
+        call.arg(&self.me).arg(self.ttl_ms);
+        // Not replicated: a lost heartbeat only makes the others rebalance one period early.
+        self.queue.eval(&call, false).await
     }
 
     /// Leave the member set (graceful shutdown), so others rebalance at once.
@@ -95,25 +93,36 @@ impl Leases {
     }
 
     pub async fn try_acquire(&self, partition: u32) -> Result<bool, QueueError> {
-        self.cas(&self.acquire, partition, true).await
+        self.cas(&self.acquire, ACQUIRE_LUA, partition, true).await
     }
 
     /// `false`: the lease is no longer ours.
     pub async fn renew(&self, partition: u32) -> Result<bool, QueueError> {
-        self.cas(&self.renew, partition, true).await
+        self.cas(&self.renew, RENEW_LUA, partition, true).await
     }
 
     pub async fn release(&self, partition: u32) -> Result<bool, QueueError> {
-        self.cas(&self.release, partition, false).await
+        self.cas(&self.release, RELEASE_LUA, partition, false).await
     }
 
-    async fn cas(&self, script: &Script, partition: u32, ttl: bool) -> Result<bool, QueueError> {
-        let mut inv = script.key(self.queue.keys.lease(partition));
-        inv.arg(&self.me);
+    /// Acquire and renew are *replicated* writes: with `SPARKY_REDIS_WAIT_REPLICAS` they count
+    /// only once the replicas hold them (pipelined `WAIT`), so a replica promoted after its master
+    /// died never has an older lease expiry than the one this worker acts on. Release is not
+    /// (a lost release only delays the next owner by one TTL).
+    async fn cas(
+        &self,
+        script: &Script,
+        source: &'static str,
+        partition: u32,
+        ttl: bool,
+    ) -> Result<bool, QueueError> {
+        let mut call = ScriptCall::new(script, source);
+        call.key(self.queue.keys.lease(partition));
+        call.arg(&self.me);
         if ttl {
-            inv.arg(self.ttl_ms);
+            call.arg(self.ttl_ms);
         }
-        let r: i64 = inv.invoke_async(&mut self.queue.conn()).await?;
+        let r: i64 = self.queue.eval(&call, ttl).await?;
         Ok(r == 1)
     }
 

@@ -27,7 +27,10 @@
 //! (validity as jobs and broker requests see it), [`table`] (one state machine per partition:
 //! acquire, renew, validity, history pass, hand-over, drain).
 //!
-//! All keys of a partition share its hash tag `{pN}`, so this runs on Redis Cluster unchanged.
+//! All keys of a partition share its hash tag `{pN}`, so every lease script touches one slot of a
+//! Redis Cluster; the membership set `{ns}:workers` is alone in the heartbeat script. With
+//! `SPARKY_REDIS_WAIT_REPLICAS` acquisitions and renewals count only once replicated (see `lease`),
+//! so a replica promoted after a master's death holds the lease expiry the owner acts on.
 
 pub mod assignment;
 pub mod fence;

@@ -77,13 +77,7 @@ impl Worker {
         )
         .await?;
         store.check_migrated().await?;
-        let queue = Queue::connect(
-            &config.redis_url,
-            &config.namespace,
-            config.partitions,
-            Duration::from_secs(5),
-        )
-        .await?;
+        let queue = Queue::from_config(&config, Duration::from_secs(5)).await?;
         queue.check_partitions().await?;
         for w in queue.durability_warnings().await {
             tracing::warn!("{w}");

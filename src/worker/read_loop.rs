@@ -1,5 +1,7 @@
-//! The read loop: one `XREADGROUP` at a time over the partitions the table says to read, each
-//! entry taken into the table and queued on its user's lane.
+//! The read loop: one read at a time over the partitions the table says to read (one
+//! `XREADGROUP` on a single Redis; one per partition, sent together, on a Redis Cluster, where
+//! each partition is its own slot: see `Queue::read`), each entry taken into the table and queued
+//! on its user's lane.
 //!
 //! A history read (an id cursor) answers at once; a read of new entries (`>`) blocks up to
 //! [`READ_BLOCK`] (at most a sixth of the lease TTL, so a read never outlives the validity it was
@@ -47,6 +49,8 @@ impl<'a> ReadLoop<'a> {
         let mut conn = w.queue.blocking_conn(self.block).await?;
         let mut backoff = crate::retry::schedule();
         let mut next_trim = Instant::now() + TRIM_EVERY;
+        // Consecutive empty reads of new entries (a cluster's reads poll: see `Queue::read`).
+        let mut idle_polls = 0u32;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -70,6 +74,14 @@ impl<'a> ReadLoop<'a> {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reading the partition streams failed; retrying");
+                    if e.to_string().contains("NOGROUP") {
+                        // A Redis (or a promoted replica) without the consumer group: a master
+                        // restarted without its data. Create the groups again; pending entries
+                        // are gone with the data, new ones are read from the stream's start.
+                        if let Err(e) = w.queue.ensure_groups().await {
+                            tracing::warn!(error = %e, "re-creating the consumer groups failed");
+                        }
+                    }
                     w.table.read_failed(&specs);
                     w.table.read_done();
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
@@ -95,6 +107,16 @@ impl<'a> ReadLoop<'a> {
                     _ = tokio::time::sleep(delay) => {},
                     _ = shutdown.cancelled() => return Ok(()),
                 }
+            }
+            if w.queue.is_cluster() && reads_only_new && got == 0 {
+                let delay = crate::queue::cluster_poll_delay(idle_polls).min(self.block);
+                idle_polls = idle_polls.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {},
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            } else {
+                idle_polls = 0;
             }
             if self.mode == RunMode::UntilIdle
                 && reads_only_new

@@ -20,23 +20,23 @@ use crate::procs::*;
 const ORDER: &str = "POST /fapi/v1/order";
 const LEASE_MS: u64 = 2000;
 
-fn symbol(i: usize) -> String {
+pub(crate) fn symbol(i: usize) -> String {
     format!("U{i}USDT")
 }
 
 /// Alert `i` of a user: alternating buy/sell of the user's own symbol (price 150) for 150 + 15 i
 /// USD: the opened quantity 1 + 0.1 i spells out the order in which the jobs ran.
-fn nth(user: Uuid, secret: &str, sym: &str, i: usize) -> Value {
+pub(crate) fn nth(user: Uuid, secret: &str, sym: &str, i: usize) -> Value {
     json!({"secret": secret, "user_id": user, "exchange": "aster", "symbol": sym,
            "action": if i.is_multiple_of(2) { "buy" } else { "sell" },
            "position_size_usd": (150 + 15 * i).to_string()})
 }
 
-fn qty(i: usize) -> Decimal {
+pub(crate) fn qty(i: usize) -> Decimal {
     Decimal::ONE + Decimal::new(i as i64, 1)
 }
 
-async fn aster_user(app: &TestApp, fake: &AsterFake, sym: &str) -> (Uuid, String) {
+pub(crate) async fn aster_user(app: &TestApp, fake: &AsterFake, sym: &str) -> (Uuid, String) {
     let (u, s) = app.create_user().await;
     store_credentials(app, u, "aster", ASTER_KEY, ASTER_SECRET, None, json!({})).await;
     fake.add_market_like_sol(sym);

@@ -24,6 +24,19 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// `SPARKY_TEST_REDIS_CLUSTER` (comma-separated seed nodes, as `REDIS_CLUSTER_URLS`): when set,
+/// every [`TestApp`] runs on that Redis Cluster instead of `REDIS_URL` (`scripts/test` runs the
+/// pipeline, ordering, failures and security modules a second time this way).
+pub fn test_cluster_urls() -> Vec<String> {
+    std::env::var("SPARKY_TEST_REDIS_CLUSTER")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 pub fn admin_database_url() -> String {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/sparky".into());
@@ -126,8 +139,8 @@ pub async fn fresh_database() -> (Cleanup, String) {
 /// [`TestApp::cleanup`] does the same without blocking a runtime thread.
 pub struct Cleanup {
     db_name: Option<String>,
-    /// (Redis URL, namespace)
-    redis: Option<(String, String)>,
+    /// (where Redis is, namespace)
+    redis: Option<(sparky::redis_conn::RedisTarget, String)>,
     shutdown: Option<CancellationToken>,
 }
 
@@ -143,7 +156,10 @@ impl Cleanup {
     }
 }
 
-async fn clean(db_name: Option<String>, namespace: Option<(String, String)>) {
+async fn clean(
+    db_name: Option<String>,
+    namespace: Option<(sparky::redis_conn::RedisTarget, String)>,
+) {
     if let Some(name) = db_name {
         if let Ok(admin) = Store::connect(&admin_database_url(), 1).await {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -152,13 +168,15 @@ async fn clean(db_name: Option<String>, namespace: Option<(String, String)>) {
             admin.pool.close().await;
         }
     }
-    if let Some((url, ns)) = namespace {
-        let Ok(client) = redis::Client::open(url.as_str()) else {
+    if let Some((target, ns)) = namespace {
+        let Ok(client) = sparky::redis_conn::RedisClient::open(&target, Duration::from_secs(5))
+        else {
             return;
         };
-        let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+        let Ok(mut c) = client.dedicated(Duration::from_secs(5)).await else {
             return;
         };
+        // KEYS goes to every master of a cluster, and DEL splits its keys by slot there.
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{ns}:*"))
             .query_async(&mut c)
@@ -218,23 +236,23 @@ impl TestApp {
         let mut config = Config {
             database_url,
             redis_url: redis_url(),
+            redis_cluster_urls: test_cluster_urls(),
             namespace: format!("t{}", Uuid::new_v4().simple()),
             partitions: 4,
             worker_concurrency: 8,
             ..Config::default()
         };
         tweak(&mut config);
-        guard.redis = Some((config.redis_url.clone(), config.namespace.clone()));
+        if config.redis_url != redis_url() {
+            // A test that points at a Redis of its own (a private one it stops) means that one.
+            config.redis_cluster_urls.clear();
+        }
+        guard.redis = Some((config.redis_target(), config.namespace.clone()));
         let store = Store::connect(&config.database_url, 8).await.unwrap();
         store.migrate().await.unwrap();
-        let queue = Queue::connect(
-            &config.redis_url,
-            &config.namespace,
-            config.partitions,
-            Duration::from_millis(1000),
-        )
-        .await
-        .expect("connect to Redis (is it running? scripts/test starts it)");
+        let queue = Queue::from_config(&config, Duration::from_millis(1000))
+            .await
+            .expect("connect to Redis (is it running? scripts/test starts it)");
         queue.check_partitions().await.unwrap();
         queue.ensure_groups().await.unwrap();
         let shutdown = CancellationToken::new();

@@ -4,6 +4,7 @@
 mod aster;
 mod auth;
 mod chaos;
+mod cluster;
 mod credentials;
 mod exchanges;
 mod failures;

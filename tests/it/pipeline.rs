@@ -319,7 +319,7 @@ async fn binaries_refuse_an_unmigrated_database() {
 async fn a_different_partition_count_is_refused() {
     let app = TestApp::spawn().await;
     let other = sparky::queue::Queue::connect(
-        &app.config.redis_url,
+        app.config.redis_target(),
         &app.config.namespace,
         app.config.partitions + 1,
         std::time::Duration::from_secs(1),

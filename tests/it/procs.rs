@@ -137,6 +137,14 @@ async fn spawn(app: &TestApp, name: &str, env: &[(&str, String)]) -> WorkerProc 
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", &app.config.database_url)
         .env("REDIS_URL", &app.config.redis_url)
+        .env(
+            "REDIS_CLUSTER_URLS",
+            app.config.redis_cluster_urls.join(","),
+        )
+        .env(
+            "SPARKY_REDIS_WAIT_REPLICAS",
+            app.config.redis_wait_replicas.to_string(),
+        )
         .env("SPARKY_NAMESPACE", &app.config.namespace)
         .env("SPARKY_PARTITIONS", app.config.partitions.to_string())
         .env("SPARKY_MAX_SIGNAL_AGE_SECS", "600")
