@@ -1,6 +1,9 @@
 //! The admin CLI (`sparky`). Every command exits non-zero on failure with one line saying why;
 //! listing commands take `--json` for scripts.
 
+pub mod risk;
+pub mod strategies;
+
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -37,6 +40,12 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Re-enqueue failed (rejected/dead) jobs on their user's partition.
     Replay(ReplayArgs),
+    /// A user's strategies: named defaults for alerts (exchange, size, stop-loss, ...).
+    #[command(subcommand)]
+    Strategy(strategies::StrategyCommand),
+    /// A user's risk limits (per user, optionally per strategy).
+    #[command(subcommand)]
+    Risk(risk::RiskCommand),
     /// Partitions (owner, lag, pending, oldest pending age), live workers, dead-letter size.
     Status {
         #[arg(long)]
@@ -324,6 +333,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             }
         }
         Command::Status { .. } => {} // answered above, without Postgres
+        Command::Strategy(c) => strategies::run(&store, c).await?,
+        Command::Risk(c) => risk::run(&store, c).await?,
         Command::Replay(r) => {
             store.check_migrated().await?;
             let queue = Queue::connect(

@@ -27,9 +27,12 @@ pub mod partition;
 pub mod queue;
 pub mod replay;
 pub mod retry;
+pub mod risk;
 pub mod secrets;
+pub mod sizing;
 pub mod status;
 pub mod store;
+pub mod strategy;
 pub mod telemetry;
 pub mod worker;
 

@@ -18,6 +18,9 @@ use crate::domain::{Job, Side};
 use crate::executor::{Fill, Outcome, PositionChange};
 use crate::job::{FailureClass, FillState, JobStatus};
 
+mod risk;
+mod strategies;
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]

@@ -20,5 +20,7 @@ mod recovery;
 mod scripted;
 mod security;
 mod takeover;
+mod templates;
+mod trader;
 mod tradier;
 mod webhook;

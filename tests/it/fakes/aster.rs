@@ -36,6 +36,8 @@ pub(crate) struct AsterState {
     pub(crate) clock_skew_ms: i64,
     pub(crate) margin_limit: Option<Decimal>,
     pub(crate) leverage: Vec<(String, String)>,
+    /// `totalMarginBalance` of `/fapi/v4/account`; `None` answers 500 (equity unreadable).
+    pub(crate) equity: Option<Decimal>,
 }
 
 pub(crate) struct AsterFake {
@@ -81,6 +83,7 @@ impl AsterFake {
                 clock_skew_ms: 0,
                 margin_limit: None,
                 leverage: vec![],
+                equity: Some(dec!(10000)),
             }),
         });
         let app = Router::new()
@@ -188,6 +191,18 @@ impl AsterFake {
         let sym = param(p, "symbol").unwrap_or_default().to_string();
         match (method.as_str(), path) {
             ("GET", "/fapi/v1/time") => (200, json!({"serverTime": now})),
+            ("GET", "/fapi/v4/account") => match st.equity {
+                Some(e) => (
+                    200,
+                    json!({"totalWalletBalance": e.to_string(), "totalMarginBalance": e.to_string(),
+                    "availableBalance": e.to_string(), "assets": [], "positions": []}),
+                ),
+                None => aster_err(
+                    500,
+                    -1001,
+                    "Internal error; unable to process your request.",
+                ),
+            },
             ("GET", "/fapi/v1/exchangeInfo") => {
                 let symbols: Vec<Value> = st
                     .markets
@@ -257,6 +272,14 @@ impl AsterFake {
                     "type": ty, "reduceOnly": reduce, "positionSide": "BOTH", "updateTime": now,
                     "status": "NEW", "executedQty": "0", "cumQuote": "0", "avgPrice": "0.00000"});
                 match ty.as_str() {
+                    "TRAILING_STOP_MARKET" => {
+                        let rate = param(p, "callbackRate").map(d).unwrap_or_default();
+                        if rate < dec!(0.1) || rate > dec!(5) || param(p, "quantity").is_none() {
+                            return aster_err(400, -1102, "Mandatory parameter was not sent.");
+                        }
+                        order["priceRate"] = json!(rate.to_string());
+                        order["origQty"] = json!(param(p, "quantity"));
+                    }
                     "STOP_MARKET" | "TAKE_PROFIT_MARKET" => {
                         if param(p, "closePosition") != Some("true")
                             || param(p, "stopPrice").is_none()

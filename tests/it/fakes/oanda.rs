@@ -32,6 +32,8 @@ pub(crate) struct OandaState {
     pub(crate) trades: HashMap<String, Value>,
     pub(crate) next_id: u64,
     pub(crate) insufficient_margin: bool,
+    /// `NAV` of `/summary`; `None` answers 500 (equity unreadable).
+    pub(crate) nav: Option<Decimal>,
 }
 
 pub(crate) struct OandaFake {
@@ -54,6 +56,7 @@ impl OandaFake {
                 trades: HashMap::new(),
                 next_id: 6000,
                 insufficient_margin: false,
+                nav: Some(dec!(10000)),
             }),
         });
         let app = Router::new()
@@ -163,6 +166,14 @@ impl OandaFake {
         let mut st = self.st.lock().unwrap();
         let inst_q = param(q, "instruments").unwrap_or_default().to_string();
         match (method.as_str(), rest) {
+            ("GET", "/summary") => match st.nav {
+                Some(nav) => (
+                    200,
+                    json!({"account": {"id": OANDA_ACCOUNT, "currency": "USD", "NAV": nav.to_string(),
+                    "balance": nav.to_string(), "unrealizedPL": "0.0000"}, "lastTransactionID": "1"}),
+                ),
+                None => (500, json!({"errorMessage": "Internal server error"})),
+            },
             ("GET", "/instruments") => match st.instruments.get(inst_q.as_str()) {
                 Some((_, _, tup, dp, min)) => (
                     200,
@@ -282,11 +293,13 @@ impl OandaFake {
                 for (key, kind) in [
                     ("stopLossOnFill", "stopLoss"),
                     ("takeProfitOnFill", "takeProfit"),
+                    ("trailingStopLossOnFill", "trailingStopLoss"),
                 ] {
                     if o[key].is_object() {
                         let id = st.next_id.to_string();
                         st.next_id += 1;
                         st.orders.push(json!({"id": id, "state": "PENDING", "type": kind, "price": o[key]["price"].clone(),
+                            "distance": o[key]["distance"].clone(),
                             "clientExtensions": o[key]["clientExtensions"].clone(), "tradeClientID": trade.clone()}));
                         r[format!("{kind}OrderTransaction")] = json!({"id": id});
                     }

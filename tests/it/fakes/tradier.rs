@@ -31,6 +31,8 @@ pub(crate) struct TradierState {
     pub(crate) reject_200: Option<String>,
     /// Report new market orders as `pending` on the first read.
     pub(crate) pending_first: bool,
+    /// `total_equity` of `/balances`; `None` answers 500 (equity unreadable).
+    pub(crate) equity: Option<Decimal>,
 }
 
 pub(crate) struct TradierFake {
@@ -50,6 +52,7 @@ impl TradierFake {
                 next_id: 257459,
                 reject_200: None,
                 pending_first: false,
+                equity: Some(dec!(10000)),
             }),
         });
         let app = Router::new()
@@ -120,6 +123,14 @@ impl TradierFake {
     ) -> (u16, Value) {
         let mut st = self.st.lock().unwrap();
         match route {
+            "GET /balances" => match st.equity {
+                Some(e) => (
+                    200,
+                    json!({"balances": {"account_type": "margin", "total_equity": serde_json::Number::from_str(&e.to_string()).unwrap(),
+                    "total_cash": 1000.0, "market_value": 0.0, "open_pl": 0.0, "close_pl": 0.0}}),
+                ),
+                None => (500, json!("Internal Server Error")),
+            },
             "GET /v1/markets/quotes" => {
                 let sym = param(q, "symbols").unwrap_or_default();
                 match st.prices.get(sym) {

@@ -1,0 +1,1 @@
+//! Issue 14: sizing modes, original alerts, trailing stops, risk limits.
