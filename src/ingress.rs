@@ -569,6 +569,15 @@ async fn get_job(
         .filter(|j| j.user_id == owner)
         .ok_or(ApiError::NotFound)?;
     let trades = st.store.trades_of_job(job_id).await.map_err(unavailable)?;
+    // The alert as it was executed: the strategy's defaults filled in, unknown fields listed.
+    // (An alert that cannot be read back only leaves these two fields empty.)
+    let alert = st
+        .store
+        .job_envelope(job_id)
+        .await
+        .ok()
+        .flatten()
+        .map(|(j, _)| j.alert);
     let ms = |from: chrono::DateTime<Utc>, to: Option<chrono::DateTime<Utc>>| {
         to.map(|t| (t - from).num_milliseconds())
     };
@@ -591,6 +600,8 @@ async fn get_job(
         "finished_at": job.finished_at,
         "timing": timing,
         "orders": trades,
+        "strategy": alert.as_ref().and_then(|a| a.strategy.clone()),
+        "ignored_fields": alert.map(|a| a.ignored_fields).unwrap_or_default(),
     })))
 }
 
