@@ -1096,7 +1096,8 @@ fn parse_trailing(
         return None;
     }
     type Make = fn(Decimal) -> TrailingStop;
-    let kinds: [(&str, fn(Decimal) -> Result<(), String>, Make); 3] = [
+    type Bound = fn(Decimal) -> Result<(), String>;
+    let kinds: [(&str, Bound, Make); 3] = [
         (
             "trailing_stop_percent",
             bounds::percent,

@@ -13,6 +13,10 @@
 //! ([`crate::exchanges::Exchange::equity`]) in the account currency, taken as USD (as
 //! `position_size_usd` is). All arithmetic is checked ([`crate::money`]).
 
+// The errors carry the numbers their messages show; sizing runs once per job, so their size is
+// of no consequence.
+#![allow(clippy::result_large_err)]
+
 use rust_decimal::Decimal;
 
 use crate::domain::{Sizing, SizingMode};

@@ -173,8 +173,11 @@ fn given(body: &Map<String, Value>, key: &str) -> bool {
 pub struct StrategyCache {
     store: Store,
     ttl: Duration,
-    map: Mutex<HashMap<(Uuid, StrategyRef), (Instant, Option<Arc<Strategy>>)>>,
+    map: Mutex<HashMap<(Uuid, StrategyRef), Cached>>,
 }
+
+/// When it was read, and what was found.
+type Cached = (Instant, Option<Arc<Strategy>>);
 
 /// The most strategies (and unknown names) one ingress caches.
 pub const MAX_CACHED: usize = 50_000;

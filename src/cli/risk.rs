@@ -8,6 +8,8 @@ use uuid::Uuid;
 use crate::risk::RiskLimits;
 use crate::store::Store;
 
+// Parsed once per run: the size of the `set` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum RiskCommand {
     /// Set limits (per user, or per strategy with `--strategy`). Only the given limits change;

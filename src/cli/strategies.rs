@@ -10,6 +10,8 @@ use crate::domain::{
 use crate::store::Store;
 use crate::strategy::{Strategy, StrategyRef};
 
+// Parsed once per run: the size of the `set` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum StrategyCommand {
     /// Create a strategy or change the given fields of one (the others keep their values; `--clear`
