@@ -1422,6 +1422,56 @@ mod tests {
     }
 
     #[test]
+    fn original_names_are_aliases_and_conflicts_are_named() {
+        let a = parse_alert(
+            &obj(json!({"userId": "0195f3d0-0000-7000-8000-000000000001", "exchange": "oanda",
+                "action": "buy", "symbol": "EURUSD", "orderType": "limit", "price": "1.08",
+                "positionSizeUsd": 100, "stopLoss": 1, "takeProfitPercent": 2, "sell_percentage": 50,
+                "note": "x"})),
+            None,
+        )
+        .unwrap();
+        assert_eq!(a.order_type, OrderType::Limit);
+        assert_eq!(a.position_size_usd, Some(Decimal::from(100)));
+        assert_eq!(a.stop_loss_percent, Some(Decimal::ONE));
+        assert_eq!(a.take_profit_percent, Some(Decimal::TWO));
+        assert_eq!(a.close_percent, Some(Decimal::from(50)));
+        assert_eq!(a.ignored_fields, vec!["note".to_string()]);
+        let mut b = base();
+        b["stopLoss"] = json!(1);
+        b["stop_loss_percent"] = json!(2);
+        assert_eq!(parse_alert(&obj(b), None).unwrap_err()[0].field, "stopLoss");
+    }
+
+    #[test]
+    fn placeholders_and_trailing_stops() {
+        let mut b = base();
+        b["action"] = json!("{{strategy.order.action}}");
+        let e = parse_alert(&obj(b), None).unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].field, "action");
+        assert!(e[0].message.contains("not replaced"), "{}", e[0].message);
+
+        let mut b = base();
+        b["exchange"] = json!("oanda");
+        b["useTrailingStop"] = json!(true);
+        b["trailing_stop_pips"] = json!(30);
+        let a = parse_alert(&obj(b.clone()), None).unwrap();
+        assert_eq!(a.trailing_stop, Some(TrailingStop::Pips(Decimal::from(30))));
+        b["useTrailingStop"] = json!(false);
+        assert_eq!(
+            parse_alert(&obj(b.clone()), None).unwrap().trailing_stop,
+            None
+        );
+        b["exchange"] = json!("tradier");
+        b["useTrailingStop"] = json!("true");
+        assert_eq!(
+            parse_alert(&obj(b), None).unwrap_err()[0].field,
+            "trailing_stop_pips"
+        );
+    }
+
+    #[test]
     fn idempotency_header_is_the_fallback_alert_id() {
         let a = parse_alert(&obj(base()), Some("k1")).unwrap();
         assert_eq!(a.alert_id.as_deref(), Some("k1"));

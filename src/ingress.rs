@@ -96,7 +96,15 @@ impl AppState {
                     wait: config.secret_lookup_wait,
                 },
             )),
-            strategies: Arc::new(StrategyCache::new(store.clone(), config.secret_cache_ttl)),
+            // A pool of its own (like the secret look-ups): strategy reads never take a
+            // connection from the job API or /readyz.
+            strategies: Arc::new(StrategyCache::new(
+                store.sibling(
+                    config.secret_lookup_concurrency as u32,
+                    config.secret_lookup_wait,
+                ),
+                config.secret_cache_ttl,
+            )),
             queue,
             store,
             rate_limit: config.rate_limit,

@@ -167,30 +167,75 @@ pub enum Verdict {
 }
 
 /// Evaluate every limit that applies to `job` (an opening job) before its first order. `ex` is
-/// asked only when `max_position_usd` is set.
-pub async fn check(store: &Store, ex: &dyn Exchange, job: &Job) -> Verdict {
+/// asked only when `max_position_usd` is set. `Err` is an outage of Postgres (it cannot be
+/// reached): the worker waits it out, as it does for every other step, and evaluates again. An
+/// error Postgres *answers* (a query it refuses, a value it cannot use) makes the limits
+/// unevaluable: the job is blocked.
+pub async fn check(store: &Store, ex: &dyn Exchange, job: &Job) -> Result<Verdict, StoreError> {
     match evaluate(store, ex, job).await {
-        Ok(()) => Verdict::Allow,
-        Err(b) => Verdict::Block(b),
+        Ok(()) => Ok(Verdict::Allow),
+        Err(Stop::Block(b)) => Ok(Verdict::Block(b)),
+        Err(Stop::Outage(e)) => Err(e),
     }
 }
 
-async fn evaluate(store: &Store, ex: &dyn Exchange, job: &Job) -> Result<(), Block> {
+/// Why evaluation stopped.
+enum Stop {
+    Block(Block),
+    Outage(StoreError),
+}
+
+impl From<Block> for Stop {
+    fn from(b: Block) -> Stop {
+        Stop::Block(b)
+    }
+}
+
+/// Is `e` Postgres being unreachable or overloaded (worth waiting out), rather than an answer?
+fn is_outage(e: &StoreError) -> bool {
+    match e {
+        StoreError::Db(sqlx::Error::Database(d)) => d.code().is_some_and(|c| {
+            ["08", "53", "57", "58"]
+                .iter()
+                .any(|class| c.starts_with(class))
+        }),
+        StoreError::Db(
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed,
+        ) => true,
+        _ => false,
+    }
+}
+
+/// A store error while evaluating: an outage, or the limits cannot be evaluated (`what`).
+fn store_stop(what: &str, e: StoreError) -> Stop {
+    if is_outage(&e) {
+        Stop::Outage(e)
+    } else {
+        Stop::Block(Block::unevaluable(RiskRule::Limits, format!("{what}: {e}")))
+    }
+}
+
+async fn evaluate(store: &Store, ex: &dyn Exchange, job: &Job) -> Result<(), Stop> {
     let a = &job.alert;
     if !matches!(a.action, Action::Buy | Action::Sell) {
         return Ok(());
     }
-    let unreadable = |e: StoreError| Block::unevaluable(RiskRule::Limits, e);
+    let unreadable = |e: StoreError| store_stop("the limits cannot be read", e);
     if let Some(name) = &a.strategy {
         let s = store
             .find_strategy(a.user_id, &StrategyRef::Name(name.clone()))
             .await
             .map_err(unreadable)?;
         if s.is_some_and(|s| !s.enabled) {
-            return Err(Block::new(
+            return Err(Stop::Block(Block::new(
                 RiskRule::StrategyDisabled,
                 format!("strategy `{name}` is disabled (`sparky strategy enable` turns it on)"),
-            ));
+            )));
         }
     }
     let rows = store
@@ -202,9 +247,7 @@ async fn evaluate(store: &Store, ex: &dyn Exchange, job: &Job) -> Result<(), Blo
         let facts = store
             .risk_facts(limits, a.symbol.as_str())
             .await
-            .map_err(|e| {
-                Block::unevaluable(RiskRule::Limits, format!("the counts cannot be read: {e}"))
-            })?;
+            .map_err(|e| store_stop("the counts cannot be read", e))?;
         check_counts(limits, &facts)?;
         if let Some(max) = limits.max_position_usd {
             check_position_usd(ex, job, max).await?;

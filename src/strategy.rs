@@ -15,7 +15,10 @@
 //!
 //! Cost on the hot path: strategies are cached per ingress process ([`StrategyCache`], entries for
 //! `SPARKY_SECRET_CACHE_TTL_SECS`, unknown names too), so a user's alerts cost one indexed Postgres
-//! read per strategy name per TTL, none otherwise. A change made with `sparky strategy set` reaches
+//! read per strategy name per TTL, none otherwise. The reads use a pool of their own
+//! (`SPARKY_SECRET_LOOKUP_CONCURRENCY` connections, `SPARKY_SECRET_LOOKUP_WAIT_MS` to get one), so
+//! they never take a connection from the job API or `/readyz`; a read that cannot get one answers
+//! 503 (nothing accepted). Only authenticated requests reach it. A change made with `sparky strategy set` reaches
 //! the ingress within that TTL. The `enabled` flag is read again by the worker at execution
 //! ([`crate::risk`]): `sparky strategy disable` blocks the strategy's next opens at once.
 

@@ -339,8 +339,22 @@ impl JobRunner {
         // Risk limits, before the first order of the job's first run (a redelivery or replay may
         // be finishing orders placed before: it is not evaluated again).
         if !recover {
-            if let risk::Verdict::Block(block) = risk::check(&self.store, &client, job).await {
-                return self.blocked(&client, job, block, fence).await;
+            let verdict = retry(
+                "evaluating the risk limits",
+                &self.shutdown,
+                |_: &StoreError, _| false,
+                || risk::check(&self.store, &client, job),
+            )
+            .await;
+            match verdict {
+                Retried::Ok(risk::Verdict::Allow) => {}
+                Retried::Ok(risk::Verdict::Block(block)) => {
+                    return self.blocked(&client, job, block, fence).await
+                }
+                Retried::GaveUp { .. } | Retried::Shutdown => return None,
+            }
+            if fence.is_void() {
+                return None; // Postgres was away longer than the lease: the next owner runs it
             }
         }
         let outcome = executor::execute_until(&client, job, recover, &self.policy, fence).await;
