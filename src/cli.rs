@@ -1,6 +1,9 @@
 //! The admin CLI (`sparky`). Every command exits non-zero on failure with one line saying why;
 //! listing commands take `--json` for scripts.
 
+pub mod risk;
+pub mod strategies;
+
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -51,6 +54,12 @@ pub enum Command {
     /// A user's notification channels: Discord, Slack, Telegram, or a signed HTTPS webhook.
     #[command(subcommand)]
     Notify(NotifyCommand),
+    /// A user's strategies: named defaults for alerts (exchange, size, stop-loss, ...).
+    #[command(subcommand)]
+    Strategy(strategies::StrategyCommand),
+    /// A user's risk limits (per user, optionally per strategy).
+    #[command(subcommand)]
+    Risk(risk::RiskCommand),
     /// Partitions (owner, lag, pending, oldest pending age), live workers, dead-letter size.
     Status {
         #[arg(long)]
@@ -505,6 +514,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             store.check_migrated().await?;
             print!("{}", reconcile(&config, &store, user, json).await?);
         }
+        Command::Strategy(c) => strategies::run(&store, c).await?,
+        Command::Risk(c) => risk::run(&store, c).await?,
         Command::Replay(r) => {
             store.check_migrated().await?;
             let queue = Queue::from_config(&config, Duration::from_secs(5)).await?;
@@ -970,6 +981,137 @@ pub fn secrets_from_stdin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn strategy_set_changes_only_the_given_fields() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Strategy(strategies::StrategyCommand::Set(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        let u = "0195f3d0-0000-7000-8000-000000000001";
+        let first = parse(&[
+            "sparky",
+            "strategy",
+            "set",
+            "--user",
+            u,
+            "--name",
+            "trend",
+            "--exchange",
+            "oanda",
+            "--risk-usd",
+            "50",
+            "--stop-loss-percent",
+            "1",
+        ])
+        .apply(None)
+        .unwrap();
+        assert_eq!(first.exchange, Some(ExchangeKind::Oanda));
+        assert_eq!(
+            first.sizing.map(|s| (s.mode, s.amount)),
+            Some((
+                crate::domain::SizingMode::RiskUsd,
+                rust_decimal::Decimal::from(50)
+            ))
+        );
+        let second = parse(&[
+            "sparky",
+            "strategy",
+            "set",
+            "--user",
+            u,
+            "--name",
+            "trend",
+            "--quantity",
+            "3",
+            "--clear",
+            "stop_loss_percent",
+        ])
+        .apply(Some(first))
+        .unwrap();
+        assert_eq!(second.exchange, Some(ExchangeKind::Oanda), "kept");
+        assert_eq!(second.stop_loss_percent, None, "cleared");
+        assert_eq!(
+            second.sizing.map(|s| s.mode),
+            Some(crate::domain::SizingMode::Quantity)
+        );
+        // a trailing stop Tradier cannot run is refused at once
+        let e = parse(&[
+            "sparky",
+            "strategy",
+            "set",
+            "--user",
+            u,
+            "--name",
+            "t",
+            "--exchange",
+            "tradier",
+            "--trailing-stop-percent",
+            "1",
+        ])
+        .apply(None)
+        .unwrap_err();
+        assert!(e.to_string().contains("Tradier"), "{e}");
+        // two sizes at once: clap refuses
+        assert!(Cli::try_parse_from([
+            "sparky",
+            "strategy",
+            "set",
+            "--user",
+            u,
+            "--name",
+            "t",
+            "--quantity",
+            "1",
+            "--risk-usd",
+            "2",
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn risk_set_parses_hours_lists_and_clears() {
+        let u = "0195f3d0-0000-7000-8000-000000000001";
+        let set = match Cli::try_parse_from([
+            "sparky",
+            "risk",
+            "set",
+            "--user",
+            u,
+            "--kill-switch",
+            "on",
+            "--trading-hours",
+            "22:00-06:00",
+            "--time-zone",
+            "Europe/Berlin",
+            "--allow-symbols",
+            "ethusdt, EUR_USD",
+            "--max-daily-loss",
+            "250",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Risk(risk::RiskCommand::Set(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        let l = set.apply(None).unwrap();
+        assert!(l.kill_switch);
+        assert_eq!(l.time_zone, "Europe/Berlin");
+        assert_eq!(
+            l.allow_symbols,
+            Some(vec!["ETHUSDT".to_string(), "EUR_USD".to_string()])
+        );
+        assert!(l.trading_hours.is_some());
+        assert!(risk::parse_hours("9-17").is_err());
+        assert!(risk::parse_hours("10:00-10:00").is_err());
+    }
 
     fn s(v: &str) -> SecretString {
         SecretString::new(v)

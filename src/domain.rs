@@ -184,6 +184,150 @@ pub enum OrderType {
     Limit,
 }
 
+impl FromStr for OrderType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "market" => Ok(OrderType::Market),
+            "limit" => Ok(OrderType::Limit),
+            other => Err(format!(
+                "unknown order type `{other}`: expected market or limit"
+            )),
+        }
+    }
+}
+
+impl OrderType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderType::Market => "market",
+            OrderType::Limit => "limit",
+        }
+    }
+}
+
+/// How an opening order's size is given. Exactly one per alert (or from its strategy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SizingMode {
+    /// A notional in USD (the account currency): `quantity = usd / price`.
+    PositionSizeUsd,
+    /// Base units / contracts / shares / OANDA units, as given.
+    Quantity,
+    /// A share (0 < x <= 100) of the account's equity, spent as a USD notional.
+    PercentOfEquity,
+    /// The USD lost if the stop-loss is hit: `quantity = risk / stop distance`.
+    RiskUsd,
+    /// A share of equity (0 < x <= 100) lost if the stop-loss is hit.
+    RiskPercent,
+}
+
+impl SizingMode {
+    pub const ALL: [SizingMode; 5] = [
+        SizingMode::PositionSizeUsd,
+        SizingMode::Quantity,
+        SizingMode::PercentOfEquity,
+        SizingMode::RiskUsd,
+        SizingMode::RiskPercent,
+    ];
+    /// The alert field (and `sizing_mode` column value) of this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SizingMode::PositionSizeUsd => "position_size_usd",
+            SizingMode::Quantity => "quantity",
+            SizingMode::PercentOfEquity => "percent_of_equity",
+            SizingMode::RiskUsd => "risk_usd",
+            SizingMode::RiskPercent => "risk_percent",
+        }
+    }
+    /// The bound of the amount.
+    pub fn bound(self) -> fn(Decimal) -> Result<(), String> {
+        match self {
+            SizingMode::PositionSizeUsd | SizingMode::RiskUsd => bounds::usd,
+            SizingMode::Quantity => bounds::quantity,
+            SizingMode::PercentOfEquity | SizingMode::RiskPercent => bounds::close_percent,
+        }
+    }
+    /// Does this mode need a stop-loss to size?
+    pub fn needs_stop_loss(self) -> bool {
+        matches!(self, SizingMode::RiskUsd | SizingMode::RiskPercent)
+    }
+    /// Does this mode need the account's equity?
+    pub fn needs_equity(self) -> bool {
+        matches!(self, SizingMode::PercentOfEquity | SizingMode::RiskPercent)
+    }
+}
+
+impl FromStr for SizingMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        SizingMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown sizing mode `{s}`"))
+    }
+}
+
+/// The size of an opening order: a mode and its amount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizing {
+    pub mode: SizingMode,
+    pub amount: Decimal,
+}
+
+/// A trailing stop-loss, as the alert gives its distance. Executed with the broker's native order
+/// (OANDA `trailingStopLossOnFill`, Aster `TRAILING_STOP_MARKET`); see [`ExchangeKind::honours_trailing`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrailingStop {
+    /// A percent of the price (`trailing_stop_percent`).
+    Percent(Decimal),
+    /// A distance in price units (`trailing_stop_distance`).
+    Distance(Decimal),
+    /// A distance in pips (`trailing_stop_pips`, OANDA: turned into a price distance with the
+    /// instrument's `pipLocation`).
+    Pips(Decimal),
+}
+
+impl TrailingStop {
+    /// The alert field that gives it.
+    pub fn field(self) -> &'static str {
+        match self {
+            TrailingStop::Percent(_) => "trailing_stop_percent",
+            TrailingStop::Distance(_) => "trailing_stop_distance",
+            TrailingStop::Pips(_) => "trailing_stop_pips",
+        }
+    }
+}
+
+impl ExchangeKind {
+    /// Can this broker run `t` natively? `Err` says why not (the 400's message). Tradier's API has
+    /// no trailing-stop order at all (exchanges.md); Aster's `TRAILING_STOP_MARKET` takes a callback
+    /// rate in percent (0.1 to 5) only; OANDA takes a price distance (percent and pips are turned
+    /// into one); paper records any of them (it runs no triggers).
+    pub fn honours_trailing(self, t: TrailingStop) -> Result<(), String> {
+        match (self, t) {
+            (ExchangeKind::Tradier, _) => Err(
+                "Tradier has no trailing-stop order; use stop_loss_percent or stop_loss_price".into(),
+            ),
+            (ExchangeKind::Aster, TrailingStop::Percent(p)) => {
+                if p >= Decimal::new(1, 1) && p <= Decimal::from(5) {
+                    Ok(())
+                } else {
+                    Err(format!("Aster's trailing stop takes a callback rate from 0.1 to 5 percent, got {p}"))
+                }
+            }
+            (ExchangeKind::Aster, _) => Err(
+                "Aster's trailing stop takes a percent only (trailing_stop_percent, 0.1 to 5)".into(),
+            ),
+            (ExchangeKind::Paper, TrailingStop::Pips(_)) => {
+                Err("pips are an OANDA unit; on paper use trailing_stop_percent or trailing_stop_distance".into())
+            }
+            (ExchangeKind::Oanda | ExchangeKind::Paper, _) => Ok(()),
+        }
+    }
+}
+
 /// Which credential row (`bot_credentials.environment`) a job uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "lowercase")]
@@ -291,10 +435,27 @@ pub struct Alert {
     pub price: Option<Decimal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position_size_usd: Option<Decimal>,
+    /// The other sizing modes ([`SizingMode`]); at most one of these and `position_size_usd` is
+    /// set ([`Alert::sizing`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent_of_equity: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk_usd: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk_percent: Option<Decimal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_loss_percent: Option<Decimal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub take_profit_percent: Option<Decimal>,
+    /// Absolute protective prices (instead of the percents; never both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_loss_price: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub take_profit_price: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trailing_stop: Option<TrailingStop>,
     /// Close only this share of the open position (0 < x <= 100); the rest stays open with its
     /// protection resized. Absent: a close closes it all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -315,6 +476,30 @@ pub struct Alert {
     pub max_lag_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<CredentialEnv>,
+    /// Fields of the webhook Sparky does not know: ignored, and listed here (in the job's record)
+    /// so that a misspelt field is visible.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_fields: Vec<String>,
+}
+
+impl Alert {
+    /// The size of the opening order, if the alert has one.
+    pub fn sizing(&self) -> Option<Sizing> {
+        let modes = [
+            (SizingMode::PositionSizeUsd, self.position_size_usd),
+            (SizingMode::Quantity, self.quantity),
+            (SizingMode::PercentOfEquity, self.percent_of_equity),
+            (SizingMode::RiskUsd, self.risk_usd),
+            (SizingMode::RiskPercent, self.risk_percent),
+        ];
+        modes
+            .into_iter()
+            .find_map(|(mode, a)| a.map(|amount| Sizing { mode, amount }))
+    }
+    /// Does the alert ask for a stop-loss (a percent or a price)?
+    pub fn has_stop_loss(&self) -> bool {
+        self.stop_loss_percent.is_some() || self.stop_loss_price.is_some()
+    }
 }
 
 /// One problem with one field of a webhook.
@@ -414,6 +599,24 @@ pub mod bounds {
         }
     }
 
+    /// Largest `quantity`: 1 billion units.
+    pub const MAX_QUANTITY: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
+
+    pub fn quantity(d: Decimal) -> Result<(), String> {
+        if d > Decimal::ZERO && d <= MAX_QUANTITY {
+            Ok(())
+        } else {
+            Err(format!(
+                "must be greater than 0 and at most {MAX_QUANTITY}, got {d}"
+            ))
+        }
+    }
+
+    /// A trailing distance in price units or pips: like a price.
+    pub fn distance(d: Decimal) -> Result<(), String> {
+        price(d)
+    }
+
     /// `close_percent`: 0 < x <= 100 (100 closes everything).
     pub fn close_percent(d: Decimal) -> Result<(), String> {
         if d > Decimal::ZERO && d <= Decimal::ONE_HUNDRED {
@@ -482,6 +685,46 @@ impl Alert {
         if let Some(u) = self.position_size_usd {
             check("position_size_usd", bounds::usd(u));
         }
+        let sizes = [
+            (SizingMode::Quantity, self.quantity),
+            (SizingMode::PercentOfEquity, self.percent_of_equity),
+            (SizingMode::RiskUsd, self.risk_usd),
+            (SizingMode::RiskPercent, self.risk_percent),
+        ];
+        for (m, v) in sizes {
+            if let Some(v) = v {
+                check(m.as_str(), m.bound()(v));
+            }
+        }
+        let given = sizes.iter().filter(|(_, v)| v.is_some()).count()
+            + usize::from(self.position_size_usd.is_some());
+        if given > 1 {
+            check(
+                "position_size_usd",
+                Err("only one size may be given".into()),
+            );
+        }
+        for (field, p) in [
+            ("stop_loss_price", self.stop_loss_price),
+            ("take_profit_price", self.take_profit_price),
+        ] {
+            if let Some(p) = p {
+                check(field, bounds::price(p));
+            }
+        }
+        if let Some(t) = self.trailing_stop {
+            let r = match t {
+                TrailingStop::Percent(p) => bounds::percent(p),
+                TrailingStop::Distance(d) | TrailingStop::Pips(d) => bounds::distance(d),
+            };
+            check(
+                t.field(),
+                r.and_then(|()| self.exchange.honours_trailing(t)),
+            );
+        }
+        for f in &self.ignored_fields {
+            check("ignored_fields", bounds::text(f));
+        }
         if let Some(p) = self.stop_loss_percent {
             check("stop_loss_percent", bounds::percent(p));
         }
@@ -508,13 +751,132 @@ impl Alert {
     }
 }
 
+/// The fields Sparky knows (besides the original Sparky's names in [`ALIASES`]). Any other field
+/// is ignored and listed in [`Alert::ignored_fields`].
+pub const KNOWN_FIELDS: &[&str] = &[
+    "secret",
+    "user_id",
+    "exchange",
+    "action",
+    "symbol",
+    "order_type",
+    "price",
+    "position_size_usd",
+    "quantity",
+    "percent_of_equity",
+    "risk_usd",
+    "risk_percent",
+    "stop_loss_percent",
+    "take_profit_percent",
+    "stop_loss_price",
+    "take_profit_price",
+    "close_percent",
+    "useTrailingStop",
+    "trailing_stop_percent",
+    "trailing_stop_distance",
+    "trailing_stop_pips",
+    "strategy_id",
+    "strategy",
+    "alert_id",
+    "timestamp",
+    "max_lag_secs",
+    "environment",
+];
+
+/// The original Sparky's field names (and `sell_percentage`), and the field each stands for.
+pub const ALIASES: &[(&str, &str)] = &[
+    ("userId", "user_id"),
+    ("orderType", "order_type"),
+    ("positionSizeUsd", "position_size_usd"),
+    ("stopLossPercent", "stop_loss_percent"),
+    ("stopLoss", "stop_loss_percent"),
+    ("takeProfitPercent", "take_profit_percent"),
+    ("takeProfit", "take_profit_percent"),
+    ("sell_percentage", "close_percent"),
+];
+
+/// The most unknown field names one job lists.
+pub const MAX_IGNORED_FIELDS: usize = 32;
+
+/// The body with the original Sparky's names ([`ALIASES`]) under Sparky's own. An alias and its
+/// field both given with different values is an error naming both (never a silent choice).
+pub fn canonical_body(
+    body: &Map<String, Value>,
+) -> Result<std::borrow::Cow<'_, Map<String, Value>>, Vec<FieldError>> {
+    if !ALIASES.iter().any(|(alias, _)| body.contains_key(*alias)) {
+        return Ok(std::borrow::Cow::Borrowed(body));
+    }
+    let mut out = body.clone();
+    let mut errs = Vec::new();
+    for (alias, field) in ALIASES {
+        let Some(v) = out.remove(*alias) else {
+            continue;
+        };
+        if !body_has_value(&v) {
+            continue;
+        }
+        match out.get(*field) {
+            Some(existing) if body_has_value(existing) && *existing != v => errs.push(FieldError {
+                field: (*alias).into(),
+                message: format!(
+                    "is the original Sparky's name for `{field}`, which is also given with another value; send one of them"
+                ),
+            }),
+            _ => {
+                out.insert((*field).to_string(), v);
+            }
+        }
+    }
+    if errs.is_empty() {
+        Ok(std::borrow::Cow::Owned(out))
+    } else {
+        Err(errs)
+    }
+}
+
+/// Fields whose text still holds a TradingView placeholder (`{{strategy.order.action}}`): TradingView
+/// did not replace it, which happens when a strategy template is pasted into a non-strategy alert.
+pub fn unreplaced_placeholders(body: &Map<String, Value>) -> Vec<FieldError> {
+    body.iter()
+        .filter_map(|(k, v)| {
+            let s = v.as_str()?;
+            let open = s.find("{{")?;
+            let close = s[open..].find("}}")? + open + 2;
+            Some(FieldError {
+                field: k.clone(),
+                message: format!(
+                    "holds the TradingView placeholder `{}`, which was not replaced: TradingView fills {{{{strategy.*}}}} placeholders only in alerts created from a strategy; send the value itself or create the alert from the strategy",
+                    s[open..close].chars().take(64).collect::<String>()
+                ),
+            })
+        })
+        .collect()
+}
+
 /// Validate every field of a webhook body. `idempotency_key` is the `Idempotency-Key` header, used
-/// when the body has no `alert_id`.
+/// when the body has no `alert_id`. `user_id` is required.
 pub fn parse_alert(
     body: &Map<String, Value>,
     idempotency_key: Option<&str>,
 ) -> Result<Alert, Vec<FieldError>> {
-    let mut errs = Vec::new();
+    parse_alert_for(body, idempotency_key, None)
+}
+
+/// [`parse_alert`] for a webhook whose secret belongs to `owner`: an absent `user_id` is the
+/// owner (a present one is parsed, and the caller checks that it is the owner).
+pub fn parse_alert_for(
+    body: &Map<String, Value>,
+    idempotency_key: Option<&str>,
+    owner: Option<Uuid>,
+) -> Result<Alert, Vec<FieldError>> {
+    let original = body;
+    let body = canonical_body(original)?;
+    let body: &Map<String, Value> = &body;
+    let mut errs = unreplaced_placeholders(original);
+    if !errs.is_empty() {
+        // A placeholder makes every other problem of its field moot: name it alone.
+        return Err(errs);
+    }
     let mut bad = |field: &str, message: String| {
         errs.push(FieldError {
             field: field.into(),
@@ -530,6 +892,7 @@ pub fn parse_alert(
                 None
             }
         },
+        Ok(None) if owner.is_some() => owner,
         Ok(None) => {
             bad("user_id", "is required".into());
             None
@@ -539,7 +902,23 @@ pub fn parse_alert(
             None
         }
     };
-    let exchange = required_parse::<ExchangeKind>(body, "exchange", &mut bad);
+    let exchange = match text(body, "exchange") {
+        Ok(Some(s)) => s
+            .parse::<ExchangeKind>()
+            .map_err(|m| bad("exchange", m))
+            .ok(),
+        Ok(None) => {
+            bad(
+                "exchange",
+                "is required: send `exchange` in the alert, or set it on the alert's strategy (`sparky strategy set --user U --name N --exchange E`)".into(),
+            );
+            None
+        }
+        Err(m) => {
+            bad("exchange", m);
+            None
+        }
+    };
     let action = required_parse::<Action>(body, "action", &mut bad);
     let symbol = match (text(body, "symbol"), exchange) {
         (Ok(Some(s)), Some(ex)) => match Symbol::parse(&s, ex) {
@@ -563,17 +942,10 @@ pub fn parse_alert(
     };
     let order_type = match text(body, "order_type") {
         Ok(None) => Some(OrderType::Market),
-        Ok(Some(s)) => match s.to_ascii_lowercase().as_str() {
-            "market" => Some(OrderType::Market),
-            "limit" => Some(OrderType::Limit),
-            _ => {
-                bad(
-                    "order_type",
-                    format!("unknown order type `{s}`: expected market or limit"),
-                );
-                None
-            }
-        },
+        Ok(Some(s)) => s
+            .parse::<OrderType>()
+            .map_err(|m| bad("order_type", m))
+            .ok(),
         Err(m) => {
             bad("order_type", m);
             None
@@ -583,16 +955,60 @@ pub fn parse_alert(
     if order_type == Some(OrderType::Limit) && price.is_none() && !body_has(body, "price") {
         bad("price", "is required for limit orders".into());
     }
-    let position_size_usd = bounded_decimal(body, "position_size_usd", bounds::usd, &mut bad);
-    if matches!(action, Some(Action::Buy | Action::Sell))
-        && position_size_usd.is_none()
-        && !body_has(body, "position_size_usd")
-    {
-        bad("position_size_usd", "is required for buy and sell".into());
+    let sizes: Vec<(SizingMode, Option<Decimal>)> = SizingMode::ALL
+        .into_iter()
+        .map(|m| (m, bounded_decimal(body, m.as_str(), m.bound(), &mut bad)))
+        .collect();
+    let given: Vec<SizingMode> = SizingMode::ALL
+        .into_iter()
+        .filter(|m| body_has(body, m.as_str()))
+        .collect();
+    if given.len() > 1 {
+        let names: Vec<&str> = given.iter().map(|m| m.as_str()).collect();
+        for m in &given[1..] {
+            bad(
+                m.as_str(),
+                format!(
+                    "only one size may be given, got {}; send one",
+                    names.join(", ")
+                ),
+            );
+        }
     }
+    if matches!(action, Some(Action::Buy | Action::Sell)) && given.is_empty() {
+        bad(
+            "position_size_usd",
+            "a buy or sell needs a size: send one of position_size_usd, quantity, percent_of_equity, risk_usd or risk_percent, or set a default size on the alert's strategy (`sparky strategy set --user U --name N --position-size-usd X`)".into(),
+        );
+    }
+    let size_of = |m: SizingMode| sizes.iter().find(|(k, _)| *k == m).and_then(|(_, v)| *v);
     let stop_loss_percent = bounded_decimal(body, "stop_loss_percent", bounds::percent, &mut bad);
     let take_profit_percent =
         bounded_decimal(body, "take_profit_percent", bounds::percent, &mut bad);
+    let stop_loss_price = bounded_decimal(body, "stop_loss_price", bounds::price, &mut bad);
+    let take_profit_price = bounded_decimal(body, "take_profit_price", bounds::price, &mut bad);
+    for (pct, abs) in [
+        ("stop_loss_percent", "stop_loss_price"),
+        ("take_profit_percent", "take_profit_price"),
+    ] {
+        if body_has(body, pct) && body_has(body, abs) {
+            bad(abs, format!("give `{pct}` or `{abs}`, not both"));
+        }
+    }
+    if matches!(action, Some(Action::Buy | Action::Sell)) {
+        for m in &given {
+            if m.needs_stop_loss()
+                && !body_has(body, "stop_loss_percent")
+                && !body_has(body, "stop_loss_price")
+            {
+                bad(
+                    m.as_str(),
+                    "sizes the order by what its stop-loss would lose, so it needs stop_loss_percent or stop_loss_price (in the alert or its strategy)".into(),
+                );
+            }
+        }
+    }
+    let trailing_stop = parse_trailing(body, exchange, &mut bad);
     let close_percent = bounded_decimal(body, "close_percent", bounds::close_percent, &mut bad);
     let strategy_id = short_text(body, "strategy_id", &mut bad);
     let strategy = short_text(body, "strategy", &mut bad);
@@ -680,9 +1096,16 @@ pub fn parse_alert(
         symbol: symbol.expect("checked"),
         order_type: order_type.expect("checked"),
         price,
-        position_size_usd,
+        position_size_usd: size_of(SizingMode::PositionSizeUsd),
+        quantity: size_of(SizingMode::Quantity),
+        percent_of_equity: size_of(SizingMode::PercentOfEquity),
+        risk_usd: size_of(SizingMode::RiskUsd),
+        risk_percent: size_of(SizingMode::RiskPercent),
         stop_loss_percent,
         take_profit_percent,
+        stop_loss_price,
+        take_profit_price,
+        trailing_stop,
         close_percent,
         strategy_id,
         strategy,
@@ -691,7 +1114,103 @@ pub fn parse_alert(
         max_lag_secs,
         limit_ttl_secs,
         environment,
+        ignored_fields: ignored_fields(original),
     })
+}
+
+/// The trailing stop of an alert: Sparky's `trailing_stop_percent` / `trailing_stop_distance` /
+/// `trailing_stop_pips`, or the original's `useTrailingStop: true` with one of them. With
+/// `useTrailingStop: false` the distances are not used. One the broker cannot run is an error
+/// naming the field ([`ExchangeKind::honours_trailing`]).
+fn parse_trailing(
+    body: &Map<String, Value>,
+    exchange: Option<ExchangeKind>,
+    bad: &mut impl FnMut(&str, String),
+) -> Option<TrailingStop> {
+    let wanted = match body.get("useTrailingStop") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(Value::String(s)) if s.trim().eq_ignore_ascii_case("true") => Some(true),
+        Some(Value::String(s)) if s.trim().eq_ignore_ascii_case("false") => Some(false),
+        Some(Value::String(s)) if s.trim().is_empty() => None,
+        Some(other) => {
+            bad(
+                "useTrailingStop",
+                format!("must be true or false, got {}", type_name(other)),
+            );
+            return None;
+        }
+    };
+    if wanted == Some(false) {
+        return None;
+    }
+    type Make = fn(Decimal) -> TrailingStop;
+    type Bound = fn(Decimal) -> Result<(), String>;
+    let kinds: [(&str, Bound, Make); 3] = [
+        (
+            "trailing_stop_percent",
+            bounds::percent,
+            TrailingStop::Percent,
+        ),
+        (
+            "trailing_stop_distance",
+            bounds::distance,
+            TrailingStop::Distance,
+        ),
+        ("trailing_stop_pips", bounds::distance, TrailingStop::Pips),
+    ];
+    let mut found = Vec::new();
+    for (field, bound, make) in kinds {
+        if let Some(d) = bounded_decimal(body, field, bound, bad) {
+            found.push(make(d));
+        }
+    }
+    if found.len() > 1 {
+        bad(
+            found[1].field(),
+            "only one trailing-stop distance may be given".into(),
+        );
+        return None;
+    }
+    let Some(t) = found.pop() else {
+        if wanted == Some(true) {
+            bad(
+                "useTrailingStop",
+                "needs its distance: trailing_stop_pips, trailing_stop_percent or trailing_stop_distance".into(),
+            );
+        }
+        return None;
+    };
+    if let Some(ex) = exchange {
+        if let Err(m) = ex.honours_trailing(t) {
+            bad(t.field(), format!("cannot be honoured on {ex}: {m}"));
+            return None;
+        }
+    }
+    Some(t)
+}
+
+/// The names of a body's fields that Sparky does not know (sorted; at most
+/// [`MAX_IGNORED_FIELDS`], and only names that are printable text of bounded length).
+fn ignored_fields(body: &Map<String, Value>) -> Vec<String> {
+    let mut v: Vec<String> = body
+        .keys()
+        .filter(|k| !KNOWN_FIELDS.contains(&k.as_str()) && !ALIASES.iter().any(|(a, _)| a == k))
+        .filter(|k| k.chars().count() <= 64 && bounds::text(k).is_ok())
+        .take(MAX_IGNORED_FIELDS)
+        .cloned()
+        .collect();
+    v.sort();
+    v
+}
+
+/// A JSON value that counts as given (not null, not blank text).
+fn body_has_value(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::String(s) => !s.trim().is_empty(),
+        _ => true,
+    }
 }
 
 /// Was `key` sent with a value? Missing, `null` and blank text (an empty TradingView placeholder)
@@ -948,6 +1467,56 @@ mod tests {
         assert_eq!(
             parse_alert(&obj(b), None).unwrap_err()[0].field,
             "timestamp"
+        );
+    }
+
+    #[test]
+    fn original_names_are_aliases_and_conflicts_are_named() {
+        let a = parse_alert(
+            &obj(json!({"userId": "0195f3d0-0000-7000-8000-000000000001", "exchange": "oanda",
+                "action": "buy", "symbol": "EURUSD", "orderType": "limit", "price": "1.08",
+                "positionSizeUsd": 100, "stopLoss": 1, "takeProfitPercent": 2, "sell_percentage": 50,
+                "note": "x"})),
+            None,
+        )
+        .unwrap();
+        assert_eq!(a.order_type, OrderType::Limit);
+        assert_eq!(a.position_size_usd, Some(Decimal::from(100)));
+        assert_eq!(a.stop_loss_percent, Some(Decimal::ONE));
+        assert_eq!(a.take_profit_percent, Some(Decimal::TWO));
+        assert_eq!(a.close_percent, Some(Decimal::from(50)));
+        assert_eq!(a.ignored_fields, vec!["note".to_string()]);
+        let mut b = base();
+        b["stopLoss"] = json!(1);
+        b["stop_loss_percent"] = json!(2);
+        assert_eq!(parse_alert(&obj(b), None).unwrap_err()[0].field, "stopLoss");
+    }
+
+    #[test]
+    fn placeholders_and_trailing_stops() {
+        let mut b = base();
+        b["action"] = json!("{{strategy.order.action}}");
+        let e = parse_alert(&obj(b), None).unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].field, "action");
+        assert!(e[0].message.contains("not replaced"), "{}", e[0].message);
+
+        let mut b = base();
+        b["exchange"] = json!("oanda");
+        b["useTrailingStop"] = json!(true);
+        b["trailing_stop_pips"] = json!(30);
+        let a = parse_alert(&obj(b.clone()), None).unwrap();
+        assert_eq!(a.trailing_stop, Some(TrailingStop::Pips(Decimal::from(30))));
+        b["useTrailingStop"] = json!(false);
+        assert_eq!(
+            parse_alert(&obj(b.clone()), None).unwrap().trailing_stop,
+            None
+        );
+        b["exchange"] = json!("tradier");
+        b["useTrailingStop"] = json!("true");
+        assert_eq!(
+            parse_alert(&obj(b), None).unwrap_err()[0].field,
+            "trailing_stop_pips"
         );
     }
 

@@ -48,6 +48,7 @@ use crate::metrics::Metrics;
 use crate::net::{self, IpNet};
 use crate::queue::{Enqueued, Queue, RateLimit};
 use crate::store::Store;
+use crate::strategy::{StrategyCache, StrategyRef};
 
 pub use auth::{AuthFailures, LookupError, LookupLimits, Origin, SecretCache};
 
@@ -66,6 +67,8 @@ pub struct AppState {
     /// tokens) can never take a connection from `/readyz` or anything else.
     pub api_store: Store,
     pub secrets: Arc<SecretCache>,
+    /// The users' strategies, cached for `SPARKY_SECRET_CACHE_TTL_SECS` ([`crate::strategy`]).
+    pub strategies: Arc<StrategyCache>,
     pub auth_failures: Arc<AuthFailures>,
     pub rate_limit: RateLimit,
     pub trusted_proxies: Arc<Vec<IpNet>>,
@@ -103,6 +106,15 @@ impl AppState {
                 },
             )),
             api_store: store.sibling(API_DB_CONNECTIONS, Duration::from_secs(2)),
+            // A pool of its own (like the secret look-ups): strategy reads never take a
+            // connection from the job API or /readyz.
+            strategies: Arc::new(StrategyCache::new(
+                store.sibling(
+                    config.secret_lookup_concurrency as u32,
+                    config.secret_lookup_wait,
+                ),
+                config.secret_cache_ttl,
+            )),
             queue,
             store,
             rate_limit: config.rate_limit,
@@ -538,7 +550,8 @@ async fn handle_webhook(
             message: "must be visible ASCII text".into(),
         }]));
     }
-    let alert = domain::parse_alert(&obj, header(&headers, "idempotency-key"))
+    let body = resolve_strategy(st, owner, &obj).await?;
+    let alert = domain::parse_alert_for(&body, header(&headers, "idempotency-key"), Some(owner))
         .map_err(ApiError::Invalid)?;
     if !bool::from(alert.user_id.as_bytes().ct_eq(owner.as_bytes())) {
         tracing::warn!(claimed_user = %alert.user_id, client_ip = %ip, "webhook secret does not belong to the claimed user_id");
@@ -589,6 +602,45 @@ async fn handle_webhook(
     responses((status = 200, description = "The process is up", body = String, content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// The webhook body with the original Sparky's names under Sparky's own and the defaults of the
+/// alert's strategy filled in ([`crate::strategy`]). A TradingView placeholder left unreplaced is
+/// a 400 before anything is looked up (it may be the strategy's name); a strategy that the alert
+/// names (by `strategy_id` or `strategy`) and `owner` does not have is a 400 naming it.
+async fn resolve_strategy<'a>(
+    st: &AppState,
+    owner: Uuid,
+    obj: &'a serde_json::Map<String, Value>,
+) -> Result<std::borrow::Cow<'a, serde_json::Map<String, Value>>, ApiError> {
+    let body = domain::canonical_body(obj).map_err(ApiError::Invalid)?;
+    let placeholders = domain::unreplaced_placeholders(&body);
+    if !placeholders.is_empty() {
+        return Err(ApiError::Invalid(placeholders));
+    }
+    let r = StrategyRef::of(&body);
+    let strategy = st.strategies.get(owner, &r).await.map_err(|e| {
+        tracing::error!(error = %e, "strategy look-up failed");
+        ApiError::Unavailable(
+            "cannot read the alert's strategy right now; nothing was accepted, retry".into(),
+        )
+    })?;
+    match (strategy, &r) {
+        (Some(s), _) => Ok(std::borrow::Cow::Owned(s.fill(&body))),
+        (None, StrategyRef::Default) => Ok(body),
+        (None, StrategyRef::Id(key) | StrategyRef::Name(key)) => {
+            let flag = match r {
+                StrategyRef::Id(_) => "--strategy-id",
+                _ => "--name",
+            };
+            Err(ApiError::Invalid(vec![FieldError {
+                field: r.field().into(),
+                message: format!(
+                    "this user has no strategy `{key}`; create it with `sparky strategy set --user {owner} {flag} {key} ...` (or leave the field out)"
+                ),
+            }]))
+        }
+    }
 }
 
 /// Prometheus metrics.

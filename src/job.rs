@@ -90,6 +90,9 @@ pub enum FailureClass {
     Database,
     /// A bug: the job's execution panicked. The message says where.
     Internal,
+    /// A risk limit blocked the job (status `blocked`); the message names the rule and the numbers
+    /// ([`crate::risk::RiskRule`]).
+    Risk,
 }
 
 impl FailureClass {
@@ -104,6 +107,7 @@ impl FailureClass {
             FailureClass::Invalid => "invalid",
             FailureClass::Database => "database",
             FailureClass::Internal => "internal",
+            FailureClass::Risk => "risk",
         }
     }
     /// Failures the executor retries (with backoff, bounded).

@@ -30,9 +30,12 @@ pub mod reconcile;
 pub mod redis_conn;
 pub mod replay;
 pub mod retry;
+pub mod risk;
 pub mod secrets;
+pub mod sizing;
 pub mod status;
 pub mod store;
+pub mod strategy;
 pub mod telemetry;
 pub mod worker;
 

@@ -20,6 +20,7 @@
 //! | `sparky_exchange_request_duration_seconds` | histogram | `exchange`, `op`, `outcome` |
 //! | `sparky_exchange_retries_total` | counter | `exchange` |
 //! | `sparky_dead_letters_total` | counter | `status`, `error_class` |
+//! | `sparky_jobs_blocked_total` | counter | `rule` (the risk rule that blocked the job) |
 //! | `sparky_dead_letter_size` | gauge | (entries in `{ns}:dlq`) |
 //! | `sparky_partition_lag` | gauge | `partition` (entries not yet read) |
 //! | `sparky_partition_pending` | gauge | `partition` (read, not acked) |
@@ -206,6 +207,15 @@ impl Metrics {
         metrics::counter!(
             "sparky_notification_attempts_total",
             self.labels(ns_labels!(self, "channel" => channel, "outcome" => outcome))
+        )
+        .increment(1);
+    }
+
+    /// A job blocked by a risk rule (`sparky_jobs_blocked_total{rule}`).
+    pub fn job_blocked(&self, rule: crate::risk::RiskRule) {
+        metrics::counter!(
+            "sparky_jobs_blocked_total",
+            self.labels(ns_labels!(self, "rule" => rule.as_str()))
         )
         .increment(1);
     }

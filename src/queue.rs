@@ -240,11 +240,19 @@ return {1, id}
 pub fn alert_fingerprint(alert: &Alert) -> String {
     use sha2::{Digest, Sha256};
     let mut a = alert.clone();
+    // Fields Sparky ignores are not part of what the alert asks for.
+    a.ignored_fields.clear();
     for d in [
         &mut a.price,
         &mut a.position_size_usd,
+        &mut a.quantity,
+        &mut a.percent_of_equity,
+        &mut a.risk_usd,
+        &mut a.risk_percent,
         &mut a.stop_loss_percent,
         &mut a.take_profit_percent,
+        &mut a.stop_loss_price,
+        &mut a.take_profit_price,
     ]
     .into_iter()
     .flatten()

@@ -20,6 +20,8 @@ use crate::job::{FailureClass, FillState, JobStatus};
 
 mod user_api;
 pub use user_api::{JobFilter, PositionKey, TradeRecord};
+mod risk;
+mod strategies;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -42,7 +42,7 @@ use super::{
     SymbolRules,
 };
 use crate::credentials::Credentials;
-use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Symbol};
+use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Symbol, TrailingStop};
 use crate::money::{round_down, round_to_tick};
 use crate::secrets::SecretString;
 
@@ -579,6 +579,12 @@ fn side_param(side: OrderSide) -> String {
     }
 }
 
+/// The client order id of a trailing stop placed beside a fixed stop-loss: `sp` + the job id + `r`
+/// (the format of [`client_order_id`], a letter no other leg uses).
+fn trailing_client_order_id(job_id: uuid::Uuid) -> String {
+    format!("sp{}r", job_id.simple())
+}
+
 #[async_trait]
 impl Exchange for AsterClient {
     fn kind(&self) -> ExchangeKind {
@@ -707,11 +713,60 @@ impl Exchange for AsterClient {
         }
     }
 
+    async fn equity(&self) -> Result<Decimal, ExchangeError> {
+        // V1's account endpoint (it read /fapi/v2/account before 2025-07); equity is
+        // totalMarginBalance (wallet plus unrealized PnL), in USDT (exchanges.md).
+        let v = self
+            .signed(Method::GET, "/fapi/v4/account", &[], Call::Read)
+            .await?;
+        http::dec_field(NAME, &v, "totalMarginBalance")
+    }
+
     async fn protect(&self, p: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
         let order_side = OrderSide::closing(p.position_side);
         let side = side_param(order_side);
         let mut failures = Vec::new();
         let mut placed = Vec::new();
+        // A trailing stop: TRAILING_STOP_MARKET with the percent as callbackRate (0.1 to 5),
+        // reduce-only for the position's quantity (closePosition is documented only for
+        // STOP_MARKET / TAKE_PROFIT_MARKET). Its client order id is the stop-loss leg's when there
+        // is no fixed stop, else the open leg's id with a `r` suffix in place of the leg letter.
+        if let Some(t) = p.trailing_stop {
+            let coid = if p.stop_loss.is_none() {
+                client_order_id(p.job_id, Leg::StopLoss)
+            } else {
+                trailing_client_order_id(p.job_id)
+            };
+            let trailing = match t {
+                TrailingStop::Percent(rate) => {
+                    let params = vec![
+                        ("symbol", p.symbol.to_string()),
+                        ("side", side.clone()),
+                        ("type", "TRAILING_STOP_MARKET".to_string()),
+                        ("callbackRate", rate.normalize().to_string()),
+                        ("quantity", p.quantity.normalize().to_string()),
+                        ("reduceOnly", "true".into()),
+                        ("newClientOrderId", coid.clone()),
+                    ];
+                    self.place_protective(&p.symbol, params, &coid).await
+                }
+                other => Err(ExchangeError::permanent(format!(
+                    "aster: a trailing stop takes a percent only, not {}",
+                    other.field()
+                ))),
+            };
+            match trailing {
+                Ok(ack) => placed.push(RestingOrder {
+                    leg: Leg::StopLoss,
+                    client_order_id: coid,
+                    exchange_order_id: Some(ack.exchange_order_id),
+                    side: order_side,
+                    quantity: p.quantity,
+                    price: None,
+                }),
+                Err(e) => failures.push((Leg::StopLoss, e)),
+            }
+        }
         for (leg, kind, price) in [
             (Leg::StopLoss, "STOP_MARKET", p.stop_loss),
             (Leg::TakeProfit, "TAKE_PROFIT_MARKET", p.take_profit),

@@ -114,6 +114,9 @@ impl Exchange for Metered {
         self.timed("find_order", self.inner.find_order(symbol, client_order_id))
             .await
     }
+    async fn equity(&self) -> Result<Decimal, ExchangeError> {
+        self.timed("equity", self.inner.equity()).await
+    }
     async fn protect(&self, protection: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
         self.timed("protect", self.inner.protect(protection)).await
     }

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::credentials::Credentials;
-use crate::domain::{ExchangeKind, OrderSide, OrderType, Side, Symbol};
+use crate::domain::{ExchangeKind, OrderSide, OrderType, Side, Symbol, TrailingStop};
 use crate::store::Store;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -275,6 +275,9 @@ pub struct OrderRequest {
 pub struct OnFill {
     pub stop_loss: Option<Decimal>,
     pub take_profit: Option<Decimal>,
+    /// A trailing stop-loss: a price distance ([`TrailingStop::Distance`], the executor turns a
+    /// percent into one at the reference price) or pips (the client knows the pip size).
+    pub trailing_stop: Option<TrailingStop>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -355,6 +358,8 @@ pub struct Protection {
     pub quantity: Decimal,
     pub stop_loss: Option<Decimal>,
     pub take_profit: Option<Decimal>,
+    /// A native trailing stop, as the alert gave it (the ingress checked the broker can run it).
+    pub trailing_stop: Option<TrailingStop>,
     pub job_id: Uuid,
 }
 
@@ -381,6 +386,10 @@ pub trait Exchange: Send + Sync {
         symbol: &Symbol,
         client_order_id: &str,
     ) -> Result<Option<OrderAck>, ExchangeError>;
+    /// The account's equity in its currency (balance plus unrealized PnL: Aster
+    /// `totalMarginBalance`, OANDA `NAV`, Tradier `total_equity`; paper: its simulated balance),
+    /// for `percent_of_equity` and `risk_percent` sizing.
+    async fn equity(&self) -> Result<Decimal, ExchangeError>;
     /// Place exchange-native stop-loss / take-profit orders for a position (with the client order
     /// ids of the job's `sl` / `tp` legs); returns what now rests at the broker.
     async fn protect(&self, protection: &Protection) -> Result<Vec<RestingOrder>, ExchangeError>;

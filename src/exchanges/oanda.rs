@@ -35,7 +35,9 @@ use super::{
     SharedState, SymbolRules,
 };
 use crate::credentials::Credentials;
-use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
+use crate::domain::{
+    CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol, TrailingStop,
+};
 use crate::money::{round_down, round_to_tick};
 use crate::secrets::SecretString;
 
@@ -205,6 +207,28 @@ impl OandaClient {
         };
         self.shared.oanda_rules.put(key, rules.clone());
         Ok(rules)
+    }
+
+    /// The price size of one pip of `symbol`: `10^pipLocation` from the instrument.
+    async fn pip_size(&self, symbol: &Symbol) -> Result<Decimal, ExchangeError> {
+        let v = self
+            .get(&format!("/instruments?instruments={symbol}"))
+            .await?;
+        let loc = v["instruments"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == symbol.as_str()))
+            .and_then(|i| i["pipLocation"].as_i64())
+            .filter(|l| (-10..=10).contains(l))
+            .ok_or_else(|| http::unexpected(NAME, "instrument without a usable `pipLocation`"))?;
+        let mut pip = Decimal::ONE;
+        for _ in 0..loc.unsigned_abs() {
+            pip = if loc < 0 {
+                pip / Decimal::TEN
+            } else {
+                crate::money::mul(pip, Decimal::TEN)?
+            };
+        }
+        Ok(pip.normalize())
     }
 
     /// The transaction `id` (to read a fill's units and price).
@@ -422,6 +446,24 @@ impl Exchange for OandaClient {
                 }
             }
         }
+        if let Some(t) = o.on_fill.as_ref().and_then(|f| f.trailing_stop) {
+            let distance = match t {
+                TrailingStop::Distance(d) => d,
+                TrailingStop::Pips(p) => crate::money::mul(p, self.pip_size(&o.symbol).await?)?,
+                TrailingStop::Percent(_) => {
+                    return Err(ExchangeError::permanent(
+                        "oanda: a trailing stop on fill needs a price distance (the executor converts percents)",
+                    ))
+                }
+            };
+            let coid = sibling_client_order_id(&o.client_order_id, Leg::StopLoss);
+            let coid = format!("{}r", &coid[..coid.len() - 1]);
+            order["trailingStopLossOnFill"] = json!({
+                "distance": round_to_tick(distance, rules.tick)?.normalize().to_string(),
+                "timeInForce": "GTC",
+                "clientExtensions": {"id": coid, "tag": TAG},
+            });
+        }
         match o.order_type {
             OrderType::Market => {
                 order["type"] = json!("MARKET");
@@ -529,6 +571,11 @@ impl Exchange for OandaClient {
                 avg_price: None,
             })),
         }
+    }
+
+    async fn equity(&self) -> Result<Decimal, ExchangeError> {
+        let v = self.get("/summary").await?;
+        http::dec_field(NAME, &v["account"], "NAV")
     }
 
     async fn protect(&self, p: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {

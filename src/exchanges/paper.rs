@@ -80,7 +80,12 @@ pub struct PaperExchange {
     filled: std::sync::Mutex<Vec<(String, OrderAck, Decimal)>>,
     /// Simulated order latency, uniformly in `min..=max` ms (`extra_config.latency_ms`).
     latency_ms: Option<(u64, u64)>,
+    /// The starting balance (`extra_config.balance`).
+    balance: Decimal,
 }
+
+/// The paper account's starting balance when `extra_config.balance` does not set one.
+pub const PAPER_BALANCE: Decimal = dec!(10000);
 
 impl PaperExchange {
     /// `extra_config.latency_ms` (a number, or `[min, max]`) makes every order take that long, to
@@ -96,6 +101,16 @@ impl PaperExchange {
             }
             _ => None,
         };
+        let balance = creds
+            .extra_config
+            .get("balance")
+            .and_then(|v| match v {
+                serde_json::Value::Number(n) => crate::domain::parse_decimal(&n.to_string()),
+                serde_json::Value::String(s) => crate::domain::parse_decimal(s),
+                _ => None,
+            })
+            .filter(|b| *b >= Decimal::ZERO)
+            .unwrap_or(PAPER_BALANCE);
         PaperExchange {
             store,
             account: Account {
@@ -105,6 +120,7 @@ impl PaperExchange {
             },
             filled: std::sync::Mutex::new(Vec::new()),
             latency_ms,
+            balance,
         }
     }
 
@@ -286,6 +302,18 @@ impl Exchange for PaperExchange {
             filled_qty: t.quantity,
             avg_price: t.price,
         }))
+    }
+
+    /// The paper account's equity: `extra_config.balance` (default [`PAPER_BALANCE`]) plus the
+    /// realized PnL recorded on the user's paper trades. Open positions are valued at entry (the
+    /// paper price does not move), so there is no unrealized PnL.
+    async fn equity(&self) -> Result<Decimal, ExchangeError> {
+        let pnl = self
+            .store
+            .realized_pnl_total(self.account.user_id, ExchangeKind::Paper)
+            .await
+            .map_err(db_error)?;
+        crate::money::add(self.balance, pnl).map_err(Into::into)
     }
 
     async fn protect(&self, _protection: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {

@@ -583,7 +583,21 @@ impl Exchange for TradierClient {
         Ok(best)
     }
 
+    async fn equity(&self) -> Result<Decimal, ExchangeError> {
+        let v = self
+            .get(&format!("/accounts/{}/balances", self.account))
+            .await?;
+        http::dec_field(NAME, &v["balances"], "total_equity")
+    }
+
     async fn protect(&self, p: &Protection) -> Result<Vec<RestingOrder>, ExchangeError> {
+        if p.trailing_stop.is_some() {
+            // The ingress refuses trailing stops for Tradier (its API has none); an older job
+            // that carries one is protected by its fixed levels only, and says so.
+            return Err(ExchangeError::permanent(
+                "tradier: the API has no trailing-stop order; the trailing stop was not placed",
+            ));
+        }
         let qty = whole(p.quantity);
         let side = match p.position_side {
             Side::Long => "sell",

@@ -43,15 +43,16 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::domain::{CredentialEnv, Job, OrderSide, OrderType, Side};
+use crate::domain::{CredentialEnv, Job, OrderSide, OrderType, Side, TrailingStop};
 use crate::exchanges::{
     client_order_id, ErrorClass, ExPosition, Exchange, ExchangeError, Leg, OnFill, OrderAck,
     OrderRequest, OrderState, RestingOrder,
 };
 pub use crate::job::JobStatus;
 use crate::job::{ExitReason, FailureClass, FillState};
-use crate::money::{self, round_down, round_to_tick, units_for_usd, Overflow};
+use crate::money::{self, round_to_tick, Overflow};
 use crate::partition::Fence;
+use crate::sizing;
 
 /// One order leg the exchange executed (or accepted), to be recorded as a trade row.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -499,31 +500,7 @@ async fn open_job(
             "{sym} has no usable price ({reference_price})"
         )));
     }
-    let usd = a.position_size_usd.unwrap_or_default();
-    let sizing = |e: Overflow| {
-        ExchangeError::permanent(format!(
-            "cannot size {usd} USD of {sym} at {reference_price} (step {}): {e}",
-            rules.step
-        ))
-    };
-    let raw_qty = units_for_usd(sym.as_str(), usd, reference_price).map_err(sizing)?;
-    let qty = round_down(raw_qty, rules.step).map_err(sizing)?;
-    if qty < rules.min_qty || qty <= Decimal::ZERO {
-        return Err(ExchangeError::permanent(format!(
-            "order too small: {usd} USD at {reference_price} is {} {sym}, which rounds down to {qty} (step {}), below the minimum quantity {}",
-            raw_qty.round_dp(8).normalize(),
-            rules.step,
-            rules.min_qty
-        )));
-    }
-    let notional = money::mul(qty, reference_price).map_err(sizing)?;
-    if notional < rules.min_notional {
-        return Err(ExchangeError::permanent(format!(
-            "order too small: {qty} {sym} at {reference_price} is {} notional, below the minimum {}",
-            notional.normalize(),
-            rules.min_notional
-        )));
-    }
+    let qty = size_open(ex, a, side, reference_price, &rules).await?;
 
     // Reversal: the old side is closed, and the new one opened only once the broker is flat.
     match position {
@@ -544,12 +521,16 @@ async fn open_job(
 
     // Exchanges that protect on fill get the levels with the order, from the reference price.
     let on_fill = if ex.protects_on_fill()
-        && (a.stop_loss_percent.is_some() || a.take_profit_percent.is_some())
+        && (a.has_stop_loss()
+            || a.take_profit_percent.is_some()
+            || a.take_profit_price.is_some()
+            || a.trailing_stop.is_some())
     {
         let (sl, tp) = protective_prices(side, reference_price, a, rules.tick)?;
         Some(OnFill {
             stop_loss: sl,
             take_profit: tp,
+            trailing_stop: trailing_on_fill(a.trailing_stop, reference_price)?,
         })
     } else {
         None
@@ -592,7 +573,12 @@ async fn open_job(
         ));
     }
     if on_fill.is_none() {
-        protect::protect_new(ex, job, side, filled, sl, tp, &mut outcome).await;
+        let levels = protect::Levels {
+            stop_loss: sl,
+            take_profit: tp,
+            trailing_stop: a.trailing_stop,
+        };
+        protect::protect_new(ex, job, side, filled, levels, &mut outcome).await;
     }
     Ok(outcome)
 }
@@ -670,7 +656,12 @@ async fn recovered_open(
     });
     let mut outcome = done(progress);
     if !ex.protects_on_fill() {
-        protect::protect_new(ex, job, side, filled, sl, tp, &mut outcome).await;
+        let levels = protect::Levels {
+            stop_loss: sl,
+            take_profit: tp,
+            trailing_stop: job.alert.trailing_stop,
+        };
+        protect::protect_new(ex, job, side, filled, levels, &mut outcome).await;
     }
     Ok(outcome)
 }
@@ -762,7 +753,94 @@ pub async fn record_placed(
     Some(given_up)
 }
 
+/// The quantity of the opening leg at `price`: the alert's [`crate::domain::Sizing`] through
+/// [`sizing::size`] (rounded down to the step, minimums checked). The account's equity is read
+/// only for the modes that need it; an unreadable equity fails like any exchange call (retried
+/// when transient).
+async fn size_open(
+    ex: &dyn Exchange,
+    a: &crate::domain::Alert,
+    side: Side,
+    price: Decimal,
+    rules: &crate::exchanges::SymbolRules,
+) -> Result<Decimal, ExchangeError> {
+    let Some(s) = a.sizing() else {
+        return Err(ExchangeError::permanent(
+            "the alert has no size (position_size_usd, quantity, percent_of_equity, risk_usd or risk_percent)",
+        ));
+    };
+    let equity = if s.mode.needs_equity() {
+        Some(ex.equity().await?)
+    } else {
+        None
+    };
+    let stop_distance = if s.mode.needs_stop_loss() {
+        Some(stop_distance(a, side, price)?)
+    } else {
+        None
+    };
+    let input = sizing::SizingInput {
+        symbol: a.symbol.as_str(),
+        sizing: s,
+        price,
+        rules,
+        equity,
+        stop_distance,
+    };
+    sizing::size(&input)
+        .map(|sized| sized.quantity)
+        .map_err(|e| ExchangeError::permanent(e.to_string()))
+}
+
+/// How far the alert's stop-loss is from `price` for a position of `side` (price units). A stop
+/// price on the wrong side of the price is refused (it would trigger at once).
+pub fn stop_distance(
+    a: &crate::domain::Alert,
+    side: Side,
+    price: Decimal,
+) -> Result<Decimal, ExchangeError> {
+    if let Some(stop) = a.stop_loss_price {
+        let d = match side {
+            Side::Long => money::sub(price, stop)?,
+            Side::Short => money::sub(stop, price)?,
+        };
+        if d <= Decimal::ZERO {
+            let (side, rel) = match side {
+                Side::Long => ("long", "below"),
+                Side::Short => ("short", "above"),
+            };
+            return Err(ExchangeError::permanent(format!(
+                "stop_loss_price {stop} must be {rel} the price {price} of a {side}"
+            )));
+        }
+        return Ok(d);
+    }
+    match a.stop_loss_percent {
+        Some(pct) => Ok(money::div(money::mul(price, pct)?, Decimal::ONE_HUNDRED)?),
+        None => Err(ExchangeError::permanent(
+            "risk sizing needs stop_loss_percent or stop_loss_price",
+        )),
+    }
+}
+
+/// The trailing stop sent with an opening order: a percent becomes a price distance at the
+/// reference price (OANDA's `trailingStopLossOnFill` takes a distance); pips stay pips (the
+/// client knows the instrument's pip size).
+fn trailing_on_fill(
+    t: Option<TrailingStop>,
+    price: Decimal,
+) -> Result<Option<TrailingStop>, Overflow> {
+    Ok(match t {
+        Some(TrailingStop::Percent(p)) => Some(TrailingStop::Distance(money::div(
+            money::mul(price, p)?,
+            Decimal::ONE_HUNDRED,
+        )?)),
+        other => other,
+    })
+}
+
 /// Stop-loss and take-profit prices for a position of `side` entered at `entry`, rounded to `tick`.
+/// Absolute prices (`stop_loss_price`, `take_profit_price`) are used as given (rounded).
 fn protective_prices(
     side: Side,
     entry: Decimal,
@@ -781,9 +859,16 @@ fn protective_prices(
         Ok(Some(round_to_tick(money::mul(entry, factor)?, tick)?))
     };
     let long = side == Side::Long;
+    let fixed = |p: Option<Decimal>| p.map(|p| round_to_tick(p, tick)).transpose();
     Ok((
-        level(a.stop_loss_percent, long)?,
-        level(a.take_profit_percent, !long)?,
+        match fixed(a.stop_loss_price)? {
+            Some(p) => Some(p),
+            None => level(a.stop_loss_percent, long)?,
+        },
+        match fixed(a.take_profit_price)? {
+            Some(p) => Some(p),
+            None => level(a.take_profit_percent, !long)?,
+        },
     ))
 }
 

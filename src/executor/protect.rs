@@ -10,7 +10,7 @@
 use rust_decimal::Decimal;
 
 use super::{Outcome, Progress};
-use crate::domain::{Job, Side};
+use crate::domain::{Job, Side, TrailingStop};
 use crate::exchanges::{Exchange, ExchangeError, Leg, OpenOrder, Protection, RestingOrder};
 use crate::job::JobStatus;
 
@@ -22,11 +22,14 @@ const CANCEL_ROUNDS: usize = 3;
 pub(super) struct Levels {
     pub stop_loss: Option<Decimal>,
     pub take_profit: Option<Decimal>,
+    /// A native trailing stop (placed with a new position; a partial close's remainder gets its
+    /// fixed levels back, not a trailing stop: the broker's trailing state cannot be carried over).
+    pub trailing_stop: Option<TrailingStop>,
 }
 
 impl Levels {
     pub fn any(&self) -> bool {
-        self.stop_loss.is_some() || self.take_profit.is_some()
+        self.stop_loss.is_some() || self.take_profit.is_some() || self.trailing_stop.is_some()
     }
 }
 
@@ -77,6 +80,7 @@ pub(super) async fn cancel_protection(
     Ok(Levels {
         stop_loss: cancelled.iter().find_map(|o| o.stop_loss),
         take_profit: cancelled.iter().find_map(|o| o.take_profit),
+        trailing_stop: None,
     })
 }
 
@@ -95,6 +99,7 @@ pub(super) async fn place(
         quantity,
         stop_loss: levels.stop_loss,
         take_profit: levels.take_profit,
+        trailing_stop: levels.trailing_stop,
         job_id: job.job_id,
     })
     .await
@@ -108,14 +113,9 @@ pub(super) async fn protect_new(
     job: &Job,
     side: Side,
     quantity: Decimal,
-    stop_loss: Option<Decimal>,
-    take_profit: Option<Decimal>,
+    mut levels: Levels,
     outcome: &mut Outcome,
 ) {
-    let mut levels = Levels {
-        stop_loss,
-        take_profit,
-    };
     if !levels.any() {
         return;
     }
@@ -147,6 +147,10 @@ pub(super) async fn protect_new(
             .collect();
         if own.iter().any(|o| o.stop_loss.is_some()) {
             levels.stop_loss = None;
+        }
+        if !own.is_empty() {
+            // An earlier delivery protected it (a trailing stop lists with no fixed level).
+            levels.trailing_stop = None;
         }
         if own.iter().any(|o| o.take_profit.is_some()) {
             levels.take_profit = None;

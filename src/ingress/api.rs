@@ -374,6 +374,10 @@ pub struct JobDetail {
     pub job: JobView,
     pub timing: Timing,
     pub orders: Vec<OrderView>,
+    /// The strategy the alert ran under (its defaults filled in at the ingress).
+    pub strategy: Option<String>,
+    /// Fields of the webhook Sparky does not know (ignored, listed here).
+    pub ignored_fields: Vec<String>,
 }
 
 /// An open position of one account.
@@ -797,10 +801,20 @@ pub(crate) async fn get_job(
             status: t.status,
         })
         .collect();
+    // The alert as it was executed; one that cannot be read back only leaves these two empty.
+    let alert = st
+        .api_store
+        .job_envelope(job_id)
+        .await
+        .ok()
+        .flatten()
+        .map(|(j, _)| j.alert);
     Ok(Json(JobDetail {
         job: job.into(),
         timing,
         orders,
+        strategy: alert.as_ref().and_then(|a| a.strategy.clone()),
+        ignored_fields: alert.map(|a| a.ignored_fields).unwrap_or_default(),
     }))
 }
 

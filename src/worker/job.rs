@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::credentials::{CredentialError, CredentialLoader, Credentials};
 use crate::domain::{Account, CredentialEnv, ExchangeKind, Job};
 use crate::exchanges::metered::Metered;
-use crate::exchanges::{ExchangeContext, ExchangeFactory};
+use crate::exchanges::{Exchange, ExchangeContext, ExchangeFactory};
 use crate::executor::{self, Outcome, PositionChange, RetryPolicy};
 use crate::job::{FailureClass, JobStatus};
 use crate::metrics::Metrics;
@@ -38,6 +38,7 @@ use crate::partition::Fence;
 use crate::queue::{Entry, Queue};
 use crate::replay::would_be_stale;
 use crate::retry::{retry, until_ok, Retried};
+use crate::risk;
 use crate::store::{Begin, Store, StoreError};
 use std::sync::Arc;
 
@@ -349,11 +350,86 @@ impl JobRunner {
             Ok(c) => c,
             Err(outcome) => return Some(outcome),
         };
+        // Risk limits, before the first order of the job's first run (a redelivery or replay may
+        // be finishing orders placed before: it is not evaluated again).
+        if !recover {
+            let verdict = retry(
+                "evaluating the risk limits",
+                &self.shutdown,
+                |_: &StoreError, _| false,
+                || risk::check(&self.store, &client, job),
+            )
+            .await;
+            match verdict {
+                Retried::Ok(risk::Verdict::Allow) => {}
+                Retried::Ok(risk::Verdict::Block(block)) => {
+                    return self.blocked(&client, job, block, fence).await
+                }
+                Retried::GaveUp { .. } | Retried::Shutdown => return None,
+            }
+            if fence.is_void() {
+                return None; // Postgres was away longer than the lease: the next owner runs it
+            }
+        }
         let outcome = executor::execute_until(&client, job, recover, &self.policy, fence).await;
         if outcome.is_none() {
             tracing::warn!("lease lost; leaving the job to the partition's next owner");
         }
         outcome.map(|o| Outcome { environment, ..o })
+    }
+
+    /// A job a risk rule blocked: `blocked` with the rule and the numbers. Closing is never
+    /// blocked: a reversal (an open against a position on the other side) still closes that
+    /// position, and the job records the close.
+    async fn blocked(
+        &self,
+        client: &Metered,
+        job: &Job,
+        block: risk::Block,
+        fence: &Fence,
+    ) -> Option<Outcome> {
+        tracing::warn!(rule = %block.rule, detail = %block.detail, "a risk limit blocked the job");
+        self.metrics.job_blocked(block.rule);
+        let blocked = Outcome::failed(JobStatus::Blocked, FailureClass::Risk, block.to_string());
+        let Some(side) = job.alert.action.side() else {
+            return Some(blocked);
+        };
+        let position = match client.position(&job.alert.symbol).await {
+            Ok(p) => p,
+            Err(e) => {
+                return Some(Outcome {
+                    message: Some(format!(
+                        "{block}; the position could not be read ({e}), so nothing was closed"
+                    )),
+                    ..blocked
+                })
+            }
+        };
+        match position {
+            Some(p) if p.side != side => {
+                let mut close = job.clone();
+                close.alert.action = crate::domain::Action::Close;
+                let mut outcome =
+                    executor::execute_until(client, &close, false, &self.policy, fence).await?;
+                let closed = format!(
+                    "the {} position was closed (closing is never blocked)",
+                    p.side.as_str()
+                );
+                if outcome.status == JobStatus::Succeeded {
+                    outcome.status = JobStatus::Blocked;
+                    outcome.error_class = Some(FailureClass::Risk);
+                    outcome.message = Some(format!("{block}; {closed}"));
+                } else {
+                    let m = outcome.message.take().unwrap_or_default();
+                    outcome.message = Some(format!(
+                        "{block}; closing the {} position: {m}",
+                        p.side.as_str()
+                    ));
+                }
+                Some(outcome)
+            }
+            _ => Some(blocked),
+        }
     }
 
     /// The job's exchange client (credentials loaded, client built) and the environment of its

@@ -24,6 +24,8 @@ mod recovery;
 mod scripted;
 mod security;
 mod takeover;
+mod templates;
+mod trader;
 mod tradier;
 mod user_api;
 mod webhook;

@@ -433,6 +433,7 @@ async fn oanda_fake_working_limit_cancel_and_trade_orders() {
         on_fill: Some(sparky::exchanges::OnFill {
             stop_loss: Some(dec!(1.07)),
             take_profit: None,
+            trailing_stop: None,
         }),
         symbol: sym.clone(),
         side: OrderSide::Buy,

@@ -171,6 +171,9 @@ impl Exchange for Client {
                 entry_price: Some(dec!(100)),
             }))
     }
+    async fn equity(&self) -> Result<Decimal, ExchangeError> {
+        Ok(dec!(10000))
+    }
     async fn place_order(&self, order: &OrderRequest) -> Result<OrderAck, ExchangeError> {
         let sym = order.symbol.as_str();
         if sym == "PANICUSDT" {

@@ -64,6 +64,8 @@ pub(crate) struct AsterState {
     pub(crate) cancel_unknown: (i64, &'static str),
     /// Commission per fill, as a fraction of the notional (reported negative, as in the docs).
     pub(crate) fee_rate: Decimal,
+    /// `totalMarginBalance` of `/fapi/v4/account`; `None` answers 500 (equity unreadable).
+    pub(crate) equity: Option<Decimal>,
 }
 
 pub(crate) struct AsterFake {
@@ -115,6 +117,7 @@ impl AsterFake {
                 partial_rule: None,
                 cancel_unknown: (-2011, "Unknown order sent."),
                 fee_rate: dec!(0.0004),
+                equity: Some(dec!(10000)),
             }),
         });
         let app = Router::new()
@@ -370,6 +373,18 @@ impl AsterFake {
         let sym = param(p, "symbol").unwrap_or_default().to_string();
         match (method.as_str(), path) {
             ("GET", "/fapi/v1/time") => (200, json!({"serverTime": now})),
+            ("GET", "/fapi/v4/account") => match st.equity {
+                Some(e) => (
+                    200,
+                    json!({"totalWalletBalance": e.to_string(), "totalMarginBalance": e.to_string(),
+                    "availableBalance": e.to_string(), "assets": [], "positions": []}),
+                ),
+                None => aster_err(
+                    500,
+                    -1001,
+                    "Internal error; unable to process your request.",
+                ),
+            },
             ("GET", "/fapi/v1/exchangeInfo") => {
                 let symbols: Vec<Value> = st
                     .markets
@@ -540,6 +555,14 @@ impl AsterFake {
                         || (side == "SELL" && pos > Decimal::ZERO && qty <= pos)
                 };
                 match ty.as_str() {
+                    "TRAILING_STOP_MARKET" => {
+                        let rate = param(p, "callbackRate").map(d).unwrap_or_default();
+                        if rate < dec!(0.1) || rate > dec!(5) || param(p, "quantity").is_none() {
+                            return aster_err(400, -1102, "Mandatory parameter was not sent.");
+                        }
+                        order["priceRate"] = json!(rate.to_string());
+                        order["origQty"] = json!(param(p, "quantity"));
+                    }
                     "STOP_MARKET" | "TAKE_PROFIT_MARKET" => {
                         let Some(stop) = param(p, "stopPrice") else {
                             return aster_err(400, -1102, "Mandatory parameter 'stopPrice' was not sent, was empty/null, or malformed.");

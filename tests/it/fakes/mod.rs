@@ -292,8 +292,15 @@ pub(crate) fn job(kind: ExchangeKind, action: Action, symbol: &str, usd: Decimal
             order_type: OrderType::Market,
             price: None,
             position_size_usd: Some(usd),
+            quantity: None,
+            percent_of_equity: None,
+            risk_usd: None,
+            risk_percent: None,
             stop_loss_percent: None,
             take_profit_percent: None,
+            stop_loss_price: None,
+            take_profit_price: None,
+            trailing_stop: None,
             close_percent: None,
             limit_ttl_secs: None,
             strategy_id: None,
@@ -302,6 +309,7 @@ pub(crate) fn job(kind: ExchangeKind, action: Action, symbol: &str, usd: Decimal
             timestamp: None,
             max_lag_secs: None,
             environment: None,
+            ignored_fields: vec![],
         },
     }
 }

@@ -53,6 +53,8 @@ pub(crate) struct OandaState {
     pub(crate) trades: Vec<Value>,
     pub(crate) next_id: u64,
     pub(crate) insufficient_margin: bool,
+    /// `NAV` of `/summary`; `None` answers 500 (equity unreadable).
+    pub(crate) nav: Option<Decimal>,
 }
 
 pub(crate) struct OandaFake {
@@ -75,6 +77,7 @@ impl OandaFake {
                 trades: vec![],
                 next_id: 6000,
                 insufficient_margin: false,
+                nav: Some(dec!(10000)),
             }),
         });
         let app = Router::new()
@@ -502,10 +505,10 @@ fn dependent_order(
     kind: &str,
     spec: &Value,
 ) -> (Value, Option<Value>) {
-    let key = if kind == "STOP_LOSS" {
-        "stopLossOrderID"
-    } else {
-        "takeProfitOrderID"
+    let key = match kind {
+        "STOP_LOSS" => "stopLossOrderID",
+        "TRAILING_STOP_LOSS" => "trailingStopLossOrderID",
+        _ => "takeProfitOrderID",
     };
     let mut replaced = None;
     if let Some(old) = st.trades[t][key].as_str().map(str::to_string) {
@@ -517,6 +520,7 @@ fn dependent_order(
     let txn = record_txn(
         st,
         json!({"type": format!("{kind}_ORDER"), "tradeID": tr["id"], "price": spec["price"],
+            "distance": spec["distance"],
             "timeInForce": spec["timeInForce"].as_str().unwrap_or("GTC"),
             "clientExtensions": spec["clientExtensions"], "reason": "CLIENT_ORDER"}),
     );
@@ -541,6 +545,11 @@ fn on_fill_orders(st: &mut OandaState, req: &Value, fill: &Value) -> Value {
     for (key, kind, name) in [
         ("stopLossOnFill", "STOP_LOSS", "stopLoss"),
         ("takeProfitOnFill", "TAKE_PROFIT", "takeProfit"),
+        (
+            "trailingStopLossOnFill",
+            "TRAILING_STOP_LOSS",
+            "trailingStopLoss",
+        ),
     ] {
         if req[key].is_object() {
             let (txn, _) = dependent_order(st, t, kind, &req[key]);
@@ -626,6 +635,14 @@ impl OandaFake {
             sync_trades(&mut st, n);
         }
         match (method.as_str(), rest) {
+            ("GET", "/summary") => match st.nav {
+                Some(nav) => (
+                    200,
+                    json!({"account": {"id": OANDA_ACCOUNT, "currency": "USD", "NAV": nav.to_string(),
+                    "balance": nav.to_string(), "unrealizedPL": "0.0000"}, "lastTransactionID": "1"}),
+                ),
+                None => (500, json!({"errorMessage": "Internal server error"})),
+            },
             ("GET", "/instruments") => match st.instruments.get(inst_q.as_str()) {
                 Some((_, _, tup, dp, min)) => (
                     200,

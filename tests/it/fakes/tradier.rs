@@ -60,6 +60,8 @@ pub(crate) struct TradierState {
     /// working (a GTC OCO placed yesterday)? Unverified at Tradier, so off by default: only
     /// orders created today are listed.
     pub(crate) intraday_lists_working: bool,
+    /// `total_equity` of `/balances`; `None` answers 500 (equity unreadable).
+    pub(crate) equity: Option<Decimal>,
 }
 
 pub(crate) struct TradierFake {
@@ -84,6 +86,7 @@ impl TradierFake {
                 partial_rule: None,
                 today: chrono::Utc::now().date_naive(),
                 intraday_lists_working: false,
+                equity: Some(dec!(10000)),
             }),
         });
         let app = Router::new()
@@ -396,6 +399,14 @@ impl TradierFake {
     ) -> (u16, Value) {
         let mut st = self.st.lock().unwrap();
         match route {
+            "GET /balances" => match st.equity {
+                Some(e) => (
+                    200,
+                    json!({"balances": {"account_type": "margin", "total_equity": serde_json::Number::from_str(&e.to_string()).unwrap(),
+                    "total_cash": 1000.0, "market_value": 0.0, "open_pl": 0.0, "close_pl": 0.0}}),
+                ),
+                None => (500, json!("Internal Server Error")),
+            },
             "GET /v1/markets/quotes" => {
                 let sym = param(q, "symbols").unwrap_or_default();
                 match st.prices.get(sym) {

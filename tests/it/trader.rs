@@ -1,0 +1,983 @@
+//! Issue 14: sizing modes (paper and the Aster fake), the original Sparky's alert fields (the
+//! ones that used to degrade silently), trailing stops, and every risk rule (blocks the open, lets
+//! the close through, blocks when it cannot be evaluated).
+
+use std::time::Duration;
+
+use chrono::{NaiveTime, Timelike, Utc};
+use reqwest::StatusCode;
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use serde_json::{json, Value};
+use sparky::domain::{ExchangeKind, OrderType};
+use sparky::exchanges::{client_order_id, Leg};
+use sparky::job::{FailureClass, JobStatus};
+use sparky::risk::RiskLimits;
+use sparky::store::JobRow;
+use uuid::Uuid;
+
+use crate::fakes::*;
+use crate::helpers::*;
+use crate::templates::strategy;
+
+async fn run_one(app: &TestApp, body: &Value) -> JobRow {
+    let id = app.enqueue(body).await;
+    app.run_worker_until_idle().await;
+    app.job(id).await
+}
+
+fn order(secret: &str, exchange: &str, action: &str, symbol: &str, extra: Value) -> Value {
+    let mut v = json!({"secret": secret, "exchange": exchange, "action": action, "symbol": symbol});
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    v
+}
+
+/// The quantity of the open leg of job `id`.
+async fn opened(app: &TestApp, user: Uuid, id: Uuid) -> Decimal {
+    app.trades(user)
+        .await
+        .into_iter()
+        .find(|t| t.job_id == id && t.leg == "open")
+        .unwrap_or_else(|| panic!("no open leg for {id}"))
+        .quantity
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sizing
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn every_sizing_mode_on_paper_rounds_down_and_checks_the_minimums() {
+    let app = TestApp::spawn().await;
+    // ETHUSDT on paper: 3000, step 0.001, minimum notional 5; a balance of 20000
+    let (user, secret) = app.paper_user_with(json!({"balance": 20000})).await;
+    let cases = [
+        (json!({"position_size_usd": 100}), dec!(0.033)),
+        (json!({"quantity": "0.0339"}), dec!(0.033)),
+        // 1% of 20000 = 200 USD
+        (json!({"percent_of_equity": 1}), dec!(0.066)),
+        // 30 USD over a 1% stop (30 USD a unit)
+        (json!({"risk_usd": 30, "stop_loss_percent": 1}), dec!(1)),
+        // 0.3% of 20000 = 60 USD over a stop 60 below
+        (
+            json!({"risk_percent": "0.3", "stop_loss_price": 2940}),
+            dec!(1),
+        ),
+    ];
+    for (size, want) in cases {
+        let job = run_one(
+            &app,
+            &order(&secret, "paper", "buy", "ETHUSDT", size.clone()),
+        )
+        .await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{size}: {job:?}");
+        assert_eq!(opened(&app, user, job.job_id).await, want, "{size}");
+        let close = run_one(
+            &app,
+            &order(&secret, "paper", "close", "ETHUSDT", json!({})),
+        )
+        .await;
+        assert_eq!(close.status, JobStatus::Succeeded);
+    }
+    // below the minimums: rejected with the numbers, nothing placed
+    for (size, says) in [
+        (json!({"quantity": "0.0009"}), "rounds down to 0"),
+        (json!({"quantity": "0.001"}), "below the minimum 5"),
+        (json!({"percent_of_equity": "0.001"}), "rounds down to 0"),
+    ] {
+        let job = run_one(
+            &app,
+            &order(&secret, "paper", "buy", "ETHUSDT", size.clone()),
+        )
+        .await;
+        assert_eq!(job.status, JobStatus::Rejected, "{size}");
+        assert!(
+            job.error.as_deref().unwrap().contains(says),
+            "{size}: {job:?}"
+        );
+    }
+    // a risk size needs a stop-loss; two sizes are one too many
+    let (status, v) = app
+        .post_webhook(&order(
+            &secret,
+            "paper",
+            "buy",
+            "ETHUSDT",
+            json!({"risk_usd": 30}),
+        ))
+        .await;
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("risk_usd")),
+        "{v}"
+    );
+    let (status, v) = app
+        .post_webhook(&order(
+            &secret,
+            "paper",
+            "buy",
+            "ETHUSDT",
+            json!({"quantity": 1, "position_size_usd": 10}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    app.cleanup().await;
+}
+
+async fn aster_app_with(
+    tweak: impl FnOnce(&mut sparky::config::Config),
+) -> (std::sync::Arc<AsterFake>, TestApp, Uuid, String) {
+    let (fake, url) = AsterFake::start().await;
+    let app = TestApp::spawn_with(|c| {
+        c.aster_base_url = Some(url.clone());
+        c.exchange_retries = 1;
+        c.exchange_retry_max = Duration::from_millis(300);
+        tweak(c);
+    })
+    .await;
+    let (user, secret) = app.create_user().await;
+    store_credentials(
+        &app,
+        user,
+        "aster",
+        ASTER_KEY,
+        ASTER_SECRET,
+        None,
+        json!({}),
+    )
+    .await;
+    (fake, app, user, secret)
+}
+
+#[tokio::test]
+async fn every_sizing_mode_on_the_aster_fake() {
+    let (fake, app, user, secret) = aster_app_with(|_| {}).await;
+    // equity (totalMarginBalance) 10000; ETHUSDT 3000, market step 0.001, min notional 5
+    let cases = [
+        (json!({"position_size_usd": 100}), dec!(0.033)),
+        (json!({"quantity": "0.0339"}), dec!(0.033)),
+        (json!({"percent_of_equity": 1}), dec!(0.033)),
+        (json!({"risk_usd": 30, "stop_loss_percent": 1}), dec!(1)),
+        (
+            json!({"risk_percent": "0.6", "stop_loss_price": 2940}),
+            dec!(1),
+        ),
+    ];
+    for (size, want) in cases {
+        let job = run_one(
+            &app,
+            &order(&secret, "aster", "buy", "ETHUSDT", size.clone()),
+        )
+        .await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{size}: {job:?}");
+        assert_eq!(opened(&app, user, job.job_id).await, want, "{size}");
+        let sent = fake.orders_with(&client_order_id(job.job_id, Leg::Open));
+        assert_eq!(sent, 1);
+        let close = run_one(
+            &app,
+            &order(&secret, "aster", "close", "ETHUSDT", json!({})),
+        )
+        .await;
+        assert_eq!(close.status, JobStatus::Succeeded);
+    }
+    assert!(
+        !fake.core.seen("GET /fapi/v4/account").is_empty(),
+        "equity read from the account endpoint"
+    );
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "aster",
+            "buy",
+            "ETHUSDT",
+            json!({"quantity": "0.001"}),
+        ),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Rejected);
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("below the minimum 5"),
+        "{job:?}"
+    );
+    // equity unreadable: a percent size cannot be computed, nothing is sent
+    fake.st.lock().unwrap().equity = None;
+    let before = fake.st.lock().unwrap().orders.len();
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "aster",
+            "buy",
+            "ETHUSDT",
+            json!({"percent_of_equity": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Dead, "{job:?}");
+    assert_eq!(fake.st.lock().unwrap().orders.len(), before);
+    app.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The original Sparky's alerts
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn original_format_alerts_are_honoured_not_degraded() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    // camelCase: userId, orderType (limit, not market), positionSizeUsd, stopLossPercent, takeProfitPercent
+    let job = run_one(
+        &app,
+        &json!({"secret": secret, "userId": user, "exchange": "paper", "action": "buy",
+            "symbol": "ETHUSDT", "orderType": "limit", "price": 3100, "positionSizeUsd": 310,
+            "stopLossPercent": 2, "takeProfitPercent": 4, "comment": "from TradingView", "leverage": 5}),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let (env, _) = app.store.job_envelope(job.job_id).await.unwrap().unwrap();
+    assert_eq!(env.alert.order_type, OrderType::Limit, "orderType honoured");
+    assert_eq!(env.alert.position_size_usd, Some(dec!(310)));
+    assert_eq!(
+        env.alert.ignored_fields,
+        vec!["comment", "leverage"],
+        "unknown fields listed"
+    );
+    // sized at the limit price 3100: 0.1
+    assert_eq!(opened(&app, user, job.job_id).await, dec!(0.1));
+    let p = app.position(user, "ETHUSDT").await.unwrap();
+    assert_eq!(
+        (p.stop_loss_price, p.take_profit_price),
+        (Some(dec!(2940)), Some(dec!(3120)))
+    );
+    // the job record shows them
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/jobs/{}", job.job_id)))
+        .header("X-Sparky-Secret", &secret)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["ignored_fields"], json!(["comment", "leverage"]), "{v}");
+
+    // a limit the paper exchange cannot fill is refused as a limit, never run as a market order
+    let job = run_one(
+        &app,
+        &json!({"secret": secret, "exchange": "paper", "action": "buy", "symbol": "SOLUSDT",
+            "orderType": "limit", "price": 100, "positionSizeUsd": 100}),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Rejected);
+    assert!(
+        job.error.as_deref().unwrap().contains("not marketable"),
+        "{job:?}"
+    );
+
+    // stopLoss / takeProfit, and absolute prices
+    run_one(
+        &app,
+        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
+    )
+    .await;
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "paper",
+            "sell",
+            "ETHUSDT",
+            json!({"positionSizeUsd": 300, "stopLoss": 1, "takeProfit": 3}),
+        ),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let p = app.position(user, "ETHUSDT").await.unwrap();
+    assert_eq!(
+        (p.stop_loss_price, p.take_profit_price),
+        (Some(dec!(3030)), Some(dec!(2910)))
+    );
+    run_one(
+        &app,
+        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
+    )
+    .await;
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "paper",
+            "buy",
+            "ETHUSDT",
+            json!({"position_size_usd": 300,
+            "stop_loss_price": "2800.5", "take_profit_price": 3500}),
+        ),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let p = app.position(user, "ETHUSDT").await.unwrap();
+    assert_eq!(
+        (p.stop_loss_price, p.take_profit_price),
+        (Some(dec!(2800.5)), Some(dec!(3500)))
+    );
+    // a stop on the wrong side is refused, not placed
+    run_one(
+        &app,
+        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
+    )
+    .await;
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "paper",
+            "buy",
+            "ETHUSDT",
+            json!({"risk_usd": 10, "stop_loss_price": 3100}),
+        ),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Rejected);
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("must be below the price 3000"),
+        "{job:?}"
+    );
+
+    // sell_percentage is close_percent (its execution is the order life cycle's, issue 12)
+    let id = app
+        .enqueue(&order(
+            &secret,
+            "paper",
+            "close",
+            "ETHUSDT",
+            json!({"sell_percentage": 50}),
+        ))
+        .await;
+    let (env, _) = loop {
+        app.run_worker_until_idle().await;
+        if let Some(e) = app.store.job_envelope(id).await.unwrap() {
+            break e;
+        }
+    };
+    assert_eq!(env.alert.close_percent, Some(dec!(50)));
+
+    // the original name and Sparky's name with different values: a 400, not a silent choice
+    let (status, v) = app
+        .post_webhook(&order(
+            &secret,
+            "paper",
+            "buy",
+            "ETHUSDT",
+            json!({"position_size_usd": 100, "stopLoss": 2, "stop_loss_percent": 3}),
+        ))
+        .await;
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("stopLoss")),
+        "{v}"
+    );
+    // a stop percent and a stop price at once
+    let (status, v) = app
+        .post_webhook(&order(
+            &secret,
+            "paper",
+            "buy",
+            "ETHUSDT",
+            json!({"position_size_usd": 100, "stopLossPercent": 2, "stop_loss_price": 2900}),
+        ))
+        .await;
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("stop_loss_price")),
+        "{v}"
+    );
+    app.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trailing stops
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn trailing_stops_use_the_native_orders_or_are_refused() {
+    let (fake, app, _user, secret) = aster_app_with(|_| {}).await;
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "aster",
+            "buy",
+            "ETHUSDT",
+            json!({"position_size_usd": 100, "trailing_stop_percent": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let orders = fake.st.lock().unwrap().orders.clone();
+    let trail = orders
+        .iter()
+        .find(|o| o["type"] == "TRAILING_STOP_MARKET")
+        .expect("a native trailing stop");
+    assert_eq!(
+        (trail["priceRate"].as_str(), trail["side"].as_str()),
+        (Some("1"), Some("SELL"))
+    );
+    assert_eq!(trail["origQty"], "0.033");
+    assert_eq!(trail["reduceOnly"], true);
+    // out of Aster's callback range
+    let (status, v) = app
+        .post_webhook(&order(
+            &secret,
+            "aster",
+            "buy",
+            "BTCUSDT",
+            json!({"position_size_usd": 100, "trailing_stop_percent": 10}),
+        ))
+        .await;
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("trailing_stop_percent")),
+        "{v}"
+    );
+    // useTrailingStop without a distance
+    let (status, v) = app
+        .post_webhook(&order(
+            &secret,
+            "aster",
+            "buy",
+            "BTCUSDT",
+            json!({"position_size_usd": 100, "useTrailingStop": true}),
+        ))
+        .await;
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("useTrailingStop")),
+        "{v}"
+    );
+    app.cleanup().await;
+
+    // OANDA: a percent becomes a price distance on the fill
+    let (fake, app, _user, secret) = crate::templates::oanda_app().await;
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "oanda",
+            "buy",
+            "EURUSD",
+            json!({"position_size_usd": 100, "trailing_stop_percent": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let open = fake.orders_with(&client_order_id(job.job_id, Leg::Open));
+    // 1% of the mid 1.0851, to the instrument's 5 places
+    assert_eq!(
+        open[0]["request"]["trailingStopLossOnFill"]["distance"],
+        "0.01085"
+    );
+    app.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Risk limits
+// ---------------------------------------------------------------------------------------------
+
+fn no_limits(user: Uuid) -> RiskLimits {
+    RiskLimits {
+        user_id: user,
+        time_zone: "UTC".into(),
+        ..RiskLimits::default()
+    }
+}
+
+/// A paper user with an open ETHUSDT long (opened before any limit).
+async fn user_with_a_long(app: &TestApp) -> (Uuid, String, Uuid) {
+    let (user, secret) = app.paper_user().await;
+    let job = run_one(
+        app,
+        &order(
+            &secret,
+            "paper",
+            "buy",
+            "ETHUSDT",
+            json!({"position_size_usd": 100}),
+        ),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Succeeded);
+    (user, secret, job.job_id)
+}
+
+fn assert_blocked(job: &JobRow, rule: &str) {
+    assert_eq!(job.status, JobStatus::Blocked, "{job:?}");
+    assert_eq!(job.error_class, Some(FailureClass::Risk));
+    let e = job.error.as_deref().unwrap();
+    assert!(e.starts_with(&format!("blocked by {rule}:")), "{e}");
+}
+
+/// The life of one rule: `limits` set after the user opened ETHUSDT; an open in SOLUSDT is
+/// blocked by `rule`, the ETHUSDT close goes through, and with the limits made unevaluable (a
+/// time zone Postgres does not know, written behind the CLI's back) an open is blocked too.
+async fn rule_blocks_opens_not_closes(
+    rule: &str,
+    set: impl FnOnce(&mut RiskLimits),
+    prepare: impl AsyncFnOnce(&TestApp, &str, Uuid, Uuid),
+) {
+    let app = TestApp::spawn().await;
+    let (user, secret, first) = user_with_a_long(&app).await;
+    let mut l = no_limits(user);
+    set(&mut l);
+    app.store.upsert_risk_limits(&l).await.unwrap();
+    prepare(&app, &secret, user, first).await;
+    let blocked = run_one(
+        &app,
+        &order(
+            &secret,
+            "paper",
+            "buy",
+            "SOLUSDT",
+            json!({"position_size_usd": 100}),
+        ),
+    )
+    .await;
+    assert_blocked(&blocked, rule);
+    assert!(
+        app.trades(user)
+            .await
+            .iter()
+            .all(|t| t.job_id != blocked.job_id),
+        "no order sent"
+    );
+    let close = run_one(
+        &app,
+        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
+    )
+    .await;
+    assert_eq!(
+        close.status,
+        JobStatus::Succeeded,
+        "closes are never blocked: {close:?}"
+    );
+    assert!(app.position(user, "ETHUSDT").await.is_none());
+
+    let open_sol = |n: &str| {
+        order(
+            &secret,
+            "paper",
+            "buy",
+            "SOLUSDT",
+            json!({"position_size_usd": 100, "alert_id": n}),
+        )
+    };
+    let static_rule = matches!(rule, "kill_switch" | "symbol_not_allowed" | "symbol_denied");
+    if !static_rule {
+        // the counts cannot be made: a time zone Postgres does not know
+        sqlx::query("UPDATE risk_limits SET time_zone = 'Not/AZone' WHERE user_id = $1")
+            .bind(user)
+            .execute(&app.store.pool)
+            .await
+            .unwrap();
+        let job = run_one(&app, &open_sol("tz")).await;
+        assert_blocked(&job, "limits");
+        assert!(
+            job.error
+                .as_deref()
+                .unwrap()
+                .contains("cannot be evaluated"),
+            "{job:?}"
+        );
+    }
+    // the limits cannot be read at all
+    sqlx::query("ALTER TABLE risk_limits RENAME TO risk_limits_gone")
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
+    let job = run_one(&app, &open_sol("gone")).await;
+    assert_blocked(&job, "limits");
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("cannot be evaluated"),
+        "{job:?}"
+    );
+    let close = run_one(
+        &app,
+        &order(&secret, "paper", "close", "SOLUSDT", json!({})),
+    )
+    .await;
+    assert_eq!(
+        close.status,
+        JobStatus::Skipped,
+        "closes still run (nothing to close): {close:?}"
+    );
+    app.cleanup().await;
+}
+
+async fn nothing(_: &TestApp, _: &str, _: Uuid, _: Uuid) {}
+
+#[tokio::test]
+async fn risk_kill_switch() {
+    rule_blocks_opens_not_closes("kill_switch", |l| l.kill_switch = true, nothing).await;
+}
+
+#[tokio::test]
+async fn risk_max_open_positions() {
+    rule_blocks_opens_not_closes(
+        "max_open_positions",
+        |l| l.max_open_positions = Some(1),
+        nothing,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn risk_max_position_usd() {
+    // 100 USD of SOLUSDT at 150 = 0.66 = 99 USD
+    rule_blocks_opens_not_closes(
+        "max_position_usd",
+        |l| l.max_position_usd = Some(dec!(50)),
+        nothing,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn risk_max_trades_per_day() {
+    rule_blocks_opens_not_closes(
+        "max_trades_per_day",
+        |l| l.max_trades_per_day = Some(1),
+        nothing,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn risk_trading_hours() {
+    let h = Utc::now().hour();
+    let t = |h: u32| NaiveTime::from_hms_opt(h % 24, 0, 0).unwrap();
+    rule_blocks_opens_not_closes(
+        "trading_hours",
+        |l| l.trading_hours = Some((t(h + 2), t(h + 3))),
+        nothing,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn risk_allow_and_deny_lists() {
+    rule_blocks_opens_not_closes(
+        "symbol_not_allowed",
+        |l| l.allow_symbols = Some(vec!["ETHUSDT".into()]),
+        nothing,
+    )
+    .await;
+    rule_blocks_opens_not_closes(
+        "symbol_denied",
+        |l| l.deny_symbols = Some(vec!["SOLUSDT".into()]),
+        nothing,
+    )
+    .await;
+}
+
+/// A realized loss of 150 today (the closing fill's PnL, as the order life cycle records it).
+async fn lost_150(app: &TestApp, _: &str, user: Uuid, job: Uuid) {
+    sqlx::query(
+        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, status, pnl)
+         VALUES ($1, $2, 'paper', 'BTCUSDT', 'sl', 'sell', 1, 1, 'x', 'filled', -150)",
+    )
+    .bind(job)
+    .bind(user)
+    .execute(&app.store.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn risk_max_daily_loss() {
+    rule_blocks_opens_not_closes(
+        "max_daily_loss",
+        |l| l.max_daily_loss = Some(dec!(100)),
+        lost_150,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn risk_max_daily_loss_is_unevaluable_without_the_realized_pnl_of_a_close() {
+    let app = TestApp::spawn().await;
+    let (user, secret, _) = user_with_a_long(&app).await;
+    // this branch's executor records no PnL yet (the order life cycle issue adds it): a close of
+    // today without one makes the day's loss unknown
+    let close = run_one(
+        &app,
+        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
+    )
+    .await;
+    assert_eq!(close.status, JobStatus::Succeeded);
+    let mut l = no_limits(user);
+    l.max_daily_loss = Some(dec!(100));
+    app.store.upsert_risk_limits(&l).await.unwrap();
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "paper",
+            "buy",
+            "SOLUSDT",
+            json!({"position_size_usd": 100}),
+        ),
+    )
+    .await;
+    assert_blocked(&job, "max_daily_loss");
+    assert!(
+        job.error.as_deref().unwrap().contains("no realized PnL"),
+        "{job:?}"
+    );
+    // once the close has its PnL (a gain), the rule evaluates and lets the open through
+    sqlx::query("UPDATE trades SET pnl = 12.5 WHERE job_id = $1")
+        .bind(close.job_id)
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "paper",
+            "buy",
+            "SOLUSDT",
+            json!({"position_size_usd": 100, "alert_id": "again"}),
+        ),
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn risk_cooldown_blocks_the_open_of_a_reversal_but_closes() {
+    let app = TestApp::spawn().await;
+    let (user, secret, _) = user_with_a_long(&app).await;
+    let mut l = no_limits(user);
+    l.cooldown_secs = Some(3600);
+    app.store.upsert_risk_limits(&l).await.unwrap();
+    // a sell while long: the short is blocked (the ETHUSDT open was seconds ago), the long closed
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "paper",
+            "sell",
+            "ETHUSDT",
+            json!({"position_size_usd": 100}),
+        ),
+    )
+    .await;
+    assert_blocked(&job, "cooldown");
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("the long position was closed"),
+        "{job:?}"
+    );
+    assert!(app.position(user, "ETHUSDT").await.is_none());
+    let legs: Vec<String> = app
+        .trades(user)
+        .await
+        .into_iter()
+        .filter(|t| t.job_id == job.job_id)
+        .map(|t| t.leg)
+        .collect();
+    assert_eq!(legs, vec!["close"]);
+    // another symbol has no cooldown
+    let other = run_one(
+        &app,
+        &order(
+            &secret,
+            "paper",
+            "buy",
+            "SOLUSDT",
+            json!({"position_size_usd": 100}),
+        ),
+    )
+    .await;
+    assert_eq!(other.status, JobStatus::Succeeded);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn risk_breaker_after_consecutive_failures() {
+    rule_blocks_opens_not_closes(
+        "breaker",
+        |l| l.max_consecutive_failures = Some(2),
+        async |app: &TestApp, secret: &str, _, _| {
+            // two rejected jobs in a row (limits the paper exchange cannot fill)
+            for i in 0..2 {
+                let job = run_one(
+                    app,
+                    &order(secret, "paper", "buy", "BTCUSDT", json!({"order_type": "limit", "price": 1, "position_size_usd": 100, "alert_id": format!("f{i}")})),
+                )
+                .await;
+                assert_eq!(job.status, JobStatus::Rejected);
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn risk_disabled_strategy_blocks_its_opens_only() {
+    let app = TestApp::spawn().await;
+    let (user, secret, _) = user_with_a_long(&app).await;
+    let mut s = strategy(user, "swing", Some(ExchangeKind::Paper), dec!(100));
+    s.enabled = false;
+    app.store.upsert_strategy(&s).await.unwrap();
+    let job = run_one(
+        &app,
+        &json!({"secret": secret, "strategy": "swing", "action": "buy", "symbol": "SOLUSDT"}),
+    )
+    .await;
+    assert_blocked(&job, "strategy_disabled");
+    let close = run_one(
+        &app,
+        &json!({"secret": secret, "strategy": "swing", "action": "close", "symbol": "ETHUSDT"}),
+    )
+    .await;
+    assert_eq!(close.status, JobStatus::Succeeded);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn risk_limits_per_strategy_count_that_strategys_jobs() {
+    let app = TestApp::spawn().await;
+    let (user, secret, _) = user_with_a_long(&app).await; // no strategy
+    app.store
+        .upsert_strategy(&strategy(user, "a", Some(ExchangeKind::Paper), dec!(100)))
+        .await
+        .unwrap();
+    let mut l = no_limits(user);
+    l.strategy = Some("a".into());
+    l.max_open_positions = Some(1);
+    app.store.upsert_risk_limits(&l).await.unwrap();
+    // strategy a has no position yet: its first open is allowed, its second blocked
+    let first = run_one(
+        &app,
+        &json!({"secret": secret, "strategy": "a", "action": "buy", "symbol": "SOLUSDT"}),
+    )
+    .await;
+    assert_eq!(first.status, JobStatus::Succeeded, "{first:?}");
+    let second = run_one(
+        &app,
+        &json!({"secret": secret, "strategy": "a", "action": "buy", "symbol": "BTCUSDT"}),
+    )
+    .await;
+    assert_blocked(&second, "max_open_positions");
+    // jobs without the strategy are not limited by its row
+    let free = run_one(
+        &app,
+        &order(
+            &secret,
+            "paper",
+            "buy",
+            "AAPL",
+            json!({"position_size_usd": 1000}),
+        ),
+    )
+    .await;
+    assert_eq!(free.status, JobStatus::Succeeded);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn risk_max_position_usd_is_unevaluable_when_the_equity_is_unreadable() {
+    let (fake, app, user, secret) = aster_app_with(|_| {}).await;
+    let mut l = no_limits(user);
+    l.max_position_usd = Some(dec!(1000));
+    app.store.upsert_risk_limits(&l).await.unwrap();
+    let ok = run_one(
+        &app,
+        &order(
+            &secret,
+            "aster",
+            "buy",
+            "ETHUSDT",
+            json!({"percent_of_equity": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(ok.status, JobStatus::Succeeded, "{ok:?}");
+    let close = run_one(
+        &app,
+        &order(&secret, "aster", "close", "ETHUSDT", json!({})),
+    )
+    .await;
+    assert_eq!(close.status, JobStatus::Succeeded, "{close:?}");
+    fake.st.lock().unwrap().equity = None;
+    let before = fake.st.lock().unwrap().orders.len();
+    let job = run_one(
+        &app,
+        &order(
+            &secret,
+            "aster",
+            "buy",
+            "ETHUSDT",
+            json!({"percent_of_equity": 1, "alert_id": "no-equity"}),
+        ),
+    )
+    .await;
+    assert_blocked(&job, "max_position_usd");
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("equity is unreadable"),
+        "{job:?}"
+    );
+    assert_eq!(fake.st.lock().unwrap().orders.len(), before, "nothing sent");
+    // visible in the job API and the metrics
+    let v: Value = app
+        .http
+        .get(app.url(&format!("/v1/jobs/{}", job.job_id)))
+        .header("X-Sparky-Secret", &secret)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["error_class"].as_str()),
+        (Some("blocked"), Some("risk")),
+        "{v}"
+    );
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sparky_jobs_blocked_total")
+                && l.contains("rule=\"max_position_usd\"")
+                && l.contains(&app.config.namespace)),
+        "{metrics}"
+    );
+    app.cleanup().await;
+}
