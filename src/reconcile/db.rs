@@ -172,12 +172,14 @@ pub async fn mark(store: &Store, client_order_id: &str, state: RowState) -> Resu
 
 /// Record a protective order's fill as a trade of the job that placed it (leg `sl`/`tp`) and mark
 /// its row `filled`, in one transaction. A trade already recorded for that leg is left as it is.
+/// A newly recorded exit raises its notification (`stop_loss_fired` / `take_profit_fired`) in the
+/// same transaction.
 pub async fn record_protective_exit(
     store: &Store,
     exit: &ProtectiveExit<'_>,
 ) -> Result<(), StoreError> {
     let mut tx = store.pool.begin().await?;
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment, pnl, exit_reason)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
          ON CONFLICT (job_id, leg) DO NOTHING",
@@ -197,7 +199,33 @@ pub async fn record_protective_exit(
     .bind(exit.pnl)
     .bind(exit.exit_reason)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    let kind = match exit.row.leg {
+        Leg::StopLoss => Some(crate::notify::EventKind::StopLossFired),
+        Leg::TakeProfit => Some(crate::notify::EventKind::TakeProfitFired),
+        _ => None,
+    };
+    if let (1, Some(kind)) = (inserted, kind) {
+        let data = serde_json::json!({
+            "exchange": exit.account.exchange.as_str(),
+            "environment": exit.account.environment.as_str(),
+            "symbol": exit.symbol,
+            "quantity": exit.ack.filled_qty,
+            "price": exit.ack.avg_price.or(exit.row.price),
+            "pnl": exit.pnl,
+            "exit_reason": exit.exit_reason,
+            "client_order_id": exit.row.client_order_id,
+        });
+        crate::notify::enqueue_event(
+            &mut tx,
+            exit.account.user_id,
+            kind,
+            Some(exit.row.job_id),
+            data,
+        )
+        .await?;
+    }
     sqlx::query(
         "UPDATE broker_orders SET state = 'filled', updated_at = now()
           WHERE client_order_id = $1 AND state = 'open'",

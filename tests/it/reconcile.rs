@@ -750,3 +750,48 @@ async fn the_periodic_sweep_never_runs_alongside_the_users_jobs() {
     assert_eq!(fake.position("ETHUSDT"), Decimal::ZERO);
     assert_eq!(app.position(user, "ETHUSDT").await, None);
 }
+
+/// A stop that fired at the broker raises its `stop_loss_fired` notification (issue 15) in the
+/// transaction that records the exit, once: a second sweep finds nothing new and writes nothing.
+#[tokio::test]
+async fn a_stop_fired_at_the_broker_raises_its_notification_once() {
+    let (fake, _, app, user, secret) = aster_app().await;
+    sparky::notify::channel::add(
+        &app.store,
+        app.config.master_key.as_ref(),
+        user,
+        sparky::notify::channel::NewChannel {
+            kind: sparky::notify::channel::ChannelKind::Webhook,
+            destination: sparky::secrets::SecretString::new("https://hooks.example.com/sparky"),
+            secret: None,
+            events: vec![sparky::notify::EventKind::StopLossFired],
+            label: Some("stops".into()),
+        },
+    )
+    .await
+    .unwrap();
+    let buy = app
+        .enqueue(&protected(
+            webhook(user, &secret, "aster", "buy", "ETHUSDT", 100),
+            2,
+            4,
+        ))
+        .await;
+    app.run_worker_until_idle().await;
+    assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
+    fake.set_price("ETHUSDT", dec!(2900));
+    reconcile(&app, user).await;
+    reconcile(&app, user).await;
+    let events: Vec<(String, Option<Uuid>, Value)> =
+        sqlx::query_as("SELECT kind, job_id, payload FROM notification_outbox WHERE user_id = $1")
+            .bind(user)
+            .fetch_all(&app.store.pool)
+            .await
+            .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let (kind, job, payload) = &events[0];
+    assert_eq!((kind.as_str(), *job), ("stop_loss_fired", Some(buy)));
+    assert_eq!(payload["data"]["symbol"], "ETHUSDT");
+    assert_eq!(payload["data"]["exit_reason"], "stop_loss");
+    assert_eq!(payload["data"]["pnl"], json!(dec!(-3.3)));
+}
