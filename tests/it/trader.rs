@@ -352,7 +352,20 @@ async fn original_format_alerts_are_honoured_not_degraded() {
         "{job:?}"
     );
 
-    // sell_percentage is close_percent (its execution is the order life cycle's, issue 12)
+    // sell_percentage is close_percent: half of a 0.1 ETHUSDT long is closed, half stays
+    app.enqueue(&order(
+        &secret,
+        "paper",
+        "buy",
+        "ETHUSDT",
+        json!({"position_size_usd": 300}),
+    ))
+    .await;
+    app.run_worker_until_idle().await;
+    assert_eq!(
+        app.position(user, "ETHUSDT").await.map(|p| p.quantity),
+        Some(dec!(0.1))
+    );
     let id = app
         .enqueue(&order(
             &secret,
@@ -369,6 +382,12 @@ async fn original_format_alerts_are_honoured_not_degraded() {
         }
     };
     assert_eq!(env.alert.close_percent, Some(dec!(50)));
+    assert_eq!(app.job(id).await.status, JobStatus::Succeeded);
+    assert_eq!(
+        app.position(user, "ETHUSDT").await.map(|p| p.quantity),
+        Some(dec!(0.05)),
+        "sell_percentage 50 closed half"
+    );
 
     // the original name and Sparky's name with different values: a 400, not a silent choice
     let (status, v) = app
