@@ -736,14 +736,26 @@ async fn risk_max_daily_loss() {
 async fn risk_max_daily_loss_is_unevaluable_without_the_realized_pnl_of_a_close() {
     let app = TestApp::spawn().await;
     let (user, secret, _) = user_with_a_long(&app).await;
-    // this branch's executor records no PnL yet (the order life cycle issue adds it): a close of
-    // today without one makes the day's loss unknown
     let close = run_one(
         &app,
         &order(&secret, "paper", "close", "ETHUSDT", json!({})),
     )
     .await;
     assert_eq!(close.status, JobStatus::Succeeded);
+    // Closes record their PnL (paper: 0, the price does not move); a close whose PnL is unknown
+    // (a broker that reported no fill price) makes the day's loss unknown.
+    let recorded: Option<Decimal> =
+        sqlx::query_scalar("SELECT pnl FROM trades WHERE job_id = $1 AND leg = 'close'")
+            .bind(close.job_id)
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded, Some(Decimal::ZERO));
+    sqlx::query("UPDATE trades SET pnl = NULL WHERE job_id = $1")
+        .bind(close.job_id)
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
     let mut l = no_limits(user);
     l.max_daily_loss = Some(dec!(100));
     app.store.upsert_risk_limits(&l).await.unwrap();
