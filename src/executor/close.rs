@@ -49,17 +49,23 @@ impl Closed {
             ));
             outcome.error_class = Some(e.class.into());
         }
-        outcome.position = match self.remaining {
-            None => PositionChange::Flat,
-            Some(p) => PositionChange::Open {
-                side: p.side,
-                quantity: p.quantity,
-                entry_price: p.entry_price.unwrap_or_default(),
-                stop_loss_price: self.levels.stop_loss,
-                take_profit_price: self.levels.take_profit,
-            },
-        };
+        outcome.position = held_position(self.remaining.as_ref(), self.levels);
         Ok(outcome)
+    }
+}
+
+/// Sparky's record of what the broker holds after a close: flat, or the position with `levels`
+/// (its re-placed protection; none while it is unprotected).
+fn held_position(held: Option<&ExPosition>, levels: Levels) -> PositionChange {
+    match held {
+        None => PositionChange::Flat,
+        Some(p) => PositionChange::Open {
+            side: p.side,
+            quantity: p.quantity,
+            entry_price: p.entry_price.unwrap_or_default(),
+            stop_loss_price: levels.stop_loss,
+            take_profit_price: levels.take_profit,
+        },
     }
 }
 
@@ -92,15 +98,7 @@ fn stuck(
         class: FailureClass::Permanent,
         message,
     }];
-    if let Some(p) = held {
-        outcome.position = PositionChange::Open {
-            side: p.side,
-            quantity: p.quantity,
-            entry_price: p.entry_price.unwrap_or_default(),
-            stop_loss_price: None,
-            take_profit_price: None,
-        };
-    }
+    outcome.position = held_position(held, Levels::default());
     outcome
 }
 
@@ -233,16 +231,7 @@ pub(super) async fn close_to(
         }
         held = ex.position(sym).await?;
     }
-    progress.position = Some(match &held {
-        None => PositionChange::Flat,
-        Some(p) => PositionChange::Open {
-            side: p.side,
-            quantity: p.quantity,
-            entry_price: p.entry_price.unwrap_or_default(),
-            stop_loss_price: None,
-            take_profit_price: None,
-        },
-    });
+    progress.position = Some(held_position(held.as_ref(), Levels::default()));
     let mut unprotected = None;
     if let Some(rest) = held.as_ref().filter(|r| r.quantity <= target) {
         if levels.any() {

@@ -578,7 +578,7 @@ async fn open_job(
             take_profit: tp,
             trailing_stop: a.trailing_stop,
         };
-        protect::protect_new(ex, job, side, filled, levels, &mut outcome).await;
+        protect::protect_new(ex, job, side, filled, levels, false, &mut outcome).await;
     }
     Ok(outcome)
 }
@@ -609,9 +609,12 @@ fn working(job: &Job, order: &OrderRequest, ack: &OrderAck, progress: &mut Progr
 }
 
 /// How long a working entry is followed before it is cancelled: the alert's `limit_ttl_secs`, or
-/// [`DEFAULT_LIMIT_TTL_SECS`].
+/// [`DEFAULT_LIMIT_TTL_SECS`]; never more than the 30 days the parser allows (an entry that got
+/// past it cannot make an expiry time overflow).
 pub fn working_ttl_secs(a: &crate::domain::Alert) -> u64 {
-    a.limit_ttl_secs.unwrap_or(DEFAULT_LIMIT_TTL_SECS)
+    a.limit_ttl_secs
+        .unwrap_or(DEFAULT_LIMIT_TTL_SECS)
+        .min(crate::domain::bounds::MAX_LAG_SECS)
 }
 
 /// A working entry's default lifetime: one day.
@@ -661,7 +664,7 @@ async fn recovered_open(
             take_profit: tp,
             trailing_stop: job.alert.trailing_stop,
         };
-        protect::protect_new(ex, job, side, filled, levels, &mut outcome).await;
+        protect::protect_new(ex, job, side, filled, levels, true, &mut outcome).await;
     }
     Ok(outcome)
 }

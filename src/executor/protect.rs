@@ -105,15 +105,18 @@ pub(super) async fn place(
     .await
 }
 
-/// Protect a position the job opened (`quantity`: what filled). A redelivery first looks for the
-/// protection an earlier delivery placed and sends only what is missing. If it cannot be placed,
-/// the job is `succeeded_unprotected` with the reason.
+/// Protect a position the job opened (`quantity`: what filled). With `recovering` (the open was
+/// found, not sent, by this delivery: a redelivery or the working-order follower) it first looks
+/// for the protection an earlier run placed and sends only what is missing; a job that sent its
+/// open itself cannot have any, and skips that look-up. If it cannot be placed, the job is
+/// `succeeded_unprotected` with the reason.
 pub(super) async fn protect_new(
     ex: &dyn Exchange,
     job: &Job,
     side: Side,
     quantity: Decimal,
     mut levels: Levels,
+    recovering: bool,
     outcome: &mut Outcome,
 ) {
     if !levels.any() {
@@ -122,6 +125,9 @@ pub(super) async fn protect_new(
     // Not stopped here even if the lease was lost: the position exists, and leaving it without
     // its stop-loss would be worse than a late protective order.
     let result = async {
+        if !recovering {
+            return place(ex, job, side, quantity, levels).await;
+        }
         let own: Vec<OpenOrder> = ex
             .open_orders(&job.alert.symbol)
             .await?
