@@ -739,8 +739,9 @@ async fn record_broker_orders(
     }
     for o in &outcome.resting {
         let expires_at = (o.leg == crate::exchanges::Leg::Open).then(|| {
-            let ttl = crate::executor::working_ttl_secs(a);
-            Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX / 1000))
+            // At most 30 days (`working_ttl_secs`): the sum cannot overflow.
+            let ttl = crate::executor::working_ttl_secs(a) as i64;
+            Utc::now() + chrono::Duration::seconds(ttl)
         });
         sqlx::query(
             "INSERT INTO broker_orders (client_order_id, job_id, user_id, exchange, environment, symbol, leg, side, quantity, price, exchange_order_id, state, expires_at)

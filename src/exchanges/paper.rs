@@ -167,8 +167,7 @@ impl PaperExchange {
         let filled = self.filled.lock().unwrap_or_else(|e| e.into_inner());
         let mut net = Decimal::ZERO;
         let mut price = None;
-        for (s, ack, signed) in filled.iter().filter(|(s, ..)| s == symbol.as_str()) {
-            debug_assert_eq!(s, symbol.as_str());
+        for (_, ack, signed) in filled.iter().filter(|(s, ..)| s == symbol.as_str()) {
             net = crate::money::add(net, *signed)?;
             price = ack.avg_price;
         }
