@@ -12,7 +12,7 @@
 //! `EXPIRED` with a partial `executedQty`); helpers `open_orders(symbol)`, `position(symbol)`,
 //! `order(coid)`, `orders_with(coid)`, `user_trades(symbol)`; `aster_call` sends any signed request.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,11 +54,8 @@ pub(crate) struct AsterState {
     pub(crate) clock_skew_ms: i64,
     pub(crate) margin_limit: Option<Decimal>,
     pub(crate) leverage: Vec<(String, String)>,
-    /// Partial fills for the next MARKET orders (one entry per order, in order): the order ends
-    /// `EXPIRED` with what filled as `executedQty`.
-    pub(crate) partial: VecDeque<Partial>,
-    /// Consulted when `partial` is empty ([`PartialRule`]).
-    pub(crate) partial_rule: Option<PartialRule>,
+    /// Which market orders fill only partly ([`PartialFills`]).
+    pub(crate) partial: PartialFills,
     /// The error a cancel of a final or unknown order gets (Binance: -2011 "Unknown order sent.";
     /// Aster also lists -2013 "Order does not exist."; which one Aster sends is unverified).
     pub(crate) cancel_unknown: (i64, &'static str),
@@ -113,8 +110,7 @@ impl AsterFake {
                 clock_skew_ms: 0,
                 margin_limit: None,
                 leverage: vec![],
-                partial: VecDeque::new(),
-                partial_rule: None,
+                partial: PartialFills::default(),
                 cancel_unknown: (-2011, "Unknown order sent."),
                 fee_rate: dec!(0.0004),
                 equity: Some(dec!(10000)),
@@ -193,7 +189,7 @@ impl AsterFake {
             .lock()
             .unwrap()
             .partial
-            .push_back(Partial::Fraction(fraction));
+            .push(Partial::Fraction(fraction));
     }
 
     /// Decide partial fills by a rule once the queue of [`AsterFake::partial_next`] is empty, e.g.
@@ -203,12 +199,12 @@ impl AsterFake {
         &self,
         rule: impl FnMut(&Value) -> Option<Partial> + Send + 'static,
     ) {
-        self.st.lock().unwrap().partial_rule = Some(Box::new(rule));
+        self.st.lock().unwrap().partial.when(rule);
     }
 
     /// As [`AsterFake::partial_next`], with the filled quantity itself.
     pub(crate) fn partial_next_qty(&self, qty: Decimal) {
-        self.st.lock().unwrap().partial.push_back(Partial::Qty(qty));
+        self.st.lock().unwrap().partial.push(Partial::Qty(qty));
     }
 
     /// Move the price of `symbol` (ticker, mark and fills) and fire what it crosses, in placement
@@ -635,13 +631,8 @@ impl AsterFake {
                         st.orders.push(order);
                         let i = st.orders.len() - 1;
                         if ty == "MARKET" {
-                            let part = {
-                                let st = &mut *st;
-                                let o = st.orders[i].clone();
-                                st.partial
-                                    .pop_front()
-                                    .or_else(|| st.partial_rule.as_mut().and_then(|r| r(&o)))
-                            };
+                            let o = st.orders[i].clone();
+                            let part = st.partial.next(&o);
                             let filled = match part {
                                 None => qty,
                                 Some(Partial::Fraction(f)) => (qty * f / step).floor() * step,

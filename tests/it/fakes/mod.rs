@@ -48,6 +48,30 @@ pub(crate) enum Partial {
 /// `side`) and may count calls (e.g. every fifth close leg).
 pub(crate) type PartialRule = Box<dyn FnMut(&Value) -> Option<Partial> + Send>;
 
+/// Which market orders of a fake fill only partly: a queue of the next ones, then a rule.
+#[derive(Default)]
+pub(crate) struct PartialFills {
+    queue: VecDeque<Partial>,
+    rule: Option<PartialRule>,
+}
+
+impl PartialFills {
+    /// The next market order fills only so much (one entry per order).
+    pub(crate) fn push(&mut self, part: Partial) {
+        self.queue.push_back(part);
+    }
+    /// Decide for the orders the queue does not cover.
+    pub(crate) fn when(&mut self, rule: impl FnMut(&Value) -> Option<Partial> + Send + 'static) {
+        self.rule = Some(Box::new(rule));
+    }
+    /// How `order` (a market order, as the fake keeps it) fills: `None` for all of it.
+    pub(crate) fn next(&mut self, order: &Value) -> Option<Partial> {
+        self.queue
+            .pop_front()
+            .or_else(|| self.rule.as_mut().and_then(|r| r(order)))
+    }
+}
+
 /// Apply a signed fill to a position with an average entry price; returns the realized PnL.
 pub(crate) fn apply_fill(
     positions: &mut HashMap<String, Decimal>,

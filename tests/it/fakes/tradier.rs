@@ -12,7 +12,7 @@
 //! `partially_filled` once, then `canceled`); helpers `open_orders()`, `position(symbol)`,
 //! `order(id)`, `orders_tagged(tag)`; `tradier_call` sends any request.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use chrono::NaiveDate;
 use std::str::FromStr;
@@ -48,11 +48,8 @@ pub(crate) struct TradierState {
     pub(crate) reject_200: Option<String>,
     /// Report new market orders as `pending` on the first read.
     pub(crate) pending_first: bool,
-    /// Partial fills for the next market orders (one entry per order): the order reads
-    /// `partially_filled` once, then `canceled`, with what filled as `exec_quantity`.
-    pub(crate) partial: VecDeque<Partial>,
-    /// Consulted when `partial` is empty ([`PartialRule`]).
-    pub(crate) partial_rule: Option<PartialRule>,
+    /// Which market orders fill only partly ([`PartialFills`]).
+    pub(crate) partial: PartialFills,
     /// The fake's calendar day: orders are created on it, and `/orders` without `filter=all`
     /// lists only the orders created on it.
     pub(crate) today: NaiveDate,
@@ -82,8 +79,7 @@ impl TradierFake {
                 next_id: 257459,
                 reject_200: None,
                 pending_first: false,
-                partial: VecDeque::new(),
-                partial_rule: None,
+                partial: PartialFills::default(),
                 today: chrono::Utc::now().date_naive(),
                 intraday_lists_working: false,
                 equity: Some(dec!(10000)),
@@ -158,7 +154,7 @@ impl TradierFake {
             .lock()
             .unwrap()
             .partial
-            .push_back(Partial::Fraction(fraction));
+            .push(Partial::Fraction(fraction));
     }
 
     /// Decide partial fills by a rule once the queue of [`TradierFake::partial_next`] is empty, e.g.
@@ -168,12 +164,12 @@ impl TradierFake {
         &self,
         rule: impl FnMut(&Value) -> Option<Partial> + Send + 'static,
     ) {
-        self.st.lock().unwrap().partial_rule = Some(Box::new(rule));
+        self.st.lock().unwrap().partial.when(rule);
     }
 
     /// As [`TradierFake::partial_next`], with the filled quantity itself.
     pub(crate) fn partial_next_qty(&self, qty: Decimal) {
-        self.st.lock().unwrap().partial.push_back(Partial::Qty(qty));
+        self.st.lock().unwrap().partial.push(Partial::Qty(qty));
     }
 
     /// Move the price of `symbol` and fill the working orders (and advanced-order legs) it
@@ -513,12 +509,7 @@ impl TradierFake {
                             );
                         }
                         let price = market.unwrap_or_default();
-                        let part = {
-                            let st = &mut *st;
-                            st.partial
-                                .pop_front()
-                                .or_else(|| st.partial_rule.as_mut().and_then(|r| r(&order)))
-                        };
+                        let part = st.partial.next(&order);
                         match part {
                             None => {
                                 fill_against(&mut st, &mut order, price, &now);
