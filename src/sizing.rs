@@ -1,4 +1,7 @@
-//! Sizing: how many units an opening order is for, from the alert's [`Sizing`] (issue 14).
+//! Sizing and rounding: how many units an opening order is for, from the alert's [`Sizing`]
+//! (issue 14), and the one place quantities and prices are rounded to a symbol's rules
+//! ([`SymbolRules`], [`round_down`], [`round_to_tick`]). The executor, the risk checks and every
+//! exchange client round through here, so what is sized is what is sent.
 //!
 //! | mode | units before rounding |
 //! | --- | --- |
@@ -20,8 +23,57 @@
 use rust_decimal::Decimal;
 
 use crate::domain::{Sizing, SizingMode};
-use crate::exchanges::SymbolRules;
-use crate::money::{self, round_down, units_for_usd, Overflow};
+use rust_decimal::RoundingStrategy;
+
+use crate::money::{self, Overflow};
+
+/// Trading rules of a symbol, applied before an order is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolRules {
+    /// Quantities are multiples of this.
+    pub step: Decimal,
+    pub min_qty: Decimal,
+    /// Minimum price x quantity (in the quote currency).
+    pub min_notional: Decimal,
+    /// Prices are multiples of this.
+    pub tick: Decimal,
+}
+
+/// Round `x` down (toward zero) to a multiple of `step`.
+pub fn round_down(x: Decimal, step: Decimal) -> Result<Decimal, Overflow> {
+    if step <= Decimal::ZERO {
+        return Ok(x);
+    }
+    let n = money::div(x, step)?.round_dp_with_strategy(0, RoundingStrategy::ToZero);
+    Ok(money::mul(n, step)?.normalize())
+}
+
+/// Round a price to the nearest multiple of `tick`.
+pub fn round_to_tick(x: Decimal, tick: Decimal) -> Result<Decimal, Overflow> {
+    if tick <= Decimal::ZERO {
+        return Ok(x);
+    }
+    let n = money::div(x, tick)?.round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero);
+    Ok(money::mul(n, tick)?.normalize())
+}
+
+/// How many units of `symbol` `usd` buys at `price`. Quantities are in the base asset, so for a
+/// forex pair whose base is the US dollar (`USD_JPY`, OANDA's form) the size is the dollar amount
+/// itself; otherwise (`ETHUSDT`, `EUR_USD`, `AAPL`) it is `usd / price`. Crosses without USD
+/// (`EUR_GBP`) are sized as `usd / price`, i.e. as if the quote currency were USD: an
+/// approximation until home-currency conversion rates are fetched.
+pub fn units_for_usd(symbol: &str, usd: Decimal, price: Decimal) -> Result<Decimal, Overflow> {
+    if symbol.starts_with("USD_") {
+        Ok(usd)
+    } else {
+        money::div(usd, price)
+    }
+}
+
+/// Whole units (shares): `x` rounded down to a multiple of 1.
+pub fn whole_units(x: Decimal) -> Result<Decimal, Overflow> {
+    round_down(x, Decimal::ONE)
+}
 
 /// What a size is computed from.
 #[derive(Clone, Debug)]
@@ -220,6 +272,44 @@ mod tests {
             equity: Some(dec!(10000)),
             stop_distance: Some(dec!(30)),
         }
+    }
+
+    #[test]
+    fn usd_based_pairs_are_sized_in_dollars() {
+        assert_eq!(
+            units_for_usd("USD_JPY", dec!(100), dec!(150.25)),
+            Ok(dec!(100))
+        );
+        assert_eq!(
+            units_for_usd("EUR_USD", dec!(100), dec!(1.25)),
+            Ok(dec!(80))
+        );
+        assert_eq!(
+            units_for_usd("ETHUSDT", dec!(300), dec!(3000)),
+            Ok(dec!(0.1))
+        );
+    }
+
+    #[test]
+    fn rounding() {
+        assert_eq!(round_down(dec!(0.0333333), dec!(0.001)), Ok(dec!(0.033)));
+        assert_eq!(round_down(dec!(5.999), dec!(1)), Ok(dec!(5)));
+        assert_eq!(round_down(dec!(0.0009), dec!(0.001)), Ok(dec!(0)));
+        assert_eq!(round_to_tick(dec!(2849.996), dec!(0.01)), Ok(dec!(2850)));
+        assert_eq!(round_to_tick(dec!(1.23456), dec!(0.0001)), Ok(dec!(1.2346)));
+    }
+
+    #[test]
+    fn rounding_overflow_is_an_error_with_the_numbers() {
+        let huge = Decimal::from_scientific("1e28").unwrap();
+        let e = units_for_usd("SHIBUSDT", huge, dec!(0.00001)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("10000000000000000000000000000 / 0.00001"),
+            "{e}"
+        );
+        assert!(round_down(huge, dec!(0.0001)).is_err());
+        assert_eq!(whole_units(dec!(2.99)), Ok(dec!(2)));
     }
 
     #[test]

@@ -43,8 +43,8 @@ use super::{
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Symbol, TrailingStop};
-use crate::money::{round_down, round_to_tick};
 use crate::secrets::SecretString;
+use crate::sizing::{round_down, round_to_tick};
 
 pub const PRODUCTION_URL: &str = "https://fapi.asterdex.com";
 /// Aster's maximum is 60000; 5000 is the Binance default.

@@ -217,17 +217,8 @@ pub fn sibling_client_order_id(client_order_id: &str, leg: Leg) -> String {
     format!("{stem}{}", leg_letter(leg))
 }
 
-/// Trading rules of a symbol, applied before an order is sent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SymbolRules {
-    /// Quantities are multiples of this.
-    pub step: Decimal,
-    pub min_qty: Decimal,
-    /// Minimum price x quantity (in the quote currency).
-    pub min_notional: Decimal,
-    /// Prices are multiples of this.
-    pub tick: Decimal,
-}
+/// Trading rules of a symbol (defined with the rounding that applies them, in [`crate::sizing`]).
+pub use crate::sizing::SymbolRules;
 
 /// An open position as the exchange reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -38,8 +38,8 @@ use crate::credentials::Credentials;
 use crate::domain::{
     CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol, TrailingStop,
 };
-use crate::money::{round_down, round_to_tick};
 use crate::secrets::SecretString;
+use crate::sizing::{round_down, round_to_tick};
 
 pub const LIVE_URL: &str = "https://api-fxtrade.oanda.com";
 pub const PRACTICE_URL: &str = "https://api-fxpractice.oanda.com";

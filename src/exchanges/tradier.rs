@@ -42,8 +42,8 @@ use super::{
 };
 use crate::credentials::Credentials;
 use crate::domain::{CredentialEnv, ExchangeKind, OrderSide, OrderType, Side, Symbol};
-use crate::money::round_to_tick;
 use crate::secrets::SecretString;
+use crate::sizing::{round_to_tick, whole_units};
 
 pub const PRODUCTION_URL: &str = "https://api.tradier.com";
 pub const SANDBOX_URL: &str = "https://sandbox.tradier.com";
@@ -236,9 +236,8 @@ fn parse_order(o: &Value, coid: &str) -> Result<Parsed, ExchangeError> {
     })
 }
 
-fn whole(qty: Decimal) -> Decimal {
-    qty.trunc().normalize()
-}
+/// US equities are priced in cents.
+const TICK: Decimal = Decimal::from_parts(1, 0, 0, false, 2);
 
 impl TradierClient {
     pub fn new(creds: &Credentials, ctx: &ExchangeContext) -> Result<TradierClient, ExchangeError> {
@@ -452,7 +451,7 @@ impl Exchange for TradierClient {
             step: Decimal::ONE,
             min_qty: Decimal::ONE,
             min_notional: Decimal::ZERO,
-            tick: Decimal::new(1, 2),
+            tick: TICK,
         })
     }
 
@@ -504,7 +503,7 @@ impl Exchange for TradierClient {
     }
 
     async fn place_order(&self, o: &OrderRequest) -> Result<OrderAck, ExchangeError> {
-        let qty = whole(o.quantity);
+        let qty = whole_units(o.quantity)?;
         if qty < Decimal::ONE {
             return Err(ExchangeError::permanent(format!(
                 "tradier: order too small: {} {} is less than one share (Tradier trades whole shares)",
@@ -537,9 +536,7 @@ impl Exchange for TradierClient {
                 .ok_or_else(|| ExchangeError::permanent("tradier: a limit order needs a price"))?;
             form.push((
                 "price".into(),
-                round_to_tick(p, Decimal::new(1, 2))?
-                    .normalize()
-                    .to_string(),
+                round_to_tick(p, TICK)?.normalize().to_string(),
             ));
         }
         self.send_order(form, &o.client_order_id, wait).await
@@ -598,7 +595,7 @@ impl Exchange for TradierClient {
                 "tradier: the API has no trailing-stop order; the trailing stop was not placed",
             ));
         }
-        let qty = whole(p.quantity);
+        let qty = whole_units(p.quantity)?;
         let side = match p.position_side {
             Side::Long => "sell",
             Side::Short => "buy_to_cover",

@@ -11,8 +11,9 @@ use crate::exchanges::{
     client_order_id, ExPosition, Exchange, ExchangeError, Leg, OrderAck, OrderRequest,
 };
 use crate::job::{ExitReason, FailureClass, FillState, JobStatus};
-use crate::money::{self, round_down};
+use crate::money;
 use crate::partition::Fence;
+use crate::sizing::round_down;
 
 /// Where a close left the position.
 pub(super) struct Closed {

@@ -50,9 +50,9 @@ use crate::exchanges::{
 };
 pub use crate::job::JobStatus;
 use crate::job::{ExitReason, FailureClass, FillState};
-use crate::money::{self, round_to_tick, Overflow};
+use crate::money::{self, Overflow};
 use crate::partition::Fence;
-use crate::sizing;
+use crate::sizing::{self, round_to_tick};
 
 /// One order leg the exchange executed (or accepted), to be recorded as a trade row.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
