@@ -696,11 +696,12 @@ async fn insert_trade(
 ) -> Result<(), StoreError> {
     let a = &job.alert;
     sqlx::query(
-        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment, pnl, exit_reason)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment, pnl, exit_reason, fee)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          ON CONFLICT (job_id, leg) DO NOTHING",
     )
-    .bind(job.job_id)
+    // A fill of an earlier job's order (a working entry this job cancelled) is that job's trade.
+    .bind(f.of_job.unwrap_or(job.job_id))
     .bind(a.user_id)
     .bind(a.exchange.as_str())
     .bind(a.symbol.as_str())
@@ -714,6 +715,7 @@ async fn insert_trade(
     .bind(environment)
     .bind(f.pnl)
     .bind(f.exit_reason)
+    .bind(f.fee)
     .execute(&mut **tx)
     .await?;
     Ok(())

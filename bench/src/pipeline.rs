@@ -117,6 +117,8 @@ fn open_outcome(job: &Job) -> Outcome {
             status: FillState::Filled,
             pnl: None,
             exit_reason: None,
+            fee: None,
+            of_job: None,
         }],
         position: PositionChange::Open {
             side: Side::Long,

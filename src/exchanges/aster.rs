@@ -488,7 +488,7 @@ impl AsterClient {
                     Parsed::Live(ack) if wait_for_fill && !ack.state.is_final() => {
                         self.await_fill(symbol, ack).await
                     }
-                    Parsed::Live(ack) => Ok(ack),
+                    Parsed::Live(ack) => Ok(self.with_fee(symbol, ack, &v).await),
                     Parsed::Dead { status, .. } => Err(ExchangeError::permanent(format!(
                         "aster: order {coid} ended {status} with nothing filled"
                     ))),
@@ -503,6 +503,35 @@ impl AsterClient {
             },
             Err(e) => Err(e.error),
         }
+    }
+
+    /// `ack` with its fee when it is final with something filled: the commissions of the order's
+    /// executions (`GET /fapi/v1/userTrades`, weight 5, from the order's time; Aster has no
+    /// `orderId` filter, so they are matched here). One request per filled order looked at, never
+    /// for a working one. Commissions are summed as absolute values (the docs show them negative;
+    /// the real sign is unverified) and only when every one is in the symbol's quote asset;
+    /// otherwise, or when the request fails, the fee stays unknown: a fee is never a reason to
+    /// fail an order that filled.
+    async fn with_fee(&self, symbol: &Symbol, mut ack: OrderAck, order: &Value) -> OrderAck {
+        if !ack.state.is_final() || ack.filled_qty <= Decimal::ZERO {
+            return ack;
+        }
+        let mut params = vec![("symbol", symbol.to_string()), ("limit", "1000".into())];
+        if let Some(t) = order["time"].as_i64().filter(|t| *t > 0) {
+            params.push(("startTime", t.to_string()));
+        }
+        match self
+            .signed(Method::GET, "/fapi/v1/userTrades", &params, Call::Read)
+            .await
+        {
+            Ok(v) => ack.fee = commission_of(&v, &ack.exchange_order_id, symbol.as_str()),
+            Err(e) => tracing::warn!(
+                order = %ack.exchange_order_id,
+                error = %e.error,
+                "aster: the order's commission could not be read; its fee stays unknown"
+            ),
+        }
+        ack
     }
 
     /// A market order acknowledged as NEW: poll it briefly until it reports its fill.
@@ -569,7 +598,30 @@ fn parse_order(v: &Value) -> Result<Parsed, ExchangeError> {
         state,
         filled_qty,
         avg_price,
+        fee: None,
     }))
+}
+
+/// The total commission of order `order_id` in `trades` (a `userTrades` reply), if it has
+/// executions there and all of them are charged in the quote asset of `symbol`.
+fn commission_of(trades: &Value, order_id: &str, symbol: &str) -> Option<Decimal> {
+    let mine: Vec<&Value> = trades
+        .as_array()?
+        .iter()
+        .filter(|t| id_text(&t["orderId"]).as_deref() == Some(order_id))
+        .collect();
+    if mine.is_empty() {
+        return None;
+    }
+    mine.into_iter()
+        .try_fold(Decimal::ZERO, |sum, t| {
+            let asset = t["commissionAsset"].as_str()?;
+            if asset.is_empty() || !symbol.ends_with(asset) {
+                return None;
+            }
+            sum.checked_add(dec(&t["commission"])?.abs())
+        })
+        .map(|f| f.normalize())
 }
 
 fn side_param(side: OrderSide) -> String {
@@ -704,7 +756,7 @@ impl Exchange for AsterClient {
             .await;
         match res {
             Ok(v) => match parse_order(&v)? {
-                Parsed::Live(ack) => Ok(Some(ack)),
+                Parsed::Live(ack) => Ok(Some(self.with_fee(symbol, ack, &v).await)),
                 // It had no effect: the leg may be placed (again) under the same id.
                 Parsed::Dead { .. } => Ok(None),
             },
@@ -956,6 +1008,31 @@ mod tests {
         assert_eq!(r.min_notional, dec!(5));
         let s = r.summary();
         assert_eq!((s.step, s.min_qty), (dec!(0.01), dec!(0.01)));
+    }
+
+    #[test]
+    fn commissions_of_one_order_in_the_quote_asset() {
+        let trades = json!([
+            {"orderId": 7, "commission": "-0.0120", "commissionAsset": "USDT"},
+            {"orderId": 8, "commission": "-5", "commissionAsset": "USDT"},
+            {"orderId": 7, "commission": "0.0030", "commissionAsset": "USDT"},
+        ]);
+        assert_eq!(commission_of(&trades, "7", "ETHUSDT"), Some(dec!(0.015)));
+        assert_eq!(
+            commission_of(&trades, "9", "ETHUSDT"),
+            None,
+            "no executions"
+        );
+        let other = json!([
+            {"orderId": 7, "commission": "-0.0120", "commissionAsset": "USDT"},
+            {"orderId": 7, "commission": "-0.01", "commissionAsset": "BNB"},
+        ]);
+        assert_eq!(
+            commission_of(&other, "7", "ETHUSDT"),
+            None,
+            "a commission in another asset cannot be added up"
+        );
+        assert_eq!(commission_of(&json!({}), "7", "ETHUSDT"), None);
     }
 
     #[test]

@@ -131,4 +131,18 @@ impl Exchange for Metered {
     fn protects_on_fill(&self) -> bool {
         self.inner.protects_on_fill()
     }
+    fn lists_every_open_order(&self) -> bool {
+        self.inner.lists_every_open_order()
+    }
+    async fn open_order_by_id(
+        &self,
+        symbol: &Symbol,
+        exchange_order_id: &str,
+    ) -> Result<Option<OpenOrder>, ExchangeError> {
+        self.timed(
+            "open_order_by_id",
+            self.inner.open_order_by_id(symbol, exchange_order_id),
+        )
+        .await
+    }
 }

@@ -16,6 +16,7 @@ pub mod metered;
 pub mod oanda;
 mod once;
 pub mod paper;
+pub mod recorded;
 pub mod tradier;
 
 use std::collections::HashMap;
@@ -338,6 +339,11 @@ pub struct OrderAck {
     pub state: OrderState,
     pub filled_qty: Decimal,
     pub avg_price: Option<Decimal>,
+    /// What the broker charged for what filled, in the account currency (a cost is positive),
+    /// where it says: OANDA's fill `commission` + `guaranteedExecutionFee` - `financing`; Aster's
+    /// `userTrades` commissions in the quote asset. `None` where the broker does not say (Tradier,
+    /// paper) or it could not be read.
+    pub fee: Option<Decimal>,
 }
 
 /// Protective orders to attach to a newly opened position.
@@ -371,7 +377,8 @@ pub trait Exchange: Send + Sync {
         position: &ExPosition,
         client_order_id: &str,
     ) -> Result<OrderAck, ExchangeError>;
-    /// Look an order up by its client order id; `None` if the exchange has no such order.
+    /// Look an order up by its client order id; `None` if the exchange has no such order, or it
+    /// ended with nothing filled (cancelled, expired, rejected: it had no effect).
     async fn find_order(
         &self,
         symbol: &Symbol,
@@ -387,6 +394,23 @@ pub trait Exchange: Send + Sync {
     /// The orders resting at the broker in `symbol` (anyone's: callers pick Sparky's by
     /// [`OpenOrder::sparky_leg`]).
     async fn open_orders(&self, symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError>;
+    /// Does [`Exchange::open_orders`] list every order still working, whenever it was placed?
+    /// Tradier's listing is the current session's (`GET /orders`), so a GTC order placed on an
+    /// earlier day may be missing from it: callers then also look up, by id, the orders Sparky
+    /// recorded as resting ([`Exchange::open_order_by_id`], [`recorded::RecordedOrders`]).
+    fn lists_every_open_order(&self) -> bool {
+        true
+    }
+    /// The order with this broker id, if it is still working (`None`: final, or unknown). Only
+    /// needed where [`Exchange::lists_every_open_order`] is false; elsewhere the listing has it.
+    async fn open_order_by_id(
+        &self,
+        symbol: &Symbol,
+        exchange_order_id: &str,
+    ) -> Result<Option<OpenOrder>, ExchangeError> {
+        let _ = (symbol, exchange_order_id);
+        Ok(None)
+    }
     /// Cancel one resting order. An order that is already final (filled or cancelled meanwhile) is
     /// not an error: callers confirm with [`Exchange::open_orders`] and read the position.
     async fn cancel_order(&self, symbol: &Symbol, order: &OpenOrder) -> Result<(), ExchangeError>;
@@ -502,7 +526,11 @@ pub fn build_exchange(
         ))),
         ExchangeKind::Aster => Ok(Box::new(aster::AsterClient::new(creds, ctx)?)),
         ExchangeKind::Oanda => Ok(Box::new(oanda::OandaClient::new(creds, ctx)?)),
-        ExchangeKind::Tradier => Ok(Box::new(tradier::TradierClient::new(creds, ctx)?)),
+        ExchangeKind::Tradier => Ok(recorded::RecordedOrders::wrap(
+            Box::new(tradier::TradierClient::new(creds, ctx)?),
+            ctx.store.clone(),
+            creds,
+        )),
     }
 }
 

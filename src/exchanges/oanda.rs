@@ -19,6 +19,7 @@
 //!   orders `stopLossOnFill`/`takeProfitOnFill` create), set right after the fill from the actual
 //!   fill price.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -231,6 +232,26 @@ impl OandaClient {
         Ok(pip.normalize())
     }
 
+    /// The side of each open trade, by trade id (`GET /openTrades`).
+    async fn trade_sides(&self) -> Result<HashMap<String, Side>, ExchangeError> {
+        let v = self.get("/openTrades").await?;
+        let Some(trades) = v["trades"].as_array() else {
+            return Err(http::unexpected(NAME, "openTrades without `trades`"));
+        };
+        Ok(trades
+            .iter()
+            .filter_map(|t| {
+                let units = dec(&t["currentUnits"])?;
+                let side = if units < Decimal::ZERO {
+                    Side::Short
+                } else {
+                    Side::Long
+                };
+                Some((id_text(&t["id"])?, side))
+            })
+            .collect())
+    }
+
     /// The transaction `id` (to read a fill's units and price).
     async fn transaction(&self, id: &str) -> Result<Value, ExchangeError> {
         let v = self.get(&format!("/transactions/{id}")).await?;
@@ -298,6 +319,7 @@ impl OandaClient {
                 state: OrderState::Accepted,
                 filled_qty: Decimal::ZERO,
                 avg_price: None,
+                fee: None,
             });
         }
         Err(ExchangeError::unknown(format!(
@@ -340,7 +362,28 @@ fn fill_ack(fill: &Value, coid: &str) -> Result<OrderAck, ExchangeError> {
         state: OrderState::Filled,
         filled_qty: units.normalize(),
         avg_price: price,
+        fee: fill_fee(fill),
     })
+}
+
+/// What a fill cost the account, in its home currency: `commission` ("always positive, however it
+/// reduces the balance") plus `guaranteedExecutionFee`, minus `financing` (negative when paid).
+/// `None` when the fill carries none of them; a sum that does not fit is left out too (a fee is
+/// never a reason to fail an order that filled).
+fn fill_fee(fill: &Value) -> Option<Decimal> {
+    let parts = [
+        dec(&fill["commission"]),
+        dec(&fill["guaranteedExecutionFee"]),
+        dec(&fill["financing"]).map(|f| -f),
+    ];
+    if parts.iter().all(Option::is_none) {
+        return None;
+    }
+    parts
+        .into_iter()
+        .flatten()
+        .try_fold(Decimal::ZERO, |sum, x| sum.checked_add(x))
+        .map(|f| f.normalize())
 }
 
 fn side_units(side: OrderSide, qty: Decimal) -> String {
@@ -547,28 +590,19 @@ impl Exchange for OandaClient {
                 ack.client_order_id = client_order_id.to_string();
                 Ok(Some(ack))
             }
-            "CANCELLED" => {
-                // Whether OANDA lets a cancelled order's client id be reused is unverified, so the
-                // order is not sent again: the job fails with OANDA's reason.
-                let reason = match id_text(&o["cancellingTransactionID"]) {
-                    Some(t) => self
-                        .transaction(&t)
-                        .await
-                        .ok()
-                        .and_then(|t| t["reason"].as_str().map(str::to_string)),
-                    None => None,
-                };
-                Err(ExchangeError::permanent(format!(
-                    "oanda cancelled the order {client_order_id}: {}",
-                    reason.as_deref().unwrap_or("no reason given")
-                )))
-            }
+            // Cancelled with nothing filled (by OANDA: a limit whose time ran out, a dependent
+            // stop-loss / take-profit whose trade closed, LINKED_TRADE_CLOSED; or by Sparky): it
+            // had no effect, as Aster's and Tradier's look-ups say of theirs. A leg looked up
+            // this way may be sent again; if OANDA refuses its client id a second time, the send
+            // ends as "already used, but no order can be found" (permanent, nothing placed).
+            "CANCELLED" => Ok(None),
             _ => Ok(Some(OrderAck {
                 exchange_order_id: id,
                 client_order_id: client_order_id.to_string(),
                 state: OrderState::Accepted,
                 filled_qty: Decimal::ZERO,
                 avg_price: None,
+                fee: None,
             })),
         }
     }
@@ -640,6 +674,14 @@ impl Exchange for OandaClient {
         let Some(orders) = v["orders"].as_array() else {
             return Err(http::unexpected(NAME, "pendingOrders without `orders`"));
         };
+        // A dependent order (a trade's STOP_LOSS / TAKE_PROFIT) names neither units nor side: it
+        // closes its trade, so its side is the opposite of the trade's (read once, only when
+        // there is one).
+        let trade_sides = if orders.iter().any(|o| o["tradeID"].is_string()) {
+            self.trade_sides().await?
+        } else {
+            HashMap::new()
+        };
         let mut open = Vec::new();
         for o in orders {
             let kind = o["type"].as_str().unwrap_or_default();
@@ -653,14 +695,19 @@ impl Exchange for OandaClient {
             };
             let price = dec(&o["price"]);
             let units = dec(&o["units"]).unwrap_or_default();
+            let side = match id_text(&o["tradeID"]) {
+                Some(trade) => match trade_sides.get(&trade) {
+                    Some(side) => OrderSide::closing(*side),
+                    // Its trade closed meanwhile: OANDA cancels it with the trade.
+                    None => continue,
+                },
+                None if units < Decimal::ZERO => OrderSide::Sell,
+                None => OrderSide::Buy,
+            };
             open.push(OpenOrder {
                 exchange_order_id: id,
                 client_order_id: o["clientExtensions"]["id"].as_str().map(str::to_string),
-                side: if units < Decimal::ZERO {
-                    OrderSide::Sell
-                } else {
-                    OrderSide::Buy
-                },
+                side,
                 quantity: (!units.is_zero()).then(|| units.abs()),
                 stop_loss: price.filter(|_| kind == "STOP_LOSS"),
                 take_profit: price.filter(|_| kind == "TAKE_PROFIT"),
@@ -730,5 +777,18 @@ mod tests {
         assert_eq!(a.exchange_order_id, "6372");
         assert_eq!(a.filled_qty, dec!(92));
         assert_eq!(a.avg_price, Some(dec!(1.08512)));
+        assert_eq!(a.fee, None, "no fee fields: unknown, not 0");
+    }
+
+    #[test]
+    fn a_fills_fee_is_commission_and_guaranteed_fee_minus_financing() {
+        let fill = json!({"units": "10", "fullVWAP": "1.1", "commission": "0.2500",
+            "guaranteedExecutionFee": "0.05", "financing": "-0.1000"});
+        assert_eq!(fill_ack(&fill, "x").unwrap().fee, Some(dec!(0.4)));
+        let free = json!({"units": "10", "commission": "0.0000", "financing": "0.0000"});
+        assert_eq!(fill_ack(&free, "x").unwrap().fee, Some(dec!(0)));
+        // Financing collected lowers the cost.
+        let credit = json!({"units": "10", "commission": "0.1", "financing": "0.3"});
+        assert_eq!(fill_ack(&credit, "x").unwrap().fee, Some(dec!(-0.2)));
     }
 }

@@ -149,6 +149,7 @@ impl PaperExchange {
             state: OrderState::Filled,
             filled_qty: qty,
             avg_price: Some(price),
+            fee: None,
         };
         let signed = match side {
             OrderSide::Buy => qty,
@@ -300,6 +301,7 @@ impl Exchange for PaperExchange {
             state: OrderState::Filled,
             filled_qty: t.quantity,
             avg_price: t.price,
+            fee: None,
         }))
     }
 

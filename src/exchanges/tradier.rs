@@ -204,6 +204,56 @@ fn fill_of(o: &Value) -> (Decimal, Option<Decimal>) {
         .unwrap_or(parent)
 }
 
+/// An order of `/orders` as an [`OpenOrder`] if it is working (open, partially_filled, pending)
+/// in `symbol`; an OCO order is one entry with both levels.
+fn open_order(o: &Value, symbol: &Symbol) -> Result<Option<OpenOrder>, ExchangeError> {
+    let status = o["status"].as_str().unwrap_or_default();
+    if !matches!(status, "open" | "partially_filled" | "pending") {
+        return Ok(None);
+    }
+    let legs: Vec<&Value> = if o["class"] == "oco" {
+        list(&o["leg"])
+    } else {
+        vec![o]
+    };
+    if !legs.iter().any(|l| l["symbol"] == symbol.as_str()) {
+        return Ok(None);
+    }
+    let Some(id) = id_text(&o["id"]) else {
+        return Err(http::unexpected(NAME, "order without `id`"));
+    };
+    let client_order_id = o["tag"].as_str().map(str::to_string);
+    let sparky_leg = client_order_id
+        .as_deref()
+        .and_then(super::parse_client_order_id)
+        .map(|(_, leg)| leg);
+    let mut order = OpenOrder {
+        exchange_order_id: id,
+        client_order_id,
+        side: match legs[0]["side"].as_str() {
+            Some("buy" | "buy_to_cover") => OrderSide::Buy,
+            _ => OrderSide::Sell,
+        },
+        quantity: dec(&legs[0]["quantity"]),
+        stop_loss: None,
+        take_profit: None,
+        limit_price: None,
+    };
+    for l in &legs {
+        match l["type"].as_str() {
+            Some("stop") | Some("stop_limit") => {
+                order.stop_loss = dec(&l["stop_price"]).or(dec(&l["stop"]))
+            }
+            Some("limit") if sparky_leg == Some(Leg::TakeProfit) || o["class"] == "oco" => {
+                order.take_profit = dec(&l["price"])
+            }
+            Some("limit") => order.limit_price = dec(&l["price"]),
+            _ => {}
+        }
+    }
+    Ok(Some(order))
+}
+
 fn parse_order(o: &Value, coid: &str) -> Result<Parsed, ExchangeError> {
     let id = id_text(&o["id"]).ok_or_else(|| http::unexpected(NAME, "order without `id`"))?;
     let status = o["status"].as_str().unwrap_or_default();
@@ -214,6 +264,7 @@ fn parse_order(o: &Value, coid: &str) -> Result<Parsed, ExchangeError> {
         state,
         filled_qty,
         avg_price,
+        fee: None,
     };
     Ok(match status {
         "filled" => Parsed::Live(ack(OrderState::Filled)),
@@ -331,6 +382,7 @@ impl TradierClient {
             state: OrderState::Accepted,
             filled_qty: Decimal::ZERO,
             avg_price: None,
+            fee: None,
         };
         if !wait_for_fill {
             return Ok(ack);
@@ -654,58 +706,35 @@ impl Exchange for TradierClient {
     }
 
     /// The account's open orders in `symbol` (statuses open, partially_filled, pending), read from
-    /// every page of `/orders`; an OCO order is one entry with both levels.
+    /// every page of the current session's `/orders`; an OCO order is one entry with both levels.
+    /// A GTC order placed on an earlier day may be missing (see
+    /// [`Exchange::lists_every_open_order`]).
     async fn open_orders(&self, symbol: &Symbol) -> Result<Vec<OpenOrder>, ExchangeError> {
         let mut open = Vec::new();
-        // Today's list: open orders (GTC ones included) are in the current session's list.
         for o in self.scan_orders("", |_| true).await? {
-            let status = o["status"].as_str().unwrap_or_default();
-            if !matches!(status, "open" | "partially_filled" | "pending") {
-                continue;
+            if let Some(order) = open_order(&o, symbol)? {
+                open.push(order);
             }
-            let legs: Vec<&Value> = if o["class"] == "oco" {
-                list(&o["leg"])
-            } else {
-                vec![&o]
-            };
-            if !legs.iter().any(|l| l["symbol"] == symbol.as_str()) {
-                continue;
-            }
-            let Some(id) = id_text(&o["id"]) else {
-                return Err(http::unexpected(NAME, "order without `id`"));
-            };
-            let client_order_id = o["tag"].as_str().map(str::to_string);
-            let sparky_leg = client_order_id
-                .as_deref()
-                .and_then(super::parse_client_order_id)
-                .map(|(_, leg)| leg);
-            let mut order = OpenOrder {
-                exchange_order_id: id,
-                client_order_id,
-                side: match legs[0]["side"].as_str() {
-                    Some("buy" | "buy_to_cover") => OrderSide::Buy,
-                    _ => OrderSide::Sell,
-                },
-                quantity: dec(&legs[0]["quantity"]),
-                stop_loss: None,
-                take_profit: None,
-                limit_price: None,
-            };
-            for l in &legs {
-                match l["type"].as_str() {
-                    Some("stop") | Some("stop_limit") => {
-                        order.stop_loss = dec(&l["stop_price"]).or(dec(&l["stop"]))
-                    }
-                    Some("limit") if sparky_leg == Some(Leg::TakeProfit) || o["class"] == "oco" => {
-                        order.take_profit = dec(&l["price"])
-                    }
-                    Some("limit") => order.limit_price = dec(&l["price"]),
-                    _ => {}
-                }
-            }
-            open.push(order);
         }
         Ok(open)
+    }
+
+    fn lists_every_open_order(&self) -> bool {
+        false
+    }
+
+    /// `GET /orders/{id}`: the order if it is still working in `symbol`.
+    async fn open_order_by_id(
+        &self,
+        symbol: &Symbol,
+        exchange_order_id: &str,
+    ) -> Result<Option<OpenOrder>, ExchangeError> {
+        match self.order_by_id(exchange_order_id).await {
+            Ok(o) => open_order(&o, symbol),
+            // Unknown to Tradier (404): nothing is working under that id.
+            Err(e) if e.class == ErrorClass::Permanent => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn cancel_order(&self, _symbol: &Symbol, order: &OpenOrder) -> Result<(), ExchangeError> {

@@ -4,7 +4,7 @@
 
 use rust_decimal::Decimal;
 
-use super::protect::{self, Levels};
+use super::protect::{self, Levels, Listing};
 use super::{place_leg, still_ours, Fill, Outcome, PositionChange, Progress};
 use crate::domain::{Job, OrderSide, OrderType, Side};
 use crate::exchanges::{
@@ -172,6 +172,8 @@ fn close_fill(leg: Leg, position_side: Side, ack: &OrderAck, entry: Option<Decim
         status: FillState::Filled,
         pnl: realized_pnl(position_side, entry, ack.avg_price, ack.filled_qty),
         exit_reason: Some(ExitReason::Signal),
+        fee: ack.fee,
+        of_job: None,
     }
 }
 
@@ -191,16 +193,19 @@ pub fn realized_pnl(
     per_unit.checked_mul(quantity).map(|d| d.normalize())
 }
 
-/// Bring the broker's position `p` down to `target`: cancel its protective orders, then send close
-/// orders (skipping the legs `found` — earlier deliveries' — whose fills are recorded) until the
-/// broker holds `target` or three have been sent. A partial close then protects the remainder at
-/// the cancelled orders' levels.
+/// Bring the broker's position `p` down to `target`: cancel its protective orders (those
+/// `listing` shows: the attempt's listing, not read again), then send close orders (skipping the
+/// legs `found` — earlier deliveries' — whose fills are recorded) until the broker holds `target`
+/// or three have been sent. A partial close then protects the remainder at the cancelled orders'
+/// levels.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn close_to(
     ex: &dyn Exchange,
     job: &Job,
     p: ExPosition,
     target: Decimal,
     found: &[(Leg, OrderAck)],
+    listing: &mut Listing,
     progress: &mut Progress,
     fence: &Fence,
 ) -> Result<Closed, ExchangeError> {
@@ -208,9 +213,12 @@ pub(super) async fn close_to(
     still_ours(fence)?;
     let levels = if ex.protects_on_fill() {
         // OANDA: the stop-loss / take-profit belong to the trade and go (or shrink) with it.
+        if target.is_zero() {
+            protect::protection_gone_with_trade(job, listing, progress);
+        }
         Levels::default()
     } else {
-        protect::cancel_protection(ex, job, progress).await?
+        protect::cancel_protection(ex, job, listing, progress).await?
     };
     record_found(found, p.side, p.entry_price, progress);
     let entry = p.entry_price;

@@ -67,10 +67,17 @@ pub struct Fill {
     /// Realized PnL of a closing fill, in the symbol's quote currency (USD for USDT pairs, US
     /// shares and `*_USD` pairs): (exit - entry) x quantity for a long, (entry - exit) x quantity
     /// for a short, from the broker's entry price. `None` on an opening fill or when a price is
-    /// unknown. Fees are not included (no broker returns them with the order).
+    /// unknown. Fees are not included: they are [`Fill::fee`].
     pub pnl: Option<Decimal>,
     /// Why a closing fill exited the position.
     pub exit_reason: Option<ExitReason>,
+    /// What the broker charged for the fill, in the account currency, where it says
+    /// ([`OrderAck::fee`]); `None` where it does not (Tradier, paper).
+    pub fee: Option<Decimal>,
+    /// The earlier job whose order this is, when the job records another job's fill: a working
+    /// entry it cancelled after part of it had filled (recorded as that job's `open` trade).
+    /// `None`: the job's own order.
+    pub of_job: Option<uuid::Uuid>,
 }
 
 /// How the user's position in the job's symbol changed.
@@ -111,7 +118,8 @@ pub struct Outcome {
     /// Orders the job leaves resting at the broker (protective orders, a working entry).
     pub resting: Vec<RestingOrder>,
     /// Client order ids of Sparky orders the job cancelled at the broker (an earlier position's
-    /// protection, a working entry an earlier job left).
+    /// protection, a working entry an earlier job left), or that went with the trade its close
+    /// closed (OANDA's on-fill orders: nothing is sent for those). Their rows end `cancelled`.
     pub cancelled: Vec<String>,
 }
 
@@ -292,6 +300,8 @@ fn open_fill(side: OrderSide, ack: &OrderAck, fallback_qty: Decimal) -> Fill {
         status: FillState::Filled,
         pnl: None,
         exit_reason: None,
+        fee: ack.fee,
+        of_job: None,
     }
 }
 
@@ -418,30 +428,48 @@ async fn attempt(
         Placed::default()
     };
     // An entry an earlier job left working in this symbol goes first, in the user's order: the
-    // alert after it decides what the account holds now.
+    // alert after it decides what the account holds now. What it filled before the cancel is
+    // that job's open, and the position this job starts from.
     still_ours(fence)?;
-    protect::cancel_sparky_orders(ex, job, |leg| leg == Leg::Open, progress).await?;
+    let mut listing = protect::Listing::read(ex, job).await?;
+    let entries =
+        protect::cancel_sparky_orders(ex, job, |leg| leg == Leg::Open, &mut listing, progress)
+            .await?;
     let position = ex.position(&job.alert.symbol).await?;
+    protect::take_over_filled_entries(ex, job, &entries, position.as_ref(), progress).await?;
+    let at = Broker { position, listing };
     match job.alert.action.side() {
-        None => close_job(ex, job, position, placed, progress, fence).await,
-        Some(side) => open_job(ex, job, side, position, placed, progress, fence).await,
+        None => close_job(ex, job, at, placed, progress, fence).await,
+        Some(side) => open_job(ex, job, side, at, placed, progress, fence).await,
     }
+}
+
+/// What the broker showed at the start of the attempt (after earlier jobs' working entries were
+/// cancelled): the position in the job's symbol and the open orders, listed once and reused by a
+/// close for the protection it cancels.
+struct Broker {
+    position: Option<ExPosition>,
+    listing: protect::Listing,
 }
 
 /// `close` (all of the position, or `close_percent` of it).
 async fn close_job(
     ex: &dyn Exchange,
     job: &Job,
-    position: Option<ExPosition>,
+    at: Broker,
     placed: Placed,
     progress: &mut Progress,
     fence: &Fence,
 ) -> Result<Outcome, ExchangeError> {
     let sym = &job.alert.symbol;
+    let Broker {
+        position,
+        mut listing,
+    } = at;
     let Some(p) = position else {
         if placed.closes.is_empty() {
-            return Ok(Outcome::new(
-                JobStatus::Skipped,
+            return Ok(skipped(
+                progress,
                 format!("no open position in {sym} to close"),
             ));
         }
@@ -452,7 +480,17 @@ async fn close_job(
         return Ok(done(progress));
     };
     let target = close::target_remaining(ex, job, &p, placed.closed_qty()?).await?;
-    let closed = close::close_to(ex, job, p, target, &placed.closes, progress, fence).await?;
+    let closed = close::close_to(
+        ex,
+        job,
+        p,
+        target,
+        &placed.closes,
+        &mut listing,
+        progress,
+        fence,
+    )
+    .await?;
     closed.into_outcome(job, target, progress)
 }
 
@@ -461,13 +499,17 @@ async fn open_job(
     ex: &dyn Exchange,
     job: &Job,
     side: Side,
-    position: Option<ExPosition>,
+    at: Broker,
     placed: Placed,
     progress: &mut Progress,
     fence: &Fence,
 ) -> Result<Outcome, ExchangeError> {
     let a = &job.alert;
     let sym = &a.symbol;
+    let Broker {
+        position,
+        mut listing,
+    } = at;
     if let Some(ack) = placed.open {
         // The whole job got as far as the open leg before: record it and finish what is missing
         // (its protection), send nothing else.
@@ -476,8 +518,8 @@ async fn open_job(
     }
     if let Some(p) = &position {
         if p.side == side {
-            return Ok(Outcome::new(
-                JobStatus::Skipped,
+            return Ok(skipped(
+                progress,
                 format!(
                     "already {} {} {}; {} ignored",
                     p.side.as_str(),
@@ -505,8 +547,17 @@ async fn open_job(
     // Reversal: the old side is closed, and the new one opened only once the broker is flat.
     match position {
         Some(p) => {
-            let closed =
-                close::close_to(ex, job, p, Decimal::ZERO, &placed.closes, progress, fence).await?;
+            let closed = close::close_to(
+                ex,
+                job,
+                p,
+                Decimal::ZERO,
+                &placed.closes,
+                &mut listing,
+                progress,
+                fence,
+            )
+            .await?;
             if closed.remaining.is_some() {
                 return closed.into_outcome(job, Decimal::ZERO, progress);
             }
@@ -579,8 +630,38 @@ async fn open_job(
             trailing_stop: a.trailing_stop,
         };
         protect::protect_new(ex, job, side, filled, levels, false, &mut outcome).await;
+    } else {
+        outcome
+            .resting
+            .extend(on_fill_resting(job, side, filled, sl, tp));
     }
     Ok(outcome)
+}
+
+/// The stop-loss / take-profit that came with an open's fill on an exchange that
+/// [`Exchange::protects_on_fill`] (OANDA's on-fill orders of the trade, under the job's `sl` /
+/// `tp` client order ids): recorded like placed ones, so the reconciliation knows them (a stop
+/// that fires is the job's `sl` exit, not drift) and a close records them gone with the trade.
+fn on_fill_resting(
+    job: &Job,
+    side: Side,
+    quantity: Decimal,
+    stop_loss: Option<Decimal>,
+    take_profit: Option<Decimal>,
+) -> Vec<RestingOrder> {
+    [(Leg::StopLoss, stop_loss), (Leg::TakeProfit, take_profit)]
+        .into_iter()
+        .filter_map(|(leg, price)| {
+            Some(RestingOrder {
+                leg,
+                client_order_id: client_order_id(job.job_id, leg),
+                exchange_order_id: None,
+                side: OrderSide::closing(side),
+                quantity,
+                price: Some(price?),
+            })
+        })
+        .collect()
 }
 
 /// An entry the broker accepted but has not filled: the job ends `working` and the order is
@@ -658,6 +739,13 @@ async fn recovered_open(
         take_profit_price: tp,
     });
     let mut outcome = done(progress);
+    if ack.state == OrderState::PartiallyFilled {
+        outcome.message = Some(format!(
+            "partially filled: {} {}; the rest was cancelled",
+            filled.normalize(),
+            job.alert.symbol
+        ));
+    }
     if !ex.protects_on_fill() {
         let levels = protect::Levels {
             stop_loss: sl,
@@ -665,6 +753,11 @@ async fn recovered_open(
             trailing_stop: job.alert.trailing_stop,
         };
         protect::protect_new(ex, job, side, filled, levels, true, &mut outcome).await;
+    } else {
+        // The open carried them (OANDA's on-fill orders, when the alert had levels).
+        outcome
+            .resting
+            .extend(on_fill_resting(job, side, filled, sl, tp));
     }
     Ok(outcome)
 }
@@ -879,6 +972,31 @@ fn protective_prices(
 /// long's for a plain close (nothing else tells once the position is gone).
 fn side_closed_by(job: &Job) -> Side {
     job.alert.action.side().map_or(Side::Long, Side::opposite)
+}
+
+/// A skipped outcome that keeps what the attempt did before deciding to skip (an earlier job's
+/// working entry it cancelled, and what that had filled).
+fn skipped(progress: &mut Progress, message: String) -> Outcome {
+    let taken_over: Vec<String> = progress
+        .fills
+        .iter()
+        .filter_map(|f| {
+            Some(format!(
+                "{} of job {}'s working entry",
+                f.quantity.normalize(),
+                f.of_job?
+            ))
+        })
+        .collect();
+    let message = if taken_over.is_empty() {
+        message
+    } else {
+        format!(
+            "{message} (the position is the {} that filled before this alert cancelled the rest; it has no protection)",
+            taken_over.join(", ")
+        )
+    };
+    std::mem::take(progress).into_outcome(JobStatus::Skipped, Some(message))
 }
 
 /// A succeeded outcome from what the attempt did.

@@ -180,8 +180,8 @@ pub async fn record_protective_exit(
 ) -> Result<(), StoreError> {
     let mut tx = store.pool.begin().await?;
     let inserted = sqlx::query(
-        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment, pnl, exit_reason)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment, pnl, exit_reason, fee)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          ON CONFLICT (job_id, leg) DO NOTHING",
     )
     .bind(exit.row.job_id)
@@ -198,6 +198,7 @@ pub async fn record_protective_exit(
     .bind(exit.account.environment.as_str())
     .bind(exit.pnl)
     .bind(exit.exit_reason)
+    .bind(exit.ack.fee)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -346,13 +347,32 @@ pub async fn finish_working(
     Ok(true)
 }
 
-/// `working` jobs whose entry order a later alert cancelled (its row is `cancelled` and nothing
-/// filled): they end `expired`. Returns their ids.
-pub async fn expire_cancelled_entries(
+/// `working` jobs whose entry order a later alert cancelled (its row is `cancelled`). One whose
+/// entry had filled in part before (the later job recorded that as this job's `open` trade) ends
+/// `succeeded`, as partly filled; one with nothing filled ends `expired`. Returns them, with what
+/// filled.
+pub async fn finish_cancelled_entries(
     store: &Store,
     account: &Account,
-) -> Result<Vec<Uuid>, StoreError> {
-    Ok(sqlx::query_scalar(
+) -> Result<Vec<(Uuid, Option<Decimal>)>, StoreError> {
+    let mut tx = store.pool.begin().await?;
+    let mut done: Vec<(Uuid, Option<Decimal>)> = sqlx::query_as(
+        "UPDATE jobs j SET status = 'succeeded', finished_at = now(), updated_at = now(),
+                error = 'partially filled: ' || t.quantity::text || ' ' || b.symbol
+                        || ' filled before a later alert cancelled the rest'
+           FROM broker_orders b
+           JOIN trades t ON t.job_id = b.job_id AND t.leg = 'open'
+          WHERE b.job_id = j.job_id AND b.leg = 'open' AND b.state = 'cancelled'
+            AND j.status = 'working'
+            AND b.user_id = $1 AND b.exchange = $2 AND b.environment = $3
+          RETURNING j.job_id, t.quantity",
+    )
+    .bind(account.user_id)
+    .bind(account.exchange.as_str())
+    .bind(account.environment.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    let expired: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE jobs j SET status = 'expired', finished_at = now(), updated_at = now(),
                 error = 'the working entry was cancelled by a later alert before it filled'
            FROM broker_orders b
@@ -364,6 +384,9 @@ pub async fn expire_cancelled_entries(
     .bind(account.user_id)
     .bind(account.exchange.as_str())
     .bind(account.environment.as_str())
-    .fetch_all(&store.pool)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    done.extend(expired.into_iter().map(|j| (j, None)));
+    Ok(done)
 }

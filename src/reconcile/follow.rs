@@ -15,20 +15,23 @@ use rust_decimal::Decimal;
 
 use super::db::{self, OpenRow, RowState};
 use super::{Finding, ReconcileError};
-use crate::domain::{Account, Job, Symbol};
+use crate::domain::{Account, Job, OrderSide, Symbol};
 use crate::exchanges::{Exchange, ExchangeError, Leg, OrderAck};
 use crate::executor::{self, Outcome};
 use crate::job::JobStatus;
 use crate::store::Store;
 
-/// Follow every working entry of `account` in `sym`.
+/// Follow every working entry of `account` in `sym`. Returns what the entries still working have
+/// filled so far (signed: buys positive), which explains that much of a broker position Sparky
+/// has no trade for yet (it is recorded when the entry ends).
 pub(super) async fn follow_entries(
     store: &Store,
     ex: &dyn Exchange,
     account: &Account,
     sym: &Symbol,
     findings: &mut Vec<Finding>,
-) -> Result<(), ReconcileError> {
+) -> Result<Decimal, ReconcileError> {
+    let mut working = Decimal::ZERO;
     let rows = db::open_rows(store, account, sym.as_str()).await?;
     for row in rows.iter().filter(|r| r.leg == Leg::Open) {
         let Some((job, status)) = store.job_envelope(row.job_id).await? else {
@@ -39,11 +42,29 @@ pub(super) async fn follow_entries(
             db::mark(store, &row.client_order_id, RowState::Cancelled).await?;
             continue;
         }
-        if let Some(f) = follow_one(store, ex, account, sym, &job, row).await? {
-            findings.push(f);
+        match follow_one(store, ex, account, sym, &job, row).await? {
+            Followed::Done(f) => findings.push(f),
+            Followed::Working(filled) => {
+                let signed = match row.side {
+                    OrderSide::Buy => filled,
+                    OrderSide::Sell => -filled,
+                };
+                working = working.checked_add(signed).unwrap_or(working);
+            }
+            Followed::Nothing => {}
         }
     }
-    Ok(())
+    Ok(working)
+}
+
+/// What following one entry came to.
+enum Followed {
+    /// It ended (filled, expired): recorded.
+    Done(Finding),
+    /// Still working, with this much filled so far.
+    Working(Decimal),
+    /// Moved on by someone else meanwhile.
+    Nothing,
 }
 
 /// One working entry.
@@ -54,12 +75,12 @@ async fn follow_one(
     sym: &Symbol,
     job: &Job,
     row: &OpenRow,
-) -> Result<Option<Finding>, ReconcileError> {
+) -> Result<Followed, ReconcileError> {
     let found = ex.find_order(sym, &row.client_order_id).await?;
     let expired = row.expires_at.is_some_and(|at| at <= Utc::now());
     let ack = match found {
         Some(ack) if ack.state.is_final() => ack,
-        Some(_) if !expired => return Ok(None),
+        Some(ack) if !expired => return Ok(Followed::Working(ack.filled_qty)),
         Some(_) => match cancel_and_look_up(ex, sym, &row.client_order_id).await? {
             Some(ack) => ack,
             None => return expire(store, account, sym, job, row).await,
@@ -76,9 +97,9 @@ async fn follow_one(
         ..outcome
     };
     if !db::finish_working(store, job, &outcome, row, RowState::Filled).await? {
-        return Ok(None);
+        return Ok(Followed::Nothing);
     }
-    Ok(Some(Finding::EntryFilled {
+    Ok(Followed::Done(Finding::EntryFilled {
         symbol: sym.to_string(),
         job_id: job.job_id,
         quantity: ack.filled_qty,
@@ -119,7 +140,7 @@ async fn expire(
     sym: &Symbol,
     job: &Job,
     row: &OpenRow,
-) -> Result<Option<Finding>, ReconcileError> {
+) -> Result<Followed, ReconcileError> {
     let outcome = Outcome {
         environment: account.environment,
         ..Outcome::new(
@@ -133,9 +154,9 @@ async fn expire(
         )
     };
     if !db::finish_working(store, job, &outcome, row, RowState::Cancelled).await? {
-        return Ok(None);
+        return Ok(Followed::Nothing);
     }
-    Ok(Some(Finding::EntryExpired {
+    Ok(Followed::Done(Finding::EntryExpired {
         symbol: sym.to_string(),
         job_id: job.job_id,
     }))

@@ -138,6 +138,9 @@ pub enum Finding {
     EntryExpired { symbol: String, job_id: Uuid },
     /// A working entry a later alert cancelled: the job `expired`.
     EntryCancelledByLaterAlert { job_id: Uuid },
+    /// A working entry a later alert cancelled after part of it filled (the later job recorded
+    /// the fill as this job's open): the job `succeeded`.
+    EntryPartlyFilledBeforeLaterAlert { job_id: Uuid, quantity: Decimal },
 }
 
 impl Finding {
@@ -225,6 +228,11 @@ impl fmt::Display for Finding {
                 f,
                 "working entry of job {job_id} was cancelled by a later alert: job expired"
             ),
+            Finding::EntryPartlyFilledBeforeLaterAlert { job_id, quantity } => write!(
+                f,
+                "working entry of job {job_id} filled {} before a later alert cancelled the rest: job succeeded",
+                quantity.normalize()
+            ),
         }
     }
 }
@@ -296,8 +304,11 @@ async fn reconcile_into(
     account: &Account,
     findings: &mut Vec<Finding>,
 ) -> Result<(), ReconcileError> {
-    for job_id in db::expire_cancelled_entries(store, account).await? {
-        findings.push(Finding::EntryCancelledByLaterAlert { job_id });
+    for (job_id, filled) in db::finish_cancelled_entries(store, account).await? {
+        findings.push(match filled {
+            None => Finding::EntryCancelledByLaterAlert { job_id },
+            Some(quantity) => Finding::EntryPartlyFilledBeforeLaterAlert { job_id, quantity },
+        });
     }
     for symbol in db::symbols(store, account).await? {
         reconcile_symbol(store, ex, account, &symbol, findings).await?;
@@ -315,7 +326,7 @@ async fn reconcile_symbol(
 ) -> Result<(), ReconcileError> {
     let sym = Symbol::parse(symbol, account.exchange)
         .map_err(|e| ReconcileError::Symbol(format!("{symbol}: {e}")))?;
-    follow::follow_entries(store, ex, account, &sym, findings).await?;
+    let working = follow::follow_entries(store, ex, account, &sym, findings).await?;
     // What Sparky holds before any protective exit is recorded: the exits' PnL is from its entry.
     let seen = store.position(account, symbol).await?;
     // Orders first, then the position (see the module documentation).
@@ -330,7 +341,7 @@ async fn reconcile_symbol(
         symbol,
         seen.as_ref(),
         position.as_ref(),
-        exited,
+        (exited, working),
         findings,
     )
     .await
@@ -456,14 +467,16 @@ async fn cancel_orphans(
     Ok(())
 }
 
-/// Step 4: Sparky's position row set to the broker's; drift is what `exited` does not explain.
+/// Step 4: Sparky's position row set to the broker's; drift is what `explained` (the quantity
+/// protective fills closed, and the signed quantity working entries have filled so far) does not
+/// explain.
 async fn sync_position(
     store: &Store,
     account: &Account,
     symbol: &str,
     seen: Option<&PositionRow>,
     broker: Option<&ExPosition>,
-    exited: Decimal,
+    explained: (Decimal, Decimal),
     findings: &mut Vec<Finding>,
 ) -> Result<(), ReconcileError> {
     let sparky = seen.map(|p| Held {
@@ -477,7 +490,7 @@ async fn sync_position(
     if sparky == broker_held {
         return Ok(());
     }
-    let drift = drift(sparky, broker_held, exited);
+    let drift = drift(sparky, broker_held, explained.0, explained.1);
     if !db::set_position(store, account, symbol, seen, broker).await? {
         findings.push(Finding::PositionChangedMeanwhile {
             symbol: symbol.to_string(),
@@ -493,17 +506,36 @@ async fn sync_position(
     Ok(())
 }
 
-/// The drift between Sparky's position and the broker's, given what protective fills closed;
-/// `None` when the fills explain the difference.
-pub fn drift(sparky: Option<Held>, broker: Option<Held>, exited: Decimal) -> Option<DriftKind> {
-    let explained = |from: Decimal, to: Decimal| from.checked_sub(exited) == Some(to);
+/// The drift between Sparky's position and the broker's, given what protective fills closed
+/// (`exited`) and what working entries have filled so far (`working`, signed: long positive);
+/// `None` when they explain the difference.
+pub fn drift(
+    sparky: Option<Held>,
+    broker: Option<Held>,
+    exited: Decimal,
+    working: Decimal,
+) -> Option<DriftKind> {
+    let signed = |h: Option<Held>| {
+        h.map_or(Decimal::ZERO, |h| match h.side {
+            Side::Long => h.quantity,
+            Side::Short => -h.quantity,
+        })
+    };
+    let (s, b) = (signed(sparky), signed(broker));
+    // Protective fills close toward flat.
+    let closed = if s > Decimal::ZERO { -exited } else { exited };
+    let expected = s
+        .checked_add(if s.is_zero() { Decimal::ZERO } else { closed })
+        .and_then(|x| x.checked_add(working));
+    if expected == Some(b) {
+        return None;
+    }
     match (sparky, broker) {
         (None, None) => None,
         (None, Some(_)) => Some(DriftKind::Opened),
-        (Some(s), None) => (!explained(s.quantity, Decimal::ZERO)).then_some(DriftKind::Closed),
+        (Some(_), None) => Some(DriftKind::Closed),
         (Some(s), Some(b)) if s.side != b.side => Some(DriftKind::Flipped),
-        (Some(s), Some(b)) if s.quantity == b.quantity => None,
-        (Some(s), Some(b)) => (!explained(s.quantity, b.quantity)).then_some(DriftKind::Resized),
+        (Some(_), Some(_)) => Some(DriftKind::Resized),
     }
 }
 
@@ -520,22 +552,41 @@ mod tests {
     fn drift_is_what_protective_fills_do_not_explain() {
         let long = |q| held(Side::Long, q);
         assert_eq!(
-            drift(long(dec!(1)), None, dec!(1)),
+            drift(long(dec!(1)), None, dec!(1), dec!(0)),
             None,
             "the stop closed it"
         );
-        assert_eq!(drift(long(dec!(1)), None, dec!(0)), Some(DriftKind::Closed));
-        assert_eq!(drift(long(dec!(1)), long(dec!(0.4)), dec!(0.6)), None);
         assert_eq!(
-            drift(long(dec!(1)), long(dec!(0.4)), dec!(0)),
+            drift(long(dec!(1)), None, dec!(0), dec!(0)),
+            Some(DriftKind::Closed)
+        );
+        assert_eq!(
+            drift(long(dec!(1)), long(dec!(0.4)), dec!(0.6), dec!(0)),
+            None
+        );
+        assert_eq!(
+            drift(long(dec!(1)), long(dec!(0.4)), dec!(0), dec!(0)),
             Some(DriftKind::Resized)
         );
-        assert_eq!(drift(None, long(dec!(1)), dec!(0)), Some(DriftKind::Opened));
         assert_eq!(
-            drift(long(dec!(1)), held(Side::Short, dec!(1)), dec!(1)),
+            drift(None, long(dec!(1)), dec!(0), dec!(0)),
+            Some(DriftKind::Opened)
+        );
+        assert_eq!(
+            drift(long(dec!(1)), held(Side::Short, dec!(1)), dec!(1), dec!(0)),
             Some(DriftKind::Flipped)
         );
-        assert_eq!(drift(None, None, dec!(0)), None);
+        assert_eq!(drift(None, None, dec!(0), dec!(0)), None);
+        // A working entry that has filled in part explains a position Sparky has no row for.
+        assert_eq!(drift(None, long(dec!(4)), dec!(0), dec!(4)), None);
+        assert_eq!(
+            drift(None, long(dec!(5)), dec!(0), dec!(4)),
+            Some(DriftKind::Opened)
+        );
+        assert_eq!(
+            drift(None, held(Side::Short, dec!(4)), dec!(0), dec!(-4)),
+            None
+        );
     }
 
     #[test]

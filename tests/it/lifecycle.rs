@@ -212,6 +212,37 @@ async fn aster_reversal_cancels_the_old_protection_before_opening_and_protects_t
     assert_eq!(fake.position("ETHUSDT"), dec!(-0.033));
 }
 
+/// A close or a reversal lists the broker's open orders once, and once more only to confirm the
+/// cancels it made: two listings with protection to cancel, one without.
+#[tokio::test]
+async fn aster_close_and_reversal_list_open_orders_once_plus_the_confirmation() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_secs(5), json!({}));
+    let listings = || fake.core.seen("GET /fapi/v1/openOrders").len();
+    let step = |action: Action, protect: bool| {
+        let j = job(ExchangeKind::Aster, action, "ETHUSDT", dec!(100));
+        if protect {
+            with_protection(j, dec!(2), dec!(4))
+        } else {
+            j
+        }
+    };
+    for (action, protect, want) in [
+        (Action::Buy, true, 1),    // nothing to cancel: one listing
+        (Action::Sell, false, 2),  // reversal: the buy's protection found, cancelled, confirmed
+        (Action::Close, false, 1), // nothing to cancel
+        (Action::Buy, true, 1),
+        (Action::Close, false, 2), // close: protection found, cancelled, confirmed
+    ] {
+        let before = listings();
+        let out = run(&ex, &step(action, protect)).await;
+        assert_eq!(out.status, JobStatus::Succeeded, "{action:?}: {out:?}");
+        assert_eq!(listings() - before, want, "{action:?}");
+    }
+    assert!(fake.open_orders("ETHUSDT").is_empty());
+    assert_eq!(fake.position("ETHUSDT"), Decimal::ZERO);
+}
+
 #[tokio::test]
 async fn aster_partial_open_is_recorded_as_filled_and_protected_for_that_much() {
     let (fake, url) = AsterFake::start().await;
@@ -359,7 +390,20 @@ async fn oanda_close_takes_the_trades_on_fill_orders_with_it() {
         fake.pending_orders().is_empty(),
         "OANDA cancelled the trade's dependent orders (LINKED_TRADE_CLOSED)"
     );
-    assert!(out.cancelled.is_empty(), "Sparky sent no cancel for them");
+    assert!(
+        fake.core.seen("PUT /orders/{spec}/cancel").is_empty(),
+        "Sparky sent no cancel for them"
+    );
+    // They are recorded as gone with the trade (their `broker_orders` rows end `cancelled`).
+    let mut gone = out.cancelled.clone();
+    gone.sort();
+    assert_eq!(
+        gone,
+        [
+            client_order_id(buy.job_id, Leg::StopLoss),
+            client_order_id(buy.job_id, Leg::TakeProfit)
+        ]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ fn ack(id: &str, qty: Decimal) -> OrderAck {
         state: OrderState::Filled,
         filled_qty: qty,
         avg_price: Some(dec!(100)),
+        fee: None,
     }
 }
 

@@ -207,6 +207,25 @@ impl AsterFake {
         self.st.lock().unwrap().partial.push(Partial::Qty(qty));
     }
 
+    /// Fill `qty` of the working LIMIT order `coid` at its limit (the market touched it only
+    /// briefly): it stays working as `PARTIALLY_FILLED`; the position moves, a `userTrades` row.
+    pub(crate) fn fill_part(&self, coid: &str, qty: Decimal) {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut st = self.st.lock().unwrap();
+        let i = st
+            .orders
+            .iter()
+            .rposition(|o| o["clientOrderId"] == coid && is_open(o))
+            .expect("a working order with that id");
+        let o = st.orders[i].clone();
+        let price = o["price"].as_str().map(d).unwrap_or_default();
+        let orig = o["origQty"].as_str().map(d).unwrap_or_default();
+        let done = o["executedQty"].as_str().map(d).unwrap_or_default();
+        assert!(done + qty < orig, "a part, not all of it");
+        Self::execute(&mut st, i, qty, price, now);
+        st.orders[i]["status"] = json!("PARTIALLY_FILLED");
+    }
+
     /// Move the price of `symbol` (ticker, mark and fills) and fire what it crosses, in placement
     /// order: a SELL STOP_MARKET at or above the price, a BUY STOP_MARKET at or below it, a SELL
     /// TAKE_PROFIT_MARKET at or below it, a BUY TAKE_PROFIT_MARKET at or above it (the fill is at
@@ -238,7 +257,9 @@ impl AsterFake {
             }
             let pos = st.positions.get(symbol).copied().unwrap_or_default();
             let closing = if buy { -pos } else { pos }.max(Decimal::ZERO);
-            let orig = o["origQty"].as_str().map(d).unwrap_or_default();
+            // What is left of it (a LIMIT may have filled in part, `fill_part`).
+            let orig = o["origQty"].as_str().map(d).unwrap_or_default()
+                - o["executedQty"].as_str().map(d).unwrap_or_default();
             let qty = if o["closePosition"] == true {
                 closing
             } else if o["reduceOnly"] == true {

@@ -55,6 +55,10 @@ pub(crate) struct OandaState {
     pub(crate) insufficient_margin: bool,
     /// `NAV` of `/summary`; `None` answers 500 (equity unreadable).
     pub(crate) nav: Option<Decimal>,
+    /// `commission` of every ORDER_FILL (home currency, positive; OANDA's is usually 0).
+    pub(crate) commission: Decimal,
+    /// `financing` of an ORDER_FILL that closes or reduces a trade (negative: paid).
+    pub(crate) close_financing: Decimal,
 }
 
 pub(crate) struct OandaFake {
@@ -78,6 +82,8 @@ impl OandaFake {
                 next_id: 6000,
                 insufficient_margin: false,
                 nav: Some(dec!(10000)),
+                commission: Decimal::ZERO,
+                close_financing: Decimal::ZERO,
             }),
         });
         let app = Router::new()
@@ -423,10 +429,15 @@ fn fill_units_ext(
         units
     };
     *st.positions.entry(instrument.to_string()).or_default() += filled;
+    let financing = if closed.is_empty() && reduced.is_null() {
+        Decimal::ZERO
+    } else {
+        st.close_financing
+    };
     let mut fill = json!({"id": fill_id, "type": "ORDER_FILL", "orderID": order_id, "clientOrderID": coid,
         "instrument": instrument, "units": filled.to_string(), "fullVWAP": price.to_string(),
-        "price": price.to_string(), "pl": pl.round_dp(4).to_string(), "financing": "0.0000",
-        "commission": "0.0000", "reason": reason, "time": now_text(), "accountID": OANDA_ACCOUNT});
+        "price": price.to_string(), "pl": pl.round_dp(4).to_string(), "financing": format!("{:.4}", financing),
+        "commission": format!("{:.4}", st.commission), "reason": reason, "time": now_text(), "accountID": OANDA_ACCOUNT});
     if opened.is_object() {
         fill["tradeOpened"] = opened;
     }

@@ -136,6 +136,44 @@ impl TradierFake {
             .unwrap_or_default()
     }
 
+    /// Fill `qty` shares of the working equity order tagged `tag` at its limit price (the market
+    /// touched it only briefly): it stays working as `partially_filled`, the position moves.
+    pub(crate) fn fill_part(&self, tag: &str, qty: Decimal) {
+        let mut st = self.st.lock().unwrap();
+        let stamp = stamp(st.today);
+        let i = st
+            .orders
+            .iter()
+            .rposition(|o| o["tag"] == tag && tradier_working(o))
+            .expect("a working order with that tag");
+        let o = st.orders[i].clone();
+        let dec_of = |v: &Value| {
+            v.as_f64()
+                .and_then(|f| Decimal::from_str(&f.to_string()).ok())
+                .unwrap_or_default()
+        };
+        let (ordered, done, price) = (
+            dec_of(&o["quantity"]),
+            dec_of(&o["exec_quantity"]),
+            dec_of(&o["price"]),
+        );
+        assert!(done + qty < ordered, "a part, not all of it");
+        let sym = o["symbol"].as_str().unwrap_or_default().to_string();
+        let signed = if buys(&o["side"]) { qty } else { -qty };
+        {
+            let st = &mut *st;
+            apply_fill(&mut st.positions, &mut st.entries, &sym, signed, price);
+        }
+        let o = &mut st.orders[i];
+        o["status"] = json!("partially_filled");
+        o["exec_quantity"] = num(done + qty);
+        o["remaining_quantity"] = num(ordered - done - qty);
+        o["avg_fill_price"] = num(price);
+        o["last_fill_price"] = num(price);
+        o["last_fill_quantity"] = num(qty);
+        o["transaction_date"] = json!(stamp);
+    }
+
     /// The fake's calendar day (orders created now get this `create_date`).
     pub(crate) fn today(&self) -> NaiveDate {
         self.st.lock().unwrap().today
