@@ -82,15 +82,47 @@ fn decode(column: &str, e: String) -> sqlx::Error {
 /// optionally of one user, in user order. Paper accounts are left out: the paper exchange's
 /// positions are Sparky's own rows and nothing rests on it, so there is nothing to compare.
 pub async fn accounts(store: &Store, user: Option<Uuid>) -> Result<Vec<Account>, StoreError> {
+    accounts_where(store, user, None).await
+}
+
+/// [`accounts`] of the users in `partitions` (of `count`), selected in SQL by
+/// `sparky_partition(user_id, count)`, the database's copy of [`crate::queue::partition_of`]:
+/// a worker's sweep reads only the accounts of the partitions it owns.
+pub async fn accounts_in_partitions(
+    store: &Store,
+    partitions: &[u32],
+    count: u32,
+) -> Result<Vec<Account>, StoreError> {
+    accounts_where(store, None, Some((partitions, count))).await
+}
+
+async fn accounts_where(
+    store: &Store,
+    user: Option<Uuid>,
+    partitions: Option<(&[u32], u32)>,
+) -> Result<Vec<Account>, StoreError> {
+    let (owned, count): (Option<Vec<i32>>, i32) = match partitions {
+        Some((ps, n)) => (
+            Some(ps.iter().filter_map(|p| i32::try_from(*p).ok()).collect()),
+            i32::try_from(n).unwrap_or(i32::MAX),
+        ),
+        None => (None, 1),
+    };
     let rows = sqlx::query(
-        "SELECT user_id, exchange, environment FROM positions
-          WHERE exchange <> 'paper' AND ($1::uuid IS NULL OR user_id = $1)
-         UNION
-         SELECT user_id, exchange, environment FROM broker_orders
-          WHERE state = 'open' AND exchange <> 'paper' AND ($1::uuid IS NULL OR user_id = $1)
-         ORDER BY 1, 2, 3",
+        "WITH candidates AS (
+           SELECT user_id, exchange, environment FROM positions
+            WHERE exchange <> 'paper' AND ($1::uuid IS NULL OR user_id = $1)
+           UNION
+           SELECT user_id, exchange, environment FROM broker_orders
+            WHERE state = 'open' AND exchange <> 'paper' AND ($1::uuid IS NULL OR user_id = $1)
+         )
+         SELECT user_id, exchange, environment FROM candidates
+          WHERE $2::int[] IS NULL OR sparky_partition(user_id, $3) = ANY($2)
+          ORDER BY 1, 2, 3",
     )
     .bind(user)
+    .bind(owned)
+    .bind(count)
     .fetch_all(&store.pool)
     .await?;
     let mut out = Vec::with_capacity(rows.len());

@@ -92,19 +92,26 @@ pub(super) async fn sweep_loop(
     }
 }
 
-/// Queue one sweep per user with something to reconcile in the partitions consumed now. Returns
-/// how many were queued.
+/// Queue one sweep per user with something to reconcile in the partitions consumed now (selected
+/// in SQL: only those partitions' accounts are read). Returns how many were queued.
 pub(super) async fn queue_sweeps(
     runner: &JobRunner,
     table: &Table,
     lanes: &Lanes,
     partitions: u32,
 ) -> Result<usize, StoreError> {
-    let mut users: Vec<Uuid> = reconcile::db::accounts(runner.store(), None)
-        .await?
-        .into_iter()
-        .map(|a| a.user_id)
+    let live: Vec<u32> = (0..partitions)
+        .filter(|p| table.fence_of(*p).is_some())
         .collect();
+    if live.is_empty() {
+        return Ok(0);
+    }
+    let mut users: Vec<Uuid> =
+        reconcile::db::accounts_in_partitions(runner.store(), &live, partitions)
+            .await?
+            .into_iter()
+            .map(|a| a.user_id)
+            .collect();
     users.dedup();
     let mut queued = 0;
     for user in users {

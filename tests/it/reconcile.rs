@@ -795,3 +795,59 @@ async fn a_stop_fired_at_the_broker_raises_its_notification_once() {
     assert_eq!(payload["data"]["exit_reason"], "stop_loss");
     assert_eq!(payload["data"]["pnl"], json!(dec!(-3.3)));
 }
+
+/// The sweep selects the accounts of the partitions it owns in SQL: `sparky_partition` (the
+/// migration's copy of `queue::partition_of`) agrees with the Rust function, and
+/// `accounts_in_partitions` returns exactly the accounts of the partitions asked for.
+#[tokio::test]
+async fn the_sweep_selects_only_the_accounts_of_its_partitions_in_sql() {
+    let app = TestApp::spawn().await;
+    for n in [1u32, 7, 16, 64, 1000] {
+        for _ in 0..40 {
+            let u = Uuid::new_v4();
+            let sql: i32 = sqlx::query_scalar("SELECT sparky_partition($1, $2)")
+                .bind(u)
+                .bind(n as i32)
+                .fetch_one(&app.store.pool)
+                .await
+                .unwrap();
+            assert_eq!(sql as u32, sparky::queue::partition_of(&u, n), "{u} of {n}");
+        }
+    }
+    let n = 4;
+    let mut users = vec![];
+    for _ in 0..12 {
+        let (user, _) = app.create_user().await;
+        sqlx::query(
+            "INSERT INTO positions (user_id, exchange, environment, symbol, side, quantity, entry_price)
+             VALUES ($1, 'aster', 'production', 'ETHUSDT', 'long', 1, 100)",
+        )
+        .bind(user)
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
+        users.push(user);
+    }
+    let mut seen = 0;
+    for p in 0..n {
+        let got: Vec<Uuid> = sparky::reconcile::db::accounts_in_partitions(&app.store, &[p], n)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.user_id)
+            .collect();
+        let mut want: Vec<Uuid> = users
+            .iter()
+            .copied()
+            .filter(|u| sparky::queue::partition_of(u, n) == p)
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "partition {p}");
+        seen += got.len();
+    }
+    assert_eq!(seen, users.len());
+    let all = sparky::reconcile::db::accounts_in_partitions(&app.store, &[0, 1, 2, 3], n)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), users.len());
+}
