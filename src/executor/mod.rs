@@ -9,10 +9,15 @@
 //! - `close`: close the whole position, or `close_percent` of it; no position -> `skipped`.
 //! - An entry that the broker accepts but does not fill (a resting limit order) ends `working`: it
 //!   is recorded in `broker_orders` and followed until it fills or expires. A later alert in the same
-//!   symbol first cancels a working entry an earlier job left.
+//!   symbol first cancels a working entry an earlier job left; what that entry had filled is
+//!   recorded as the earlier job's open ([`Fill::of_job`]) and is the position the alert acts on.
+//! - Each attempt lists the broker's open orders once; a close reuses that listing for the
+//!   protection it cancels and lists again only to confirm a cancel.
 //! - Stop-loss / take-profit: exchange-native protective orders after the open, sized to what
 //!   filled (OANDA attaches them to the fill); if they cannot be placed the job is
-//!   `succeeded_unprotected` with the reason. They are recorded with their broker ids.
+//!   `succeeded_unprotected` with the reason. They are recorded with their broker ids (OANDA's
+//!   on-fill ones under the job's `sl` / `tp` client ids).
+//! - Fills carry the broker's fee where it reports one ([`Fill::fee`]).
 //!
 //! Closing ([`close`]): the position's protective orders are cancelled first and the cancellation
 //! confirmed (OANDA's go with the trade), then close orders are sent until the broker's position is

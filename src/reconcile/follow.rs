@@ -6,7 +6,8 @@
 //!   job ends `succeeded` (`succeeded_unprotected` if the protection could not be placed).
 //! - Past `expires_at` and still working -> cancelled at the broker, then looked up again: what
 //!   filled meanwhile is recorded as above, otherwise the job ends `expired`.
-//! - Still working and in time -> left alone.
+//! - Still working and in time -> left alone; what it has filled so far is returned, so the
+//!   reconciliation counts that much of the broker's position as explained, not drift.
 //!
 //! Each is committed in one transaction that only moves a job that is still `working`.
 

@@ -5,8 +5,10 @@
 //! `broker_orders` row ([`reconcile_account`]):
 //! 1. **Working entries** ([`follow`]): an entry a job left working is looked up by its client id;
 //!    filled -> the job's open trade, its position and its protection, the job `succeeded`; past
-//!    its `expires_at` -> cancelled at the broker, then what filled is recorded as above or the job
-//!    ends `expired`.
+//!    its `expires_at` -> cancelled at the broker, then what filled (a partial fill) is recorded as
+//!    above or the job ends `expired`. What an entry still working has filled so far explains that
+//!    much of the broker's position in step 4. An entry a later alert cancelled ends its job
+//!    `succeeded` if that alert recorded a partial fill for it, else `expired`.
 //! 2. **Protective orders** Sparky recorded as open that the broker no longer lists are looked up:
 //!    filled -> a trade of the job that placed them (leg `sl`/`tp`, exit reason `stop_loss` /
 //!    `take_profit`, realized PnL from Sparky's entry price) and the row `filled`; otherwise the row
@@ -14,10 +16,15 @@
 //! 3. **Orphans**: a Sparky stop-loss / take-profit resting at the broker while the broker holds
 //!    no position it could close (flat, or on the side the order would add to) is cancelled.
 //! 4. **Position**: Sparky's row is set to the broker's (deleted when flat). A difference that the
-//!    protective fills of step 2 do not explain is *drift* ([`DriftKind`]), counted in
+//!    protective fills of step 2 and the working entries' fills do not explain is *drift*
+//!    ([`DriftKind`]), counted in
 //!    `sparky_reconcile_drift_total{exchange, kind}` and in `sparky status`. Drift is not recorded
 //!    as a trade: there is no Sparky order (and so no job) behind it, and `trades` rows belong to a
 //!    job's leg; the sweep's report and the worker's log carry it.
+//!
+//! Listings go through the account's client, so on Tradier they include the orders Sparky recorded
+//! that the session's listing lacks ([`crate::exchanges::recorded`]). OANDA's on-fill orders cannot
+//! be orphans (they go with their trade); the sweep marks them gone.
 //!
 //! The broker's open orders are listed *before* its position is read, so an order a job places
 //! while the sweep runs is only seen together with the position it protects: the sweep cannot
