@@ -479,20 +479,27 @@ fn every_nth_close(n: usize, id_field: &'static str) -> impl FnMut(&Value) -> Op
     }
 }
 
-/// Issue 12's "done when": several users on the Aster and Tradier fakes, stop-loss / take-profit on
-/// half the entries, a fifth of the closes partially filled, a price move that fires the stops, then
-/// a reconciliation. Ends with no orphaned protective order at any broker, every broker position
+/// Issue 12's "done when": several users on the Aster, Tradier and OANDA fakes, stop-loss /
+/// take-profit on half the entries, a fifth of the Aster and Tradier closes partially filled (an
+/// OANDA close is all or nothing), a price move that fires the stops, then a reconciliation. Ends with no orphaned protective order at any broker, every broker position
 /// what the alerts asked for (flat where a stop fired), and Sparky's positions equal to the
 /// brokers'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn done_when_protection_partial_closes_and_fired_stops_end_in_line_with_the_brokers() {
     let (aster, aster_url) = AsterFake::start().await;
     let (tradier, tradier_url) = TradierFake::start().await;
+    let (oanda, oanda_url) = OandaFake::start().await;
     let app = TestApp::spawn_with(|c| {
         c.aster_base_url = Some(aster_url.clone());
         c.tradier_base_url = Some(format!("{tradier_url}/v1"));
+        c.oanda_base_url = Some(oanda_url.clone());
     })
     .await;
+    let brokers = Brokers {
+        aster: &aster,
+        tradier: &tradier,
+        oanda: &oanda,
+    };
     aster.partial_when(every_nth_close(5, "clientOrderId"));
     tradier.partial_when(every_nth_close(5, "tag"));
 
@@ -501,6 +508,8 @@ async fn done_when_protection_partial_closes_and_fired_stops_end_in_line_with_th
         (ExchangeKind::Aster, "SOLUSDT", 300, false),
         (ExchangeKind::Tradier, "AAPL", 1000, true),
         (ExchangeKind::Tradier, "SPY", 1000, false),
+        (ExchangeKind::Oanda, "EUR_USD", 1000, true),
+        (ExchangeKind::Oanda, "XAU_USD", 1000, false),
     ];
     let mut traders = vec![];
     for (exchange, symbol, usd, last_entry_protected) in plan {
@@ -514,6 +523,18 @@ async fn done_when_protection_partial_closes_and_fired_stops_end_in_line_with_th
                     ASTER_KEY,
                     ASTER_SECRET,
                     None,
+                    json!({}),
+                )
+                .await
+            }
+            ExchangeKind::Oanda => {
+                store_credentials(
+                    &app,
+                    user,
+                    "oanda",
+                    OANDA_TOKEN,
+                    "unused",
+                    Some(OANDA_ACCOUNT),
                     json!({}),
                 )
                 .await
@@ -564,13 +585,15 @@ async fn done_when_protection_partial_closes_and_fired_stops_end_in_line_with_th
 
     // Every user is long again; the price falls 10 %: the protected longs' stops fire.
     for t in &traders {
-        let before = broker_position(&aster, &tradier, t);
+        let before = broker_position(&brokers, t);
         assert!(before > Decimal::ZERO, "{}: {before}", t.symbol);
     }
     aster.set_price("ETHUSDT", dec!(2700));
     aster.set_price("SOLUSDT", dec!(135));
     tradier.set_price("AAPL", dec!(171));
     tradier.set_price("SPY", dec!(450));
+    oanda.set_price("EUR_USD", dec!(0.97));
+    oanda.set_price("XAU_USD", dec!(1800));
 
     let reports = app.worker().reconcile(None).await.unwrap();
     for r in &reports {
@@ -581,8 +604,8 @@ async fn done_when_protection_partial_closes_and_fired_stops_end_in_line_with_th
     // No orphaned protective order at any broker: nothing Sparky placed rests where the broker is
     // flat, and what rests protects the open longs.
     for t in &traders {
-        let held = broker_position(&aster, &tradier, t);
-        let resting = sparky_resting(&aster, &tradier, t);
+        let held = broker_position(&brokers, t);
+        let resting = sparky_resting(&brokers, t);
         if t.last_entry_protected {
             assert_eq!(held, Decimal::ZERO, "{}: the stop fired", t.symbol);
             assert!(resting.is_empty(), "{}: orphans {resting:?}", t.symbol);
@@ -619,18 +642,42 @@ async fn done_when_protection_partial_closes_and_fired_stops_end_in_line_with_th
     assert_eq!(open_rows, 0, "Sparky records nothing resting");
 }
 
-fn broker_position(aster: &AsterFake, tradier: &TradierFake, t: &Trader) -> Decimal {
+/// The fake brokers of the "done when" run.
+struct Brokers<'a> {
+    aster: &'a AsterFake,
+    tradier: &'a TradierFake,
+    oanda: &'a OandaFake,
+}
+
+fn broker_position(b: &Brokers<'_>, t: &Trader) -> Decimal {
     match t.exchange {
-        ExchangeKind::Aster => aster.position(t.symbol),
-        _ => tradier.position(t.symbol),
+        ExchangeKind::Aster => b.aster.position(t.symbol),
+        ExchangeKind::Oanda => b.oanda.position(t.symbol),
+        _ => b.tradier.position(t.symbol),
     }
 }
 
 /// Sparky's orders resting at `t`'s broker in its symbol.
-fn sparky_resting(aster: &AsterFake, tradier: &TradierFake, t: &Trader) -> Vec<Value> {
+fn sparky_resting(b: &Brokers<'_>, t: &Trader) -> Vec<Value> {
     let orders = match t.exchange {
-        ExchangeKind::Aster => aster.open_orders(t.symbol),
-        _ => tradier
+        ExchangeKind::Aster => b.aster.open_orders(t.symbol),
+        // Pending OANDA orders of the instrument: entries name it, a trade's stop-loss /
+        // take-profit carry the trade's client id (the opening job's).
+        ExchangeKind::Oanda => b
+            .oanda
+            .pending_orders()
+            .into_iter()
+            .filter(|o| {
+                o["instrument"] == t.symbol
+                    || o["tradeID"].as_str().is_some_and(|id| {
+                        b.oanda
+                            .trade(id)
+                            .is_some_and(|tr| tr["instrument"] == t.symbol)
+                    })
+            })
+            .collect(),
+        _ => b
+            .tradier
             .open_orders()
             .into_iter()
             .filter(|o| {
@@ -645,6 +692,7 @@ fn sparky_resting(aster: &AsterFake, tradier: &TradierFake, t: &Trader) -> Vec<V
         o["clientOrderId"]
             .as_str()
             .or(o["tag"].as_str())
+            .or(o["clientExtensions"]["id"].as_str())
             .unwrap_or_default()
             .to_string()
     };
