@@ -231,7 +231,7 @@ async fn essential_write(
 
 /// Empty the tables a ceiling wrote, so the next measurement starts alike.
 async fn reset_tables(store: &Store) -> anyhow::Result<()> {
-    sqlx::query("TRUNCATE trades, positions, jobs")
+    sqlx::query("TRUNCATE trades, positions, jobs CASCADE")
         .execute(&store.pool)
         .await?;
     sqlx::query("VACUUM ANALYZE").execute(&store.pool).await?;
