@@ -563,3 +563,24 @@ pub async fn run_until_idle(worker: Worker) {
     .expect("the worker drained the queue within 60 s")
     .unwrap();
 }
+
+/// Reconcile `user`'s accounts now (as the sweep would) and return every finding; a report with
+/// an error fails the test.
+pub async fn reconcile_findings(app: &TestApp, user: Uuid) -> Vec<sparky::reconcile::Finding> {
+    let reports = app.worker().reconcile(Some(user)).await.unwrap();
+    for r in &reports {
+        assert_eq!(r.error, None, "{r}");
+    }
+    reports.into_iter().flat_map(|r| r.findings).collect()
+}
+
+/// Make `job`'s working entries due: the follower's next look expires them.
+pub async fn expire_working_entries_now(app: &TestApp, job: Uuid) {
+    sqlx::query(
+        "UPDATE broker_orders SET expires_at = now() - interval '1 second' WHERE job_id = $1",
+    )
+    .bind(job)
+    .execute(&app.store.pool)
+    .await
+    .unwrap();
+}

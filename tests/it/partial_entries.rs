@@ -1,8 +1,6 @@
 //! Issue 12: working entries that fill in part (followed to their expiry, or cancelled by a later
 //! alert), and the fees brokers report on fills (`trades.fee`).
 
-use std::sync::Arc;
-
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::{json, Value};
@@ -14,58 +12,6 @@ use uuid::Uuid;
 
 use crate::fakes::*;
 use crate::helpers::*;
-
-async fn tradier_app() -> (Arc<TradierFake>, TestApp, Uuid, String) {
-    let (fake, url) = TradierFake::start().await;
-    let app = TestApp::spawn_with(|c| c.tradier_base_url = Some(format!("{url}/v1"))).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "tradier",
-        TRADIER_TOKEN,
-        "-",
-        Some(TRADIER_ACCOUNT),
-        json!({}),
-    )
-    .await;
-    (fake, app, user, secret)
-}
-
-async fn oanda_app() -> (Arc<OandaFake>, TestApp, Uuid, String) {
-    let (fake, url) = OandaFake::start().await;
-    let app = TestApp::spawn_with(|c| c.oanda_base_url = Some(url.clone())).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "oanda",
-        OANDA_TOKEN,
-        "-",
-        Some(OANDA_ACCOUNT),
-        json!({}),
-    )
-    .await;
-    (fake, app, user, secret)
-}
-
-async fn reconcile(app: &TestApp, user: Uuid) -> Vec<Finding> {
-    let reports = app.worker().reconcile(Some(user)).await.unwrap();
-    for r in &reports {
-        assert_eq!(r.error, None, "{r}");
-    }
-    reports.into_iter().flat_map(|r| r.findings).collect()
-}
-
-async fn expire_now(app: &TestApp, job: Uuid) {
-    sqlx::query(
-        "UPDATE broker_orders SET expires_at = now() - interval '1 second' WHERE job_id = $1",
-    )
-    .bind(job)
-    .execute(&app.store.pool)
-    .await
-    .unwrap();
-}
 
 /// (quantity, price, pnl, fee) of a job's leg.
 async fn leg(
@@ -110,7 +56,7 @@ fn long(q: Decimal) -> Option<Held> {
 /// the job's open trade and position, protected for 4 shares; the job succeeds, saying so.
 #[tokio::test]
 async fn tradier_entry_partly_filled_before_expiry_records_and_protects_what_filled() {
-    let (fake, app, user, secret) = tradier_app().await;
+    let (fake, _, app, user, secret) = tradier_app().await;
     let entry = app
         .enqueue(&limit_buy(
             user,
@@ -128,7 +74,7 @@ async fn tradier_entry_partly_filled_before_expiry_records_and_protects_what_fil
     assert_eq!(fake.position("AAPL"), dec!(4));
 
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [Finding::PositionSynced {
             symbol: "AAPL".into(),
             sparky: None,
@@ -139,9 +85,9 @@ async fn tradier_entry_partly_filled_before_expiry_records_and_protects_what_fil
     );
     assert_eq!(app.job(entry).await.status, JobStatus::Working);
 
-    expire_now(&app, entry).await;
+    expire_working_entries_now(&app, entry).await;
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [Finding::EntryFilled {
             symbol: "AAPL".into(),
             job_id: entry,
@@ -179,7 +125,7 @@ async fn tradier_entry_partly_filled_before_expiry_records_and_protects_what_fil
         ),
         (Side::Long, dec!(4), Some(dec!(181.3)), Some(dec!(192.4)))
     );
-    assert!(reconcile(&app, user).await.is_empty(), "in line");
+    assert!(reconcile_findings(&app, user).await.is_empty(), "in line");
 }
 
 /// The same on Aster (its cancel leaves the order `CANCELED` with its `executedQty`), with the
@@ -201,9 +147,9 @@ async fn aster_entry_partly_filled_before_expiry_records_and_protects_what_fille
     assert_eq!(app.job(entry).await.status, JobStatus::Working);
     let open_id = client_order_id(entry, Leg::Open);
     fake.fill_part(&open_id, dec!(0.014));
-    expire_now(&app, entry).await;
+    expire_working_entries_now(&app, entry).await;
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [Finding::EntryFilled {
             symbol: "ETHUSDT".into(),
             job_id: entry,
@@ -230,7 +176,7 @@ async fn aster_entry_partly_filled_before_expiry_records_and_protects_what_fille
     let pos = app.position(user, "ETHUSDT").await.unwrap();
     assert_eq!((pos.side, pos.quantity), (Side::Long, dec!(0.014)));
     assert_eq!(fake.position("ETHUSDT"), dec!(0.014));
-    assert!(reconcile(&app, user).await.is_empty(), "in line");
+    assert!(reconcile_findings(&app, user).await.is_empty(), "in line");
 }
 
 /// A later alert cancels a working entry that had filled in part: the part is recorded as the
@@ -279,7 +225,7 @@ async fn a_later_alert_takes_over_a_partly_filled_entry_and_reverses_it() {
     assert_eq!(app.job(entry).await.status, JobStatus::Working);
 
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [Finding::EntryPartlyFilledBeforeLaterAlert {
             job_id: entry,
             quantity: dec!(0.014)
@@ -291,7 +237,7 @@ async fn a_later_alert_takes_over_a_partly_filled_entry_and_reverses_it() {
         job.error.as_deref().is_some_and(|m| m.contains("0.014")),
         "{job:?}"
     );
-    assert!(reconcile(&app, user).await.is_empty());
+    assert!(reconcile_findings(&app, user).await.is_empty());
 }
 
 /// On Tradier, a later `buy` finds the partly filled entry's shares as its position: it records
@@ -299,7 +245,7 @@ async fn a_later_alert_takes_over_a_partly_filled_entry_and_reverses_it() {
 /// shares they are.
 #[tokio::test]
 async fn a_later_same_side_alert_records_a_partly_filled_entry_and_skips() {
-    let (fake, app, user, secret) = tradier_app().await;
+    let (fake, _, app, user, secret) = tradier_app().await;
     let entry = app
         .enqueue(&limit_buy(
             user,
@@ -328,7 +274,7 @@ async fn a_later_same_side_alert_records_a_partly_filled_entry_and_skips() {
     let pos = app.position(user, "AAPL").await.unwrap();
     assert_eq!((pos.side, pos.quantity), (Side::Long, dec!(4)));
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [Finding::EntryPartlyFilledBeforeLaterAlert {
             job_id: entry,
             quantity: dec!(4)
@@ -341,7 +287,7 @@ async fn a_later_same_side_alert_records_a_partly_filled_entry_and_skips() {
 /// financing (financing is negative when paid), on the open and on the close.
 #[tokio::test]
 async fn oanda_fill_commission_and_financing_are_the_trades_fee() {
-    let (fake, app, user, secret) = oanda_app().await;
+    let (fake, _, app, user, secret) = oanda_app().await;
     {
         let mut st = fake.st.lock().unwrap();
         st.commission = dec!(0.25);
@@ -371,7 +317,7 @@ async fn aster_commissions_are_the_trades_fee() {
     // 0.033 x 3000 x 0.0004
     assert_eq!(leg(&app, buy, "open").await.3, Some(dec!(0.0396)));
     fake.set_price("ETHUSDT", dec!(2900));
-    reconcile(&app, user).await;
+    reconcile_findings(&app, user).await;
     // 0.033 x 2900 x 0.0004
     assert_eq!(leg(&app, buy, "sl").await.3, Some(dec!(0.03828)));
     assert!(!fake.core.seen("GET /fapi/v1/userTrades").is_empty());

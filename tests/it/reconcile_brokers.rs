@@ -3,61 +3,17 @@
 //! trades, orphans cancelled, drift reported; and Tradier's GTC orders of an earlier day, which its
 //! `/orders` listing no longer shows, found by the ids Sparky recorded.
 
-use std::sync::Arc;
-
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::{json, Value};
 use sparky::domain::Side;
 use sparky::exchanges::{client_order_id, Leg};
 use sparky::job::{ExitReason, JobStatus};
-use sparky::reconcile::{AccountReport, DriftKind, Finding, Held};
+use sparky::reconcile::{DriftKind, Finding, Held};
 use uuid::Uuid;
 
 use crate::fakes::*;
 use crate::helpers::*;
-
-async fn oanda_app() -> (Arc<OandaFake>, String, TestApp, Uuid, String) {
-    let (fake, url) = OandaFake::start().await;
-    let app = TestApp::spawn_with(|c| c.oanda_base_url = Some(url.clone())).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "oanda",
-        OANDA_TOKEN,
-        "-",
-        Some(OANDA_ACCOUNT),
-        json!({}),
-    )
-    .await;
-    (fake, url, app, user, secret)
-}
-
-async fn tradier_app() -> (Arc<TradierFake>, String, TestApp, Uuid, String) {
-    let (fake, url) = TradierFake::start().await;
-    let app = TestApp::spawn_with(|c| c.tradier_base_url = Some(format!("{url}/v1"))).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "tradier",
-        TRADIER_TOKEN,
-        "-",
-        Some(TRADIER_ACCOUNT),
-        json!({}),
-    )
-    .await;
-    (fake, url, app, user, secret)
-}
-
-async fn reconcile(app: &TestApp, user: Uuid) -> Vec<Finding> {
-    let reports: Vec<AccountReport> = app.worker().reconcile(Some(user)).await.unwrap();
-    for r in &reports {
-        assert_eq!(r.error, None, "{r}");
-    }
-    reports.into_iter().flat_map(|r| r.findings).collect()
-}
 
 async fn row_state(app: &TestApp, coid: &str) -> String {
     sqlx::query_scalar("SELECT state FROM broker_orders WHERE client_order_id = $1")
@@ -87,16 +43,6 @@ async fn trade(
     .fetch_one(&app.store.pool)
     .await
     .unwrap()
-}
-
-async fn expire_now(app: &TestApp, job: Uuid) {
-    sqlx::query(
-        "UPDATE broker_orders SET expires_at = now() - interval '1 second' WHERE job_id = $1",
-    )
-    .bind(job)
-    .execute(&app.store.pool)
-    .await
-    .unwrap();
 }
 
 fn hook(
@@ -148,12 +94,15 @@ async fn oanda_working_entry_fills_then_its_stop_fires_and_the_next_buy_opens() 
     app.run_worker_until_idle().await;
     assert_eq!(app.job(entry).await.status, JobStatus::Working);
     assert_eq!(fake.position("EUR_USD"), Decimal::ZERO, "resting");
-    assert!(reconcile(&app, user).await.is_empty(), "not crossed yet");
+    assert!(
+        reconcile_findings(&app, user).await.is_empty(),
+        "not crossed yet"
+    );
 
     fake.set_price("EUR_USD", dec!(1.079));
     assert_eq!(fake.position("EUR_USD"), dec!(92), "filled at the limit");
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [Finding::EntryFilled {
             symbol: "EUR_USD".into(),
             job_id: entry,
@@ -171,13 +120,13 @@ async fn oanda_working_entry_fills_then_its_stop_fires_and_the_next_buy_opens() 
         (pos.side, pos.quantity, pos.entry_price),
         (Side::Long, dec!(92), dec!(1.08))
     );
-    assert!(reconcile(&app, user).await.is_empty(), "in line");
+    assert!(reconcile_findings(&app, user).await.is_empty(), "in line");
 
     // The stop (1.0584) fires at 1.05; OANDA cancels the take-profit with the trade.
     fake.set_price("EUR_USD", dec!(1.05));
     assert_eq!(fake.position("EUR_USD"), Decimal::ZERO);
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [
             Finding::ProtectionFilled {
                 symbol: "EUR_USD".into(),
@@ -248,7 +197,7 @@ async fn oanda_working_entry_fills_then_its_stop_fires_and_the_next_buy_opens() 
         "cancelled"
     );
     assert!(fake.pending_orders().is_empty());
-    assert!(reconcile(&app, user).await.is_empty());
+    assert!(reconcile_findings(&app, user).await.is_empty());
 }
 
 /// A working OANDA entry past its time is cancelled at OANDA (a cancelled order is "gone without
@@ -264,9 +213,9 @@ async fn oanda_working_entry_past_its_time_is_cancelled_and_the_job_expires() {
         .await;
     app.run_worker_until_idle().await;
     assert_eq!(app.job(entry).await.status, JobStatus::Working);
-    expire_now(&app, entry).await;
+    expire_working_entries_now(&app, entry).await;
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [Finding::EntryExpired {
             symbol: "EUR_USD".into(),
             job_id: entry
@@ -321,7 +270,7 @@ async fn oanda_hand_close_is_drift_and_the_trades_orders_are_marked_gone() {
     assert_eq!(s, 200, "{v}");
     assert!(fake.pending_orders().is_empty());
 
-    let found = reconcile(&app, user).await;
+    let found = reconcile_findings(&app, user).await;
     let gone: Vec<&Finding> = found
         .iter()
         .filter(|f| matches!(f, Finding::ProtectionGone { .. }))
@@ -355,12 +304,15 @@ async fn tradier_working_entry_fills_and_is_protected_by_the_follower() {
         .await;
     app.run_worker_until_idle().await;
     assert_eq!(app.job(entry).await.status, JobStatus::Working);
-    assert!(reconcile(&app, user).await.is_empty(), "not crossed yet");
+    assert!(
+        reconcile_findings(&app, user).await.is_empty(),
+        "not crossed yet"
+    );
 
     fake.set_price("AAPL", dec!(184));
     assert_eq!(fake.position("AAPL"), dec!(5));
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [Finding::EntryFilled {
             symbol: "AAPL".into(),
             job_id: entry,
@@ -394,7 +346,7 @@ async fn tradier_working_entry_fills_and_is_protected_by_the_follower() {
         row_state(&app, &client_order_id(entry, Leg::Open)).await,
         "filled"
     );
-    assert!(reconcile(&app, user).await.is_empty(), "in line");
+    assert!(reconcile_findings(&app, user).await.is_empty(), "in line");
 }
 
 /// A working Tradier entry past its time is cancelled at Tradier and the job ends `expired`.
@@ -409,9 +361,9 @@ async fn tradier_working_entry_past_its_time_is_cancelled_and_the_job_expires() 
         .await;
     app.run_worker_until_idle().await;
     assert_eq!(app.job(entry).await.status, JobStatus::Working);
-    expire_now(&app, entry).await;
+    expire_working_entries_now(&app, entry).await;
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [Finding::EntryExpired {
             symbol: "AAPL".into(),
             job_id: entry
@@ -453,7 +405,7 @@ async fn tradier_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
     );
     let sl = client_order_id(buy, Leg::StopLoss);
     assert_eq!(
-        reconcile(&app, user).await,
+        reconcile_findings(&app, user).await,
         [
             Finding::ProtectionFilled {
                 symbol: "AAPL".into(),
@@ -519,7 +471,7 @@ async fn tradier_orphaned_oco_is_cancelled_and_a_hand_close_is_drift() {
     assert_eq!(fake.position("AAPL"), Decimal::ZERO);
 
     let sl = client_order_id(buy, Leg::StopLoss);
-    let found = reconcile(&app, user).await;
+    let found = reconcile_findings(&app, user).await;
     assert_eq!(
         found,
         [
@@ -608,7 +560,7 @@ async fn tradier_protection_placed_yesterday_is_cancelled_by_a_close_and_as_an_o
     // SPY: sold by hand today; the sweep finds yesterday's OCO orphaned and cancels it.
     hand_sell(&url, "SPY", 2).await;
     let spy_sl = client_order_id(buys[1], Leg::StopLoss);
-    let found = reconcile(&app, user).await;
+    let found = reconcile_findings(&app, user).await;
     assert!(
         found.contains(&Finding::OrphanCancelled {
             symbol: "SPY".into(),
@@ -618,5 +570,5 @@ async fn tradier_protection_placed_yesterday_is_cancelled_by_a_close_and_as_an_o
     );
     assert_eq!(fake.orders_tagged(&spy_sl)[0]["status"], "canceled");
     assert!(fake.open_orders().is_empty(), "no orphan left at Tradier");
-    assert!(reconcile(&app, user).await.is_empty());
+    assert!(reconcile_findings(&app, user).await.is_empty());
 }

@@ -2,8 +2,6 @@
 //! filled the way TradingView fills them, no `user_id`, no size), run end to end on the fake
 //! brokers with a strategy that supplies what the template leaves out. And the 400s.
 
-use std::sync::Arc;
-
 use reqwest::StatusCode;
 use rust_decimal_macros::dec;
 use serde_json::{json, Value};
@@ -16,40 +14,6 @@ use uuid::Uuid;
 use crate::fakes::aster_app;
 use crate::fakes::*;
 use crate::helpers::*;
-
-pub(crate) async fn oanda_app() -> (Arc<OandaFake>, TestApp, Uuid, String) {
-    let (fake, url) = OandaFake::start().await;
-    let app = TestApp::spawn_with(|c| c.oanda_base_url = Some(url.clone())).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "oanda",
-        OANDA_TOKEN,
-        "-",
-        Some(OANDA_ACCOUNT),
-        json!({}),
-    )
-    .await;
-    (fake, app, user, secret)
-}
-
-pub(crate) async fn tradier_app() -> (Arc<TradierFake>, TestApp, Uuid, String) {
-    let (fake, url) = TradierFake::start().await;
-    let app = TestApp::spawn_with(|c| c.tradier_base_url = Some(format!("{url}/v1"))).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "tradier",
-        TRADIER_TOKEN,
-        "-",
-        Some(TRADIER_ACCOUNT),
-        json!({}),
-    )
-    .await;
-    (fake, app, user, secret)
-}
 
 /// A strategy named `name` of `user`: the exchange (if any) and a USD size.
 pub(crate) fn strategy(
@@ -156,7 +120,7 @@ async fn aster_templates_run_end_to_end() {
 
 #[tokio::test]
 async fn oanda_templates_run_end_to_end_including_the_trailing_stop_in_pips() {
-    let (fake, app, user, secret) = oanda_app().await;
+    let (fake, _, app, user, secret) = oanda_app().await;
     app.store
         .upsert_strategy(&strategy(user, "fx", Some(ExchangeKind::Oanda), dec!(100)))
         .await
@@ -202,7 +166,7 @@ async fn oanda_templates_run_end_to_end_including_the_trailing_stop_in_pips() {
 
 #[tokio::test]
 async fn tradier_templates_run_end_to_end_and_the_trailing_template_is_refused() {
-    let (fake, app, user, secret) = tradier_app().await;
+    let (fake, _, app, user, secret) = tradier_app().await;
     app.store
         .upsert_strategy(&strategy(
             user,

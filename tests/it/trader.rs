@@ -485,7 +485,7 @@ async fn trailing_stops_use_the_native_orders_or_are_refused() {
     app.cleanup().await;
 
     // OANDA: a percent becomes a price distance on the fill
-    let (fake, app, _user, secret) = crate::templates::oanda_app().await;
+    let (fake, _, app, _user, secret) = oanda_app().await;
     let job = run_one(
         &app,
         &order(

@@ -1185,3 +1185,22 @@ pub(crate) fn oanda_client(url: &str, timeout: Duration) -> OandaClient {
     );
     OandaClient::new(&c, &ctx(timeout, "http://unused", url, "http://unused")).unwrap()
 }
+
+/// A test app with one user whose OANDA credentials point at a fresh fake: (fake, its URL, app,
+/// user, webhook secret).
+pub(crate) async fn oanda_app() -> (Arc<OandaFake>, String, TestApp, Uuid, String) {
+    let (fake, url) = OandaFake::start().await;
+    let app = TestApp::spawn_with(|c| c.oanda_base_url = Some(url.clone())).await;
+    let (user, secret) = app.create_user().await;
+    store_credentials(
+        &app,
+        user,
+        "oanda",
+        OANDA_TOKEN,
+        "-",
+        Some(OANDA_ACCOUNT),
+        json!({}),
+    )
+    .await;
+    (fake, url, app, user, secret)
+}

@@ -811,3 +811,22 @@ pub(crate) fn tradier_client(url: &str, timeout: Duration) -> TradierClient {
     );
     TradierClient::new(&c, &ctx(timeout, "http://unused", "http://unused", url)).unwrap()
 }
+
+/// A test app with one user whose Tradier credentials point at a fresh fake: (fake, its URL, app,
+/// user, webhook secret).
+pub(crate) async fn tradier_app() -> (Arc<TradierFake>, String, TestApp, Uuid, String) {
+    let (fake, url) = TradierFake::start().await;
+    let app = TestApp::spawn_with(|c| c.tradier_base_url = Some(format!("{url}/v1"))).await;
+    let (user, secret) = app.create_user().await;
+    store_credentials(
+        &app,
+        user,
+        "tradier",
+        TRADIER_TOKEN,
+        "-",
+        Some(TRADIER_ACCOUNT),
+        json!({}),
+    )
+    .await;
+    (fake, url, app, user, secret)
+}
