@@ -600,19 +600,7 @@ pub(crate) async fn list_jobs(
     )?;
     let mut filter = p.filter();
     filter.statuses = p.parse("status", parse_statuses).unwrap_or_default();
-    let limit = p.limit();
-    let after: Option<Uuid> = p.cursor();
-    p.done()?;
-    let rows = st
-        .api_store
-        .jobs_page(user, &filter, after, limit + 1)
-        .await
-        .map_err(unavailable)?;
-    let (rows, next_cursor) = page(rows, limit, |j| j.job_id);
-    Ok(Json(JobPage {
-        items: rows.into_iter().map(JobView::from).collect(),
-        next_cursor,
-    }))
+    job_page(&st, user, p, &filter).await
 }
 
 /// The caller's `rejected` and `dead` jobs (replayable), newest first.
@@ -636,12 +624,23 @@ pub(crate) async fn list_dead_letters(
     )?;
     let mut filter = p.filter();
     filter.statuses = vec![JobStatus::Rejected, JobStatus::Dead];
+    job_page(&st, user, p, &filter).await
+}
+
+/// One page of `user`'s jobs matching `filter`, after the cursor and up to the limit that `p`
+/// still holds (the rest of `p` must be empty): `/v1/jobs` and `/v1/dead-letters`.
+async fn job_page(
+    st: &AppState,
+    user: Uuid,
+    mut p: Params,
+    filter: &JobFilter,
+) -> Result<Json<JobPage>, ApiError> {
     let limit = p.limit();
     let after: Option<Uuid> = p.cursor();
     p.done()?;
     let rows = st
         .api_store
-        .jobs_page(user, &filter, after, limit + 1)
+        .jobs_page(user, filter, after, limit + 1)
         .await
         .map_err(unavailable)?;
     let (rows, next_cursor) = page(rows, limit, |j| j.job_id);
