@@ -20,6 +20,40 @@ use crate::procs::*;
 const ORDER: &str = "POST /fapi/v1/order";
 const LEASE_MS: u64 = 2000;
 
+/// The environment of the chaos tests' worker processes: a lease of `lease_ms`, broker calls cut
+/// off well inside it, 8 lanes, the Aster fake at `aster_url`, and a poison limit of 50 (a job in
+/// flight when its worker is killed is redelivered; with a kill every 2-4 s a few jobs see several
+/// kills, and they must not be taken for poison).
+pub(crate) fn chaos_worker_env(lease_ms: u64, aster_url: &str) -> [(&'static str, String); 5] {
+    [
+        ("SPARKY_LEASE_TTL_MS", lease_ms.to_string()),
+        (
+            "SPARKY_EXCHANGE_TIMEOUT_MS",
+            (lease_ms * 7 / 15).to_string(),
+        ),
+        ("SPARKY_WORKER_CONCURRENCY", "8".to_string()),
+        ("ASTER_BASE_URL", aster_url.to_string()),
+        ("SPARKY_MAX_DELIVERIES", "50".to_string()),
+    ]
+}
+
+/// The chaos tests' rhythm: a random pause of 2-4 s between kills.
+pub(crate) async fn pause_2_to_4_s() {
+    let pause = rand::thread_rng().gen_range(2000..4000);
+    tokio::time::sleep(Duration::from_millis(pause)).await;
+}
+
+/// SIGKILL one of `workers` at random and start a new one in its place.
+pub(crate) async fn kill_one_and_replace(
+    app: &TestApp,
+    workers: &mut [WorkerProc],
+    env: &[(&str, String)],
+) {
+    let victim = rand::thread_rng().gen_range(0..workers.len());
+    workers[victim].kill9();
+    workers[victim] = spawn_worker(app, env).await;
+}
+
 pub(crate) fn symbol(i: usize) -> String {
     format!("U{i}USDT")
 }
@@ -122,18 +156,7 @@ async fn four_workers_killed_every_few_seconds_with_broker_faults_run_every_aler
             fake.core.inject(ORDER, fault);
         }
     }
-    let env = [
-        ("SPARKY_LEASE_TTL_MS", LEASE_MS.to_string()),
-        (
-            "SPARKY_EXCHANGE_TIMEOUT_MS",
-            (LEASE_MS * 7 / 15).to_string(),
-        ),
-        ("SPARKY_WORKER_CONCURRENCY", "8".to_string()),
-        ("ASTER_BASE_URL", url.clone()),
-        // A job in flight when its worker is killed is redelivered; with a kill every 2-4 s a
-        // few jobs see several kills. They must not be taken for poison.
-        ("SPARKY_MAX_DELIVERIES", "50".to_string()),
-    ];
+    let env = chaos_worker_env(LEASE_MS, &url);
     let mut workers = vec![];
     for _ in 0..4 {
         workers.push(spawn_worker(&app, &env).await);
@@ -173,11 +196,8 @@ async fn four_workers_killed_every_few_seconds_with_broker_faults_run_every_aler
             "only {} of {total} jobs finished",
             finished_jobs(&app).await
         );
-        let pause = rand::thread_rng().gen_range(2000..4000);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        let victim = rand::thread_rng().gen_range(0..workers.len());
-        workers[victim].kill9();
-        workers[victim] = spawn_worker(&app, &env).await;
+        pause_2_to_4_s().await;
+        kill_one_and_replace(&app, &mut workers, &env).await;
         kills += 1;
     }
     posting.await.unwrap();

@@ -18,7 +18,9 @@ use serde_json::{json, Value};
 use sparky::redis_conn::{parse_cluster_nodes, slot_of};
 use uuid::Uuid;
 
-use crate::chaos::{aster_user, nth, qty, symbol};
+use crate::chaos::{
+    aster_user, chaos_worker_env, kill_one_and_replace, nth, pause_2_to_4_s, qty, symbol,
+};
 use crate::fakes::AsterFake;
 use crate::helpers::*;
 use crate::ordering::{finished_jobs, wait_finished};
@@ -198,16 +200,7 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
         let (u, s) = aster_user(&app, &fake, &sym).await;
         users.push((u, s, sym));
     }
-    let env = [
-        ("SPARKY_LEASE_TTL_MS", LEASE_MS.to_string()),
-        (
-            "SPARKY_EXCHANGE_TIMEOUT_MS",
-            (LEASE_MS * 7 / 15).to_string(),
-        ),
-        ("SPARKY_WORKER_CONCURRENCY", "8".to_string()),
-        ("ASTER_BASE_URL", url.clone()),
-        ("SPARKY_MAX_DELIVERIES", "50".to_string()),
-    ];
+    let env = chaos_worker_env(LEASE_MS, &url);
     let mut workers = vec![];
     for _ in 0..4 {
         workers.push(spawn_worker(&app, &env).await);
@@ -252,8 +245,7 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
             "only {} of {total} jobs finished",
             finished_jobs(&app).await
         );
-        let pause = rand::thread_rng().gen_range(2000..4000);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        pause_2_to_4_s().await;
         if killed_master.is_none() {
             assert!(!posting.is_finished(), "the master must die mid-traffic");
             let port = cluster.master_of_partition(0);
@@ -273,9 +265,7 @@ async fn a_master_killed_mid_traffic_with_workers_killed_loses_no_accepted_alert
                 println!("restarted {port} at {:?}", started.elapsed());
             }
         }
-        let victim = rand::thread_rng().gen_range(0..workers.len());
-        workers[victim].kill9();
-        workers[victim] = spawn_worker(&app, &env).await;
+        kill_one_and_replace(&app, &mut workers, &env).await;
         kills += 1;
     }
     let accepted: HashSet<Uuid> = posting.await.unwrap().into_iter().collect();
