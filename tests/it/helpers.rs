@@ -584,3 +584,25 @@ pub async fn expire_working_entries_now(app: &TestApp, job: Uuid) {
     .await
     .unwrap();
 }
+
+/// (quantity, price, pnl, exit reason, fee) of the trade row of `job`'s `leg`.
+pub async fn trade_leg(
+    app: &TestApp,
+    job: Uuid,
+    leg: &str,
+) -> (
+    rust_decimal::Decimal,
+    Option<rust_decimal::Decimal>,
+    Option<rust_decimal::Decimal>,
+    Option<sparky::job::ExitReason>,
+    Option<rust_decimal::Decimal>,
+) {
+    sqlx::query_as(
+        "SELECT quantity, price, pnl, exit_reason, fee FROM trades WHERE job_id = $1 AND leg = $2",
+    )
+    .bind(job)
+    .bind(leg)
+    .fetch_one(&app.store.pool)
+    .await
+    .unwrap()
+}

@@ -13,20 +13,6 @@ use uuid::Uuid;
 use crate::fakes::*;
 use crate::helpers::*;
 
-/// (quantity, price, pnl, fee) of a job's leg.
-async fn leg(
-    app: &TestApp,
-    job: Uuid,
-    leg: &str,
-) -> (Decimal, Option<Decimal>, Option<Decimal>, Option<Decimal>) {
-    sqlx::query_as("SELECT quantity, price, pnl, fee FROM trades WHERE job_id = $1 AND leg = $2")
-        .bind(job)
-        .bind(leg)
-        .fetch_one(&app.store.pool)
-        .await
-        .unwrap()
-}
-
 fn limit_buy(
     user: Uuid,
     secret: &str,
@@ -107,7 +93,7 @@ async fn tradier_entry_partly_filled_before_expiry_records_and_protects_what_fil
     let order = &fake.orders_tagged(&open_id)[0];
     assert_eq!(order["status"], "canceled", "the rest was cancelled");
     assert_eq!(order["exec_quantity"].as_f64(), Some(4.0));
-    let (qty, price, _, fee) = leg(&app, entry, "open").await;
+    let (qty, price, _, _, fee) = trade_leg(&app, entry, "open").await;
     assert_eq!((qty, price, fee), (dec!(4), Some(dec!(185)), None));
     let oco = fake.orders_tagged(&client_order_id(entry, Leg::StopLoss));
     assert_eq!(oco.len(), 1);
@@ -165,8 +151,14 @@ async fn aster_entry_partly_filled_before_expiry_records_and_protects_what_fille
     );
     // 0.014 x 2900 x 0.0004
     assert_eq!(
-        leg(&app, entry, "open").await,
-        (dec!(0.014), Some(dec!(2900)), None, Some(dec!(0.01624)))
+        trade_leg(&app, entry, "open").await,
+        (
+            dec!(0.014),
+            Some(dec!(2900)),
+            None,
+            None,
+            Some(dec!(0.01624))
+        )
     );
     assert_eq!(
         fake.open_orders("ETHUSDT").len(),
@@ -205,9 +197,9 @@ async fn a_later_alert_takes_over_a_partly_filled_entry_and_reverses_it() {
     let row = app.job(sell).await;
     assert_eq!(row.status, JobStatus::Succeeded, "{row:?}");
 
-    let (qty, price, pnl, _) = leg(&app, entry, "open").await;
+    let (qty, price, pnl, _, _) = trade_leg(&app, entry, "open").await;
     assert_eq!((qty, price, pnl), (dec!(0.014), Some(dec!(2900)), None));
-    let (qty, price, pnl, fee) = leg(&app, sell, "close").await;
+    let (qty, price, pnl, _, fee) = trade_leg(&app, sell, "close").await;
     assert_eq!(
         (qty, price, pnl, fee),
         (
@@ -217,7 +209,7 @@ async fn a_later_alert_takes_over_a_partly_filled_entry_and_reverses_it() {
             Some(dec!(0.0168))
         )
     );
-    let (qty, ..) = leg(&app, sell, "open").await;
+    let (qty, ..) = trade_leg(&app, sell, "open").await;
     assert_eq!(qty, dec!(0.033));
     assert_eq!(fake.position("ETHUSDT"), dec!(-0.033));
     let pos = app.position(user, "ETHUSDT").await.unwrap();
@@ -269,7 +261,7 @@ async fn a_later_same_side_alert_records_a_partly_filled_entry_and_skips() {
     assert!(m.contains("already long 4"), "{m}");
     assert!(m.contains(&entry.to_string()), "{m}");
     assert_eq!(fake.orders_tagged(&open_id)[0]["status"], "canceled");
-    let (qty, price, ..) = leg(&app, entry, "open").await;
+    let (qty, price, ..) = trade_leg(&app, entry, "open").await;
     assert_eq!((qty, price), (dec!(4), Some(dec!(185))));
     let pos = app.position(user, "AAPL").await.unwrap();
     assert_eq!((pos.side, pos.quantity), (Side::Long, dec!(4)));
@@ -301,8 +293,8 @@ async fn oanda_fill_commission_and_financing_are_the_trades_fee() {
         .await;
     app.run_worker_until_idle().await;
     assert_eq!(app.job(close).await.status, JobStatus::Succeeded);
-    assert_eq!(leg(&app, buy, "open").await.3, Some(dec!(0.25)));
-    assert_eq!(leg(&app, close, "close").await.3, Some(dec!(0.35)));
+    assert_eq!(trade_leg(&app, buy, "open").await.4, Some(dec!(0.25)));
+    assert_eq!(trade_leg(&app, close, "close").await.4, Some(dec!(0.35)));
 }
 
 /// Aster's commissions come from `userTrades` (matched on the order id): on the open, the close,
@@ -315,11 +307,11 @@ async fn aster_commissions_are_the_trades_fee() {
     let buy = app.enqueue(&hook).await;
     app.run_worker_until_idle().await;
     // 0.033 x 3000 x 0.0004
-    assert_eq!(leg(&app, buy, "open").await.3, Some(dec!(0.0396)));
+    assert_eq!(trade_leg(&app, buy, "open").await.4, Some(dec!(0.0396)));
     fake.set_price("ETHUSDT", dec!(2900));
     reconcile_findings(&app, user).await;
     // 0.033 x 2900 x 0.0004
-    assert_eq!(leg(&app, buy, "sl").await.3, Some(dec!(0.03828)));
+    assert_eq!(trade_leg(&app, buy, "sl").await.4, Some(dec!(0.03828)));
     assert!(!fake.core.seen("GET /fapi/v1/userTrades").is_empty());
 
     let again = app
@@ -331,5 +323,5 @@ async fn aster_commissions_are_the_trades_fee() {
     app.run_worker_until_idle().await;
     assert_eq!(app.job(again).await.status, JobStatus::Succeeded);
     // 0.034 x 2900 x 0.0004
-    assert_eq!(leg(&app, close, "close").await.3, Some(dec!(0.03944)));
+    assert_eq!(trade_leg(&app, close, "close").await.4, Some(dec!(0.03944)));
 }

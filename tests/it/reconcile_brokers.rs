@@ -23,28 +23,6 @@ async fn row_state(app: &TestApp, coid: &str) -> String {
         .unwrap()
 }
 
-/// (quantity, price, pnl, exit reason, fee) of a job's leg.
-async fn trade(
-    app: &TestApp,
-    job: Uuid,
-    leg: &str,
-) -> (
-    Decimal,
-    Option<Decimal>,
-    Option<Decimal>,
-    Option<ExitReason>,
-    Option<Decimal>,
-) {
-    sqlx::query_as(
-        "SELECT quantity, price, pnl, exit_reason, fee FROM trades WHERE job_id = $1 AND leg = $2",
-    )
-    .bind(job)
-    .bind(leg)
-    .fetch_one(&app.store.pool)
-    .await
-    .unwrap()
-}
-
 fn hook(
     user: Uuid,
     secret: &str,
@@ -149,7 +127,7 @@ async fn oanda_working_entry_fills_then_its_stop_fires_and_the_next_buy_opens() 
             },
         ]
     );
-    let (qty, price, pnl, reason, _) = trade(&app, entry, "sl").await;
+    let (qty, price, pnl, reason, _) = trade_leg(&app, entry, "sl").await;
     assert_eq!(
         (qty, price, pnl, reason),
         (
@@ -424,7 +402,7 @@ async fn tradier_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
             },
         ]
     );
-    let (qty, price, pnl, reason, fee) = trade(&app, buy, "sl").await;
+    let (qty, price, pnl, reason, fee) = trade_leg(&app, buy, "sl").await;
     assert_eq!(
         (qty, price, pnl, reason, fee),
         (
