@@ -15,12 +15,14 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::domain::{Account, CredentialEnv, Job, Side};
-use crate::executor::{Fill, Outcome, PositionChange};
+use crate::executor::Outcome;
 use crate::job::{FailureClass, FillState, JobStatus};
 
 mod user_api;
 pub use user_api::{JobFilter, PositionKey, TradeRecord};
+pub(crate) mod commit;
 mod risk;
+pub use commit::record_fills;
 mod strategies;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -168,6 +170,7 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
             .connect_with(opts)
             .await?;
         Ok(Store { pool })
@@ -182,6 +185,7 @@ impl Store {
             pool: PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(acquire_timeout)
+                .test_before_acquire(false)
                 .connect_lazy_with(opts),
         }
     }
@@ -422,36 +426,11 @@ impl Store {
         outcome: &Outcome,
         attempt: i32,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let history: Vec<serde_json::Value> = outcome
-            .history
-            .iter()
-            .map(|h| serde_json::json!({"at": h.at, "class": h.class, "message": pg_text(&h.message)}))
-            .collect();
-        let updated = sqlx::query(
-            "UPDATE jobs SET status = $2, error_class = $3, error = $4,
-               history = history || $5::jsonb, finished_at = now(), updated_at = now()
-             WHERE job_id = $1 AND status = 'executing' AND attempts = $6",
-        )
-        .bind(job.job_id)
-        .bind(outcome.status)
-        .bind(outcome.error_class)
-        .bind(outcome.message.as_deref().map(pg_text))
-        .bind(serde_json::Value::Array(history))
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            tx.rollback().await?;
-            return Err(StoreError::Superseded(job.job_id));
+        if commit::finish(&self.pool, job, outcome, attempt).await? {
+            Ok(())
+        } else {
+            Err(StoreError::Superseded(job.job_id))
         }
-        record_fills(&mut tx, job, outcome).await?;
-        // The user's notification, in the outcome's own transaction (issue 15): never lost, never
-        // sent for an outcome that was rolled back.
-        crate::notify::record_job_outcome(&mut tx, job.job_id, &job.alert, outcome).await?;
-        tx.commit().await?;
-        Ok(())
     }
 
     /// End a job that cannot run to its commit (its alert breaks a bound, or the worker failed
@@ -625,149 +604,6 @@ impl Store {
         .await?;
         Ok(rows.iter().map(position_row).collect::<Result<_, _>>()?)
     }
-}
-
-/// A job's essential write: its trade rows and its position change, inside the caller's
-/// transaction. [`Store::finish_job`] does it after the job's status update; the benchmark's
-/// essential-write ceiling does only this.
-pub async fn record_fills(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    job: &Job,
-    outcome: &Outcome,
-) -> Result<(), StoreError> {
-    let a = &job.alert;
-    let env = outcome.environment.as_str();
-    for f in &outcome.fills {
-        insert_trade(tx, job, env, f).await?;
-    }
-    record_broker_orders(tx, job, outcome).await?;
-    match &outcome.position {
-        PositionChange::Unchanged => {}
-        PositionChange::Flat => {
-            sqlx::query(
-                "DELETE FROM positions
-                 WHERE user_id = $1 AND exchange = $2 AND environment = $3 AND symbol = $4",
-            )
-            .bind(a.user_id)
-            .bind(a.exchange.as_str())
-            .bind(env)
-            .bind(a.symbol.as_str())
-            .execute(&mut **tx)
-            .await?;
-        }
-        PositionChange::Open {
-            side,
-            quantity,
-            entry_price,
-            stop_loss_price,
-            take_profit_price,
-        } => {
-            sqlx::query(
-            "INSERT INTO positions (user_id, symbol, exchange, side, quantity, entry_price, stop_loss_price, take_profit_price, last_job_id, environment)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             ON CONFLICT (user_id, exchange, environment, symbol) DO UPDATE SET
-               side = EXCLUDED.side, quantity = EXCLUDED.quantity,
-               entry_price = EXCLUDED.entry_price, stop_loss_price = EXCLUDED.stop_loss_price,
-               take_profit_price = EXCLUDED.take_profit_price, last_job_id = EXCLUDED.last_job_id,
-               opened_at = now(), updated_at = now()",
-        )
-        .bind(a.user_id)
-        .bind(a.symbol.as_str())
-        .bind(a.exchange.as_str())
-        .bind(side.as_str())
-        .bind(quantity)
-        .bind(entry_price)
-        .bind(stop_loss_price)
-        .bind(take_profit_price)
-        .bind(job.job_id)
-        .bind(env)
-        .execute(&mut **tx)
-        .await?;
-        }
-    }
-    Ok(())
-}
-
-async fn insert_trade(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    job: &Job,
-    environment: &str,
-    f: &Fill,
-) -> Result<(), StoreError> {
-    let a = &job.alert;
-    sqlx::query(
-        "INSERT INTO trades (job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment, pnl, exit_reason, fee)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-         ON CONFLICT (job_id, leg) DO NOTHING",
-    )
-    // A fill of an earlier job's order (a working entry this job cancelled) is that job's trade.
-    .bind(f.of_job.unwrap_or(job.job_id))
-    .bind(a.user_id)
-    .bind(a.exchange.as_str())
-    .bind(a.symbol.as_str())
-    .bind(f.leg.as_str())
-    .bind(f.side.as_str())
-    .bind(f.quantity)
-    .bind(f.price)
-    .bind(pg_text(&f.client_order_id))
-    .bind(f.exchange_order_id.as_deref().map(pg_text))
-    .bind(f.status)
-    .bind(environment)
-    .bind(f.pnl)
-    .bind(f.exit_reason)
-    .bind(f.fee)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// The orders the job left resting at the broker (`broker_orders`, state `open`) and the Sparky
-/// orders it cancelled (state `cancelled`). Skipped entirely when the job touched none (the common
-/// case: no statement is sent).
-async fn record_broker_orders(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    job: &Job,
-    outcome: &Outcome,
-) -> Result<(), StoreError> {
-    let a = &job.alert;
-    if !outcome.cancelled.is_empty() {
-        sqlx::query(
-            "UPDATE broker_orders SET state = 'cancelled', updated_at = now()
-             WHERE client_order_id = ANY($1) AND state = 'open'",
-        )
-        .bind(&outcome.cancelled)
-        .execute(&mut **tx)
-        .await?;
-    }
-    for o in &outcome.resting {
-        let expires_at = (o.leg == crate::exchanges::Leg::Open).then(|| {
-            // At most 30 days (`working_ttl_secs`): the sum cannot overflow.
-            let ttl = crate::executor::working_ttl_secs(a) as i64;
-            Utc::now() + chrono::Duration::seconds(ttl)
-        });
-        sqlx::query(
-            "INSERT INTO broker_orders (client_order_id, job_id, user_id, exchange, environment, symbol, leg, side, quantity, price, exchange_order_id, state, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'open', $12)
-             ON CONFLICT (client_order_id) DO UPDATE SET
-               exchange_order_id = EXCLUDED.exchange_order_id, quantity = EXCLUDED.quantity,
-               price = EXCLUDED.price, state = 'open', updated_at = now()",
-        )
-        .bind(pg_text(&o.client_order_id))
-        .bind(job.job_id)
-        .bind(a.user_id)
-        .bind(a.exchange.as_str())
-        .bind(outcome.environment.as_str())
-        .bind(a.symbol.as_str())
-        .bind(o.leg.as_str())
-        .bind(o.side.as_str())
-        .bind(o.quantity)
-        .bind(o.price)
-        .bind(o.exchange_order_id.as_deref().map(pg_text))
-        .bind(expires_at)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
 }
 
 /// The columns [`job_row`] reads.

@@ -112,7 +112,7 @@ impl std::error::Error for ExchangeError {}
 
 /// Which order of a job this is. Part of the client order id, so every retry of one leg carries the
 /// same id and a job can never produce two orders for one leg.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Leg {
     Open,

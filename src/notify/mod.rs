@@ -56,6 +56,7 @@ use uuid::Uuid;
 use crate::domain::Alert;
 use crate::executor::Outcome;
 use crate::job::{FillState, JobStatus};
+use crate::store::commit::{Gate, Statement};
 
 /// What a user can be notified of. Each channel has a filter: the kinds it wants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -159,17 +160,24 @@ fn clean(s: &str) -> String {
 }
 
 /// Write the notification a job's outcome raises (if any, and if the user has a channel for it)
-/// inside the caller's transaction: [`crate::store::Store::finish_job`] and
-/// [`crate::store::Store::mark_failed`] call it next to the job's status update.
+/// inside the caller's transaction: [`crate::store::Store::mark_failed`] calls it next to the job's
+/// status update ([`crate::store::Store::finish_job`] adds the same parts to its one statement with
+/// [`push_job_outcome`]).
 pub async fn record_job_outcome(
     conn: &mut sqlx::PgConnection,
     job_id: Uuid,
     alert: &Alert,
     outcome: &Outcome,
 ) -> Result<Option<Uuid>, sqlx::Error> {
-    let Some(kind) = EventKind::of_outcome(outcome) else {
+    let Some((kind, data)) = job_outcome_event(job_id, alert, outcome) else {
         return Ok(None);
     };
+    enqueue_event(conn, alert.user_id, kind, Some(job_id), data).await
+}
+
+/// The event a job's outcome raises and its `data`, if it raises one.
+fn job_outcome_event(job_id: Uuid, alert: &Alert, outcome: &Outcome) -> Option<(EventKind, Value)> {
+    let kind = EventKind::of_outcome(outcome)?;
     let fills: Vec<Value> = outcome
         .fills
         .iter()
@@ -193,16 +201,26 @@ pub async fn record_job_outcome(
         "error": outcome.message.as_deref().map(clean),
         "fills": fills,
     });
-    enqueue_event(conn, alert.user_id, kind, Some(job_id), data).await
+    Some((kind, data))
+}
+
+/// Add the notification a job's outcome raises to a statement being built (gated like its other
+/// parts: written only if the job's fenced update matched).
+pub(crate) fn push_job_outcome(
+    s: &mut Statement<'_>,
+    job_id: Uuid,
+    alert: &Alert,
+    outcome: &Outcome,
+) {
+    if let Some((kind, data)) = job_outcome_event(job_id, alert, outcome) {
+        push_event(s, alert.user_id, kind, Some(job_id), data);
+    }
 }
 
 /// Write one event for `user_id` into the outbox, with a delivery for each of the user's channels
 /// that wants `kind`, in one statement on the caller's connection (call it inside the transaction
 /// that records what the event reports). Nothing is written when no channel wants it. Returns the
 /// event id when one was written.
-///
-/// The envelope is `{"type", "event_id", "occurred_at", "user_id", "data"}` (`data` as given): the
-/// body a generic webhook receives, and what the chat formats are rendered from.
 pub async fn enqueue_event(
     conn: &mut sqlx::PgConnection,
     user_id: Uuid,
@@ -210,6 +228,26 @@ pub async fn enqueue_event(
     job_id: Option<Uuid>,
     data: Value,
 ) -> Result<Option<Uuid>, sqlx::Error> {
+    let mut s = Statement::new(Gate::Always);
+    push_event(&mut s, user_id, kind, job_id, data);
+    s.finish("SELECT event_id FROM ev")
+        .build_query_scalar()
+        .fetch_optional(conn)
+        .await
+}
+
+/// The parts `ch` (the user's channels that want `kind`), `ev` (the event, if any channel wants it)
+/// and `d` (a delivery per channel) of a statement.
+///
+/// The envelope is `{"type", "event_id", "occurred_at", "user_id", "data"}` (`data` as given): the
+/// body a generic webhook receives, and what the chat formats are rendered from.
+fn push_event(
+    s: &mut Statement<'_>,
+    user_id: Uuid,
+    kind: EventKind,
+    job_id: Option<Uuid>,
+    data: Value,
+) {
     let event_id = Uuid::now_v7();
     let payload = json!({
         "type": kind.as_str(),
@@ -218,27 +256,29 @@ pub async fn enqueue_event(
         "user_id": user_id,
         "data": data,
     });
-    let written: Option<Uuid> = sqlx::query_scalar(
-        "WITH ch AS (
-             SELECT channel_id FROM notification_channels WHERE user_id = $2 AND $3 = ANY(events)
-         ), ev AS (
-             INSERT INTO notification_outbox (event_id, user_id, kind, job_id, payload)
-             SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM ch)
-             RETURNING event_id
-         ), d AS (
-             INSERT INTO notification_deliveries (event_id, channel_id)
-             SELECT ev.event_id, ch.channel_id FROM ev, ch
-         )
-         SELECT event_id FROM ev",
-    )
-    .bind(event_id)
-    .bind(user_id)
-    .bind(kind.as_str())
-    .bind(job_id)
-    .bind(payload)
-    .fetch_optional(conn)
-    .await?;
-    Ok(written)
+    let gate = s.gate;
+    s.part("ch")
+        .push("SELECT channel_id FROM notification_channels WHERE user_id = ")
+        .push_bind(user_id)
+        .push(" AND ")
+        .push_bind(kind.as_str())
+        .push(" = ANY(events)")
+        .push(gate.and());
+    s.close();
+    let q = s.part("ev");
+    q.push("INSERT INTO notification_outbox (event_id, user_id, kind, job_id, payload) SELECT ");
+    q.separated(", ")
+        .push_bind(event_id)
+        .push_bind(user_id)
+        .push_bind(kind.as_str())
+        .push_bind(job_id)
+        .push_bind(payload);
+    q.push(" WHERE EXISTS (SELECT 1 FROM ch) RETURNING event_id");
+    s.close();
+    s.part("d").push(
+        "INSERT INTO notification_deliveries (event_id, channel_id) SELECT ev.event_id, ch.channel_id FROM ev, ch",
+    );
+    s.close();
 }
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ fn attempts_metric(ns: &str, outcome: &str) -> f64 {
         .sum()
 }
 
-async fn add_webhook(
+pub(crate) async fn add_webhook(
     app: &TestApp,
     user: Uuid,
     url: String,

@@ -529,3 +529,190 @@ async fn an_entry_is_acked_only_after_its_commit() {
     run.await.unwrap().unwrap();
     app.cleanup().await;
 }
+
+/// A full outcome of a buy: its open fill, a stop-loss left resting, an earlier order cancelled,
+/// the new position.
+fn full_outcome(job: &sparky::domain::Job, cancelled: &str) -> sparky::executor::Outcome {
+    use sparky::exchanges::{Leg, RestingOrder};
+    use sparky::executor::{Fill, Outcome, PositionChange};
+    let id = job.job_id.simple().to_string();
+    Outcome {
+        fills: vec![Fill {
+            leg: Leg::Open,
+            side: sparky::domain::OrderSide::Buy,
+            quantity: dec!(0.5),
+            price: Some(dec!(3000)),
+            client_order_id: format!("{id}o"),
+            exchange_order_id: Some("x1".into()),
+            status: sparky::job::FillState::Filled,
+            pnl: None,
+            exit_reason: None,
+            fee: Some(dec!(0.25)),
+            of_job: None,
+        }],
+        resting: vec![RestingOrder {
+            leg: Leg::StopLoss,
+            client_order_id: format!("{id}s"),
+            exchange_order_id: Some("x2".into()),
+            side: sparky::domain::OrderSide::Sell,
+            quantity: dec!(0.5),
+            price: Some(dec!(2900)),
+        }],
+        cancelled: vec![cancelled.to_string()],
+        position: PositionChange::Open {
+            side: Side::Long,
+            quantity: dec!(0.5),
+            entry_price: dec!(3000),
+            stop_loss_price: Some(dec!(2900)),
+            take_profit_price: None,
+        },
+        environment: sparky::domain::CredentialEnv::Sandbox,
+        ..sparky::executor::Outcome::new(sparky::executor::JobStatus::Succeeded, "")
+    }
+}
+
+/// (client order id, state, quantity) of the `broker_orders` rows of a user, by id.
+async fn broker_orders(
+    app: &TestApp,
+    user: uuid::Uuid,
+) -> Vec<(String, String, rust_decimal::Decimal)> {
+    sqlx::query_as(
+        "SELECT client_order_id, state, quantity FROM broker_orders WHERE user_id = $1 ORDER BY client_order_id",
+    )
+    .bind(user)
+    .fetch_all(&app.store.pool)
+    .await
+    .unwrap()
+}
+
+/// (events, deliveries) in the notification outbox for a job.
+async fn outbox_of(app: &TestApp, job: uuid::Uuid) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM notification_outbox WHERE job_id = $1),
+                (SELECT count(*) FROM notification_deliveries d JOIN notification_outbox o USING (event_id) WHERE o.job_id = $1)",
+    )
+    .bind(job)
+    .fetch_one(&app.store.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_superseded_commit_writes_no_part_of_its_outcome_and_the_latest_writes_all_of_it() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    crate::notify::add_webhook(
+        &app,
+        user,
+        "http://127.0.0.1:9/hook".into(),
+        vec![sparky::notify::EventKind::Filled],
+    )
+    .await;
+    // An order an earlier job left resting, which this job cancels.
+    app.enqueue(&alert(user, &secret, "buy")).await;
+    app.enqueue(&alert(user, &secret, "buy")).await;
+    let mut entries = read_as(&app, "w").await;
+    let (e1, e2) = (entries.remove(0), entries.remove(0));
+    let (earlier, job) = (e1.job.clone().unwrap(), e2.job.clone().unwrap());
+    app.store
+        .begin_job(&earlier, e1.partition, &e1.id)
+        .await
+        .unwrap();
+    let mut first = full_outcome(&earlier, "none");
+    first.fills.clear();
+    first.position = sparky::executor::PositionChange::Unchanged;
+    app.store.finish_job(&earlier, &first, 1).await.unwrap();
+    let earlier_stop = format!("{}s", earlier.job_id.simple());
+
+    app.store
+        .begin_job(&job, e2.partition, &e2.id)
+        .await
+        .unwrap();
+    app.store
+        .begin_job(&job, e2.partition, &e2.id)
+        .await
+        .unwrap();
+    let outcome = full_outcome(&job, &earlier_stop);
+    let late = app.store.finish_job(&job, &outcome, 1).await;
+    assert!(
+        matches!(late, Err(sparky::store::StoreError::Superseded(_))),
+        "{late:?}"
+    );
+    assert_eq!(
+        app.job(job.job_id).await.status,
+        sparky::job::JobStatus::Executing
+    );
+    assert!(app.trades(user).await.is_empty());
+    assert_eq!(app.position(user, "ETHUSDT").await, None);
+    assert_eq!(
+        broker_orders(&app, user).await,
+        vec![(earlier_stop.clone(), "open".into(), dec!(0.5))],
+        "neither the cancel nor the new stop was written"
+    );
+    assert_eq!(outbox_of(&app, job.job_id).await, (0, 0));
+
+    app.store.finish_job(&job, &outcome, 2).await.unwrap();
+    assert_eq!(
+        app.job(job.job_id).await.status,
+        sparky::job::JobStatus::Succeeded
+    );
+    let trades = app.trades(user).await;
+    assert_eq!(trades.len(), 1, "{trades:?}");
+    assert_eq!(
+        (trades[0].job_id, trades[0].quantity),
+        (job.job_id, dec!(0.5))
+    );
+    let p = app.position(user, "ETHUSDT").await.expect("the position");
+    assert_eq!(
+        (p.side, p.quantity, p.environment, p.stop_loss_price),
+        (
+            Side::Long,
+            dec!(0.5),
+            sparky::domain::CredentialEnv::Sandbox,
+            Some(dec!(2900))
+        )
+    );
+    let mut expected = vec![
+        (earlier_stop, "cancelled".to_string(), dec!(0.5)),
+        (
+            format!("{}s", job.job_id.simple()),
+            "open".into(),
+            dec!(0.5),
+        ),
+    ];
+    expected.sort();
+    assert_eq!(broker_orders(&app, user).await, expected);
+    assert_eq!(
+        outbox_of(&app, job.job_id).await,
+        (1, 1),
+        "one event, one delivery"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_commit_writes_each_row_once_as_statements_in_sequence_did() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    app.enqueue(&alert(user, &secret, "buy")).await;
+    let e = read_as(&app, "w").await.remove(0);
+    let job = e.job.clone().unwrap();
+    app.store.begin_job(&job, e.partition, &e.id).await.unwrap();
+    let stop = format!("{}s", job.job_id.simple());
+    let mut outcome = full_outcome(&job, &stop); // cancelled and left resting: it ends resting
+    let mut second_fill = outcome.fills[0].clone();
+    second_fill.quantity = dec!(9); // the same leg again: the first one is the trade
+    outcome.fills.push(second_fill);
+    let mut restated = outcome.resting[0].clone();
+    restated.quantity = dec!(0.4); // the same order left twice: its last state is kept
+    outcome.resting.push(restated);
+    app.store.finish_job(&job, &outcome, 1).await.unwrap();
+    let trades = app.trades(user).await;
+    assert_eq!(trades.len(), 1, "{trades:?}");
+    assert_eq!(trades[0].quantity, dec!(0.5));
+    assert_eq!(
+        broker_orders(&app, user).await,
+        vec![(stop, "open".into(), dec!(0.4))]
+    );
+    app.cleanup().await;
+}
