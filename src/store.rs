@@ -414,7 +414,8 @@ impl Store {
         }
     }
 
-    /// Commit a job's final state, its trades and the position change, in one transaction.
+    /// Commit a job's final state, its trades and the position change, in one statement (so one
+    /// transaction and one round trip: [`commit`]).
     ///
     /// Fenced by the delivery: only the delivery that [`Store::begin_job`] last started (its
     /// `attempt`) may finish the job. A delivery that was overtaken (its worker lost the partition

@@ -8,7 +8,8 @@
 //!   recorded rather than called "not executed". Execution runs inside the partition's fence (no
 //!   broker request once the lease could have moved) and a panic in it ends the job `dead`
 //!   (`internal`).
-//! - *commit*: one transaction (job status, trades, position), fenced by the attempt.
+//! - *commit*: one statement, so one transaction (job status, trades, broker orders, position,
+//!   notification: `store::commit`), fenced by the attempt.
 //! - *dead-letter*: `rejected` and `dead` jobs are written to `{ns}:dlq` after the commit.
 //! - *ack*: last, so a crash anywhere before leaves the entry pending and it is redelivered.
 //!
