@@ -502,7 +502,7 @@ impl Store {
     ) -> Result<Vec<JobRow>, StoreError> {
         let rows = sqlx::query(&format!(
             "{JOB_SELECT}
-             WHERE status IN ('rejected', 'dead')
+             WHERE failed
                AND ($1::uuid IS NULL OR user_id = $1)
                AND ($2::timestamptz IS NULL OR accepted_at >= $2)
                AND ($3::timestamptz IS NULL OR accepted_at <= $3)

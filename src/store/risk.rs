@@ -150,12 +150,12 @@ impl Store {
                   FROM trades t JOIN jobs j USING (job_id)
                  WHERE t.user_id = $1 AND t.symbol = $4 AND t.leg = 'open' AND {OF_STRATEGY})
                  AS secs_since_last_open,
-               (SELECT coalesce(array_agg(failed ORDER BY finished_at DESC), '{{}}') FROM (
-                  SELECT j.status IN ('rejected', 'dead') AS failed, j.finished_at FROM jobs j
+               (SELECT coalesce(array_agg(failed ORDER BY started_at DESC), '{{}}') FROM (
+                  SELECT j.failed, j.started_at FROM jobs j
                    WHERE j.user_id = $1 AND {OF_STRATEGY}
                      AND j.status IN ('succeeded', 'succeeded_unprotected', 'rejected', 'dead')
                      AND ($5::timestamptz IS NULL OR j.finished_at > $5)
-                   ORDER BY j.finished_at DESC LIMIT $6) recent) AS recent_failures"
+                   ORDER BY j.started_at DESC LIMIT $6) recent) AS recent_failures"
         ))
         .bind(l.user_id)
         .bind(l.strategy.as_deref())

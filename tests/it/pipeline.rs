@@ -716,3 +716,45 @@ async fn a_commit_writes_each_row_once_as_statements_in_sequence_did() {
     );
     app.cleanup().await;
 }
+
+/// The commit of a job that succeeds updates its row in place (a HOT update: no index gets a new
+/// entry): no index on `jobs` may cover a column that commit changes, in its key or its predicate
+/// (issue 17). The columns are those `store::commit::finish` sets.
+#[tokio::test]
+async fn no_index_on_jobs_covers_a_column_a_successful_commit_changes() {
+    let app = TestApp::spawn().await;
+    let changed = [
+        "status",
+        "error_class",
+        "error",
+        "history",
+        "finished_at",
+        "updated_at",
+    ];
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.indexrelid::regclass::text, a.attname::text
+           FROM pg_index i
+           JOIN pg_attribute a ON a.attrelid = i.indrelid
+          WHERE i.indrelid = 'jobs'::regclass AND a.attnum > 0
+            AND (a.attnum = ANY(i.indkey)
+                 OR pg_get_expr(i.indpred, i.indrelid) ~ ('\\m' || a.attname || '\\M'))",
+    )
+    .fetch_all(&app.store.pool)
+    .await
+    .unwrap();
+    assert!(
+        columns
+            .iter()
+            .any(|(i, c)| i == "jobs_failed" && c == "failed"),
+        "{columns:?}"
+    );
+    let blocking: Vec<_> = columns
+        .iter()
+        .filter(|(_, c)| changed.contains(&c.as_str()))
+        .collect();
+    assert!(
+        blocking.is_empty(),
+        "indexes that make the commit's update non-HOT: {blocking:?}"
+    );
+    app.cleanup().await;
+}
