@@ -292,7 +292,8 @@ impl Report {
             let _ = writeln!(
                 d,
                 "- **Pipeline**: {} jobs pre-filled over 1000 users (each opens a new paper position: one order, one trade row, \
-                 one position upsert); one `sparky-worker`, `SPARKY_WORKER_CONCURRENCY={}`; rate = jobs / (last `finished_at` - first \
+                 one position upsert), on tables that already hold a book of 5 earlier jobs, trades and positions per user \
+                 (analysed, as in service); one `sparky-worker`, `SPARKY_WORKER_CONCURRENCY={}`; rate = jobs / (last `finished_at` - first \
                  `started_at`) = {:.2} s; per job in the worker p50 {:.1} ms, p99 {:.1} ms. Ceiling: `Store::begin_job` + \
                  `Store::finish_job` for the same jobs, {} at a time, same pool size: {:.2} s.",
                 r.jobs, r.concurrency, r.secs, r.run_p50_ms, r.run_p99_ms, r.concurrency, r.ceiling_secs
