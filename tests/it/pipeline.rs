@@ -338,9 +338,7 @@ async fn a_different_partition_count_is_refused() {
 async fn only_the_latest_delivery_may_record_a_jobs_outcome() {
     let app = TestApp::spawn().await;
     let (user, secret) = app.paper_user().await;
-    app.enqueue(&alert(user, &secret, "buy")).await;
-    let e = read_as(&app, "w").await.remove(0);
-    let job = e.job.clone().unwrap();
+    let (e, job) = enqueue_and_read_a_buy(&app, user, &secret).await;
     // Two deliveries started (the first worker lost the partition, another took it over).
     assert_eq!(
         app.store.begin_job(&job, e.partition, &e.id).await.unwrap(),
@@ -367,6 +365,18 @@ async fn only_the_latest_delivery_may_record_a_jobs_outcome() {
         sparky::job::JobStatus::Skipped
     );
     app.cleanup().await;
+}
+
+/// Enqueue a buy and read its entry as a worker would (not processed): the entry and its job.
+async fn enqueue_and_read_a_buy(
+    app: &TestApp,
+    user: uuid::Uuid,
+    secret: &str,
+) -> (sparky::queue::Entry, sparky::domain::Job) {
+    app.enqueue(&alert(user, secret, "buy")).await;
+    let e = read_as(app, "w").await.remove(0);
+    let job = e.job.clone().unwrap();
+    (e, job)
 }
 
 /// Read the partition streams once as consumer `name` (as a worker would), without processing.
@@ -694,9 +704,7 @@ async fn a_superseded_commit_writes_no_part_of_its_outcome_and_the_latest_writes
 async fn a_commit_writes_each_row_once_as_statements_in_sequence_did() {
     let app = TestApp::spawn().await;
     let (user, secret) = app.paper_user().await;
-    app.enqueue(&alert(user, &secret, "buy")).await;
-    let e = read_as(&app, "w").await.remove(0);
-    let job = e.job.clone().unwrap();
+    let (e, job) = enqueue_and_read_a_buy(&app, user, &secret).await;
     app.store.begin_job(&job, e.partition, &e.id).await.unwrap();
     let stop = format!("{}s", job.job_id.simple());
     let mut outcome = full_outcome(&job, &stop); // cancelled and left resting: it ends resting
