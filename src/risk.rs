@@ -15,7 +15,7 @@
 //! | `max_open_positions` | a new symbol would exceed the open positions |
 //! | `max_trades_per_day` | today's opens reached the limit (the day starts at midnight in the time zone) |
 //! | `max_daily_loss` | today's realized loss (sum of `trades.pnl`, account currency) reached the limit |
-//! | `breaker` | the last N finished jobs (the latest started: a user's jobs run one at a time) all failed (`rejected`/`dead`); `sparky risk set --reset-breaker` |
+//! | `breaker` | the user's last N finished jobs, in the order they started (their alerts' order: a user's jobs run one at a time), all failed (`rejected`/`dead`); `sparky risk set --reset-breaker` counts only jobs started after it |
 //! | `max_position_usd` | the sized order is worth more than the limit in USD |
 //!
 //! **Fail closed.** A limit that cannot be evaluated blocks the job, naming the rule and why: the

@@ -165,12 +165,31 @@ pub struct Store {
 }
 
 impl Store {
+    /// A pool that pings a connection before handing it out (one round trip), so a connection
+    /// that died while idle (Postgres restarted, a proxy dropped it) is replaced before use: for
+    /// callers that cannot run a statement again (the ingress answers a webhook once).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        Self::connect_with(url, max_connections, true).await
+    }
+
+    /// A pool that hands connections out untested: a connection that died while idle fails its
+    /// next statement once. For callers that retry every statement on a connection error: the
+    /// worker, whose job uses the pool four times (issue 17: a ping each was a quarter of its
+    /// round trips). sqlx still pings a connection when it goes back to the pool.
+    pub async fn connect_retrying(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        Self::connect_with(url, max_connections, false).await
+    }
+
+    async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        test_before_acquire: bool,
+    ) -> Result<Store, StoreError> {
         let opts = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .test_before_acquire(false)
+            .test_before_acquire(test_before_acquire)
             .connect_with(opts)
             .await?;
         Ok(Store { pool })
@@ -185,7 +204,6 @@ impl Store {
             pool: PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(acquire_timeout)
-                .test_before_acquire(false)
                 .connect_lazy_with(opts),
         }
     }

@@ -151,7 +151,7 @@ async fn ceiling(
     concurrency: usize,
     pool: u32,
 ) -> anyhow::Result<(f64, CpuUse)> {
-    let store = Store::connect(db_url, pool).await?;
+    let store = Store::connect_retrying(db_url, pool).await?; // as the worker's
     let before = cpu::snapshot(&[]);
     let writer = store.clone();
     let secs = for_each_job(jobs, concurrency, move |job| {
@@ -209,7 +209,7 @@ async fn essential_write(
     concurrency: usize,
     pool: u32,
 ) -> anyhow::Result<(f64, CpuUse)> {
-    let store = Store::connect(db_url, pool).await?;
+    let store = Store::connect_retrying(db_url, pool).await?; // as the worker's
     let setup_store = store.clone();
     for_each_job(jobs, concurrency, move |job| {
         let store = setup_store.clone();

@@ -477,6 +477,45 @@ mod tests {
     }
 
     #[test]
+    fn a_close_and_its_notification_are_gated_on_the_fence_too() {
+        let j = job();
+        let o = Outcome {
+            fills: vec![fill(Leg::Close, dec!(1))],
+            position: PositionChange::Flat,
+            ..Outcome::new(JobStatus::Succeeded, "")
+        };
+        let mut s = Statement::new(Gate::Fenced);
+        s.part("upd")
+            .push("UPDATE jobs SET status = 'x' RETURNING job_id");
+        s.close();
+        push_fills(&mut s, &j, &o);
+        crate::notify::push_job_outcome(&mut s, j.job_id, &j.alert, &o);
+        let sql = s.finish("SELECT count(*) FROM upd").into_sql();
+        let parts: Vec<&str> = sql.split(",\n     ").collect();
+        let names: Vec<&str> = parts
+            .iter()
+            .map(|p| p.trim_start_matches("WITH ").split(' ').next().unwrap())
+            .collect();
+        assert_eq!(names, ["upd", "t", "pos", "ch", "ev", "d"], "{sql}");
+        assert!(
+            parts[2].starts_with("pos AS (DELETE FROM positions"),
+            "{sql}"
+        );
+        for part in &parts[1..4] {
+            assert!(
+                part.contains("EXISTS (SELECT 1 FROM upd)"),
+                "a part not gated on the fence: {part}"
+            );
+        }
+        // The event and its deliveries exist only if `ch` (gated) returned a channel.
+        assert!(
+            parts[4].contains("WHERE EXISTS (SELECT 1 FROM ch)"),
+            "{sql}"
+        );
+        assert!(parts[5].contains("FROM ev, ch"), "{sql}");
+    }
+
+    #[test]
     fn an_ungated_write_has_no_fence_and_nothing_to_write_is_no_statement() {
         let j = job();
         let o = full();

@@ -154,7 +154,7 @@ impl Store {
                   SELECT j.failed, j.started_at FROM jobs j
                    WHERE j.user_id = $1 AND {OF_STRATEGY}
                      AND j.status IN ('succeeded', 'succeeded_unprotected', 'rejected', 'dead')
-                     AND ($5::timestamptz IS NULL OR j.finished_at > $5)
+                     AND ($5::timestamptz IS NULL OR j.started_at > $5)
                    ORDER BY j.started_at DESC LIMIT $6) recent) AS recent_failures"
         ))
         .bind(l.user_id)

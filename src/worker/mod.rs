@@ -71,7 +71,7 @@ impl Worker {
     /// count, Redis durability).
     pub async fn connect(config: Config, shutdown: CancellationToken) -> anyhow::Result<Worker> {
         config.check_worker_timing()?;
-        let store = Store::connect(
+        let store = Store::connect_retrying(
             &config.database_url,
             (config.worker_concurrency as u32 + 2).min(32),
         )

@@ -869,6 +869,50 @@ async fn risk_breaker_after_consecutive_failures() {
 }
 
 #[tokio::test]
+async fn risk_breaker_counts_jobs_in_the_order_they_started_and_a_reset_only_later_ones() {
+    let app = TestApp::spawn().await;
+    let (user, secret, _) = user_with_a_long(&app).await;
+    let mut l = no_limits(user);
+    l.max_consecutive_failures = Some(2);
+    app.store.upsert_risk_limits(&l).await.unwrap();
+    let reject = |i: u32| {
+        order(
+            &secret,
+            "paper",
+            "buy",
+            "BTCUSDT",
+            json!({"order_type": "limit", "price": 1, "position_size_usd": 100, "alert_id": format!("r{i}")}),
+        )
+    };
+    let open = |i: u32| {
+        order(
+            &secret,
+            "paper",
+            "buy",
+            &format!("X{i}USDT"), // a new position each time
+            json!({"position_size_usd": 100, "alert_id": format!("o{i}")}),
+        )
+    };
+    for i in 0..2 {
+        assert_eq!(run_one(&app, &reject(i)).await.status, JobStatus::Rejected);
+    }
+    assert_blocked(&run_one(&app, &open(0)).await, "breaker");
+
+    // Re-armed: the failures before the reset no longer count.
+    l.breaker_reset_at = Some(chrono::Utc::now());
+    app.store.upsert_risk_limits(&l).await.unwrap();
+    assert_eq!(run_one(&app, &open(1)).await.status, JobStatus::Succeeded);
+    // One failure after a success: the last two are not both failures.
+    assert_eq!(run_one(&app, &reject(2)).await.status, JobStatus::Rejected);
+    assert_eq!(run_one(&app, &open(2)).await.status, JobStatus::Succeeded);
+    // A second one in a row trips it again.
+    assert_eq!(run_one(&app, &reject(3)).await.status, JobStatus::Rejected);
+    assert_eq!(run_one(&app, &reject(4)).await.status, JobStatus::Rejected);
+    assert_blocked(&run_one(&app, &open(3)).await, "breaker");
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn risk_disabled_strategy_blocks_its_opens_only() {
     let app = TestApp::spawn().await;
     let (user, secret, _) = user_with_a_long(&app).await;
