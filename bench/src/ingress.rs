@@ -107,7 +107,6 @@ fn bodies(users: &[User]) -> String {
             "secret": u.secret, "user_id": u.id, "exchange": "paper",
             "action": if i % 2 == 0 { "buy" } else { "sell" },
             "symbol": "BINANCE:ETHUSDT", "order_type": "market", "position_size_usd": "100",
-            "strategy": "bench",
         });
         out.push_str(&body.to_string());
         out.push('\n');
@@ -299,9 +298,29 @@ async fn measure(
     }
     ingress.check_alive()?;
     ingress.stop(Duration::from_secs(5)).await;
+    let (sparky, ceiling) = (WrkStats::combine(&sparky), WrkStats::combine(&ceiling));
+    // Every body is a valid alert: an answer other than 202 means the bench measures an error path
+    // (until 2026-12-01 14:45 the bodies named a strategy the users did not have, and every answer
+    // was a 400 after issue 19 made that an error).
+    for (side, w) in [("sparky-ingress", &sparky), ("the ceiling", &ceiling)] {
+        if w.non_2xx > 0 || w.socket_errors > 0 {
+            bail!(
+                "{side} answered {} of {} requests with a non-2xx status ({} socket errors): the ingress numbers would measure an error path",
+                w.non_2xx,
+                w.requests,
+                w.socket_errors
+            );
+        }
+    }
+    if enqueued == 0 {
+        bail!(
+            "sparky-ingress appended no entries during {} requests",
+            sparky.requests
+        );
+    }
     Ok(IngressResult {
-        sparky: WrkStats::combine(&sparky),
-        ceiling: WrkStats::combine(&ceiling),
+        sparky,
+        ceiling,
         enqueued,
         measure_secs: slice * SLICES,
         profile,
