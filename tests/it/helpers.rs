@@ -425,6 +425,20 @@ impl TestApp {
         run_until_idle(self.worker()).await
     }
 
+    /// Enqueue `body` (as the ingress would), run a worker until idle, and read the job's row.
+    pub async fn run_one(&self, body: &Value) -> JobRow {
+        let id = self.enqueue(body).await;
+        self.run_worker_until_idle().await;
+        self.job(id).await
+    }
+
+    /// [`TestApp::run_one`], asserting the job ended `status`: its id.
+    pub async fn run_expecting(&self, body: &Value, status: sparky::job::JobStatus) -> Uuid {
+        let row = self.run_one(body).await;
+        assert_eq!(row.status, status, "{row:?}");
+        row.job_id
+    }
+
     pub async fn job(&self, id: Uuid) -> JobRow {
         self.store.get_job(id).await.unwrap().expect("job row")
     }

@@ -44,17 +44,11 @@ fn long(q: Decimal) -> Option<Held> {
 async fn tradier_entry_partly_filled_before_expiry_records_and_protects_what_filled() {
     let (fake, _, app, user, secret) = tradier_app().await;
     let entry = app
-        .enqueue(&limit_buy(
-            user,
-            &secret,
-            "tradier",
-            "AAPL",
-            2000,
-            dec!(185),
-        ))
+        .run_expecting(
+            &limit_buy(user, &secret, "tradier", "AAPL", 2000, dec!(185)),
+            JobStatus::Working,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(entry).await.status, JobStatus::Working);
     let open_id = client_order_id(entry, Leg::Open);
     fake.fill_part(&open_id, dec!(4));
     assert_eq!(fake.position("AAPL"), dec!(4));
@@ -120,17 +114,11 @@ async fn tradier_entry_partly_filled_before_expiry_records_and_protects_what_fil
 async fn aster_entry_partly_filled_before_expiry_records_and_protects_what_filled() {
     let (fake, _url, app, user, secret) = aster_app().await;
     let entry = app
-        .enqueue(&limit_buy(
-            user,
-            &secret,
-            "aster",
-            "ETHUSDT",
-            100,
-            dec!(2900),
-        ))
+        .run_expecting(
+            &limit_buy(user, &secret, "aster", "ETHUSDT", 100, dec!(2900)),
+            JobStatus::Working,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(entry).await.status, JobStatus::Working);
     let open_id = client_order_id(entry, Leg::Open);
     fake.fill_part(&open_id, dec!(0.014));
     expire_working_entries_now(&app, entry).await;
@@ -289,10 +277,11 @@ async fn oanda_fill_commission_and_financing_are_the_trades_fee() {
         .enqueue(&webhook(user, &secret, "oanda", "buy", "EUR_USD", 100))
         .await;
     let close = app
-        .enqueue(&webhook(user, &secret, "oanda", "close", "EUR_USD", 100))
+        .run_expecting(
+            &webhook(user, &secret, "oanda", "close", "EUR_USD", 100),
+            JobStatus::Succeeded,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(close).await.status, JobStatus::Succeeded);
     assert_eq!(trade_leg(&app, buy, "open").await.4, Some(dec!(0.25)));
     assert_eq!(trade_leg(&app, close, "close").await.4, Some(dec!(0.35)));
 }

@@ -55,14 +55,11 @@ async fn broker_order_state(app: &TestApp, coid: &str) -> String {
 async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
     let (fake, _, app, user, secret) = aster_app().await;
     let buy = app
-        .enqueue(&protected(
-            webhook(user, &secret, "aster", "buy", "ETHUSDT", 100),
-            2,
-            4,
-        ))
+        .run_expecting(
+            &protected(webhook(user, &secret, "aster", "buy", "ETHUSDT", 100), 2, 4),
+            JobStatus::Succeeded,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
 
     // The price falls through the stop (2940): the broker closes the long at 2900.
     fake.set_price("ETHUSDT", dec!(2900));
@@ -147,14 +144,11 @@ async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
 async fn orphaned_protection_is_cancelled_and_a_hand_close_is_drift() {
     let (fake, url, app, user, secret) = aster_app().await;
     let buy = app
-        .enqueue(&protected(
-            webhook(user, &secret, "aster", "buy", "ETHUSDT", 100),
-            2,
-            4,
-        ))
+        .run_expecting(
+            &protected(webhook(user, &secret, "aster", "buy", "ETHUSDT", 100), 2, 4),
+            JobStatus::Succeeded,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
     let (s, body) = aster_call(
         &url,
         "POST",
@@ -224,9 +218,9 @@ fn limit_buy(user: Uuid, secret: &str, price: u32, ttl: u64) -> Value {
 #[tokio::test]
 async fn a_working_limit_entry_that_fills_is_recorded_and_protected_by_the_follower() {
     let (fake, _, app, user, secret) = aster_app().await;
-    let entry = app.enqueue(&limit_buy(user, &secret, 2900, 600)).await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(entry).await.status, JobStatus::Working);
+    let entry = app
+        .run_expecting(&limit_buy(user, &secret, 2900, 600), JobStatus::Working)
+        .await;
     // Not yet crossed: the follower leaves it alone.
     assert!(findings(&reconcile(&app, user).await).is_empty());
     assert_eq!(app.job(entry).await.status, JobStatus::Working);
@@ -291,9 +285,9 @@ async fn a_working_limit_entry_that_fills_is_recorded_and_protected_by_the_follo
 #[tokio::test]
 async fn a_working_entry_past_its_time_is_cancelled_and_the_job_expires() {
     let (fake, _, app, user, secret) = aster_app().await;
-    let entry = app.enqueue(&limit_buy(user, &secret, 2900, 600)).await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(entry).await.status, JobStatus::Working);
+    let entry = app
+        .run_expecting(&limit_buy(user, &secret, 2900, 600), JobStatus::Working)
+        .await;
     sqlx::query(
         "UPDATE broker_orders SET expires_at = now() - interval '1 second' WHERE job_id = $1",
     )
@@ -819,14 +813,11 @@ async fn a_stop_fired_at_the_broker_raises_its_notification_once() {
     .await
     .unwrap();
     let buy = app
-        .enqueue(&protected(
-            webhook(user, &secret, "aster", "buy", "ETHUSDT", 100),
-            2,
-            4,
-        ))
+        .run_expecting(
+            &protected(webhook(user, &secret, "aster", "buy", "ETHUSDT", 100), 2, 4),
+            JobStatus::Succeeded,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
     fake.set_price("ETHUSDT", dec!(2900));
     reconcile(&app, user).await;
     reconcile(&app, user).await;

@@ -64,13 +64,14 @@ fn held(side: Side, quantity: Decimal) -> Option<Held> {
 async fn oanda_working_entry_fills_then_its_stop_fires_and_the_next_buy_opens() {
     let (fake, _url, app, user, secret) = oanda_app().await;
     let entry = app
-        .enqueue(&limit(
-            hook(user, &secret, "oanda", "buy", "EUR_USD", 100, Some((2, 4))),
-            dec!(1.08),
-        ))
+        .run_expecting(
+            &limit(
+                hook(user, &secret, "oanda", "buy", "EUR_USD", 100, Some((2, 4))),
+                dec!(1.08),
+            ),
+            JobStatus::Working,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(entry).await.status, JobStatus::Working);
     assert_eq!(fake.position("EUR_USD"), Decimal::ZERO, "resting");
     assert!(
         reconcile_findings(&app, user).await.is_empty(),
@@ -144,28 +145,21 @@ async fn oanda_working_entry_fills_then_its_stop_fires_and_the_next_buy_opens() 
     // The next buy opens (it is not "already long"); its close records the on-fill orders gone
     // with the trade, so a sweep finds nothing to do.
     let again = app
-        .enqueue(&hook(
-            user,
-            &secret,
-            "oanda",
-            "buy",
-            "EUR_USD",
-            100,
-            Some((2, 4)),
-        ))
+        .run_expecting(
+            &hook(user, &secret, "oanda", "buy", "EUR_USD", 100, Some((2, 4))),
+            JobStatus::Succeeded,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(again).await.status, JobStatus::Succeeded);
     assert!(fake.position("EUR_USD") > Decimal::ZERO);
     assert_eq!(
         row_state(&app, &client_order_id(again, Leg::StopLoss)).await,
         "open"
     );
-    let close = app
-        .enqueue(&hook(user, &secret, "oanda", "close", "EUR_USD", 100, None))
-        .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(close).await.status, JobStatus::Succeeded);
+    app.run_expecting(
+        &hook(user, &secret, "oanda", "close", "EUR_USD", 100, None),
+        JobStatus::Succeeded,
+    )
+    .await;
     assert_eq!(
         row_state(&app, &client_order_id(again, Leg::StopLoss)).await,
         "cancelled"
@@ -184,13 +178,14 @@ async fn oanda_working_entry_fills_then_its_stop_fires_and_the_next_buy_opens() 
 async fn oanda_working_entry_past_its_time_is_cancelled_and_the_job_expires() {
     let (fake, _url, app, user, secret) = oanda_app().await;
     let entry = app
-        .enqueue(&limit(
-            hook(user, &secret, "oanda", "buy", "EUR_USD", 100, Some((2, 4))),
-            dec!(1.08),
-        ))
+        .run_expecting(
+            &limit(
+                hook(user, &secret, "oanda", "buy", "EUR_USD", 100, Some((2, 4))),
+                dec!(1.08),
+            ),
+            JobStatus::Working,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(entry).await.status, JobStatus::Working);
     expire_working_entries_now(&app, entry).await;
     assert_eq!(
         reconcile_findings(&app, user).await,
@@ -224,19 +219,11 @@ async fn oanda_working_entry_past_its_time_is_cancelled_and_the_job_expires() {
 #[tokio::test]
 async fn oanda_hand_close_is_drift_and_the_trades_orders_are_marked_gone() {
     let (fake, url, app, user, secret) = oanda_app().await;
-    let buy = app
-        .enqueue(&hook(
-            user,
-            &secret,
-            "oanda",
-            "buy",
-            "EUR_USD",
-            100,
-            Some((2, 4)),
-        ))
-        .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
+    app.run_expecting(
+        &hook(user, &secret, "oanda", "buy", "EUR_USD", 100, Some((2, 4))),
+        JobStatus::Succeeded,
+    )
+    .await;
     assert_eq!(fake.pending_orders().len(), 2);
     let (s, v) = oanda_call(
         &url,
@@ -275,13 +262,14 @@ async fn oanda_hand_close_is_drift_and_the_trades_orders_are_marked_gone() {
 async fn tradier_working_entry_fills_and_is_protected_by_the_follower() {
     let (fake, _url, app, user, secret) = tradier_app().await;
     let entry = app
-        .enqueue(&limit(
-            hook(user, &secret, "tradier", "buy", "AAPL", 1000, Some((2, 4))),
-            dec!(185),
-        ))
+        .run_expecting(
+            &limit(
+                hook(user, &secret, "tradier", "buy", "AAPL", 1000, Some((2, 4))),
+                dec!(185),
+            ),
+            JobStatus::Working,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(entry).await.status, JobStatus::Working);
     assert!(
         reconcile_findings(&app, user).await.is_empty(),
         "not crossed yet"
@@ -332,13 +320,14 @@ async fn tradier_working_entry_fills_and_is_protected_by_the_follower() {
 async fn tradier_working_entry_past_its_time_is_cancelled_and_the_job_expires() {
     let (fake, _url, app, user, secret) = tradier_app().await;
     let entry = app
-        .enqueue(&limit(
-            hook(user, &secret, "tradier", "buy", "AAPL", 1000, None),
-            dec!(185),
-        ))
+        .run_expecting(
+            &limit(
+                hook(user, &secret, "tradier", "buy", "AAPL", 1000, None),
+                dec!(185),
+            ),
+            JobStatus::Working,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(entry).await.status, JobStatus::Working);
     expire_working_entries_now(&app, entry).await;
     assert_eq!(
         reconcile_findings(&app, user).await,
@@ -361,18 +350,11 @@ async fn tradier_working_entry_past_its_time_is_cancelled_and_the_job_expires() 
 async fn tradier_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
     let (fake, _url, app, user, secret) = tradier_app().await;
     let buy = app
-        .enqueue(&hook(
-            user,
-            &secret,
-            "tradier",
-            "buy",
-            "AAPL",
-            1000,
-            Some((2, 4)),
-        ))
+        .run_expecting(
+            &hook(user, &secret, "tradier", "buy", "AAPL", 1000, Some((2, 4))),
+            JobStatus::Succeeded,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
     assert_eq!(fake.position("AAPL"), dec!(5));
 
     fake.set_price("AAPL", dec!(180));
@@ -433,18 +415,11 @@ async fn tradier_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
 async fn tradier_orphaned_oco_is_cancelled_and_a_hand_close_is_drift() {
     let (fake, url, app, user, secret) = tradier_app().await;
     let buy = app
-        .enqueue(&hook(
-            user,
-            &secret,
-            "tradier",
-            "buy",
-            "AAPL",
-            1000,
-            Some((2, 4)),
-        ))
+        .run_expecting(
+            &hook(user, &secret, "tradier", "buy", "AAPL", 1000, Some((2, 4))),
+            JobStatus::Succeeded,
+        )
         .await;
-    app.run_worker_until_idle().await;
-    assert_eq!(app.job(buy).await.status, JobStatus::Succeeded);
     hand_sell(&url, "AAPL", 5).await;
     assert_eq!(fake.position("AAPL"), Decimal::ZERO);
 

@@ -53,12 +53,6 @@ fn full(secret: &str, exchange: &str, comment: &str, ticker: &str) -> Value {
         "stop_loss_percent": 2, "take_profit_percent": 4})
 }
 
-async fn run_one(app: &TestApp, body: &Value) -> sparky::store::JobRow {
-    let id = app.enqueue(body).await;
-    app.run_worker_until_idle().await;
-    app.job(id).await
-}
-
 #[tokio::test]
 async fn aster_templates_run_end_to_end() {
     let (fake, _, app, user, secret) = aster_app().await;
@@ -72,11 +66,9 @@ async fn aster_templates_run_end_to_end() {
         .await
         .unwrap();
     // simple shape: exchange and size from the strategy; {{ticker}} with the exchange prefix
-    let job = run_one(
-        &app,
-        &simple(&secret, "eth-trend", "buy", "BINANCE:ETHUSDT"),
-    )
-    .await;
+    let job = app
+        .run_one(&simple(&secret, "eth-trend", "buy", "BINANCE:ETHUSDT"))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     assert_eq!(
         (job.exchange.as_str(), job.symbol.as_str()),
@@ -84,15 +76,15 @@ async fn aster_templates_run_end_to_end() {
     );
     let t = &app.trades(user).await[0];
     assert_eq!(t.quantity, dec!(0.033), "100 USD at 3000, step 0.001");
-    let job = run_one(&app, &simple(&secret, "eth-trend", "close", "ETHUSDT")).await;
+    let job = app
+        .run_one(&simple(&secret, "eth-trend", "close", "ETHUSDT"))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
 
     // full override: stop-loss and take-profit placed as Aster's native orders
-    let job = run_one(
-        &app,
-        &full(&secret, "aster", "eth-trend", "BINANCE:ETHUSDT"),
-    )
-    .await;
+    let job = app
+        .run_one(&full(&secret, "aster", "eth-trend", "BINANCE:ETHUSDT"))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let orders = fake.st.lock().unwrap().orders.clone();
     let sl = orders
@@ -131,16 +123,16 @@ async fn oanda_templates_run_end_to_end_including_the_trailing_stop_in_pips() {
         .await
         .unwrap();
 
-    let job = run_one(&app, &simple(&secret, "fx", "buy", "OANDA:EURUSD")).await;
+    let job = app
+        .run_one(&simple(&secret, "fx", "buy", "OANDA:EURUSD"))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     assert_eq!(job.symbol, "EUR_USD");
-    let job = run_one(&app, &simple(&secret, "fx", "close", "EURUSD")).await;
+    let job = app.run_one(&simple(&secret, "fx", "close", "EURUSD")).await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
 
     // the trailing-stop shape of the guide, verbatim: 30 pips = 0.0030 at pipLocation -4
-    let job = run_one(
-        &app,
-        &json!({"secret": secret, "exchange": "oanda", "action": "buy", "symbol": "OANDA:EURUSD",
+    let job = app.run_one(&json!({"secret": secret, "exchange": "oanda", "action": "buy", "symbol": "OANDA:EURUSD",
             "useTrailingStop": true, "trailing_stop_pips": 30}),
     )
     .await;
@@ -150,11 +142,13 @@ async fn oanda_templates_run_end_to_end_including_the_trailing_stop_in_pips() {
         open[0]["request"]["trailingStopLossOnFill"]["distance"], "0.003",
         "{open:?}"
     );
-    let job = run_one(&app, &simple(&secret, "fx", "close", "EURUSD")).await;
+    let job = app.run_one(&simple(&secret, "fx", "close", "EURUSD")).await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
 
     // full override
-    let job = run_one(&app, &full(&secret, "oanda", "fx", "OANDA:EURUSD")).await;
+    let job = app
+        .run_one(&full(&secret, "oanda", "fx", "OANDA:EURUSD"))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let open = fake.orders_with(&client_order_id(job.job_id, Leg::Open));
     let req = &open[0]["request"];
@@ -176,17 +170,21 @@ async fn tradier_templates_run_end_to_end_and_the_trailing_template_is_refused()
         ))
         .await
         .unwrap();
-    let job = run_one(&app, &simple(&secret, "stocks", "buy", "AAPL")).await;
+    let job = app.run_one(&simple(&secret, "stocks", "buy", "AAPL")).await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     assert_eq!(
         app.trades(user).await[0].quantity,
         dec!(5),
         "1000 USD at 190"
     );
-    let job = run_one(&app, &simple(&secret, "stocks", "close", "NASDAQ:AAPL")).await;
+    let job = app
+        .run_one(&simple(&secret, "stocks", "close", "NASDAQ:AAPL"))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
 
-    let job = run_one(&app, &full(&secret, "tradier", "stocks", "NASDAQ:AAPL")).await;
+    let job = app
+        .run_one(&full(&secret, "tradier", "stocks", "NASDAQ:AAPL"))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let protective = fake.orders_tagged(&client_order_id(job.job_id, Leg::StopLoss));
     assert_eq!(protective.len(), 1, "one OCO order");

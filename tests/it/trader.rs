@@ -20,12 +20,6 @@ use crate::fakes::*;
 use crate::helpers::*;
 use crate::templates::strategy;
 
-async fn run_one(app: &TestApp, body: &Value) -> JobRow {
-    let id = app.enqueue(body).await;
-    app.run_worker_until_idle().await;
-    app.job(id).await
-}
-
 fn order(secret: &str, exchange: &str, action: &str, symbol: &str, extra: Value) -> Value {
     let mut v = json!({"secret": secret, "exchange": exchange, "action": action, "symbol": symbol});
     for (k, x) in extra.as_object().unwrap() {
@@ -67,18 +61,14 @@ async fn every_sizing_mode_on_paper_rounds_down_and_checks_the_minimums() {
         ),
     ];
     for (size, want) in cases {
-        let job = run_one(
-            &app,
-            &order(&secret, "paper", "buy", "ETHUSDT", size.clone()),
-        )
-        .await;
+        let job = app
+            .run_one(&order(&secret, "paper", "buy", "ETHUSDT", size.clone()))
+            .await;
         assert_eq!(job.status, JobStatus::Succeeded, "{size}: {job:?}");
         assert_eq!(opened(&app, user, job.job_id).await, want, "{size}");
-        let close = run_one(
-            &app,
-            &order(&secret, "paper", "close", "ETHUSDT", json!({})),
-        )
-        .await;
+        let close = app
+            .run_one(&order(&secret, "paper", "close", "ETHUSDT", json!({})))
+            .await;
         assert_eq!(close.status, JobStatus::Succeeded);
     }
     // below the minimums: rejected with the numbers, nothing placed
@@ -87,11 +77,9 @@ async fn every_sizing_mode_on_paper_rounds_down_and_checks_the_minimums() {
         (json!({"quantity": "0.001"}), "below the minimum 5"),
         (json!({"percent_of_equity": "0.001"}), "rounds down to 0"),
     ] {
-        let job = run_one(
-            &app,
-            &order(&secret, "paper", "buy", "ETHUSDT", size.clone()),
-        )
-        .await;
+        let job = app
+            .run_one(&order(&secret, "paper", "buy", "ETHUSDT", size.clone()))
+            .await;
         assert_eq!(job.status, JobStatus::Rejected, "{size}");
         assert!(
             job.error.as_deref().unwrap().contains(says),
@@ -166,37 +154,31 @@ async fn every_sizing_mode_on_the_aster_fake() {
         ),
     ];
     for (size, want) in cases {
-        let job = run_one(
-            &app,
-            &order(&secret, "aster", "buy", "ETHUSDT", size.clone()),
-        )
-        .await;
+        let job = app
+            .run_one(&order(&secret, "aster", "buy", "ETHUSDT", size.clone()))
+            .await;
         assert_eq!(job.status, JobStatus::Succeeded, "{size}: {job:?}");
         assert_eq!(opened(&app, user, job.job_id).await, want, "{size}");
         let sent = fake.orders_with(&client_order_id(job.job_id, Leg::Open));
         assert_eq!(sent, 1);
-        let close = run_one(
-            &app,
-            &order(&secret, "aster", "close", "ETHUSDT", json!({})),
-        )
-        .await;
+        let close = app
+            .run_one(&order(&secret, "aster", "close", "ETHUSDT", json!({})))
+            .await;
         assert_eq!(close.status, JobStatus::Succeeded);
     }
     assert!(
         !fake.core.seen("GET /fapi/v4/account").is_empty(),
         "equity read from the account endpoint"
     );
-    let job = run_one(
-        &app,
-        &order(
+    let job = app
+        .run_one(&order(
             &secret,
             "aster",
             "buy",
             "ETHUSDT",
             json!({"quantity": "0.001"}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(job.status, JobStatus::Rejected);
     assert!(
         job.error
@@ -208,17 +190,15 @@ async fn every_sizing_mode_on_the_aster_fake() {
     // equity unreadable: a percent size cannot be computed, nothing is sent
     fake.st.lock().unwrap().equity = None;
     let before = fake.st.lock().unwrap().orders.len();
-    let job = run_one(
-        &app,
-        &order(
+    let job = app
+        .run_one(&order(
             &secret,
             "aster",
             "buy",
             "ETHUSDT",
             json!({"percent_of_equity": 1}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(job.status, JobStatus::Dead, "{job:?}");
     assert_eq!(fake.st.lock().unwrap().orders.len(), before);
     app.cleanup().await;
@@ -233,9 +213,7 @@ async fn original_format_alerts_are_honoured_not_degraded() {
     let app = TestApp::spawn().await;
     let (user, secret) = app.paper_user().await;
     // camelCase: userId, orderType (limit, not market), positionSizeUsd, stopLossPercent, takeProfitPercent
-    let job = run_one(
-        &app,
-        &json!({"secret": secret, "userId": user, "exchange": "paper", "action": "buy",
+    let job = app.run_one(&json!({"secret": secret, "userId": user, "exchange": "paper", "action": "buy",
             "symbol": "ETHUSDT", "orderType": "limit", "price": 3100, "positionSizeUsd": 310,
             "stopLossPercent": 2, "takeProfitPercent": 4, "comment": "from TradingView", "leverage": 5}),
     )
@@ -268,12 +246,12 @@ async fn original_format_alerts_are_honoured_not_degraded() {
     assert_eq!(v["ignored_fields"], json!(["comment", "leverage"]), "{v}");
 
     // a limit the paper exchange cannot fill is refused as a limit, never run as a market order
-    let job = run_one(
-        &app,
-        &json!({"secret": secret, "exchange": "paper", "action": "buy", "symbol": "SOLUSDT",
+    let job = app
+        .run_one(
+            &json!({"secret": secret, "exchange": "paper", "action": "buy", "symbol": "SOLUSDT",
             "orderType": "limit", "price": 100, "positionSizeUsd": 100}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(job.status, JobStatus::Rejected);
     assert!(
         job.error.as_deref().unwrap().contains("not marketable"),
@@ -281,45 +259,35 @@ async fn original_format_alerts_are_honoured_not_degraded() {
     );
 
     // stopLoss / takeProfit, and absolute prices
-    run_one(
-        &app,
-        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
-    )
-    .await;
-    let job = run_one(
-        &app,
-        &order(
+    app.run_one(&order(&secret, "paper", "close", "ETHUSDT", json!({})))
+        .await;
+    let job = app
+        .run_one(&order(
             &secret,
             "paper",
             "sell",
             "ETHUSDT",
             json!({"positionSizeUsd": 300, "stopLoss": 1, "takeProfit": 3}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let p = app.position(user, "ETHUSDT").await.unwrap();
     assert_eq!(
         (p.stop_loss_price, p.take_profit_price),
         (Some(dec!(3030)), Some(dec!(2910)))
     );
-    run_one(
-        &app,
-        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
-    )
-    .await;
-    let job = run_one(
-        &app,
-        &order(
+    app.run_one(&order(&secret, "paper", "close", "ETHUSDT", json!({})))
+        .await;
+    let job = app
+        .run_one(&order(
             &secret,
             "paper",
             "buy",
             "ETHUSDT",
             json!({"position_size_usd": 300,
             "stop_loss_price": "2800.5", "take_profit_price": 3500}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let p = app.position(user, "ETHUSDT").await.unwrap();
     assert_eq!(
@@ -327,22 +295,17 @@ async fn original_format_alerts_are_honoured_not_degraded() {
         (Some(dec!(2800.5)), Some(dec!(3500)))
     );
     // a stop on the wrong side is refused, not placed
-    run_one(
-        &app,
-        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
-    )
-    .await;
-    let job = run_one(
-        &app,
-        &order(
+    app.run_one(&order(&secret, "paper", "close", "ETHUSDT", json!({})))
+        .await;
+    let job = app
+        .run_one(&order(
             &secret,
             "paper",
             "buy",
             "ETHUSDT",
             json!({"risk_usd": 10, "stop_loss_price": 3100}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(job.status, JobStatus::Rejected);
     assert!(
         job.error
@@ -429,17 +392,15 @@ async fn original_format_alerts_are_honoured_not_degraded() {
 #[tokio::test]
 async fn trailing_stops_use_the_native_orders_or_are_refused() {
     let (fake, app, _user, secret) = aster_app_with(|_| {}).await;
-    let job = run_one(
-        &app,
-        &order(
+    let job = app
+        .run_one(&order(
             &secret,
             "aster",
             "buy",
             "ETHUSDT",
             json!({"position_size_usd": 100, "trailing_stop_percent": 1}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let orders = fake.st.lock().unwrap().orders.clone();
     let trail = orders
@@ -486,17 +447,15 @@ async fn trailing_stops_use_the_native_orders_or_are_refused() {
 
     // OANDA: a percent becomes a price distance on the fill
     let (fake, _, app, _user, secret) = oanda_app().await;
-    let job = run_one(
-        &app,
-        &order(
+    let job = app
+        .run_one(&order(
             &secret,
             "oanda",
             "buy",
             "EURUSD",
             json!({"position_size_usd": 100, "trailing_stop_percent": 1}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let open = fake.orders_with(&client_order_id(job.job_id, Leg::Open));
     // 1% of the mid 1.0851, to the instrument's 5 places
@@ -522,17 +481,15 @@ fn no_limits(user: Uuid) -> RiskLimits {
 /// A paper user with an open ETHUSDT long (opened before any limit).
 async fn user_with_a_long(app: &TestApp) -> (Uuid, String, Uuid) {
     let (user, secret) = app.paper_user().await;
-    let job = run_one(
-        app,
-        &order(
+    let job = app
+        .run_one(&order(
             &secret,
             "paper",
             "buy",
             "ETHUSDT",
             json!({"position_size_usd": 100}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded);
     (user, secret, job.job_id)
 }
@@ -558,17 +515,15 @@ async fn rule_blocks_opens_not_closes(
     set(&mut l);
     app.store.upsert_risk_limits(&l).await.unwrap();
     prepare(&app, &secret, user, first).await;
-    let blocked = run_one(
-        &app,
-        &order(
+    let blocked = app
+        .run_one(&order(
             &secret,
             "paper",
             "buy",
             "SOLUSDT",
             json!({"position_size_usd": 100}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_blocked(&blocked, rule);
     assert!(
         app.trades(user)
@@ -577,11 +532,9 @@ async fn rule_blocks_opens_not_closes(
             .all(|t| t.job_id != blocked.job_id),
         "no order sent"
     );
-    let close = run_one(
-        &app,
-        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
-    )
-    .await;
+    let close = app
+        .run_one(&order(&secret, "paper", "close", "ETHUSDT", json!({})))
+        .await;
     assert_eq!(
         close.status,
         JobStatus::Succeeded,
@@ -606,7 +559,7 @@ async fn rule_blocks_opens_not_closes(
             .execute(&app.store.pool)
             .await
             .unwrap();
-        let job = run_one(&app, &open_sol("tz")).await;
+        let job = app.run_one(&open_sol("tz")).await;
         assert_blocked(&job, "limits");
         assert!(
             job.error
@@ -621,7 +574,7 @@ async fn rule_blocks_opens_not_closes(
         .execute(&app.store.pool)
         .await
         .unwrap();
-    let job = run_one(&app, &open_sol("gone")).await;
+    let job = app.run_one(&open_sol("gone")).await;
     assert_blocked(&job, "limits");
     assert!(
         job.error
@@ -630,11 +583,9 @@ async fn rule_blocks_opens_not_closes(
             .contains("cannot be evaluated"),
         "{job:?}"
     );
-    let close = run_one(
-        &app,
-        &order(&secret, "paper", "close", "SOLUSDT", json!({})),
-    )
-    .await;
+    let close = app
+        .run_one(&order(&secret, "paper", "close", "SOLUSDT", json!({})))
+        .await;
     assert_eq!(
         close.status,
         JobStatus::Skipped,
@@ -736,11 +687,9 @@ async fn risk_max_daily_loss() {
 async fn risk_max_daily_loss_is_unevaluable_without_the_realized_pnl_of_a_close() {
     let app = TestApp::spawn().await;
     let (user, secret, _) = user_with_a_long(&app).await;
-    let close = run_one(
-        &app,
-        &order(&secret, "paper", "close", "ETHUSDT", json!({})),
-    )
-    .await;
+    let close = app
+        .run_one(&order(&secret, "paper", "close", "ETHUSDT", json!({})))
+        .await;
     assert_eq!(close.status, JobStatus::Succeeded);
     // Closes record their PnL (paper: 0, the price does not move); a close whose PnL is unknown
     // (a broker that reported no fill price) makes the day's loss unknown.
@@ -759,17 +708,15 @@ async fn risk_max_daily_loss_is_unevaluable_without_the_realized_pnl_of_a_close(
     let mut l = no_limits(user);
     l.max_daily_loss = Some(dec!(100));
     app.store.upsert_risk_limits(&l).await.unwrap();
-    let job = run_one(
-        &app,
-        &order(
+    let job = app
+        .run_one(&order(
             &secret,
             "paper",
             "buy",
             "SOLUSDT",
             json!({"position_size_usd": 100}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_blocked(&job, "max_daily_loss");
     assert!(
         job.error.as_deref().unwrap().contains("no realized PnL"),
@@ -781,17 +728,15 @@ async fn risk_max_daily_loss_is_unevaluable_without_the_realized_pnl_of_a_close(
         .execute(&app.store.pool)
         .await
         .unwrap();
-    let job = run_one(
-        &app,
-        &order(
+    let job = app
+        .run_one(&order(
             &secret,
             "paper",
             "buy",
             "SOLUSDT",
             json!({"position_size_usd": 100, "alert_id": "again"}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     app.cleanup().await;
 }
@@ -804,17 +749,15 @@ async fn risk_cooldown_blocks_the_open_of_a_reversal_but_closes() {
     l.cooldown_secs = Some(3600);
     app.store.upsert_risk_limits(&l).await.unwrap();
     // a sell while long: the short is blocked (the ETHUSDT open was seconds ago), the long closed
-    let job = run_one(
-        &app,
-        &order(
+    let job = app
+        .run_one(&order(
             &secret,
             "paper",
             "sell",
             "ETHUSDT",
             json!({"position_size_usd": 100}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_blocked(&job, "cooldown");
     assert!(
         job.error
@@ -833,17 +776,15 @@ async fn risk_cooldown_blocks_the_open_of_a_reversal_but_closes() {
         .collect();
     assert_eq!(legs, vec!["close"]);
     // another symbol has no cooldown
-    let other = run_one(
-        &app,
-        &order(
+    let other = app
+        .run_one(&order(
             &secret,
             "paper",
             "buy",
             "SOLUSDT",
             json!({"position_size_usd": 100}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(other.status, JobStatus::Succeeded);
     app.cleanup().await;
 }
@@ -856,9 +797,7 @@ async fn risk_breaker_after_consecutive_failures() {
         async |app: &TestApp, secret: &str, _, _| {
             // two rejected jobs in a row (limits the paper exchange cannot fill)
             for i in 0..2 {
-                let job = run_one(
-                    app,
-                    &order(secret, "paper", "buy", "BTCUSDT", json!({"order_type": "limit", "price": 1, "position_size_usd": 100, "alert_id": format!("f{i}")})),
+                let job = app.run_one(&order(secret, "paper", "buy", "BTCUSDT", json!({"order_type": "limit", "price": 1, "position_size_usd": 100, "alert_id": format!("f{i}")})),
                 )
                 .await;
                 assert_eq!(job.status, JobStatus::Rejected);
@@ -894,21 +833,21 @@ async fn risk_breaker_counts_jobs_in_the_order_they_started_and_a_reset_only_lat
         )
     };
     for i in 0..2 {
-        assert_eq!(run_one(&app, &reject(i)).await.status, JobStatus::Rejected);
+        assert_eq!(app.run_one(&reject(i)).await.status, JobStatus::Rejected);
     }
-    assert_blocked(&run_one(&app, &open(0)).await, "breaker");
+    assert_blocked(&app.run_one(&open(0)).await, "breaker");
 
     // Re-armed: the failures before the reset no longer count.
     l.breaker_reset_at = Some(chrono::Utc::now());
     app.store.upsert_risk_limits(&l).await.unwrap();
-    assert_eq!(run_one(&app, &open(1)).await.status, JobStatus::Succeeded);
+    assert_eq!(app.run_one(&open(1)).await.status, JobStatus::Succeeded);
     // One failure after a success: the last two are not both failures.
-    assert_eq!(run_one(&app, &reject(2)).await.status, JobStatus::Rejected);
-    assert_eq!(run_one(&app, &open(2)).await.status, JobStatus::Succeeded);
+    assert_eq!(app.run_one(&reject(2)).await.status, JobStatus::Rejected);
+    assert_eq!(app.run_one(&open(2)).await.status, JobStatus::Succeeded);
     // A second one in a row trips it again.
-    assert_eq!(run_one(&app, &reject(3)).await.status, JobStatus::Rejected);
-    assert_eq!(run_one(&app, &reject(4)).await.status, JobStatus::Rejected);
-    assert_blocked(&run_one(&app, &open(3)).await, "breaker");
+    assert_eq!(app.run_one(&reject(3)).await.status, JobStatus::Rejected);
+    assert_eq!(app.run_one(&reject(4)).await.status, JobStatus::Rejected);
+    assert_blocked(&app.run_one(&open(3)).await, "breaker");
     app.cleanup().await;
 }
 
@@ -919,17 +858,17 @@ async fn risk_disabled_strategy_blocks_its_opens_only() {
     let mut s = strategy(user, "swing", Some(ExchangeKind::Paper), dec!(100));
     s.enabled = false;
     app.store.upsert_strategy(&s).await.unwrap();
-    let job = run_one(
-        &app,
-        &json!({"secret": secret, "strategy": "swing", "action": "buy", "symbol": "SOLUSDT"}),
-    )
-    .await;
+    let job = app
+        .run_one(
+            &json!({"secret": secret, "strategy": "swing", "action": "buy", "symbol": "SOLUSDT"}),
+        )
+        .await;
     assert_blocked(&job, "strategy_disabled");
-    let close = run_one(
-        &app,
-        &json!({"secret": secret, "strategy": "swing", "action": "close", "symbol": "ETHUSDT"}),
-    )
-    .await;
+    let close = app
+        .run_one(
+            &json!({"secret": secret, "strategy": "swing", "action": "close", "symbol": "ETHUSDT"}),
+        )
+        .await;
     assert_eq!(close.status, JobStatus::Succeeded);
     app.cleanup().await;
 }
@@ -947,30 +886,24 @@ async fn risk_limits_per_strategy_count_that_strategys_jobs() {
     l.max_open_positions = Some(1);
     app.store.upsert_risk_limits(&l).await.unwrap();
     // strategy a has no position yet: its first open is allowed, its second blocked
-    let first = run_one(
-        &app,
-        &json!({"secret": secret, "strategy": "a", "action": "buy", "symbol": "SOLUSDT"}),
-    )
-    .await;
+    let first = app
+        .run_one(&json!({"secret": secret, "strategy": "a", "action": "buy", "symbol": "SOLUSDT"}))
+        .await;
     assert_eq!(first.status, JobStatus::Succeeded, "{first:?}");
-    let second = run_one(
-        &app,
-        &json!({"secret": secret, "strategy": "a", "action": "buy", "symbol": "BTCUSDT"}),
-    )
-    .await;
+    let second = app
+        .run_one(&json!({"secret": secret, "strategy": "a", "action": "buy", "symbol": "BTCUSDT"}))
+        .await;
     assert_blocked(&second, "max_open_positions");
     // jobs without the strategy are not limited by its row
-    let free = run_one(
-        &app,
-        &order(
+    let free = app
+        .run_one(&order(
             &secret,
             "paper",
             "buy",
             "AAPL",
             json!({"position_size_usd": 1000}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(free.status, JobStatus::Succeeded);
     app.cleanup().await;
 }
@@ -981,37 +914,31 @@ async fn risk_max_position_usd_is_unevaluable_when_the_equity_is_unreadable() {
     let mut l = no_limits(user);
     l.max_position_usd = Some(dec!(1000));
     app.store.upsert_risk_limits(&l).await.unwrap();
-    let ok = run_one(
-        &app,
-        &order(
+    let ok = app
+        .run_one(&order(
             &secret,
             "aster",
             "buy",
             "ETHUSDT",
             json!({"percent_of_equity": 1}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(ok.status, JobStatus::Succeeded, "{ok:?}");
-    let close = run_one(
-        &app,
-        &order(&secret, "aster", "close", "ETHUSDT", json!({})),
-    )
-    .await;
+    let close = app
+        .run_one(&order(&secret, "aster", "close", "ETHUSDT", json!({})))
+        .await;
     assert_eq!(close.status, JobStatus::Succeeded, "{close:?}");
     fake.st.lock().unwrap().equity = None;
     let before = fake.st.lock().unwrap().orders.len();
-    let job = run_one(
-        &app,
-        &order(
+    let job = app
+        .run_one(&order(
             &secret,
             "aster",
             "buy",
             "ETHUSDT",
             json!({"percent_of_equity": 1, "alert_id": "no-equity"}),
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_blocked(&job, "max_position_usd");
     assert!(
         job.error
