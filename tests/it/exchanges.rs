@@ -133,19 +133,7 @@ async fn e2e_aster_buy_reversal_unknown_outcome_and_rejection() {
 
 #[tokio::test]
 async fn e2e_oanda_buy_reversal_unknown_outcome_and_rejection() {
-    let (fake, url) = OandaFake::start().await;
-    let app = TestApp::spawn_with(|c| c.oanda_base_url = Some(url.clone())).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "oanda",
-        OANDA_TOKEN,
-        "-",
-        Some(OANDA_ACCOUNT),
-        json!({}),
-    )
-    .await;
+    let (fake, _url, app, user, secret) = oanda_app().await;
 
     let buy = app
         .enqueue(&webhook(user, &secret, "oanda", "buy", "EURUSD", 100))
@@ -208,19 +196,7 @@ async fn e2e_oanda_buy_reversal_unknown_outcome_and_rejection() {
 
 #[tokio::test]
 async fn e2e_tradier_buy_reversal_unknown_outcome_and_rejection() {
-    let (fake, url) = TradierFake::start().await;
-    let app = TestApp::spawn_with(|c| c.tradier_base_url = Some(format!("{url}/v1"))).await;
-    let (user, secret) = app.create_user().await;
-    store_credentials(
-        &app,
-        user,
-        "tradier",
-        TRADIER_TOKEN,
-        "-",
-        Some(TRADIER_ACCOUNT),
-        json!({}),
-    )
-    .await;
+    let (fake, _url, app, user, secret) = tradier_app().await;
 
     let buy = app
         .enqueue(&webhook(user, &secret, "tradier", "buy", "AAPL", 1000))

@@ -100,22 +100,14 @@ async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
             },
         ]
     );
-    let (leg, qty, price, pnl, reason): (String, Decimal, Decimal, Decimal, ExitReason) =
-        sqlx::query_as(
-            "SELECT leg, quantity, price, pnl, exit_reason FROM trades WHERE job_id = $1 AND leg = 'sl'",
-        )
-        .bind(buy)
-        .fetch_one(&app.store.pool)
-        .await
-        .unwrap();
+    let (qty, price, pnl, reason, _fee) = trade_leg(&app, buy, "sl").await;
     assert_eq!(
-        (leg.as_str(), qty, price, pnl, reason),
+        (qty, price, pnl, reason),
         (
-            "sl",
             dec!(0.033),
-            dec!(2900),
-            dec!(-3.3),
-            ExitReason::StopLoss
+            Some(dec!(2900)),
+            Some(dec!(-3.3)),
+            Some(ExitReason::StopLoss)
         )
     );
     assert_eq!(broker_order_state(&app, &sl).await, "filled");
