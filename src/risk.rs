@@ -171,8 +171,16 @@ pub enum Verdict {
 /// reached): the worker waits it out, as it does for every other step, and evaluates again. An
 /// error Postgres *answers* (a query it refuses, a value it cannot use) makes the limits
 /// unevaluable: the job is blocked.
-pub async fn check(store: &Store, ex: &dyn Exchange, job: &Job) -> Result<Verdict, StoreError> {
-    match evaluate(store, ex, job).await {
+///
+/// `limits`: the rows of limits that apply to the job if they were read already (by
+/// [`Store::begin_job`], in the same statement as the job's start); `None` reads them.
+pub async fn check(
+    store: &Store,
+    ex: &dyn Exchange,
+    job: &Job,
+    limits: Option<Vec<RiskLimits>>,
+) -> Result<Verdict, StoreError> {
+    match evaluate(store, ex, job, limits).await {
         Ok(()) => Ok(Verdict::Allow),
         Err(Stop::Block(b)) => Ok(Verdict::Block(b)),
         Err(Stop::Outage(e)) => Err(e),
@@ -191,36 +199,21 @@ impl From<Block> for Stop {
     }
 }
 
-/// Is `e` Postgres being unreachable or overloaded (worth waiting out), rather than an answer?
-fn is_outage(e: &StoreError) -> bool {
-    match e {
-        StoreError::Db(sqlx::Error::Database(d)) => d.code().is_some_and(|c| {
-            ["08", "53", "57", "58"]
-                .iter()
-                .any(|class| c.starts_with(class))
-        }),
-        StoreError::Db(
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed,
-        ) => true,
-        _ => false,
-    }
-}
-
 /// A store error while evaluating: an outage, or the limits cannot be evaluated (`what`).
 fn store_stop(what: &str, e: StoreError) -> Stop {
-    if is_outage(&e) {
+    if e.is_outage() {
         Stop::Outage(e)
     } else {
         Stop::Block(Block::unevaluable(RiskRule::Limits, format!("{what}: {e}")))
     }
 }
 
-async fn evaluate(store: &Store, ex: &dyn Exchange, job: &Job) -> Result<(), Stop> {
+async fn evaluate(
+    store: &Store,
+    ex: &dyn Exchange,
+    job: &Job,
+    limits: Option<Vec<RiskLimits>>,
+) -> Result<(), Stop> {
     let a = &job.alert;
     if !matches!(a.action, Action::Buy | Action::Sell) {
         return Ok(());
@@ -238,10 +231,13 @@ async fn evaluate(store: &Store, ex: &dyn Exchange, job: &Job) -> Result<(), Sto
             )));
         }
     }
-    let rows = store
-        .risk_limits_for(a.user_id, a.strategy.as_deref())
-        .await
-        .map_err(unreadable)?;
+    let rows = match limits {
+        Some(rows) => rows,
+        None => store
+            .risk_limits_for(a.user_id, a.strategy.as_deref())
+            .await
+            .map_err(unreadable)?,
+    };
     for limits in &rows {
         check_static(limits, a.symbol.as_str())?;
         let facts = store

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 use uuid::Uuid;
 
-use crate::domain::{Account, CredentialEnv, Job, Side};
+use crate::domain::{Account, Action, CredentialEnv, Job, Side};
 use crate::executor::Outcome;
 use crate::job::{FailureClass, FillState, JobStatus};
 
@@ -56,6 +56,27 @@ impl StoreError {
                 sqlx::Error::ColumnDecode { .. }
                 | sqlx::Error::Decode(_)
                 | sqlx::Error::TypeNotFound { .. },
+            ) => true,
+            _ => false,
+        }
+    }
+
+    /// Postgres cannot be reached or is overloaded (SQLSTATE classes 08, 53, 57, 58, or no answer
+    /// at all): worth waiting out, as opposed to an error Postgres *answered* about the query.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            StoreError::Db(sqlx::Error::Database(d)) => d.code().is_some_and(|c| {
+                ["08", "53", "57", "58"]
+                    .iter()
+                    .any(|class| c.starts_with(class))
+            }),
+            StoreError::Db(
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed,
             ) => true,
             _ => false,
         }
@@ -154,7 +175,13 @@ pub struct JobRow {
 pub enum Begin {
     /// Run it; `attempt` counts deliveries (1 on the first). On `attempt > 1` the previous delivery
     /// may have placed orders already: the executor looks them up before placing anything.
-    Execute { attempt: i32 },
+    /// `limits`: the risk limits that apply to the job, read by the same statement for an opening
+    /// job (`None`: not read, for a close, or when they could not be read: the risk check reads
+    /// them itself and says why it cannot).
+    Execute {
+        attempt: i32,
+        limits: Option<Vec<crate::risk::RiskLimits>>,
+    },
     /// The job already reached this final state: ack the entry, do nothing.
     Finished(JobStatus),
 }
@@ -390,46 +417,79 @@ impl Store {
     // ---- jobs ----
 
     /// Record that a delivery of `job` starts executing, or learn that it already finished.
+    ///
+    /// For an opening job (buy, sell) the same statement also reads the risk limits that apply to
+    /// it ([`Begin::Execute`]'s `limits`): the risk check then needs no read of its own for a user
+    /// without limits, one round trip fewer. If Postgres answers that statement with an error
+    /// (the limits cannot be read), the job is begun without them: the risk check reads them
+    /// itself and blocks the job, and a close still runs. An outage is returned as it is.
     pub async fn begin_job(
         &self,
         job: &Job,
         partition: u32,
         entry_id: &str,
     ) -> Result<Begin, StoreError> {
-        let a = &job.alert;
-        let row = sqlx::query(
-            "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action, symbol, alert, status, attempts, accepted_at, started_at)
+        if matches!(job.alert.action, Action::Buy | Action::Sell) {
+            match self.begin(job, partition, entry_id, true).await {
+                Err(e) if !e.is_outage() => {
+                    tracing::warn!(error = %e, "the job's start could not read its risk limits; starting it without them");
+                }
+                r => return r,
+            }
+        }
+        self.begin(job, partition, entry_id, false).await
+    }
+
+    async fn begin(
+        &self,
+        job: &Job,
+        partition: u32,
+        entry_id: &str,
+        with_limits: bool,
+    ) -> Result<Begin, StoreError> {
+        const UPSERT: &str = "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action, symbol, alert, status, attempts, accepted_at, started_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'executing', 1, $9, now())
              ON CONFLICT (job_id) DO UPDATE SET
                attempts = jobs.attempts + 1, status = 'executing', partition = EXCLUDED.partition,
                entry_id = EXCLUDED.entry_id, started_at = now(), updated_at = now()
              WHERE jobs.status IN ('queued', 'executing')
-             RETURNING attempts",
-        )
-        .bind(job.job_id)
-        .bind(a.user_id)
-        .bind(partition as i32)
-        .bind(entry_id)
-        .bind(a.exchange.as_str())
-        .bind(a.action.as_str())
-        .bind(a.symbol.as_str())
-        .bind(serde_json::to_value(a).expect("alert serialises"))
-        .bind(job.accepted_at)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(r) => Ok(Begin::Execute {
-                attempt: r.get("attempts"),
-            }),
-            None => {
-                let status: JobStatus =
-                    sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = $1")
-                        .bind(job.job_id)
-                        .fetch_one(&self.pool)
-                        .await?;
-                Ok(Begin::Finished(status))
-            }
+             RETURNING attempts";
+        let a = &job.alert;
+        let sql = if with_limits {
+            risk::begin_with_limits(UPSERT)
+        } else {
+            UPSERT.to_string()
+        };
+        let mut q = sqlx::query(&sql)
+            .bind(job.job_id)
+            .bind(a.user_id)
+            .bind(partition as i32)
+            .bind(entry_id)
+            .bind(a.exchange.as_str())
+            .bind(a.action.as_str())
+            .bind(a.symbol.as_str())
+            .bind(serde_json::to_value(a).expect("alert serialises"))
+            .bind(job.accepted_at);
+        if with_limits {
+            q = q.bind(a.strategy.as_deref().unwrap_or(""));
         }
+        let rows = q.fetch_all(&self.pool).await?;
+        if let Some(first) = rows.first() {
+            let limits = if with_limits {
+                Some(risk::limits_of_begin(&rows)?)
+            } else {
+                None
+            };
+            return Ok(Begin::Execute {
+                attempt: first.try_get("attempts")?,
+                limits,
+            });
+        }
+        let status: JobStatus = sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = $1")
+            .bind(job.job_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Begin::Finished(status))
     }
 
     /// Commit a job's final state, its trades and the position change, in one statement (so one

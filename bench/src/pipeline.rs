@@ -158,7 +158,7 @@ async fn ceiling(
         let store = writer.clone();
         async move {
             let p = sparky::queue::partition_of(&job.alert.user_id, setup::PARTITIONS);
-            if let sparky::store::Begin::Execute { attempt } =
+            if let sparky::store::Begin::Execute { attempt, .. } =
                 store.begin_job(&job, p, "0-0").await?
             {
                 store.finish_job(&job, &open_outcome(&job), attempt).await?;

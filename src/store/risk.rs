@@ -53,6 +53,31 @@ fn limits_row(r: &sqlx::postgres::PgRow) -> Result<RiskLimits, StoreError> {
     })
 }
 
+/// The begin's upsert (`upsert`, returning `attempts`) that also reads the limits that apply to
+/// the job (`$2` the user, `$10` the strategy or ''): one row per row of limits, or one row with
+/// NULL limits when there are none. No row: the upsert did nothing (the job is final).
+pub(super) fn begin_with_limits(upsert: &str) -> String {
+    format!(
+        "WITH b AS ({upsert})
+         SELECT b.attempts, l.* FROM b
+         LEFT JOIN ({LIMITS_SELECT} WHERE user_id = $2 AND (strategy = '' OR strategy = $10)) l ON true
+         ORDER BY l.strategy"
+    )
+}
+
+/// The limits in the rows of [`begin_with_limits`].
+pub(super) fn limits_of_begin(
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<Vec<RiskLimits>, StoreError> {
+    let mut out = Vec::new();
+    for r in rows {
+        if r.try_get::<Option<Uuid>, _>("user_id")?.is_some() {
+            out.push(limits_row(r)?);
+        }
+    }
+    Ok(out)
+}
+
 /// `strategy` filter shared by the counting queries: `$2` NULL counts every job of the user.
 const OF_STRATEGY: &str = "($2::text IS NULL OR j.alert->>'strategy' = $2)";
 

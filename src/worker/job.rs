@@ -39,7 +39,7 @@ use crate::partition::Fence;
 use crate::queue::{Entry, Queue};
 use crate::replay::would_be_stale;
 use crate::retry::{retry, until_ok, Retried};
-use crate::risk;
+use crate::risk::{self, RiskLimits};
 use crate::store::{Begin, Store, StoreError};
 use std::sync::Arc;
 
@@ -76,6 +76,8 @@ enum Commit {
 enum Began {
     Run {
         attempt: i32,
+        /// The risk limits read with the start (see [`Begin::Execute`]).
+        limits: Option<Vec<RiskLimits>>,
     },
     AlreadyFinished(JobStatus),
     /// Postgres refused the job's data `SPARKY_MAX_DELIVERIES` times.
@@ -178,8 +180,8 @@ impl JobRunner {
 
         let mut rerun = false;
         let (recorded, attempt) = loop {
-            let attempt = match self.begin(entry, job).await {
-                Began::Run { attempt } => attempt,
+            let (attempt, limits) = match self.begin(entry, job).await {
+                Began::Run { attempt, limits } => (attempt, limits),
                 Began::AlreadyFinished(status) => {
                     return self.finished_before(entry, job, status).await
                 }
@@ -198,7 +200,10 @@ impl JobRunner {
             if fence.is_void() {
                 return;
             }
-            let Some(outcome) = self.execute(entry, job, attempt, fence, rerun).await else {
+            let Some(outcome) = self
+                .execute(entry, job, attempt, fence, rerun, limits)
+                .await
+            else {
                 return; // shutting down, or the partition was lost: the entry stays pending
             };
             match self.commit(job, outcome, attempt).await {
@@ -231,7 +236,7 @@ impl JobRunner {
         )
         .await;
         match r {
-            Retried::Ok(Begin::Execute { attempt }) => Began::Run { attempt },
+            Retried::Ok(Begin::Execute { attempt, limits }) => Began::Run { attempt, limits },
             Retried::Ok(Begin::Finished(status)) => Began::AlreadyFinished(status),
             Retried::GaveUp { error, .. } => Began::Unstorable(error),
             Retried::Shutdown => Began::Shutdown,
@@ -289,6 +294,7 @@ impl JobRunner {
         attempt: i32,
         fence: &Fence,
         rerun: bool,
+        limits: Option<Vec<RiskLimits>>,
     ) -> Option<Outcome> {
         if attempt > self.max_deliveries as i32 && !rerun {
             // Delivered again and again without reaching a final state (each delivery died or was
@@ -331,7 +337,7 @@ impl JobRunner {
             }
         }
         let recover = attempt > 1 || replay.is_some() || rerun;
-        let run = fence.scope(self.run_on_exchange(job, recover, fence));
+        let run = fence.scope(self.run_on_exchange(job, recover, fence, limits));
         match AssertUnwindSafe(run).catch_unwind().await {
             Ok(outcome) => outcome,
             Err(panic) => {
@@ -346,7 +352,15 @@ impl JobRunner {
         }
     }
 
-    async fn run_on_exchange(&self, job: &Job, recover: bool, fence: &Fence) -> Option<Outcome> {
+    /// `limits`: the risk limits read with the job's start, used by the first evaluation (a
+    /// retried one, after Postgres was away, reads them again).
+    async fn run_on_exchange(
+        &self,
+        job: &Job,
+        recover: bool,
+        fence: &Fence,
+        mut limits: Option<Vec<RiskLimits>>,
+    ) -> Option<Outcome> {
         let (client, environment) = match self.client_for(job).await? {
             Ok(c) => c,
             Err(outcome) => return Some(outcome),
@@ -358,7 +372,7 @@ impl JobRunner {
                 "evaluating the risk limits",
                 &self.shutdown,
                 |_: &StoreError, _| false,
-                || risk::check(&self.store, &client, job),
+                || risk::check(&self.store, &client, job, limits.take()),
             )
             .await;
             match verdict {

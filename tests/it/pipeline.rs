@@ -237,7 +237,10 @@ async fn an_entry_left_pending_by_a_crashed_worker_runs_once_on_redelivery() {
     let job = e.job.as_ref().unwrap();
     assert_eq!(
         app.store.begin_job(job, e.partition, &e.id).await.unwrap(),
-        Begin::Execute { attempt: 1 }
+        Begin::Execute {
+            attempt: 1,
+            limits: Some(vec![])
+        }
     );
     assert_eq!(app.queue.pending_count(e.partition).await.unwrap(), 1);
 
@@ -342,11 +345,17 @@ async fn only_the_latest_delivery_may_record_a_jobs_outcome() {
     // Two deliveries started (the first worker lost the partition, another took it over).
     assert_eq!(
         app.store.begin_job(&job, e.partition, &e.id).await.unwrap(),
-        Begin::Execute { attempt: 1 }
+        Begin::Execute {
+            attempt: 1,
+            limits: Some(vec![])
+        }
     );
     assert_eq!(
         app.store.begin_job(&job, e.partition, &e.id).await.unwrap(),
-        Begin::Execute { attempt: 2 }
+        Begin::Execute {
+            attempt: 2,
+            limits: Some(vec![])
+        }
     );
     let outcome = sparky::executor::Outcome::new(sparky::executor::JobStatus::Skipped, "test");
     let late = app.store.finish_job(&job, &outcome, 1).await;
@@ -409,7 +418,8 @@ async fn a_failed_job_redelivered_after_its_commit_still_reaches_the_dead_letter
     // A worker read it, committed `rejected`, and died before the dead-letter XADD and the ack.
     let e = read_as(&app, "crashed-worker").await.remove(0);
     let job = e.job.clone().unwrap();
-    let Begin::Execute { attempt } = app.store.begin_job(&job, e.partition, &e.id).await.unwrap()
+    let Begin::Execute { attempt, .. } =
+        app.store.begin_job(&job, e.partition, &e.id).await.unwrap()
     else {
         panic!("fresh job");
     };

@@ -300,7 +300,13 @@ async fn a_started_job_redelivered_late_finishes_in_recovery_instead_of_going_st
     };
     let (p, _) = app.queue.enqueue(&job).await.unwrap();
     let first = app.store.begin_job(&job, p, "0-1").await.unwrap();
-    assert_eq!(first, sparky::store::Begin::Execute { attempt: 1 });
+    assert_eq!(
+        first,
+        sparky::store::Begin::Execute {
+            attempt: 1,
+            limits: Some(vec![])
+        }
+    );
     place_open(&scripted, &job).await;
 
     let (worker, _shutdown) = scripted_worker(&app, &scripted);
@@ -331,7 +337,13 @@ async fn an_owner_overtaken_by_a_stale_delivery_runs_the_job_again_instead_of_le
     // although this worker still owns the partition.
     let (job, _) = app.store.job_envelope(id).await.unwrap().unwrap();
     let stale = app.store.begin_job(&job, 0, "0-0").await.unwrap();
-    assert_eq!(stale, sparky::store::Begin::Execute { attempt: 2 });
+    assert_eq!(
+        stale,
+        sparky::store::Begin::Execute {
+            attempt: 2,
+            limits: Some(vec![])
+        }
+    );
     gate.release(100);
 
     until("the job was run again and recorded", || async {

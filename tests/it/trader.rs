@@ -13,6 +13,7 @@ use sparky::domain::{ExchangeKind, OrderType};
 use sparky::exchanges::{client_order_id, Leg};
 use sparky::job::{FailureClass, JobStatus};
 use sparky::risk::RiskLimits;
+use sparky::store::Begin;
 use sparky::store::JobRow;
 use uuid::Uuid;
 
@@ -980,6 +981,91 @@ async fn risk_max_position_usd_is_unevaluable_when_the_equity_is_unreadable() {
                 && l.contains("rule=\"max_position_usd\"")
                 && l.contains(&app.config.namespace)),
         "{metrics}"
+    );
+    app.cleanup().await;
+}
+
+/// The start of an opening job reads the limits that apply to it (the user's row and its
+/// strategy's, not another strategy's) in the same statement, so the risk check needs no read of
+/// its own; a close reads none. With `risk_limits` unreadable the start still succeeds without
+/// them (the check then reads and blocks, see `rule_blocks_opens_not_closes`).
+#[tokio::test]
+async fn the_start_of_an_opening_job_reads_the_limits_that_apply_to_it() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let mut rows = vec![no_limits(user)];
+    for name in ["a", "b"] {
+        app.store
+            .upsert_strategy(&strategy(user, name, Some(ExchangeKind::Paper), dec!(100)))
+            .await
+            .unwrap();
+        let mut l = no_limits(user);
+        l.strategy = Some(name.into());
+        l.max_open_positions = Some(2);
+        rows.push(l);
+    }
+    rows[0].kill_switch = true;
+    for l in &rows {
+        app.store.upsert_risk_limits(l).await.unwrap();
+    }
+    let job = |action: &str, strategy: Option<&str>| {
+        let mut body = order(
+            &secret,
+            "paper",
+            action,
+            "SOLUSDT",
+            json!({"user_id": user, "position_size_usd": 100}),
+        );
+        if let Some(s) = strategy {
+            body["strategy"] = json!(s);
+        }
+        sparky::domain::Job {
+            job_id: Uuid::now_v7(),
+            accepted_at: Utc::now(),
+            alert: sparky::domain::parse_alert(body.as_object().unwrap(), None).unwrap(),
+        }
+    };
+    let begin = |job: sparky::domain::Job| {
+        let store = app.store.clone();
+        async move { store.begin_job(&job, 0, "0-1").await.unwrap() }
+    };
+    let with_a = begin(job("buy", Some("a"))).await;
+    let Begin::Execute {
+        attempt: 1,
+        limits: Some(read),
+    } = with_a
+    else {
+        panic!("{with_a:?}")
+    };
+    assert_eq!(read, vec![rows[0].clone(), rows[1].clone()]);
+    let plain = begin(job("sell", None)).await;
+    assert_eq!(
+        plain,
+        Begin::Execute {
+            attempt: 1,
+            limits: Some(vec![rows[0].clone()])
+        }
+    );
+    let close = begin(job("close", Some("a"))).await;
+    assert_eq!(
+        close,
+        Begin::Execute {
+            attempt: 1,
+            limits: None
+        }
+    );
+
+    sqlx::query("ALTER TABLE risk_limits RENAME TO risk_limits_gone")
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
+    let unreadable = begin(job("buy", None)).await;
+    assert_eq!(
+        unreadable,
+        Begin::Execute {
+            attempt: 1,
+            limits: None
+        }
     );
     app.cleanup().await;
 }
