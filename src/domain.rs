@@ -47,6 +47,12 @@ impl ExchangeKind {
             ExchangeKind::Paper => "paper",
         }
     }
+
+    /// Is the broker Sparky's own database (the paper exchange)? Its orders are statements, so a
+    /// job on it waits on nothing but Postgres.
+    pub fn is_in_postgres(self) -> bool {
+        self == ExchangeKind::Paper
+    }
 }
 
 impl fmt::Display for ExchangeKind {

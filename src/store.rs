@@ -21,6 +21,7 @@ use crate::job::{FailureClass, FillState, JobStatus};
 mod user_api;
 pub use user_api::{JobFilter, PositionKey, TradeRecord};
 pub(crate) mod commit;
+mod held;
 mod risk;
 pub use commit::record_fills;
 mod strategies;
@@ -473,7 +474,7 @@ impl Store {
         if with_limits {
             q = q.bind(a.strategy.as_deref().unwrap_or(""));
         }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = self.on_conn(async |c| Ok(q.fetch_all(c).await?)).await?;
         if let Some(first) = rows.first() {
             let limits = if with_limits {
                 Some(risk::limits_of_begin(&rows)?)
@@ -485,9 +486,10 @@ impl Store {
                 limits,
             });
         }
-        let status: JobStatus = sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = $1")
-            .bind(job.job_id)
-            .fetch_one(&self.pool)
+        let status =
+            sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = $1").bind(job.job_id);
+        let status: JobStatus = self
+            .on_conn(async |c| Ok(status.fetch_one(c).await?))
             .await?;
         Ok(Begin::Finished(status))
     }
@@ -505,7 +507,10 @@ impl Store {
         outcome: &Outcome,
         attempt: i32,
     ) -> Result<(), StoreError> {
-        if commit::finish(&self.pool, job, outcome, attempt).await? {
+        if self
+            .on_conn(async |c| commit::finish(c, job, outcome, attempt).await)
+            .await?
+        {
             Ok(())
         } else {
             Err(StoreError::Superseded(job.job_id))
@@ -516,7 +521,16 @@ impl Store {
     /// around it) in a failed state, if it has a row that is not final yet. `false` when no such
     /// row exists (it was never begun, or it already finished).
     pub async fn mark_failed(&self, job_id: Uuid, outcome: &Outcome) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        self.on_conn(async |c| Self::mark_failed_on(c, job_id, outcome).await)
+            .await
+    }
+
+    async fn mark_failed_on(
+        conn: &mut sqlx::PgConnection,
+        job_id: Uuid,
+        outcome: &Outcome,
+    ) -> Result<bool, StoreError> {
+        let mut tx = sqlx::Connection::begin(conn).await?;
         let alert: Option<serde_json::Value> = sqlx::query_scalar(
             "UPDATE jobs SET status = $2, error_class = $3, error = $4, finished_at = now(), updated_at = now()
              WHERE job_id = $1 AND status IN ('queued', 'executing')
@@ -542,9 +556,10 @@ impl Store {
     }
 
     pub async fn get_job(&self, job_id: Uuid) -> Result<Option<JobRow>, StoreError> {
-        let r = sqlx::query(&format!("{JOB_SELECT} WHERE job_id = $1"))
-            .bind(job_id)
-            .fetch_optional(&self.pool)
+        let sql = format!("{JOB_SELECT} WHERE job_id = $1");
+        let q = sqlx::query(&sql).bind(job_id);
+        let r = self
+            .on_conn(async |c| Ok(q.fetch_optional(c).await?))
             .await?;
         Ok(r.as_ref().map(job_row).transpose()?)
     }
@@ -661,15 +676,17 @@ impl Store {
         account: &Account,
         symbol: &str,
     ) -> Result<Option<PositionRow>, StoreError> {
-        let r = sqlx::query(&format!(
+        let sql = format!(
             "{POSITION_SELECT} WHERE user_id = $1 AND exchange = $2 AND environment = $3 AND symbol = $4"
-        ))
-        .bind(account.user_id)
-        .bind(account.exchange.as_str())
-        .bind(account.environment.as_str())
-        .bind(symbol)
-        .fetch_optional(&self.pool)
-        .await?;
+        );
+        let q = sqlx::query(&sql)
+            .bind(account.user_id)
+            .bind(account.exchange.as_str())
+            .bind(account.environment.as_str())
+            .bind(symbol);
+        let r = self
+            .on_conn(async |c| Ok(q.fetch_optional(c).await?))
+            .await?;
         Ok(r.as_ref().map(position_row).transpose()?)
     }
 

@@ -117,9 +117,9 @@ impl<'q> Statement<'q> {
 }
 
 /// A job's commit: the fenced status update, then [`push_fills`] and the notification, gated on it.
-/// Runs on the pool as one statement; `Ok(false)`: the fence did not match (nothing was written).
+/// Runs as one statement; `Ok(false)`: the fence did not match (nothing was written).
 pub(crate) async fn finish(
-    pool: &sqlx::PgPool,
+    conn: &mut sqlx::PgConnection,
     job: &Job,
     outcome: &Outcome,
     attempt: i32,
@@ -152,7 +152,7 @@ pub(crate) async fn finish(
     let updated: i64 = s
         .finish("SELECT count(*) FROM upd")
         .build_query_scalar()
-        .fetch_one(pool)
+        .fetch_one(conn)
         .await?;
     Ok(updated > 0)
 }

@@ -52,6 +52,9 @@ pub struct JobRunner {
     policy: RetryPolicy,
     max_signal_age: Duration,
     max_deliveries: u32,
+    /// Paper jobs that may run their statements on one held connection at once
+    /// ([`Store::holding_a_connection`]): the pool's size less two.
+    holders: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
     metrics: Metrics,
 }
@@ -109,6 +112,9 @@ impl JobRunner {
             },
             max_signal_age: config.max_signal_age,
             max_deliveries: config.max_deliveries,
+            holders: Arc::new(tokio::sync::Semaphore::new(
+                (store.max_connections() as usize).saturating_sub(2),
+            )),
             store,
             queue,
             shutdown,
@@ -158,9 +164,18 @@ impl JobRunner {
             exchange = %job.alert.exchange,
             partition = entry.partition,
         );
-        self.process_job(&entry, &job, &fence)
-            .instrument(span)
-            .await
+        let run = self.process_job(&entry, &job, &fence).instrument(span);
+        // A paper job waits on nothing but Postgres: its statements share one connection (one
+        // release ping instead of one each). A job at a remote broker gives its connection back
+        // between statements, as it waits on the broker in between.
+        let hold = job.alert.exchange.is_in_postgres();
+        match hold
+            .then(|| self.holders.clone().try_acquire_owned().ok())
+            .flatten()
+        {
+            Some(_holder) => Store::holding_a_connection(run).await,
+            None => run.await,
+        }
     }
 
     async fn process_job(&self, entry: &Entry, job: &Job, fence: &Fence) {
