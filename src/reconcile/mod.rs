@@ -14,7 +14,10 @@
 //!    `take_profit`, realized PnL from Sparky's entry price) and the row `filled`; otherwise the row
 //!    is `cancelled`.
 //! 3. **Orphans**: a Sparky stop-loss / take-profit resting at the broker while the broker holds
-//!    no position it could close (flat, or on the side the order would add to) is cancelled.
+//!    no position it could close (flat, or on the side the order would add to) is cancelled. Its
+//!    row is then settled as in step 2 from the broker's final state: the order was listed before
+//!    the position was read, so a stop that fired in between (which is why the position is gone)
+//!    is recorded as the exit it was, not as a cancel and an unexplained close.
 //! 4. **Position**: Sparky's row is set to the broker's (deleted when flat). A difference that the
 //!    protective fills of step 2 and the working entries' fills do not explain is *drift*
 //!    ([`DriftKind`]), counted in
@@ -338,10 +341,21 @@ async fn reconcile_symbol(
     let seen = store.position(account, symbol).await?;
     // Orders first, then the position (see the module documentation).
     let listed = ex.open_orders(&sym).await?;
-    let exited =
-        protective_exits(store, ex, account, &sym, &listed, seen.as_ref(), findings).await?;
+    let rows = db::open_rows(store, account, sym.as_str()).await?;
+    let protective = Protective {
+        store,
+        ex,
+        account,
+        sym: &sym,
+        rows: &rows,
+        seen: seen.as_ref(),
+    };
+    let exited = protective.exits(&listed, findings).await?;
     let position = ex.position(&sym).await?;
-    cancel_orphans(store, ex, &sym, &listed, position.as_ref(), findings).await?;
+    let exited_meanwhile = protective
+        .cancel_orphans(&listed, position.as_ref(), findings)
+        .await?;
+    let exited = exited.checked_add(exited_meanwhile).unwrap_or(exited);
     sync_position(
         store,
         account,
@@ -354,33 +368,102 @@ async fn reconcile_symbol(
     .await
 }
 
-/// Step 2: the open protective rows the broker no longer lists. Returns the quantity their fills
-/// closed (what explains a smaller position).
-async fn protective_exits(
-    store: &Store,
-    ex: &dyn Exchange,
-    account: &Account,
-    sym: &Symbol,
-    listed: &[OpenOrder],
-    seen: Option<&PositionRow>,
-    findings: &mut Vec<Finding>,
-) -> Result<Decimal, ReconcileError> {
-    let mut exited = Decimal::ZERO;
-    let rows = db::open_rows(store, account, sym.as_str()).await?;
-    for row in rows.iter().filter(|r| r.leg.is_protective()) {
-        let still_listed = listed
-            .iter()
-            .any(|o| o.client_order_id.as_deref() == Some(row.client_order_id.as_str()));
-        if still_listed {
-            continue;
+/// Steps 2 and 3: Sparky's protective orders of one symbol (`rows`: its open `broker_orders`
+/// rows; `seen`: Sparky's position before any exit is recorded).
+struct Protective<'a> {
+    store: &'a Store,
+    ex: &'a dyn Exchange,
+    account: &'a Account,
+    sym: &'a Symbol,
+    rows: &'a [OpenRow],
+    seen: Option<&'a PositionRow>,
+}
+
+impl Protective<'_> {
+    /// Step 2: the open protective rows the broker no longer lists. Returns the quantity their
+    /// fills closed (what explains a smaller position).
+    async fn exits(
+        &self,
+        listed: &[OpenOrder],
+        findings: &mut Vec<Finding>,
+    ) -> Result<Decimal, ReconcileError> {
+        let mut exited = Decimal::ZERO;
+        for row in self.rows.iter().filter(|r| r.leg.is_protective()) {
+            let still_listed = listed
+                .iter()
+                .any(|o| o.client_order_id.as_deref() == Some(row.client_order_id.as_str()));
+            if !still_listed {
+                let q = self.settle(row, findings).await?;
+                exited = exited.checked_add(q).unwrap_or(exited);
+            }
         }
-        match ex.find_order(sym, &row.client_order_id).await? {
+        Ok(exited)
+    }
+
+    /// Step 3: cancel Sparky's protective orders that protect nothing (no position, or one on the
+    /// side they would open). An order listed before the position was read may have filled in
+    /// between (a stop that fired is why the position is gone): after the cancel its row is
+    /// settled from the broker's final state, so such a fill is recorded as the exit it was, not
+    /// as a cancelled order and a position that closed unexplained. Returns the quantity those
+    /// fills closed.
+    async fn cancel_orphans(
+        &self,
+        listed: &[OpenOrder],
+        position: Option<&ExPosition>,
+        findings: &mut Vec<Finding>,
+    ) -> Result<Decimal, ReconcileError> {
+        let mut exited = Decimal::ZERO;
+        for o in listed {
+            let Some((_, leg)) = o.sparky_leg() else {
+                continue;
+            };
+            let protects = position.is_some_and(|p| o.side == OrderSide::closing(p.side));
+            if !leg.is_protective() || protects {
+                continue;
+            }
+            self.ex.cancel_order(self.sym, o).await?;
+            let id = o.client_order_id.clone().unwrap_or_default();
+            match self.rows.iter().find(|r| r.client_order_id == id) {
+                Some(row) => {
+                    let mut settled = Vec::new();
+                    let q = self.settle(row, &mut settled).await?;
+                    exited = exited.checked_add(q).unwrap_or(exited);
+                    // A plain cancel reads as the orphan it was.
+                    for f in settled {
+                        findings.push(match f {
+                            Finding::ProtectionGone { .. } => Finding::OrphanCancelled {
+                                symbol: self.sym.to_string(),
+                                client_order_id: id.clone(),
+                            },
+                            other => other,
+                        });
+                    }
+                }
+                None => findings.push(Finding::OrphanCancelled {
+                    symbol: self.sym.to_string(),
+                    client_order_id: id,
+                }),
+            }
+        }
+        Ok(exited)
+    }
+
+    /// A protective row whose order is not (or no longer) working at the broker, from the
+    /// broker's final state: a fill is recorded as the exit trade, anything else ends the row
+    /// cancelled; an order the broker still reports working is left for the next sweep. Returns
+    /// the quantity filled.
+    async fn settle(
+        &self,
+        row: &OpenRow,
+        findings: &mut Vec<Finding>,
+    ) -> Result<Decimal, ReconcileError> {
+        let sym = self.sym;
+        match self.ex.find_order(sym, &row.client_order_id).await? {
             // Listed a moment ago no more, but still working: the next sweep looks again.
-            Some(ack) if !ack.state.is_final() => {}
+            Some(ack) if !ack.state.is_final() => Ok(Decimal::ZERO),
             Some(ack) if ack.filled_qty > Decimal::ZERO => {
-                let exit = protective_exit(account, sym.as_str(), row, &ack, seen);
-                db::record_protective_exit(store, &exit).await?;
-                exited = exited.checked_add(ack.filled_qty).unwrap_or(exited);
+                let exit = protective_exit(self.account, sym.as_str(), row, &ack, self.seen);
+                db::record_protective_exit(self.store, &exit).await?;
                 findings.push(Finding::ProtectionFilled {
                     symbol: sym.to_string(),
                     job_id: row.job_id,
@@ -390,17 +473,18 @@ async fn protective_exits(
                     price: ack.avg_price.or(row.price),
                     pnl: exit.pnl,
                 });
+                Ok(ack.filled_qty)
             }
             _ => {
-                db::mark(store, &row.client_order_id, RowState::Cancelled).await?;
+                db::mark(self.store, &row.client_order_id, RowState::Cancelled).await?;
                 findings.push(Finding::ProtectionGone {
                     symbol: sym.to_string(),
                     client_order_id: row.client_order_id.clone(),
                 });
+                Ok(Decimal::ZERO)
             }
         }
     }
-    Ok(exited)
 }
 
 /// The trade of a protective order's fill: PnL from Sparky's entry price, the exit reason from the
@@ -443,35 +527,6 @@ pub fn exit_reason(exchange: ExchangeKind, leg: Leg, pnl: Option<Decimal>) -> Ex
         }
         _ => ExitReason::StopLoss,
     }
-}
-
-/// Step 3: cancel Sparky's protective orders with nothing to protect: the broker is flat, or holds
-/// the side the order would add to.
-async fn cancel_orphans(
-    store: &Store,
-    ex: &dyn Exchange,
-    sym: &Symbol,
-    listed: &[OpenOrder],
-    position: Option<&ExPosition>,
-    findings: &mut Vec<Finding>,
-) -> Result<(), ReconcileError> {
-    for o in listed {
-        let Some((_, leg)) = o.sparky_leg() else {
-            continue;
-        };
-        let protects = position.is_some_and(|p| o.side == OrderSide::closing(p.side));
-        if !leg.is_protective() || protects {
-            continue;
-        }
-        ex.cancel_order(sym, o).await?;
-        let id = o.client_order_id.clone().unwrap_or_default();
-        db::mark(store, &id, RowState::Cancelled).await?;
-        findings.push(Finding::OrphanCancelled {
-            symbol: sym.to_string(),
-            client_order_id: id,
-        });
-    }
-    Ok(())
 }
 
 /// Step 4: Sparky's position row set to the broker's; drift is what `explained` (the quantity

@@ -130,6 +130,68 @@ async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
     assert_eq!((pos.side, pos.quantity), (Side::Long, dec!(0.034)));
 }
 
+/// The stop fires while a sweep runs, between its listing of the orders (the stop still rests)
+/// and its reading of the position (flat): the stop is cancelled as an orphan, but its fill is
+/// what the broker reports after the cancel, so it is recorded as the `sl` exit it was, and the
+/// close is not drift. (Before, it ended `cancelled` with a "closed" drift and no trade.)
+#[tokio::test]
+async fn a_stop_that_fires_between_the_listing_and_the_position_read_is_recorded_as_the_exit() {
+    let (fake, _, app, user, secret) = aster_app().await;
+    let buy = app
+        .run_expecting(
+            &protected(webhook(user, &secret, "aster", "buy", "ETHUSDT", 100), 2, 4),
+            JobStatus::Succeeded,
+        )
+        .await;
+    fake.set_price_after_next_listing("ETHUSDT", dec!(2900));
+
+    let found = findings(&reconcile(&app, user).await);
+    assert_eq!(fake.position("ETHUSDT"), Decimal::ZERO, "the stop fired");
+    let sl = client_order_id(buy, Leg::StopLoss);
+    let tp = client_order_id(buy, Leg::TakeProfit);
+    assert_eq!(
+        found,
+        [
+            Finding::ProtectionFilled {
+                symbol: "ETHUSDT".into(),
+                job_id: buy,
+                client_order_id: sl.clone(),
+                exit_reason: ExitReason::StopLoss,
+                quantity: dec!(0.033),
+                price: Some(dec!(2900)),
+                pnl: Some(dec!(-3.3)),
+            },
+            Finding::OrphanCancelled {
+                symbol: "ETHUSDT".into(),
+                client_order_id: tp.clone(),
+            },
+            Finding::PositionSynced {
+                symbol: "ETHUSDT".into(),
+                sparky: Some(sparky::reconcile::Held {
+                    side: Side::Long,
+                    quantity: dec!(0.033)
+                }),
+                broker: None,
+                drift: None,
+            },
+        ]
+    );
+    let (qty, price, pnl, reason, _fee) = trade_leg(&app, buy, "sl").await;
+    assert_eq!(
+        (qty, price, pnl, reason),
+        (
+            dec!(0.033),
+            Some(dec!(2900)),
+            Some(dec!(-3.3)),
+            Some(ExitReason::StopLoss)
+        )
+    );
+    assert_eq!(broker_order_state(&app, &sl).await, "filled");
+    assert_eq!(broker_order_state(&app, &tp).await, "cancelled");
+    assert_eq!(app.position(user, "ETHUSDT").await, None);
+    assert!(findings(&reconcile(&app, user).await).is_empty());
+}
+
 /// The user closes the position by hand at the broker: Sparky's stop-loss and take-profit are
 /// orphaned and cancelled, the position row goes, and it is drift (metric, `sparky status`).
 #[tokio::test]
@@ -697,7 +759,15 @@ where
 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !done().await {
-        assert!(std::time::Instant::now() < deadline, "{what}");
+        if std::time::Instant::now() >= deadline {
+            let logs = captured_logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{what}; the last log lines (of every test):\n{}",
+                tail.join("\n")
+            );
+        }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

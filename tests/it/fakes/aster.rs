@@ -63,6 +63,9 @@ pub(crate) struct AsterState {
     pub(crate) fee_rate: Decimal,
     /// `totalMarginBalance` of `/fapi/v4/account`; `None` answers 500 (equity unreadable).
     pub(crate) equity: Option<Decimal>,
+    /// A price a symbol moves to right after the next `openOrders` answer (once): a stop that
+    /// fires between a sweep's listing and its position read.
+    pub(crate) price_after_listing: Option<(String, Decimal)>,
 }
 
 pub(crate) struct AsterFake {
@@ -114,6 +117,7 @@ impl AsterFake {
                 cancel_unknown: (-2011, "Unknown order sent."),
                 fee_rate: dec!(0.0004),
                 equity: Some(dec!(10000)),
+                price_after_listing: None,
             }),
         });
         let app = Router::new()
@@ -232,6 +236,10 @@ impl AsterFake {
     /// the new price); a BUY LIMIT at or above the price, a SELL LIMIT at or below it (the fill is at
     /// the limit). `closePosition` closes the whole position on that side, `reduceOnly` at most the
     /// position; with nothing to close the order ends `EXPIRED`. Each fill is a `userTrades` row.
+    pub(crate) fn set_price_after_next_listing(&self, symbol: &str, price: Decimal) {
+        self.st.lock().unwrap().price_after_listing = Some((symbol.to_string(), price));
+    }
+
     pub(crate) fn set_price(&self, symbol: &str, price: Decimal) {
         let now = chrono::Utc::now().timestamp_millis();
         let mut st = self.st.lock().unwrap();
@@ -305,6 +313,17 @@ impl AsterFake {
 }
 
 /// NEW or PARTIALLY_FILLED.
+/// `openOrders`: the open orders of `sym` (every symbol's when empty).
+fn open_listing(orders: &[Value], sym: &str) -> Value {
+    Value::Array(
+        orders
+            .iter()
+            .filter(|o| is_open(o) && (sym.is_empty() || o["symbol"] == sym))
+            .cloned()
+            .collect(),
+    )
+}
+
 pub(crate) fn is_open(o: &Value) -> bool {
     matches!(o["status"].as_str(), Some("NEW") | Some("PARTIALLY_FILLED"))
 }
@@ -388,6 +407,14 @@ impl AsterFake {
     ) -> (u16, Value) {
         let mut st = self.st.lock().unwrap();
         let sym = param(p, "symbol").unwrap_or_default().to_string();
+        if (method.as_str(), path) == ("GET", "/fapi/v1/openOrders") {
+            if let Some((symbol, price)) = st.price_after_listing.take() {
+                let listing = open_listing(&st.orders, &sym);
+                drop(st);
+                self.set_price(&symbol, price);
+                return (200, listing);
+            }
+        }
         match (method.as_str(), path) {
             ("GET", "/fapi/v1/time") => (200, json!({"serverTime": now})),
             ("GET", "/fapi/v4/account") => match st.equity {
@@ -465,16 +492,7 @@ impl AsterFake {
                 Some(i) if is_open(&st.orders[i]) => (200, st.orders[i].clone()),
                 _ => aster_err(400, -2013, "Order does not exist."),
             },
-            ("GET", "/fapi/v1/openOrders") => (
-                200,
-                Value::Array(
-                    st.orders
-                        .iter()
-                        .filter(|o| is_open(o) && (sym.is_empty() || o["symbol"] == sym))
-                        .cloned()
-                        .collect(),
-                ),
-            ),
+            ("GET", "/fapi/v1/openOrders") => (200, open_listing(&st.orders, &sym)),
             ("GET", "/fapi/v1/allOrders") => {
                 let limit: usize = param(p, "limit")
                     .and_then(|l| l.parse().ok())
