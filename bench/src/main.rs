@@ -93,7 +93,8 @@ pub struct Args {
     /// Flood: known users' alerts per second during the random-secret flood (1000 in all).
     #[arg(long, default_value_t = 100)]
     flood_known_rate: u64,
-    /// Profile the ingress and the worker with `perf` during their runs (a few percent of a core).
+    /// Profile the ingress and the worker with `perf` during their runs. It slows the profiled side
+    /// only, so the ratios of a profiled run are lower (`scripts/bench` profiles only when asked).
     #[arg(long)]
     perf: bool,
 }
