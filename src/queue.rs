@@ -9,7 +9,9 @@
 //! The ingress appends with one atomic script ([`Queue::enqueue_limited`]): the idempotency check,
 //! the user's rate-limit token bucket and the `XADD` happen in one round trip, so a repeated
 //! `alert_id` can never enqueue twice, every ingress replica draws from the same bucket, and a `202`
-//! is only answered after the `XADD` returned.
+//! is only answered after the `XADD` returned. An alert with nothing to check (no `alert_id`, and
+//! the rate limit off) is appended by a bare `XADD`: the script would run only that, at twice the
+//! Redis time.
 //!
 //! Idempotency keys follow Stripe's semantics: the key remembers the first job's id *and* the
 //! SHA-256 of the canonical alert ([`alert_fingerprint`]). The same key with the same alert is a
