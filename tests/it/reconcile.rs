@@ -48,29 +48,15 @@ async fn broker_order_state(app: &TestApp, coid: &str) -> String {
         .unwrap()
 }
 
-/// A stop fires at the broker: the reconciliation records the `sl` exit (quantity, price, PnL,
-/// exit reason) as a trade of the job that placed it, cancels the take-profit left orphaned,
-/// deletes Sparky's position without calling it drift, and the next buy opens.
-#[tokio::test]
-async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
-    let (fake, _, app, user, secret) = aster_app().await;
-    let buy = app
-        .run_expecting(
-            &protected(webhook(user, &secret, "aster", "buy", "ETHUSDT", 100), 2, 4),
-            JobStatus::Succeeded,
-        )
-        .await;
-
-    // The price falls through the stop (2940): the broker closes the long at 2900.
-    fake.set_price("ETHUSDT", dec!(2900));
-    assert_eq!(fake.position("ETHUSDT"), Decimal::ZERO);
-    assert_eq!(
-        fake.open_orders("ETHUSDT").len(),
-        1,
-        "the take-profit rests"
-    );
-
-    let found = findings(&reconcile(&app, user).await);
+/// What a sweep finds and records when the stop of `buy` (a 100 USD ETHUSDT long at 3000 with a 2%
+/// stop and a 4% take-profit) filled at 2900: the `sl` exit with its PnL, the take-profit cancelled
+/// as an orphan, the position gone without drift.
+async fn assert_the_stop_at_2900_is_recorded(
+    app: &TestApp,
+    user: Uuid,
+    buy: Uuid,
+    found: &[Finding],
+) {
     let sl = client_order_id(buy, Leg::StopLoss);
     let tp = client_order_id(buy, Leg::TakeProfit);
     assert_eq!(
@@ -100,7 +86,7 @@ async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
             },
         ]
     );
-    let (qty, price, pnl, reason, _fee) = trade_leg(&app, buy, "sl").await;
+    let (qty, price, pnl, reason, _fee) = trade_leg(app, buy, "sl").await;
     assert_eq!(
         (qty, price, pnl, reason),
         (
@@ -110,10 +96,36 @@ async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
             Some(ExitReason::StopLoss)
         )
     );
-    assert_eq!(broker_order_state(&app, &sl).await, "filled");
-    assert_eq!(broker_order_state(&app, &tp).await, "cancelled");
-    assert!(fake.open_orders("ETHUSDT").is_empty(), "no orphan left");
+    assert_eq!(broker_order_state(app, &sl).await, "filled");
+    assert_eq!(broker_order_state(app, &tp).await, "cancelled");
     assert_eq!(app.position(user, "ETHUSDT").await, None);
+}
+
+/// A stop fires at the broker: the reconciliation records the `sl` exit (quantity, price, PnL,
+/// exit reason) as a trade of the job that placed it, cancels the take-profit left orphaned,
+/// deletes Sparky's position without calling it drift, and the next buy opens.
+#[tokio::test]
+async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
+    let (fake, _, app, user, secret) = aster_app().await;
+    let buy = app
+        .run_expecting(
+            &protected(webhook(user, &secret, "aster", "buy", "ETHUSDT", 100), 2, 4),
+            JobStatus::Succeeded,
+        )
+        .await;
+
+    // The price falls through the stop (2940): the broker closes the long at 2900.
+    fake.set_price("ETHUSDT", dec!(2900));
+    assert_eq!(fake.position("ETHUSDT"), Decimal::ZERO);
+    assert_eq!(
+        fake.open_orders("ETHUSDT").len(),
+        1,
+        "the take-profit rests"
+    );
+
+    let found = findings(&reconcile(&app, user).await);
+    assert_the_stop_at_2900_is_recorded(&app, user, buy, &found).await;
+    assert!(fake.open_orders("ETHUSDT").is_empty(), "no orphan left");
 
     // A second sweep finds nothing more.
     assert!(findings(&reconcile(&app, user).await).is_empty());
@@ -147,48 +159,7 @@ async fn a_stop_that_fires_between_the_listing_and_the_position_read_is_recorded
 
     let found = findings(&reconcile(&app, user).await);
     assert_eq!(fake.position("ETHUSDT"), Decimal::ZERO, "the stop fired");
-    let sl = client_order_id(buy, Leg::StopLoss);
-    let tp = client_order_id(buy, Leg::TakeProfit);
-    assert_eq!(
-        found,
-        [
-            Finding::ProtectionFilled {
-                symbol: "ETHUSDT".into(),
-                job_id: buy,
-                client_order_id: sl.clone(),
-                exit_reason: ExitReason::StopLoss,
-                quantity: dec!(0.033),
-                price: Some(dec!(2900)),
-                pnl: Some(dec!(-3.3)),
-            },
-            Finding::OrphanCancelled {
-                symbol: "ETHUSDT".into(),
-                client_order_id: tp.clone(),
-            },
-            Finding::PositionSynced {
-                symbol: "ETHUSDT".into(),
-                sparky: Some(sparky::reconcile::Held {
-                    side: Side::Long,
-                    quantity: dec!(0.033)
-                }),
-                broker: None,
-                drift: None,
-            },
-        ]
-    );
-    let (qty, price, pnl, reason, _fee) = trade_leg(&app, buy, "sl").await;
-    assert_eq!(
-        (qty, price, pnl, reason),
-        (
-            dec!(0.033),
-            Some(dec!(2900)),
-            Some(dec!(-3.3)),
-            Some(ExitReason::StopLoss)
-        )
-    );
-    assert_eq!(broker_order_state(&app, &sl).await, "filled");
-    assert_eq!(broker_order_state(&app, &tp).await, "cancelled");
-    assert_eq!(app.position(user, "ETHUSDT").await, None);
+    assert_the_stop_at_2900_is_recorded(&app, user, buy, &found).await;
     assert!(findings(&reconcile(&app, user).await).is_empty());
 }
 
