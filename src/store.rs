@@ -432,7 +432,8 @@ impl Store {
     ) -> Result<Begin, StoreError> {
         if matches!(job.alert.action, Action::Buy | Action::Sell) {
             match self.begin(job, partition, entry_id, true).await {
-                Err(e) if !e.is_outage() => {
+                // Postgres refused the statement (so nothing of it was written): start without.
+                Err(e @ StoreError::Db(sqlx::Error::Database(_))) if !e.is_outage() => {
                     tracing::warn!(error = %e, "the job's start could not read its risk limits; starting it without them");
                 }
                 r => return r,
@@ -476,10 +477,15 @@ impl Store {
         }
         let rows = self.on_conn(async |c| Ok(q.fetch_all(c).await?)).await?;
         if let Some(first) = rows.first() {
-            let limits = if with_limits {
-                Some(risk::limits_of_begin(&rows)?)
-            } else {
-                None
+            // The start is committed: limits that do not decode are not read (the check reads
+            // them again and blocks the job, saying why), never a reason to start it again.
+            let limits = match with_limits.then(|| risk::limits_of_begin(&rows)) {
+                Some(Ok(l)) => Some(l),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "the job's risk limits read with its start do not decode");
+                    None
+                }
+                None => None,
             };
             return Ok(Begin::Execute {
                 attempt: first.try_get("attempts")?,

@@ -1069,3 +1069,40 @@ async fn the_start_of_an_opening_job_reads_the_limits_that_apply_to_it() {
     );
     app.cleanup().await;
 }
+
+/// Limits Postgres stores but Sparky cannot decode (`NaN` passes `CHECK (max_position_usd > 0)`):
+/// the start, already committed, does not run again (one attempt, so the job is not taken for a
+/// redelivery that skips the check), and the check reads them itself and blocks the open.
+#[tokio::test]
+async fn limits_that_do_not_decode_block_the_open_after_one_start() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    app.store
+        .upsert_risk_limits(&no_limits(user))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE risk_limits SET max_position_usd = 'NaN' WHERE user_id = $1")
+        .bind(user)
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
+    let job = app
+        .run_one(&order(
+            &secret,
+            "paper",
+            "buy",
+            "SOLUSDT",
+            json!({"position_size_usd": 100}),
+        ))
+        .await;
+    assert_blocked(&job, "limits");
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("cannot be evaluated"),
+        "{job:?}"
+    );
+    assert_eq!(job.attempts, 1, "{job:?}");
+    app.cleanup().await;
+}
