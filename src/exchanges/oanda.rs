@@ -232,14 +232,16 @@ impl OandaClient {
         Ok(pip.normalize())
     }
 
-    /// The side of each open trade, by trade id (`GET /openTrades`).
-    async fn trade_sides(&self) -> Result<HashMap<String, Side>, ExchangeError> {
+    /// The side of each open trade of `instrument`, by trade id (`GET /openTrades` lists the
+    /// account's trades of every instrument).
+    async fn trade_sides(&self, instrument: &str) -> Result<HashMap<String, Side>, ExchangeError> {
         let v = self.get("/openTrades").await?;
         let Some(trades) = v["trades"].as_array() else {
             return Err(http::unexpected(NAME, "openTrades without `trades`"));
         };
         Ok(trades
             .iter()
+            .filter(|t| t["instrument"].as_str() == Some(instrument))
             .filter_map(|t| {
                 let units = dec(&t["currentUnits"])?;
                 let side = if units < Decimal::ZERO {
@@ -674,11 +676,11 @@ impl Exchange for OandaClient {
         let Some(orders) = v["orders"].as_array() else {
             return Err(http::unexpected(NAME, "pendingOrders without `orders`"));
         };
-        // A dependent order (a trade's STOP_LOSS / TAKE_PROFIT) names neither units nor side: it
-        // closes its trade, so its side is the opposite of the trade's (read once, only when
-        // there is one).
+        // A dependent order (a trade's STOP_LOSS / TAKE_PROFIT) names neither its instrument, nor
+        // units, nor side: it belongs to this instrument only if its trade does, and it closes its
+        // trade, so its side is the opposite of the trade's (read once, only when there is one).
         let trade_sides = if orders.iter().any(|o| o["tradeID"].is_string()) {
-            self.trade_sides().await?
+            self.trade_sides(symbol.as_str()).await?
         } else {
             HashMap::new()
         };
@@ -686,7 +688,7 @@ impl Exchange for OandaClient {
         for o in orders {
             let kind = o["type"].as_str().unwrap_or_default();
             let instrument = o["instrument"].as_str();
-            // Dependent orders carry no instrument; they belong to a trade in this account.
+            // Dependent orders carry no instrument: their trade decides (below).
             if instrument.is_some_and(|i| i != symbol.as_str()) {
                 continue;
             }
@@ -698,7 +700,8 @@ impl Exchange for OandaClient {
             let side = match id_text(&o["tradeID"]) {
                 Some(trade) => match trade_sides.get(&trade) {
                     Some(side) => OrderSide::closing(*side),
-                    // Its trade closed meanwhile: OANDA cancels it with the trade.
+                    // Its trade is another instrument's, or closed meanwhile (OANDA cancels it
+                    // with the trade).
                     None => continue,
                 },
                 None if units < Decimal::ZERO => OrderSide::Sell,

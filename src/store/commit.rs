@@ -191,7 +191,10 @@ pub(crate) fn push_fills<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q O
         s.part("bc")
             .push("UPDATE broker_orders SET state = 'cancelled', updated_at = now() WHERE client_order_id = ANY(")
             .push_bind(cancelled)
-            .push(") AND state = 'open'")
+            .push(") AND state = 'open' AND user_id = ")
+            .push_bind(job.alert.user_id)
+            .push(" AND symbol = ")
+            .push_bind(job.alert.symbol.as_str().to_string())
             .push(gate.and());
         s.close();
     }

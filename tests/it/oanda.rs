@@ -532,3 +532,40 @@ async fn oanda_fake_working_limit_cancel_and_trade_orders() {
         (Some("60"), Some(tid.as_str()))
     );
 }
+
+/// `openOrders` of one instrument lists only the dependent orders (stop-loss, take-profit) of that
+/// instrument's trades. OANDA's dependent orders carry no instrument and `openTrades` lists every
+/// instrument's trades; counting another instrument's stops as this one's made a close of EUR_USD
+/// record them cancelled (they kept resting) and a sweep of a flat EUR_USD cancel them at OANDA.
+#[tokio::test]
+async fn oanda_open_orders_of_an_instrument_leave_out_other_instruments_stops() {
+    let (_fake, url) = OandaFake::start().await;
+    let ex = oanda_client(&url, Duration::from_secs(5));
+    let mut ids = vec![];
+    for symbol in ["EUR_USD", "XAU_USD"] {
+        let mut j = job(ExchangeKind::Oanda, Action::Buy, symbol, dec!(1000));
+        j.alert.stop_loss_percent = Some(dec!(1));
+        j.alert.take_profit_percent = Some(dec!(2));
+        assert_eq!(run(&ex, &j).await.status, JobStatus::Succeeded);
+        ids.push(j.job_id);
+    }
+    for (symbol, job_id) in ["EUR_USD", "XAU_USD"].into_iter().zip(&ids) {
+        let sym = Symbol::parse(symbol, ExchangeKind::Oanda).unwrap();
+        let mut listed: Vec<String> = ex
+            .open_orders(&sym)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|o| o.client_order_id)
+            .collect();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                client_order_id(*job_id, Leg::StopLoss),
+                client_order_id(*job_id, Leg::TakeProfit)
+            ],
+            "{symbol}"
+        );
+    }
+}
