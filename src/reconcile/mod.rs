@@ -428,6 +428,14 @@ impl Protective<'_> {
                     let mut settled = Vec::new();
                     let q = self.settle(row, &mut settled).await?;
                     exited = exited.checked_add(q).unwrap_or(exited);
+                    if settled.is_empty() {
+                        // The broker still reports it working a moment after the cancel: the
+                        // cancel was sent; the next sweep settles the row.
+                        settled.push(Finding::ProtectionGone {
+                            symbol: self.sym.to_string(),
+                            client_order_id: id.clone(),
+                        });
+                    }
                     // A plain cancel reads as the orphan it was.
                     for f in settled {
                         findings.push(match f {

@@ -10,10 +10,11 @@
 //! - The scope is a task-local: only the statements of the task that runs the job use the held
 //!   connection; anything the job spawns, and every method not written with [`Store::on_conn`],
 //!   takes a connection from the pool as before, for that one statement.
-//! - A job holds at most one connection, and at most the pool's size less two jobs hold one at
-//!   once (the worker's `holders`): two connections are never held, so a statement outside the
-//!   held connections always gets one in turn, and no job waits on a connection another job
-//!   holds.
+//! - A job holds at most one connection, and at most half the pool's connections are held at once
+//!   (the worker's `holders`; a paper job beyond that runs as any other): the other half serves the
+//!   statements outside the held connections (a holding job's credential load or risk counts, the
+//!   jobs at remote brokers, the sweeps), so such a statement always gets one in turn, and no job
+//!   waits on a connection another job holds.
 //! - Only jobs that wait on nothing but Postgres hold one (the paper exchange's): a job at a
 //!   remote broker would keep it idle through every broker call.
 //! - Any error on the held connection gives it back to the pool (which tests it and closes it if

@@ -53,7 +53,7 @@ pub struct JobRunner {
     max_signal_age: Duration,
     max_deliveries: u32,
     /// Paper jobs that may run their statements on one held connection at once
-    /// ([`Store::holding_a_connection`]): the pool's size less two.
+    /// ([`Store::holding_a_connection`]): half the pool's connections.
     holders: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
     metrics: Metrics,
@@ -113,7 +113,7 @@ impl JobRunner {
             max_signal_age: config.max_signal_age,
             max_deliveries: config.max_deliveries,
             holders: Arc::new(tokio::sync::Semaphore::new(
-                (store.max_connections() as usize).saturating_sub(2),
+                store.max_connections() as usize / 2,
             )),
             store,
             queue,

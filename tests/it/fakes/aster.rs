@@ -230,16 +230,17 @@ impl AsterFake {
         st.orders[i]["status"] = json!("PARTIALLY_FILLED");
     }
 
+    /// The price of `symbol` moves to `price` right after the next `openOrders` answer.
+    pub(crate) fn set_price_after_next_listing(&self, symbol: &str, price: Decimal) {
+        self.st.lock().unwrap().price_after_listing = Some((symbol.to_string(), price));
+    }
+
     /// Move the price of `symbol` (ticker, mark and fills) and fire what it crosses, in placement
     /// order: a SELL STOP_MARKET at or above the price, a BUY STOP_MARKET at or below it, a SELL
     /// TAKE_PROFIT_MARKET at or below it, a BUY TAKE_PROFIT_MARKET at or above it (the fill is at
     /// the new price); a BUY LIMIT at or above the price, a SELL LIMIT at or below it (the fill is at
     /// the limit). `closePosition` closes the whole position on that side, `reduceOnly` at most the
     /// position; with nothing to close the order ends `EXPIRED`. Each fill is a `userTrades` row.
-    pub(crate) fn set_price_after_next_listing(&self, symbol: &str, price: Decimal) {
-        self.st.lock().unwrap().price_after_listing = Some((symbol.to_string(), price));
-    }
-
     pub(crate) fn set_price(&self, symbol: &str, price: Decimal) {
         let now = chrono::Utc::now().timestamp_millis();
         let mut st = self.st.lock().unwrap();
@@ -312,7 +313,6 @@ impl AsterFake {
     }
 }
 
-/// NEW or PARTIALLY_FILLED.
 /// `openOrders`: the open orders of `sym` (every symbol's when empty).
 fn open_listing(orders: &[Value], sym: &str) -> Value {
     Value::Array(
@@ -324,6 +324,7 @@ fn open_listing(orders: &[Value], sym: &str) -> Value {
     )
 }
 
+/// NEW or PARTIALLY_FILLED.
 pub(crate) fn is_open(o: &Value) -> bool {
     matches!(o["status"].as_str(), Some("NEW") | Some("PARTIALLY_FILLED"))
 }
