@@ -48,6 +48,19 @@ async fn broker_order_state(app: &TestApp, coid: &str) -> String {
         .unwrap()
 }
 
+/// An aster user with a 100 USD ETHUSDT long at 3000, protected by a 2% stop and a 4% take-profit
+/// (`buy`: its job).
+async fn a_protected_eth_long() -> (std::sync::Arc<AsterFake>, TestApp, Uuid, String, Uuid) {
+    let (fake, _, app, user, secret) = aster_app().await;
+    let buy = app
+        .run_expecting(
+            &protected(webhook(user, &secret, "aster", "buy", "ETHUSDT", 100), 2, 4),
+            JobStatus::Succeeded,
+        )
+        .await;
+    (fake, app, user, secret, buy)
+}
+
 /// What a sweep finds and records when the stop of `buy` (a 100 USD ETHUSDT long at 3000 with a 2%
 /// stop and a 4% take-profit) filled at 2900: the `sl` exit with its PnL, the take-profit cancelled
 /// as an orphan, the position gone without drift.
@@ -106,13 +119,7 @@ async fn assert_the_stop_at_2900_is_recorded(
 /// deletes Sparky's position without calling it drift, and the next buy opens.
 #[tokio::test]
 async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
-    let (fake, _, app, user, secret) = aster_app().await;
-    let buy = app
-        .run_expecting(
-            &protected(webhook(user, &secret, "aster", "buy", "ETHUSDT", 100), 2, 4),
-            JobStatus::Succeeded,
-        )
-        .await;
+    let (fake, app, user, secret, buy) = a_protected_eth_long().await;
 
     // The price falls through the stop (2940): the broker closes the long at 2900.
     fake.set_price("ETHUSDT", dec!(2900));
@@ -148,13 +155,7 @@ async fn a_stop_fired_at_the_broker_is_recorded_and_the_next_buy_opens() {
 /// close is not drift. (Before, it ended `cancelled` with a "closed" drift and no trade.)
 #[tokio::test]
 async fn a_stop_that_fires_between_the_listing_and_the_position_read_is_recorded_as_the_exit() {
-    let (fake, _, app, user, secret) = aster_app().await;
-    let buy = app
-        .run_expecting(
-            &protected(webhook(user, &secret, "aster", "buy", "ETHUSDT", 100), 2, 4),
-            JobStatus::Succeeded,
-        )
-        .await;
+    let (fake, app, user, _, buy) = a_protected_eth_long().await;
     fake.set_price_after_next_listing("ETHUSDT", dec!(2900));
 
     let found = findings(&reconcile(&app, user).await);

@@ -495,6 +495,13 @@ async fn user_with_a_long(app: &TestApp) -> (Uuid, String, Uuid) {
     (user, secret, job.job_id)
 }
 
+/// Blocked because the limits cannot be evaluated (unreadable, or not decodable).
+fn assert_unevaluable(job: &JobRow) {
+    assert_blocked(job, "limits");
+    let e = job.error.as_deref().unwrap();
+    assert!(e.contains("cannot be evaluated"), "{job:?}");
+}
+
 fn assert_blocked(job: &JobRow, rule: &str) {
     assert_eq!(job.status, JobStatus::Blocked, "{job:?}");
     assert_eq!(job.error_class, Some(FailureClass::Risk));
@@ -561,14 +568,7 @@ async fn rule_blocks_opens_not_closes(
             .await
             .unwrap();
         let job = app.run_one(&open_sol("tz")).await;
-        assert_blocked(&job, "limits");
-        assert!(
-            job.error
-                .as_deref()
-                .unwrap()
-                .contains("cannot be evaluated"),
-            "{job:?}"
-        );
+        assert_unevaluable(&job);
     }
     // the limits cannot be read at all
     sqlx::query("ALTER TABLE risk_limits RENAME TO risk_limits_gone")
@@ -576,14 +576,7 @@ async fn rule_blocks_opens_not_closes(
         .await
         .unwrap();
     let job = app.run_one(&open_sol("gone")).await;
-    assert_blocked(&job, "limits");
-    assert!(
-        job.error
-            .as_deref()
-            .unwrap()
-            .contains("cannot be evaluated"),
-        "{job:?}"
-    );
+    assert_unevaluable(&job);
     let close = app
         .run_one(&order(&secret, "paper", "close", "SOLUSDT", json!({})))
         .await;
@@ -1095,14 +1088,7 @@ async fn limits_that_do_not_decode_block_the_open_after_one_start() {
             json!({"position_size_usd": 100}),
         ))
         .await;
-    assert_blocked(&job, "limits");
-    assert!(
-        job.error
-            .as_deref()
-            .unwrap()
-            .contains("cannot be evaluated"),
-        "{job:?}"
-    );
+    assert_unevaluable(&job);
     assert_eq!(job.attempts, 1, "{job:?}");
     app.cleanup().await;
 }
