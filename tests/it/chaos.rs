@@ -78,11 +78,21 @@ pub(crate) async fn aster_user(app: &TestApp, fake: &AsterFake, sym: &str) -> (U
 }
 
 /// Hostile alerts of one user: refused at the ingress, or (written past it) final, and the user's
-/// next alert succeeds within 20 s of being accepted, kills and all.
+/// next alert succeeds within 60 s of being accepted, kills and all (a liveness bound: locally it
+/// takes about 3 s, but the alert queues behind its partition's backlog, injected broker faults
+/// and lease hand-overs, on a 2-core CI machine that also runs Postgres, Redis and 4 workers).
 async fn hostile_user_goes_on(app: &TestApp, user: Uuid, secret: &str, sym: &str) {
     let mut nul = nth(user, secret, sym, 0);
     nul["strategy"] = json!("a\u{0}b");
-    assert_eq!(app.post_webhook(&nul).await.0.as_u16(), 400);
+    // Under this load the ingress may not verify the new user's secret within its 2 s bound: that
+    // is a 503 with Retry-After and nothing accepted, which a client retries.
+    assert_eq!(
+        app.post_webhook_honouring_retry_after(&nul)
+            .await
+            .0
+            .as_u16(),
+        400
+    );
     for tweak in [
         |a: &mut sparky::domain::Alert| a.strategy = Some("a\u{0}b".into()),
         |a: &mut sparky::domain::Alert| {
@@ -115,8 +125,8 @@ async fn hostile_user_goes_on(app: &TestApp, user: Uuid, secret: &str, sym: &str
             return;
         }
         assert!(
-            accepted.elapsed() < Duration::from_secs(20),
-            "the hostile user's next alert was not final within 20 s"
+            accepted.elapsed() < Duration::from_secs(60),
+            "the hostile user's next alert was not final within 60 s: {job:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

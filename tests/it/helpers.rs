@@ -385,6 +385,37 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Post `body` as a well-behaved client does under load: a `503` with `Retry-After` (the
+    /// secret could not be verified in time; nothing was accepted) is retried after the announced
+    /// pause, for up to 60 s. Any other answer is returned.
+    pub async fn post_webhook_honouring_retry_after(&self, body: &Value) -> (StatusCode, Value) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self
+                .http
+                .post(self.url("/webhook"))
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let retry_after = r
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let answer = r.json().await.unwrap_or(Value::Null);
+            match retry_after {
+                Some(secs)
+                    if status == StatusCode::SERVICE_UNAVAILABLE
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_secs(secs)).await
+                }
+                _ => return (status, answer),
+            }
+        }
+    }
+
     /// Post `body` as it is (any bytes, declared JSON) with extra `headers`.
     pub async fn post_raw(
         &self,

@@ -265,13 +265,16 @@ async fn three_workers_one_killed_every_alert_once_and_in_order() {
         "every alert became exactly one job"
     );
     assert_exactly_once_in_order(&app, &users, per_user).await;
-    // Every job the victim was running when it died was either committed by it (the commit was
-    // already on its way to Postgres when it froze; the new owner then only acks the entry) or
-    // taken over and run again by the new owner; none was left behind or marked done unrun.
+    // Every job the victim was running when it died was either committed by it or taken over and
+    // run again by the new owner; none was left behind or marked done unrun. A commit with the
+    // attempt the victim held can only be the victim's own (every other delivery begins the job
+    // again, which raises `attempts`), and it may land after the SIGKILL: a statement the victim
+    // had written to its socket before it froze is still read and run by its Postgres backend,
+    // whose `now()` is then later than the kill (seen in CI on a loaded machine, 46 ms later).
     let mut rerun = 0;
     for (job_id, attempts_at_kill) in &cut_short {
-        let (attempts, finished_at): (i32, Option<chrono::DateTime<chrono::Utc>>) =
-            sqlx::query_as("SELECT attempts, finished_at FROM jobs WHERE job_id = $1")
+        let (attempts, status, finished_at): (i32, String, Option<chrono::DateTime<chrono::Utc>>) =
+            sqlx::query_as("SELECT attempts, status, finished_at FROM jobs WHERE job_id = $1")
                 .bind(job_id)
                 .fetch_one(&app.store.pool)
                 .await
@@ -280,10 +283,10 @@ async fn three_workers_one_killed_every_alert_once_and_in_order() {
             rerun += 1;
         } else {
             assert!(
-                finished_at.is_some_and(|f| f < killed_at_db),
+                status == "succeeded" && finished_at.is_some(),
                 "job {job_id}, running on the killed worker (attempt {attempts_at_kill}), was \
-                 neither committed before the kill nor run again (attempts {attempts}, finished \
-                 {finished_at:?}, killed {killed_at_db})"
+                 neither committed by it nor run again (attempts {attempts}, status {status}, \
+                 finished {finished_at:?}, killed {killed_at_db})"
             );
         }
     }
