@@ -11,6 +11,7 @@ use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -449,20 +450,13 @@ impl Store {
         entry_id: &str,
         with_limits: bool,
     ) -> Result<Begin, StoreError> {
-        const UPSERT: &str = "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action, symbol, alert, status, attempts, accepted_at, started_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'executing', 1, $9, now())
-             ON CONFLICT (job_id) DO UPDATE SET
-               attempts = jobs.attempts + 1, status = 'executing', partition = EXCLUDED.partition,
-               entry_id = EXCLUDED.entry_id, started_at = now(), updated_at = now()
-             WHERE jobs.status IN ('queued', 'executing')
-             RETURNING attempts";
         let a = &job.alert;
-        let sql = if with_limits {
-            risk::begin_with_limits(UPSERT)
+        let sql: &str = if with_limits {
+            &BEGIN_WITH_LIMITS
         } else {
-            UPSERT.to_string()
+            BEGIN
         };
-        let mut q = sqlx::query(&sql)
+        let mut q = sqlx::query(sql)
             .bind(job.job_id)
             .bind(a.user_id)
             .bind(partition as i32)
@@ -562,8 +556,7 @@ impl Store {
     }
 
     pub async fn get_job(&self, job_id: Uuid) -> Result<Option<JobRow>, StoreError> {
-        let sql = format!("{JOB_SELECT} WHERE job_id = $1");
-        let q = sqlx::query(&sql).bind(job_id);
+        let q = sqlx::query(&JOB_BY_ID).bind(job_id);
         let r = self
             .on_conn(async |c| Ok(q.fetch_optional(c).await?))
             .await?;
@@ -682,10 +675,7 @@ impl Store {
         account: &Account,
         symbol: &str,
     ) -> Result<Option<PositionRow>, StoreError> {
-        let sql = format!(
-            "{POSITION_SELECT} WHERE user_id = $1 AND exchange = $2 AND environment = $3 AND symbol = $4"
-        );
-        let q = sqlx::query(&sql)
+        let q = sqlx::query(&POSITION_OF)
             .bind(account.user_id)
             .bind(account.exchange.as_str())
             .bind(account.environment.as_str())
@@ -707,6 +697,26 @@ impl Store {
         Ok(rows.iter().map(position_row).collect::<Result<_, _>>()?)
     }
 }
+
+/// The start of a job's delivery (the attempt fence): `attempts`, or no row when the job is final.
+const BEGIN: &str = "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action, symbol, alert, status, attempts, accepted_at, started_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'executing', 1, $9, now())
+     ON CONFLICT (job_id) DO UPDATE SET
+       attempts = jobs.attempts + 1, status = 'executing', partition = EXCLUDED.partition,
+       entry_id = EXCLUDED.entry_id, started_at = now(), updated_at = now()
+     WHERE jobs.status IN ('queued', 'executing')
+     RETURNING attempts";
+
+/// [`BEGIN`] that also reads the job's risk limits ([`risk::begin_with_limits`]).
+static BEGIN_WITH_LIMITS: LazyLock<String> = LazyLock::new(|| risk::begin_with_limits(BEGIN));
+
+/// [`Store::get_job`]'s statement.
+static JOB_BY_ID: LazyLock<String> = LazyLock::new(|| format!("{JOB_SELECT} WHERE job_id = $1"));
+
+/// [`Store::position`]'s statement.
+static POSITION_OF: LazyLock<String> = LazyLock::new(|| {
+    format!("{POSITION_SELECT} WHERE user_id = $1 AND exchange = $2 AND environment = $3 AND symbol = $4")
+});
 
 /// The columns [`job_row`] reads.
 const JOB_SELECT: &str = "SELECT job_id, user_id, partition, entry_id, exchange, action, symbol,

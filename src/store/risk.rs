@@ -8,6 +8,7 @@ use crate::domain::ExchangeKind;
 use crate::risk::{RiskFacts, RiskLimits};
 use chrono::{DateTime, NaiveTime, Utc};
 use sqlx::Row;
+use std::sync::LazyLock;
 
 impl Store {
     /// The realized PnL recorded on `user`'s trades on `exchange`, all time (paper equity).
@@ -53,17 +54,27 @@ fn limits_row(r: &sqlx::postgres::PgRow) -> Result<RiskLimits, StoreError> {
     })
 }
 
+/// The limits that apply to a job of the user in parameter `user` under the strategy (or '') in
+/// parameter `strategy`: the user's row and the strategy's.
+fn limits_that_apply(user: &str, strategy: &str) -> String {
+    format!("{LIMITS_SELECT} WHERE user_id = {user} AND (strategy = '' OR strategy = {strategy})")
+}
+
 /// The begin's upsert (`upsert`, returning `attempts`) that also reads the limits that apply to
 /// the job (`$2` the user, `$10` the strategy or ''): one row per row of limits, or one row with
-/// NULL limits when there are none. No row: the upsert did nothing (the job is final).
+/// NULL limits when there are none. No row: the upsert did nothing (the job is final). Built once
+/// (the caller keeps it in a `LazyLock`).
 pub(super) fn begin_with_limits(upsert: &str) -> String {
     format!(
         "WITH b AS ({upsert})
-         SELECT b.attempts, l.* FROM b
-         LEFT JOIN ({LIMITS_SELECT} WHERE user_id = $2 AND (strategy = '' OR strategy = $10)) l ON true
-         ORDER BY l.strategy"
+         SELECT b.attempts, l.* FROM b LEFT JOIN ({}) l ON true
+         ORDER BY l.strategy",
+        limits_that_apply("$2", "$10")
     )
 }
+
+static LIMITS_FOR: LazyLock<String> =
+    LazyLock::new(|| format!("{} ORDER BY strategy", limits_that_apply("$1", "$2")));
 
 /// The limits in the rows of [`begin_with_limits`].
 pub(super) fn limits_of_begin(
@@ -89,13 +100,11 @@ impl Store {
         user: Uuid,
         strategy: Option<&str>,
     ) -> Result<Vec<RiskLimits>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "{LIMITS_SELECT} WHERE user_id = $1 AND (strategy = '' OR strategy = $2) ORDER BY strategy"
-        ))
-        .bind(user)
-        .bind(strategy.unwrap_or(""))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&LIMITS_FOR)
+            .bind(user)
+            .bind(strategy.unwrap_or(""))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(limits_row).collect()
     }
 
