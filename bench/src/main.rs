@@ -97,6 +97,10 @@ pub struct Args {
     /// only, so the ratios of a profiled run are lower (`scripts/bench` profiles only when asked).
     #[arg(long)]
     perf: bool,
+    /// `LOG_LEVEL` of the workers (what a deployment logs is part of what a job costs; `warn`
+    /// shows how much the per-job info lines cost).
+    #[arg(long, default_value = "info,sqlx=warn")]
+    worker_log_level: String,
 }
 
 #[tokio::main]
@@ -109,7 +113,8 @@ async fn main() -> anyhow::Result<()> {
             .map(PathBuf::from)
             .unwrap_or_default(),
     };
-    let ctx = setup::Ctx::from_env(bin_dir)?;
+    let mut ctx = setup::Ctx::from_env(bin_dir)?;
+    ctx.worker_log_level = args.worker_log_level.clone();
     ctx.sweep().await?;
     let started = Instant::now();
     let mut rep = report::Report::start(&ctx).await;

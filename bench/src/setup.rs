@@ -34,6 +34,8 @@ pub struct Ctx {
     pub bin_dir: PathBuf,
     /// Scratch directory of this run (bodies, logs); removed at the end.
     pub tmp: PathBuf,
+    /// `LOG_LEVEL` of the workers the bench starts (`--worker-log-level`).
+    pub worker_log_level: String,
 }
 
 impl Ctx {
@@ -67,6 +69,7 @@ impl Ctx {
             db_query: query,
             bin_dir,
             tmp,
+            worker_log_level: "info,sqlx=warn".into(),
         })
     }
 
@@ -354,7 +357,7 @@ pub fn worker_env(
         ("SPARKY_LEASE_TTL_MS", "2000".into()),
         ("SPARKY_EXCHANGE_TIMEOUT_MS", "900".into()),
         ("WORKER_PORT", "0".into()),
-        ("LOG_LEVEL", "info,sqlx=warn".into()),
+        ("LOG_LEVEL", ctx.worker_log_level.clone()),
         ("LOG_FORMAT", "json".into()),
     ]
 }
