@@ -63,6 +63,19 @@ impl StoreError {
         }
     }
 
+    /// Postgres answered that the statement cannot run as written (SQLSTATE classes 42: an
+    /// undefined table or column, a missing privilege; 22: a value it cannot take; 0A: a feature
+    /// it lacks). Running the same statement again gets the same answer; a transient refusal (a
+    /// serialization failure or deadlock, class 40; a read-only standby, 25006) is not one.
+    pub fn is_refused_statement(&self) -> bool {
+        match self {
+            StoreError::Db(sqlx::Error::Database(d)) => d
+                .code()
+                .is_some_and(|c| ["42", "22", "0A"].iter().any(|class| c.starts_with(class))),
+            _ => false,
+        }
+    }
+
     /// Postgres cannot be reached or is overloaded (SQLSTATE classes 08, 53, 57, 58, or no answer
     /// at all): worth waiting out, as opposed to an error Postgres *answered* about the query.
     pub fn is_outage(&self) -> bool {
@@ -422,9 +435,11 @@ impl Store {
     ///
     /// For an opening job (buy, sell) the same statement also reads the risk limits that apply to
     /// it ([`Begin::Execute`]'s `limits`): the risk check then needs no read of its own for a user
-    /// without limits, one round trip fewer. If Postgres answers that statement with an error
-    /// (the limits cannot be read), the job is begun without them: the risk check reads them
-    /// itself and blocks the job, and a close still runs. An outage is returned as it is.
+    /// without limits, one round trip fewer. If Postgres refuses that statement as written
+    /// ([`StoreError::is_refused_statement`]: the limits cannot be read), the job is begun without
+    /// them: the risk check reads them itself and blocks the job, and a close still runs. Any
+    /// other error (an outage, a serialization failure) is returned as it is, for the caller to
+    /// retry the same statement.
     pub async fn begin_job(
         &self,
         job: &Job,
@@ -434,7 +449,7 @@ impl Store {
         if matches!(job.alert.action, Action::Buy | Action::Sell) {
             match self.begin(job, partition, entry_id, true).await {
                 // Postgres refused the statement (so nothing of it was written): start without.
-                Err(e @ StoreError::Db(sqlx::Error::Database(_))) if !e.is_outage() => {
+                Err(e) if e.is_refused_statement() => {
                     tracing::warn!(error = %e, "the job's start could not read its risk limits; starting it without them");
                 }
                 r => return r,
@@ -783,4 +798,73 @@ fn trade_row(r: &sqlx::postgres::PgRow) -> Result<TradeRow, sqlx::Error> {
         exchange_order_id: r.try_get("exchange_order_id")?,
         status: r.try_get("status")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::StoreError;
+
+    /// An error Postgres answered with `code`.
+    #[derive(Debug)]
+    struct Answered(&'static str);
+
+    impl std::fmt::Display for Answered {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Answered {}
+
+    impl sqlx::error::DatabaseError for Answered {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn answered(code: &'static str) -> StoreError {
+        StoreError::Db(sqlx::Error::Database(Box::new(Answered(code))))
+    }
+
+    #[test]
+    fn a_statement_refused_as_written_is_told_from_a_transient_refusal_and_an_outage() {
+        // undefined table, undefined column, no privilege, NUL in text, bad JSON, unsupported
+        for code in ["42P01", "42703", "42501", "22021", "22P02", "0A000"] {
+            let e = answered(code);
+            assert!(e.is_refused_statement(), "{code}");
+            assert!(!e.is_outage(), "{code}");
+        }
+        // serialization failure, deadlock, read-only standby: the same statement may pass later
+        for code in ["40001", "40P01", "25006"] {
+            let e = answered(code);
+            assert!(!e.is_refused_statement(), "{code}");
+            assert!(!e.is_outage(), "{code}");
+        }
+        // too many connections, admin shutdown, connection failure
+        for code in ["53300", "57P01", "08006"] {
+            let e = answered(code);
+            assert!(!e.is_refused_statement(), "{code}");
+            assert!(e.is_outage(), "{code}");
+        }
+        let no_answer = StoreError::Db(sqlx::Error::PoolTimedOut);
+        assert!(!no_answer.is_refused_statement());
+        assert!(no_answer.is_outage());
+    }
 }
