@@ -73,6 +73,7 @@ pub(super) fn begin_with_limits(upsert: &str) -> String {
     )
 }
 
+/// [`Store::risk_limits_for`]'s statement.
 static LIMITS_FOR: LazyLock<String> =
     LazyLock::new(|| format!("{} ORDER BY strategy", limits_that_apply("$1", "$2")));
 
