@@ -374,6 +374,12 @@ impl TestApp {
     }
 
     pub async fn post_webhook(&self, body: &Value) -> (StatusCode, Value) {
+        let (status, _, answer) = self.post_webhook_answer(body).await;
+        (status, answer)
+    }
+
+    /// Post `body`: the status, the `Retry-After` seconds if any, and the JSON answer.
+    async fn post_webhook_answer(&self, body: &Value) -> (StatusCode, Option<u64>, Value) {
         let r = self
             .http
             .post(self.url("/webhook"))
@@ -381,8 +387,15 @@ impl TestApp {
             .send()
             .await
             .unwrap();
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let retry_after = r
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        (
+            r.status(),
+            retry_after,
+            r.json().await.unwrap_or(Value::Null),
+        )
     }
 
     /// Post `body` as a well-behaved client does under load: a `503` with `Retry-After` (the
@@ -391,27 +404,13 @@ impl TestApp {
     pub async fn post_webhook_honouring_retry_after(&self, body: &Value) -> (StatusCode, Value) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let r = self
-                .http
-                .post(self.url("/webhook"))
-                .json(body)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status();
-            let retry_after = r
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-            let answer = r.json().await.unwrap_or(Value::Null);
-            match retry_after {
-                Some(secs)
-                    if status == StatusCode::SERVICE_UNAVAILABLE
-                        && std::time::Instant::now() < deadline =>
+            match self.post_webhook_answer(body).await {
+                (StatusCode::SERVICE_UNAVAILABLE, Some(secs), _)
+                    if std::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_secs(secs)).await
                 }
-                _ => return (status, answer),
+                (status, _, answer) => return (status, answer),
             }
         }
     }
