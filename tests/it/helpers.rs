@@ -434,9 +434,10 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    /// Post and expect 202; returns the job id.
+    /// Post `body` (as a client does: see [`TestApp::post_webhook_honouring_retry_after`]) and
+    /// return the accepted job's id; anything but `202` fails the test.
     pub async fn enqueue(&self, body: &Value) -> Uuid {
-        let (status, v) = self.post_webhook(body).await;
+        let (status, v) = self.post_webhook_honouring_retry_after(body).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{v}");
         v["job_id"].as_str().unwrap().parse().unwrap()
     }
