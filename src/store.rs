@@ -44,23 +44,31 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Postgres answered with a SQLSTATE of one of `classes` (its first two characters).
+    fn sqlstate_in(&self, classes: &[&str]) -> bool {
+        match self {
+            StoreError::Db(sqlx::Error::Database(d)) => d
+                .code()
+                .is_some_and(|c| classes.iter().any(|class| c.starts_with(class))),
+            _ => false,
+        }
+    }
+
     /// Postgres refused the job's *data*: SQLSTATE classes 22 (data exception: a value it cannot
     /// store) and 23 (integrity constraint), or a value that does not decode. Trying again cannot
     /// help, so the job ends after `SPARKY_MAX_DELIVERIES` tries. Everything else (connections, the
     /// pool, a read-only server during a failover, timeouts, serialization failures, disk full, ...)
     /// is the database's state, not the job's: worth waiting out, however long it takes.
     pub fn is_data_error(&self) -> bool {
-        match self {
-            StoreError::Db(sqlx::Error::Database(d)) => d
-                .code()
-                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
-            StoreError::Db(
-                sqlx::Error::ColumnDecode { .. }
-                | sqlx::Error::Decode(_)
-                | sqlx::Error::TypeNotFound { .. },
-            ) => true,
-            _ => false,
-        }
+        self.sqlstate_in(&["22", "23"])
+            || matches!(
+                self,
+                StoreError::Db(
+                    sqlx::Error::ColumnDecode { .. }
+                        | sqlx::Error::Decode(_)
+                        | sqlx::Error::TypeNotFound { .. },
+                )
+            )
     }
 
     /// Postgres answered that the statement cannot run as written (SQLSTATE classes 42: an
@@ -68,33 +76,24 @@ impl StoreError {
     /// it lacks). Running the same statement again gets the same answer; a transient refusal (a
     /// serialization failure or deadlock, class 40; a read-only standby, 25006) is not one.
     pub fn is_refused_statement(&self) -> bool {
-        match self {
-            StoreError::Db(sqlx::Error::Database(d)) => d
-                .code()
-                .is_some_and(|c| ["42", "22", "0A"].iter().any(|class| c.starts_with(class))),
-            _ => false,
-        }
+        self.sqlstate_in(&["42", "22", "0A"])
     }
 
     /// Postgres cannot be reached or is overloaded (SQLSTATE classes 08, 53, 57, 58, or no answer
     /// at all): worth waiting out, as opposed to an error Postgres *answered* about the query.
     pub fn is_outage(&self) -> bool {
-        match self {
-            StoreError::Db(sqlx::Error::Database(d)) => d.code().is_some_and(|c| {
-                ["08", "53", "57", "58"]
-                    .iter()
-                    .any(|class| c.starts_with(class))
-            }),
-            StoreError::Db(
-                sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::Protocol(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed,
-            ) => true,
-            _ => false,
-        }
+        self.sqlstate_in(&["08", "53", "57", "58"])
+            || matches!(
+                self,
+                StoreError::Db(
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::Protocol(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed,
+                )
+            )
     }
 }
 
@@ -851,6 +850,13 @@ mod tests {
             assert!(e.is_refused_statement(), "{code}");
             assert!(!e.is_outage(), "{code}");
         }
+        // the job's data: a value Postgres cannot store, a constraint
+        for code in ["22021", "22003", "23505", "23514"] {
+            assert!(answered(code).is_data_error(), "{code}");
+        }
+        for code in ["42P01", "40001", "25006", "53300"] {
+            assert!(!answered(code).is_data_error(), "{code}");
+        }
         // serialization failure, deadlock, read-only standby: the same statement may pass later
         for code in ["40001", "40P01", "25006"] {
             let e = answered(code);
@@ -863,8 +869,12 @@ mod tests {
             assert!(!e.is_refused_statement(), "{code}");
             assert!(e.is_outage(), "{code}");
         }
+        let undecodable = StoreError::Db(sqlx::Error::Decode("NaN".into()));
+        assert!(undecodable.is_data_error());
+        assert!(!undecodable.is_outage());
         let no_answer = StoreError::Db(sqlx::Error::PoolTimedOut);
         assert!(!no_answer.is_refused_statement());
         assert!(no_answer.is_outage());
+        assert!(!no_answer.is_data_error());
     }
 }
