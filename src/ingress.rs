@@ -151,10 +151,11 @@ pub enum ApiError {
     Conflict {
         job_id: Uuid,
     },
-    /// The secret could not be verified right now (the look-up queue is full or slow); nothing was
-    /// enqueued. `503` with `Retry-After`.
+    /// The webhook could not be checked right now, though nothing is known to be wrong with it;
+    /// nothing was enqueued. `503` with `Retry-After`: following it is always safe.
     Busy {
         retry_after: Duration,
+        cause: NotNow,
     },
     Unavailable(String),
     /// A user API request without a valid API token (`Authorization: Bearer`).
@@ -169,6 +170,44 @@ pub enum ApiError {
     },
 }
 
+/// Why a webhook was answered [`ApiError::Busy`]: a look-up it needs before anything is enqueued
+/// did not answer. Every such answer says "nothing was accepted" and carries `Retry-After`, so a
+/// sender can tell it from the other `503` ([`UNCONFIRMED`]: the alert may have been accepted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotNow {
+    /// The secret's look-up queue is full, or the look-up took longer than
+    /// `SPARKY_SECRET_LOOKUP_WAIT_MS`.
+    SecretLookupBusy,
+    /// Postgres failed the secret's look-up (down, or its pool timed out).
+    SecretLookupFailed,
+    /// Postgres failed the look-up of the alert's strategy (down, or its pool timed out).
+    StrategyLookupFailed,
+}
+
+/// `Retry-After` of a failed look-up: Postgres may be back in a second, and a retry that finds it
+/// still down costs one more `503`.
+const NOT_NOW_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl NotNow {
+    /// The `reason` label of `sparky_webhooks_rejected_total`.
+    fn reason(self) -> &'static str {
+        match self {
+            NotNow::SecretLookupBusy => "auth_busy",
+            NotNow::SecretLookupFailed => "auth_unavailable",
+            NotNow::StrategyLookupFailed => "strategy_unavailable",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            NotNow::SecretLookupBusy | NotNow::SecretLookupFailed => {
+                "cannot verify the webhook secret right now"
+            }
+            NotNow::StrategyLookupFailed => "cannot read the alert's strategy right now",
+        }
+    }
+}
+
 impl ApiError {
     /// The `reason` label of `sparky_webhooks_rejected_total`.
     pub fn reason(&self) -> &'static str {
@@ -181,7 +220,7 @@ impl ApiError {
             ApiError::TooLarge => "too_large",
             ApiError::NotFound => "not_found",
             ApiError::Conflict { .. } => "conflict",
-            ApiError::Busy { .. } => "auth_busy",
+            ApiError::Busy { cause, .. } => cause.reason(),
             ApiError::Unavailable(_) => "unavailable",
             ApiError::BadToken => "bad_token",
             ApiError::BadRequest(_) => "invalid",
@@ -251,12 +290,12 @@ impl IntoResponse for ApiError {
                 })),
             )
                 .into_response(),
-            ApiError::Busy { retry_after } => {
+            ApiError::Busy { retry_after, cause } => {
                 let secs = retry_after.as_millis().div_ceil(1000).max(1) as u64;
                 let mut r = (
                     StatusCode::SERVICE_UNAVAILABLE,
                     Json(json!({
-                        "error": "cannot verify the webhook secret right now; nothing was accepted, retry after Retry-After seconds",
+                        "error": format!("{}; nothing was accepted, retry after Retry-After seconds", cause.message()),
                         "retry_after_secs": secs,
                     })),
                 )
@@ -436,11 +475,17 @@ async fn authenticate(
     let owner = match secret {
         Some(s) => match st.secrets.owner(s, blocked.is_some()).await {
             Ok(o) => o,
-            Err(LookupError::Busy(retry_after)) => return Err(ApiError::Busy { retry_after }),
+            Err(LookupError::Busy(retry_after)) => {
+                return Err(ApiError::Busy {
+                    retry_after,
+                    cause: NotNow::SecretLookupBusy,
+                })
+            }
             Err(LookupError::Unavailable) => {
-                return Err(ApiError::Unavailable(
-                    "cannot authenticate right now; nothing was accepted, retry".into(),
-                ))
+                return Err(ApiError::Busy {
+                    retry_after: NOT_NOW_RETRY_AFTER,
+                    cause: NotNow::SecretLookupFailed,
+                })
             }
         },
         None => None,
@@ -493,7 +538,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         (status = 409, description = "The `alert_id` was first used for a different alert", body = openapi::ConflictBody),
         (status = 413, description = "Body larger than 64 KiB", body = openapi::InvalidBody),
         (status = 429, description = "The user's rate limit, or too many failed authentications (Retry-After)", body = openapi::RetryBody),
-        (status = 503, description = "Cannot verify the secret or confirm the enqueue right now (Retry-After on the former)", body = openapi::ErrorBody),
+        (status = 503, description = "Cannot read the secret's owner or the alert's strategy right now (nothing was accepted; Retry-After), or cannot confirm the enqueue (the alert may have been accepted; no Retry-After)", body = openapi::ErrorBody),
     ))]
 async fn webhook(
     State(st): State<Arc<AppState>>,
@@ -621,9 +666,10 @@ async fn resolve_strategy<'a>(
     let r = StrategyRef::of(&body);
     let strategy = st.strategies.get(owner, &r).await.map_err(|e| {
         tracing::error!(error = %e, "strategy look-up failed");
-        ApiError::Unavailable(
-            "cannot read the alert's strategy right now; nothing was accepted, retry".into(),
-        )
+        ApiError::Busy {
+            retry_after: NOT_NOW_RETRY_AFTER,
+            cause: NotNow::StrategyLookupFailed,
+        }
     })?;
     match (strategy, &r) {
         (Some(s), _) => Ok(std::borrow::Cow::Owned(s.fill(&body))),

@@ -91,8 +91,8 @@ pub(crate) async fn aster_user(app: &TestApp, fake: &AsterFake, sym: &str) -> (U
 async fn hostile_user_goes_on(app: &TestApp, user: Uuid, secret: &str, sym: &str) {
     let mut nul = nth(user, secret, sym, 0);
     nul["strategy"] = json!("a\u{0}b");
-    // Under this load the ingress may not verify the new user's secret within its 2 s bound: that
-    // is a 503 with Retry-After and nothing accepted, which a client retries.
+    // Under this load the ingress may not read the new user's secret or strategy within its 2 s
+    // bounds: that is a 503 with Retry-After and nothing accepted, which a client retries.
     assert_eq!(
         app.post_webhook_honouring_retry_after(&nul)
             .await

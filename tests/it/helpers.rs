@@ -398,9 +398,9 @@ impl TestApp {
         )
     }
 
-    /// Post `body` as a well-behaved client does under load: a `503` with `Retry-After` (the
-    /// secret could not be verified in time; nothing was accepted) is retried after the announced
-    /// pause, for up to 60 s. Any other answer is returned.
+    /// Post `body` as a well-behaved client does under load: a `503` with `Retry-After` (a look-up
+    /// of the secret or the strategy did not answer in time; nothing was accepted) is retried after
+    /// the announced pause, for up to 60 s. Any other answer is returned.
     pub async fn post_webhook_honouring_retry_after(&self, body: &Value) -> (StatusCode, Value) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {

@@ -354,6 +354,105 @@ async fn the_same_alert_id_with_a_different_alert_is_409_naming_the_first_job() 
     app.cleanup().await;
 }
 
+/// A look-up the ingress needs before it can enqueue (the secret's owner, the alert's strategy)
+/// that Postgres fails is `503` with `Retry-After` saying nothing was accepted, so a sender can
+/// safely follow it; following it once Postgres answers again is accepted, once. (Postgres refusing
+/// the table stands in for Postgres down: the ingress cannot tell them apart.)
+#[tokio::test]
+async fn a_failed_secret_or_strategy_look_up_is_503_with_retry_after_and_nothing_accepted() {
+    let app = TestApp::spawn().await;
+    let (known, known_secret) = app.paper_user().await;
+    let (fresh, fresh_secret) = app.paper_user().await;
+    // `known`'s secret (and its default strategy) are cached by this first alert.
+    app.enqueue(&alert(known, &known_secret, "buy")).await;
+    let before = app.queued_entries().await;
+    let rename = |from: &'static str, to: &'static str| {
+        let pool = app.store.pool.clone();
+        async move {
+            sqlx::query(&format!("ALTER TABLE {from} RENAME TO {to}"))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    let post = |body: Value| {
+        let app = &app;
+        async move {
+            let r = app
+                .http
+                .post(app.url("/webhook"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let retry_after = r
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status(), retry_after, r.json::<Value>().await.unwrap())
+        }
+    };
+    let mut named = alert(known, &known_secret, "buy");
+    named["strategy_id"] = json!("trend");
+    rename("strategies", "strategies_gone").await;
+    rename("webhook_secrets", "webhook_secrets_gone").await;
+    for (what, body, says) in [
+        (
+            "an uncached secret",
+            alert(fresh, &fresh_secret, "buy"),
+            "cannot verify the webhook secret",
+        ),
+        (
+            "a cached secret naming an uncached strategy",
+            named.clone(),
+            "cannot read the alert's strategy",
+        ),
+    ] {
+        let (status, retry_after, v) = post(body).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {v}");
+        assert_eq!(retry_after.as_deref(), Some("1"), "{what}: {v}");
+        assert_eq!(v["retry_after_secs"], 1, "{what}: {v}");
+        let e = v["error"].as_str().unwrap();
+        assert!(e.contains(says), "{what}: {e}");
+        assert!(e.contains("nothing was accepted"), "{what}: {e}");
+    }
+    assert_eq!(app.queued_entries().await, before, "nothing enqueued");
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["auth_unavailable", "strategy_unavailable"] {
+        let counted: f64 = sparky::metrics::samples(&metrics, &app.config.namespace)
+            .into_iter()
+            .filter(|(name, labels, _)| {
+                name == "sparky_webhooks_rejected_total"
+                    && labels.iter().any(|(k, v)| k == "reason" && v == reason)
+            })
+            .map(|(_, _, v)| v)
+            .sum();
+        assert_eq!(counted, 1.0, "{reason} counted once");
+    }
+
+    // Postgres answers again: following Retry-After is accepted (the strategy does not exist: a
+    // 400 naming it, as for any alert naming a strategy its user does not have).
+    rename("strategies_gone", "strategies").await;
+    rename("webhook_secrets_gone", "webhook_secrets").await;
+    let (status, v) = app
+        .post_webhook_honouring_retry_after(&alert(fresh, &fresh_secret, "buy"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    let (status, v) = app.post_webhook_honouring_retry_after(&named).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["field"], "strategy_id", "{v}");
+    assert_eq!(app.queued_entries().await, before + 1);
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn redis_down_means_503_never_202() {
     let mut redis = PrivateRedis::start().await;
