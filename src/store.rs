@@ -21,6 +21,8 @@ use crate::job::{FailureClass, FillState, JobStatus};
 
 mod user_api;
 pub use user_api::{JobFilter, PositionKey, TradeRecord};
+mod begins;
+pub use begins::Begins;
 pub(crate) mod commit;
 mod held;
 mod risk;
@@ -445,7 +447,7 @@ impl Store {
         partition: u32,
         entry_id: &str,
     ) -> Result<Begin, StoreError> {
-        if matches!(job.alert.action, Action::Buy | Action::Sell) {
+        if reads_limits_at_begin(job) {
             match self.begin(job, partition, entry_id, true).await {
                 // Postgres refused the statement (so nothing of it was written): start without.
                 Err(e) if e.is_refused_statement() => {
@@ -468,7 +470,7 @@ impl Store {
         let sql: &str = if with_limits {
             &BEGIN_WITH_LIMITS
         } else {
-            BEGIN
+            &BEGIN
         };
         let mut q = sqlx::query(sql)
             .bind(job.job_id)
@@ -712,17 +714,32 @@ impl Store {
     }
 }
 
-/// The start of a job's delivery (the attempt fence): `attempts`, or no row when the job is final.
-const BEGIN: &str = "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action, symbol, alert, status, attempts, accepted_at, started_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'executing', 1, $9, now())
-     ON CONFLICT (job_id) DO UPDATE SET
+/// Does a job's start read the risk limits that apply to it (an opening job's do)?
+fn reads_limits_at_begin(job: &Job) -> bool {
+    matches!(job.alert.action, Action::Buy | Action::Sell)
+}
+
+/// The columns a job's start writes ([`BEGIN`], and [`begins`] for many jobs).
+const BEGIN_INTO: &str = "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action,
+     symbol, alert, status, attempts, accepted_at, started_at)";
+
+/// A job's start when its row exists: a new delivery of a job that is not final (no row returned
+/// for a final one).
+const BEGIN_AGAIN: &str = "ON CONFLICT (job_id) DO UPDATE SET
        attempts = jobs.attempts + 1, status = 'executing', partition = EXCLUDED.partition,
        entry_id = EXCLUDED.entry_id, started_at = now(), updated_at = now()
-     WHERE jobs.status IN ('queued', 'executing')
-     RETURNING attempts";
+     WHERE jobs.status IN ('queued', 'executing')";
+
+/// The start of a job's delivery (the attempt fence): `attempts`, or no row when the job is final.
+static BEGIN: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{BEGIN_INTO} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'executing', 1, $9, now())
+         {BEGIN_AGAIN} RETURNING attempts"
+    )
+});
 
 /// [`BEGIN`] that also reads the job's risk limits ([`risk::begin_with_limits`]).
-static BEGIN_WITH_LIMITS: LazyLock<String> = LazyLock::new(|| risk::begin_with_limits(BEGIN));
+static BEGIN_WITH_LIMITS: LazyLock<String> = LazyLock::new(|| risk::begin_with_limits(&BEGIN));
 
 /// [`Store::get_job`]'s statement.
 static JOB_BY_ID: LazyLock<String> = LazyLock::new(|| format!("{JOB_SELECT} WHERE job_id = $1"));

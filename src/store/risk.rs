@@ -56,7 +56,7 @@ fn limits_row(r: &sqlx::postgres::PgRow) -> Result<RiskLimits, StoreError> {
 
 /// The limits that apply to a job of the user in parameter `user` under the strategy (or '') in
 /// parameter `strategy`: the user's row and the strategy's.
-fn limits_that_apply(user: &str, strategy: &str) -> String {
+pub(super) fn limits_that_apply(user: &str, strategy: &str) -> String {
     format!("{LIMITS_SELECT} WHERE user_id = {user} AND (strategy = '' OR strategy = {strategy})")
 }
 

@@ -40,12 +40,14 @@ use crate::queue::{Entry, Queue};
 use crate::replay::would_be_stale;
 use crate::retry::{retry, until_ok, Retried};
 use crate::risk::{self, RiskLimits};
-use crate::store::{Begin, Store, StoreError};
+use crate::store::{Begin, Begins, Store, StoreError};
 use std::sync::Arc;
 
 /// Runs jobs; shared by every lane of a worker.
 pub struct JobRunner {
     store: Store,
+    /// Job starts, written together with those of the other lanes ([`Begins`]).
+    begins: Begins,
     queue: Queue,
     credentials: CredentialLoader,
     exchanges: Arc<dyn ExchangeFactory>,
@@ -115,6 +117,7 @@ impl JobRunner {
             holders: Arc::new(tokio::sync::Semaphore::new(
                 store.max_connections() as usize / 2,
             )),
+            begins: Begins::new(store.clone()),
             store,
             queue,
             shutdown,
@@ -247,7 +250,7 @@ impl JobRunner {
             "recording the job start",
             &self.shutdown,
             |e: &StoreError, tries| self.refused_for_good(e, tries),
-            || self.store.begin_job(job, entry.partition, &entry.id),
+            || self.begins.begin(job, entry.partition, &entry.id),
         )
         .await;
         match r {

@@ -1063,6 +1063,148 @@ async fn the_start_of_an_opening_job_reads_the_limits_that_apply_to_it() {
     app.cleanup().await;
 }
 
+/// Starts written together ([`sparky::store::Begins`]) answer each job exactly what its own
+/// `Store::begin_job` answers: the same attempts (two deliveries of one job in one wave included),
+/// the same limits for opening jobs and none for a close, `Finished` for a final job; and a job
+/// whose data Postgres refuses fails its own start only, the others' starts written once.
+#[tokio::test]
+async fn starts_written_together_answer_what_each_start_alone_answers() {
+    use sparky::domain::Job;
+    use sparky::store::Begins;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    app.store
+        .upsert_strategy(&strategy(user, "a", Some(ExchangeKind::Paper), dec!(100)))
+        .await
+        .unwrap();
+    let mut user_row = no_limits(user);
+    user_row.max_open_positions = Some(3);
+    let mut a_row = no_limits(user);
+    a_row.strategy = Some("a".into());
+    a_row.max_trades_per_day = Some(9);
+    for l in [&user_row, &a_row] {
+        app.store.upsert_risk_limits(l).await.unwrap();
+    }
+    let job = |action: &str, strategy: Option<&str>, symbol: &str| {
+        let mut body = order(
+            &secret,
+            "paper",
+            action,
+            "SOLUSDT",
+            json!({"user_id": user, "position_size_usd": 100}),
+        );
+        if let Some(s) = strategy {
+            body["strategy"] = json!(s);
+        }
+        let mut alert = sparky::domain::parse_alert(body.as_object().unwrap(), None).unwrap();
+        alert.symbol = sparky::domain::Symbol::parse(symbol, ExchangeKind::Paper).unwrap();
+        Job {
+            job_id: Uuid::now_v7(),
+            accepted_at: Utc::now(),
+            alert,
+        }
+    };
+    // One wave: the deliveries, in the order they reach their begin.
+    let wave = |bad: bool| {
+        let twice = job("buy", None, "ETHUSDT");
+        let finished = job("sell", Some("a"), "BTCUSDT");
+        let mut v = vec![
+            job("buy", Some("a"), "SOLUSDT"),
+            job("sell", None, "SOLUSDT"),
+            job("close", Some("a"), "SOLUSDT"),
+            twice.clone(),
+            finished.clone(),
+            twice,
+        ];
+        if bad {
+            // Postgres refuses a NUL in text and in jsonb (SQLSTATE 22021, 22P05).
+            let mut refused = job("buy", Some("a"), "SOLUSDT");
+            refused.alert.strategy = Some("a\u{0}b".into());
+            v.insert(2, refused);
+        }
+        (v, finished)
+    };
+    let finish = |j: Job| {
+        let app = &app;
+        async move {
+            app.store.begin_job(&j, 0, "0-1").await.unwrap();
+            sqlx::query("UPDATE jobs SET status = 'succeeded' WHERE job_id = $1")
+                .bind(j.job_id)
+                .execute(&app.store.pool)
+                .await
+                .unwrap();
+        }
+    };
+    let begins = Begins::new(app.store.clone());
+    for bad in [false, true] {
+        // Alone: one after another, as a single lane would.
+        let (alone, finished) = wave(bad);
+        finish(finished).await;
+        let mut expected = Vec::new();
+        for j in &alone {
+            expected.push(app.store.begin_job(j, 0, "0-1").await);
+        }
+        // Together: every delivery of the twin wave reaches its begin at once.
+        let (together, finished) = wave(bad);
+        finish(finished).await;
+        let statements = begins.stats().statements.load(Relaxed);
+        let mut got =
+            futures::future::join_all(together.iter().map(|j| begins.begin(j, 0, "0-1"))).await;
+        // The two deliveries of one job are concurrent: which is recorded first is not given
+        // (after a failed statement the first starts alone while the second is in the next one).
+        let attempt = |b: &Result<Begin, _>| match b {
+            Ok(Begin::Execute { attempt, .. }) => *attempt,
+            other => panic!("{other:?}"),
+        };
+        let (first, second) = (together.len() - 3, together.len() - 1);
+        if attempt(&got[first]) > attempt(&got[second]) {
+            got.swap(first, second);
+        }
+        for (i, (want, got)) in expected.iter().zip(&got).enumerate() {
+            match (want, got) {
+                (Ok(w), Ok(g)) => assert_eq!(w, g, "delivery {i} (bad wave: {bad})"),
+                (Err(w), Err(g)) => {
+                    assert!(w.is_data_error() && g.is_data_error(), "{w} / {g}")
+                }
+                _ => panic!("delivery {i} (bad wave: {bad}): alone {want:?}, together {got:?}"),
+            }
+        }
+        assert!(
+            matches!(got.last(), Some(Ok(Begin::Execute { attempt: 2, .. }))),
+            "the second delivery of a job is its second attempt: {got:?}"
+        );
+        let ran = begins.stats().statements.load(Relaxed) - statements;
+        assert!(
+            ran < together.len() as u64,
+            "{ran} statements for {} starts",
+            together.len()
+        );
+        if bad {
+            assert!(
+                begins.stats().alone.load(Relaxed) >= 1,
+                "the failed statement's jobs started alone"
+            );
+        }
+    }
+    // Each good job of the waves was started exactly as often as it was delivered: a failed
+    // statement wrote nothing.
+    let attempts: Vec<i32> = sqlx::query_scalar(
+        "SELECT attempts FROM jobs WHERE status = 'executing' ORDER BY attempts",
+    )
+    .fetch_all(&app.store.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempts.iter().filter(|a| **a == 2).count(),
+        4,
+        "{attempts:?}"
+    );
+    assert!(attempts.iter().all(|a| *a <= 2), "{attempts:?}");
+    app.cleanup().await;
+}
+
 /// Limits Postgres stores but Sparky cannot decode (`NaN` passes `CHECK (max_position_usd > 0)`):
 /// the start, already committed, does not run again (one attempt, so the job is not taken for a
 /// redelivery that skips the check), and the check reads them itself and blocks the open.
