@@ -1,7 +1,8 @@
 //! One job's path, as explicit steps: **begin -> execute -> commit -> dead-letter -> ack**.
 //!
 //! - *begin*: the bounds the ingress enforces are checked again (replayed and old entries), then
-//!   the delivery is recorded (`begin_job`: the attempt number fences the commit). A job that
+//!   the delivery is recorded (`begin_job`, written together with the starts of the other lanes
+//!   waiting at the same time: `store::Begins`; the attempt number fences the commit). A job that
 //!   already finished is acked (its dead-letter record written again first if it failed).
 //! - *execute*: a job that never started and is too old is `dead` (`stale`) without running; a
 //!   started one (a redelivery) always runs, in recovery mode, so an order it placed is found and
