@@ -15,18 +15,31 @@
 //! - `Finished(status)` when the job is final (the upsert returned no row for it);
 //! - when the statement fails, for any reason, no answer: each of its jobs runs its own
 //!   [`Store::begin_job`] in its own task, with that method's fallback without limits and the
-//!   caller's retries. A statement fails as a whole, so nothing of it was written, and one job
-//!   whose data Postgres refuses cannot fail the others' starts.
+//!   caller's retries (what every lane did before starts were grouped: during an outage that is
+//!   one failed statement more per group). A statement fails as a whole, so nothing of it was
+//!   written, and one job whose data Postgres refuses cannot fail the others' starts;
+//! - once the statement succeeded, never a second start of a job it started (that would count a
+//!   second attempt, and a job past its first attempt runs in recovery mode, without the risk
+//!   check): a row that does not decode is that job's error, and only the final jobs' status read,
+//!   a second statement, may fail into starting alone, which writes nothing for a final job.
+//!
+//! A start nobody waits for any more (its lane's future was dropped) is not written: its entry
+//! stays pending, and the start could only supersede the delivery of the job's next owner.
+//!
+//! One task writes the starts of a worker, one statement at a time: a statement that hangs (a
+//! connection cut without a reset, which sqlx does not time out) holds every start of the worker
+//! until TCP gives up, where it held one lane before.
 //!
 //! Two deliveries of one job in one statement would make the upsert touch its row twice (an
 //! error): the second waits for the next statement. Rows are inserted in `job_id` order, so two
 //! workers starting the same jobs (a partition hand-over) lock them in the same order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -163,8 +176,7 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Pending>, stats: Arc<BeginStat
         match begin_many(&store, &batch).await {
             Ok(mut answers) => {
                 for p in batch {
-                    let answer = answers.remove(&p.job.job_id).map(Ok);
-                    let _ = p.reply.send(answer);
+                    let _ = p.reply.send(answers.remove(&p.job.job_id));
                 }
             }
             Err(e) => {
@@ -187,6 +199,11 @@ fn one_per_job(
     let mut later = Vec::new();
     let mut seen = HashSet::new();
     let mut take = |p: Pending, batch: &mut Vec<Pending>| {
+        if p.reply.is_closed() {
+            // Nobody waits for it (its lane is gone): its entry stays pending, and a start
+            // written now could only supersede the delivery of the job's next owner.
+            return;
+        }
         if batch.len() < MAX_BATCH && seen.insert(p.job.job_id) {
             batch.push(p);
         } else {
@@ -205,12 +222,15 @@ fn one_per_job(
     (batch, later)
 }
 
-/// Run [`BEGIN_MANY`] for `batch`: each job's answer (a job missing from the map was not
-/// answered by the statement: it starts on its own).
-async fn begin_many(
-    store: &Store,
-    batch: &[Pending],
-) -> Result<std::collections::HashMap<Uuid, Begin>, StoreError> {
+/// Each job's answer from [`BEGIN_MANY`]; a job missing from it starts on its own.
+type Answers = HashMap<Uuid, Result<Begin, StoreError>>;
+
+/// Run [`BEGIN_MANY`] for `batch`. `Err`: the statement failed, so nothing of it was written. Once
+/// it succeeded its starts are committed: every job it started gets its answer from it (a row
+/// that does not decode is that job's error, as for one job), never a second start, which would
+/// count a second attempt. A final job (no row) gets its status from a second read; if that
+/// fails it starts on its own, which for a final job writes nothing.
+async fn begin_many(store: &Store, batch: &[Pending]) -> Result<Answers, StoreError> {
     let n = batch.len();
     let mut job_ids = Vec::with_capacity(n);
     let mut users = Vec::with_capacity(n);
@@ -251,32 +271,17 @@ async fn begin_many(
         .bind(&with_limits)
         .fetch_all(&store.pool)
         .await?;
-    let mut answers = std::collections::HashMap::with_capacity(n);
-    for rows in rows
-        .chunk_by(|a, b| a.try_get::<Uuid, _>("begun").ok() == b.try_get::<Uuid, _>("begun").ok())
-    {
-        let job: Uuid = rows[0].try_get("begun")?;
-        let opening = batch
-            .iter()
-            .find(|p| p.job.job_id == job)
-            .is_some_and(|p| reads_limits_at_begin(&p.job));
-        // As for one job: limits that do not decode are not read (the check reads them again
-        // and blocks the job, saying why), never a reason to start it again.
-        let limits = match opening.then(|| risk::limits_of_begin(rows)) {
-            Some(Ok(l)) => Some(l),
-            Some(Err(e)) => {
-                tracing::warn!(job_id = %job, error = %e, "the job's risk limits read with its start do not decode");
-                None
-            }
-            None => None,
-        };
-        answers.insert(
-            job,
-            Begin::Execute {
-                attempt: rows[0].try_get("attempts")?,
-                limits,
-            },
-        );
+    // From here on the starts are committed.
+    let mut answers = Answers::with_capacity(n);
+    // A job's rows are consecutive (`ORDER BY b.job_id`).
+    let ids: Vec<Option<Uuid>> = rows.iter().map(|r| r.try_get("begun").ok()).collect();
+    for p in batch {
+        let job = Some(p.job.job_id);
+        if let Some(start) = ids.iter().position(|id| *id == job) {
+            let len = ids[start..].iter().take_while(|id| **id == job).count();
+            let mine = &rows[start..start + len];
+            answers.insert(p.job.job_id, begun(mine, reads_limits_at_begin(&p.job)));
+        }
     }
     let finals: Vec<Uuid> = job_ids
         .iter()
@@ -284,14 +289,45 @@ async fn begin_many(
         .copied()
         .collect();
     if !finals.is_empty() {
-        let rows = sqlx::query("SELECT job_id, status FROM jobs WHERE job_id = ANY($1)")
+        let statuses = sqlx::query("SELECT job_id, status FROM jobs WHERE job_id = ANY($1)")
             .bind(&finals)
             .fetch_all(&store.pool)
-            .await?;
-        for r in rows {
-            let status: JobStatus = r.try_get("status")?;
-            answers.insert(r.try_get("job_id")?, Begin::Finished(status));
+            .await;
+        match statuses {
+            Ok(rows) => {
+                for r in rows {
+                    let status: Result<JobStatus, _> = r.try_get("status");
+                    if let (Ok(job), Ok(status)) = (r.try_get("job_id"), status) {
+                        // Only a final job is left out by the upsert; anything else starts on
+                        // its own.
+                        if status.is_final() {
+                            answers.insert(job, Ok(Begin::Finished(status)));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, jobs = finals.len(), "reading the status of final jobs failed; each reads its own")
+            }
         }
     }
     Ok(answers)
+}
+
+/// One started job's answer from its rows of [`BEGIN_MANY`] (at least one).
+fn begun(rows: &[PgRow], opening: bool) -> Result<Begin, StoreError> {
+    // As for one job: limits that do not decode are not read (the check reads them again and
+    // blocks the job, saying why), never a reason to start it again.
+    let limits = match opening.then(|| risk::limits_of_begin(rows)) {
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "the job's risk limits read with its start do not decode");
+            None
+        }
+        None => None,
+    };
+    Ok(Begin::Execute {
+        attempt: rows[0].try_get("attempts")?,
+        limits,
+    })
 }

@@ -1084,7 +1084,11 @@ async fn starts_written_together_answer_what_each_start_alone_answers() {
     let mut a_row = no_limits(user);
     a_row.strategy = Some("a".into());
     a_row.max_trades_per_day = Some(9);
-    for l in [&user_row, &a_row] {
+    // Another user with limits of their own: each job must get its own user's.
+    let (other, _) = app.paper_user().await;
+    let mut other_row = no_limits(other);
+    other_row.max_open_positions = Some(7);
+    for l in [&user_row, &a_row, &other_row] {
         app.store.upsert_risk_limits(l).await.unwrap();
     }
     let job = |action: &str, strategy: Option<&str>, symbol: &str| {
@@ -1110,8 +1114,11 @@ async fn starts_written_together_answer_what_each_start_alone_answers() {
     let wave = |bad: bool| {
         let twice = job("buy", None, "ETHUSDT");
         let finished = job("sell", Some("a"), "BTCUSDT");
+        let mut others = job("buy", Some("a"), "XRPUSDT");
+        others.alert.user_id = other;
         let mut v = vec![
             job("buy", Some("a"), "SOLUSDT"),
+            others,
             job("sell", None, "SOLUSDT"),
             job("close", Some("a"), "SOLUSDT"),
             twice.clone(),
@@ -1171,17 +1178,26 @@ async fn starts_written_together_answer_what_each_start_alone_answers() {
                 _ => panic!("delivery {i} (bad wave: {bad}): alone {want:?}, together {got:?}"),
             }
         }
+        assert_eq!(
+            got[1].as_ref().unwrap(),
+            &Begin::Execute {
+                attempt: 1,
+                limits: Some(vec![other_row.clone()])
+            },
+            "the other user's job reads that user's limits"
+        );
         assert!(
             matches!(got.last(), Some(Ok(Begin::Execute { attempt: 2, .. }))),
             "the second delivery of a job is its second attempt: {got:?}"
         );
         let ran = begins.stats().statements.load(Relaxed) - statements;
-        assert!(
-            ran < together.len() as u64,
-            "{ran} statements for {} starts",
-            together.len()
-        );
-        if bad {
+        if !bad {
+            assert!(
+                ran < together.len() as u64,
+                "{ran} statements for {} starts",
+                together.len()
+            );
+        } else {
             assert!(
                 begins.stats().alone.load(Relaxed) >= 1,
                 "the failed statement's jobs started alone"
