@@ -88,10 +88,21 @@ impl WorkerProc {
     }
 }
 
+/// The process is killed; its log directory is removed unless the test is failing, when its path
+/// is printed (the log is what tells why).
 impl Drop for WorkerProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let Some(dir) = self.log.parent() else { return };
+        if std::thread::panicking() {
+            eprintln!(
+                "log of a process of the failing test: {}",
+                self.log.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
