@@ -379,7 +379,7 @@ impl TestApp {
     }
 
     /// Post `body`: the status, the `Retry-After` seconds if any, and the JSON answer.
-    async fn post_webhook_answer(&self, body: &Value) -> (StatusCode, Option<u64>, Value) {
+    pub async fn post_webhook_answer(&self, body: &Value) -> (StatusCode, Option<u64>, Value) {
         let r = self
             .http
             .post(self.url("/webhook"))
@@ -497,6 +497,18 @@ impl TestApp {
     }
 
     /// Entries in all partition streams (acked or not).
+    /// The ingress's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn queued_entries(&self) -> u64 {
         let mut n = 0;
         for p in 0..self.config.partitions {
@@ -650,4 +662,18 @@ pub async fn trade_leg(
     .fetch_one(&app.store.pool)
     .await
     .unwrap()
+}
+
+/// The sum of the series of `name` (in `ns`) whose labels include all of `want`.
+pub fn metric(text: &str, ns: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    sparky::metrics::samples(text, ns)
+        .into_iter()
+        .filter(|(n, labels, _)| {
+            n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
 }

@@ -32,20 +32,6 @@ async fn scrape(addr: SocketAddr) -> String {
     r.text().await.unwrap()
 }
 
-/// The sum of the series of `name` (in `ns`) whose labels include all of `want`.
-fn metric(text: &str, ns: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    sparky::metrics::samples(text, ns)
-        .into_iter()
-        .filter(|(n, labels, _)| {
-            n == name
-                && want
-                    .iter()
-                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map(|(_, _, v)| v)
-        .sum()
-}
-
 /// Serve the worker's health/metrics router on port 0.
 async fn serve_worker_health(worker: &Worker) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -958,15 +958,7 @@ async fn risk_max_position_usd_is_unevaluable_when_the_equity_is_unreadable() {
         (Some("blocked"), Some("risk")),
         "{v}"
     );
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics
             .lines()
@@ -1002,21 +994,7 @@ async fn the_start_of_an_opening_job_reads_the_limits_that_apply_to_it() {
         app.store.upsert_risk_limits(l).await.unwrap();
     }
     let job = |action: &str, strategy: Option<&str>| {
-        let mut body = order(
-            &secret,
-            "paper",
-            action,
-            "SOLUSDT",
-            json!({"user_id": user, "position_size_usd": 100}),
-        );
-        if let Some(s) = strategy {
-            body["strategy"] = json!(s);
-        }
-        sparky::domain::Job {
-            job_id: Uuid::now_v7(),
-            accepted_at: Utc::now(),
-            alert: sparky::domain::parse_alert(body.as_object().unwrap(), None).unwrap(),
-        }
+        paper_job(user, &secret, action, strategy, "SOLUSDT")
     };
     let begin = |job: sparky::domain::Job| {
         let store = app.store.clone();
@@ -1063,6 +1041,32 @@ async fn the_start_of_an_opening_job_reads_the_limits_that_apply_to_it() {
     app.cleanup().await;
 }
 
+/// A paper job of `user` (as its start sees it, not enqueued): `action` of $100 of `symbol`,
+/// under `strategy` if any.
+fn paper_job(
+    user: Uuid,
+    secret: &str,
+    action: &str,
+    strategy: Option<&str>,
+    symbol: &str,
+) -> sparky::domain::Job {
+    let mut body = order(
+        secret,
+        "paper",
+        action,
+        symbol,
+        json!({"user_id": user, "position_size_usd": 100}),
+    );
+    if let Some(s) = strategy {
+        body["strategy"] = json!(s);
+    }
+    sparky::domain::Job {
+        job_id: Uuid::now_v7(),
+        accepted_at: Utc::now(),
+        alert: sparky::domain::parse_alert(body.as_object().unwrap(), None).unwrap(),
+    }
+}
+
 /// Starts written together ([`sparky::store::Begins`]) answer each job exactly what its own
 /// `Store::begin_job` answers: the same attempts (two deliveries of one job in one wave included),
 /// the same limits for opening jobs and none for a close, `Finished` for a final job; and a job
@@ -1092,23 +1096,7 @@ async fn starts_written_together_answer_what_each_start_alone_answers() {
         app.store.upsert_risk_limits(l).await.unwrap();
     }
     let job = |action: &str, strategy: Option<&str>, symbol: &str| {
-        let mut body = order(
-            &secret,
-            "paper",
-            action,
-            "SOLUSDT",
-            json!({"user_id": user, "position_size_usd": 100}),
-        );
-        if let Some(s) = strategy {
-            body["strategy"] = json!(s);
-        }
-        let mut alert = sparky::domain::parse_alert(body.as_object().unwrap(), None).unwrap();
-        alert.symbol = sparky::domain::Symbol::parse(symbol, ExchangeKind::Paper).unwrap();
-        Job {
-            job_id: Uuid::now_v7(),
-            accepted_at: Utc::now(),
-            alert,
-        }
+        paper_job(user, &secret, action, strategy, symbol)
     };
     // One wave: the deliveries, in the order they reach their begin.
     let wave = |bad: bool| {

@@ -375,23 +375,6 @@ async fn a_failed_secret_or_strategy_look_up_is_503_with_retry_after_and_nothing
                 .unwrap();
         }
     };
-    let post = |body: Value| {
-        let app = &app;
-        async move {
-            let r = app
-                .http
-                .post(app.url("/webhook"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let retry_after = r
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .map(|v| v.to_str().unwrap().to_string());
-            (r.status(), retry_after, r.json::<Value>().await.unwrap())
-        }
-    };
     let mut named = alert(known, &known_secret, "buy");
     named["strategy_id"] = json!("trend");
     rename("strategies", "strategies_gone").await;
@@ -408,33 +391,23 @@ async fn a_failed_secret_or_strategy_look_up_is_503_with_retry_after_and_nothing
             "cannot read the alert's strategy",
         ),
     ] {
-        let (status, retry_after, v) = post(body).await;
+        let (status, retry_after, v) = app.post_webhook_answer(&body).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {v}");
-        assert_eq!(retry_after.as_deref(), Some("1"), "{what}: {v}");
+        assert_eq!(retry_after, Some(1), "{what}: {v}");
         assert_eq!(v["retry_after_secs"], 1, "{what}: {v}");
         let e = v["error"].as_str().unwrap();
         assert!(e.contains(says), "{what}: {e}");
         assert!(e.contains("nothing was accepted"), "{what}: {e}");
     }
     assert_eq!(app.queued_entries().await, before, "nothing enqueued");
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     for reason in ["auth_unavailable", "strategy_unavailable"] {
-        let counted: f64 = sparky::metrics::samples(&metrics, &app.config.namespace)
-            .into_iter()
-            .filter(|(name, labels, _)| {
-                name == "sparky_webhooks_rejected_total"
-                    && labels.iter().any(|(k, v)| k == "reason" && v == reason)
-            })
-            .map(|(_, _, v)| v)
-            .sum();
+        let counted = metric(
+            &metrics,
+            &app.config.namespace,
+            "sparky_webhooks_rejected_total",
+            &[("reason", reason)],
+        );
         assert_eq!(counted, 1.0, "{reason} counted once");
     }
 
