@@ -28,8 +28,10 @@
 //!
 //! A blocked job ends with status `blocked`, error class `risk` and a message `blocked by <rule>:
 //! <the numbers>` (in `/v1/jobs/{id}`), and counts in `sparky_jobs_blocked_total{rule}`. Blocked jobs
-//! are not dead-lettered (nothing failed). Redeliveries and replays (recovery mode) are not
-//! evaluated again: they may be finishing orders an earlier delivery placed.
+//! are not dead-lettered (nothing failed). Redeliveries and replays (recovery mode) are evaluated
+//! like a first run when none of the job's orders is found at the broker
+//! (`executor::placed_before`); one that finds an order of the job is finishing what an earlier
+//! delivery placed, and is not evaluated again (nor one whose broker cannot be asked).
 
 use std::fmt;
 

@@ -282,6 +282,37 @@ pub async fn execute_until(
     }
 }
 
+/// Did an earlier delivery of `job` place any of its legs at the broker (each looked up by its
+/// client order id, transient failures retried on `policy`'s schedule)? `None`: the broker could
+/// not say (or the fence ended), so the caller must assume it might have.
+pub async fn placed_before(
+    ex: &dyn Exchange,
+    job: &Job,
+    policy: &RetryPolicy,
+    fence: &Fence,
+) -> Option<bool> {
+    let mut schedule = policy.schedule();
+    loop {
+        if fence.is_void() {
+            return None;
+        }
+        let err = match Placed::look_up(ex, job).await {
+            Ok(p) => return Some(p.open.is_some() || !p.closes.is_empty()),
+            Err(e) => e,
+        };
+        if err.class == ErrorClass::Permanent {
+            return None;
+        }
+        let delay = schedule.next()?;
+        let delay = err.retry_after.map_or(delay, |r| r.max(delay));
+        tracing::warn!(error = %err, ?delay, "looking up the job's earlier orders failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = fence.voided() => return None,
+        }
+    }
+}
+
 /// Before each leg of an attempt: is the job still this worker's to run?
 fn still_ours(fence: &Fence) -> Result<(), ExchangeError> {
     if fence.is_void() {

@@ -384,9 +384,14 @@ impl JobRunner {
             Ok(c) => c,
             Err(outcome) => return Some(outcome),
         };
-        // Risk limits, before the first order of the job's first run (a redelivery or replay may
-        // be finishing orders placed before: it is not evaluated again).
-        if !recover {
+        // Risk limits, before the job's first order: on its first run, and on a redelivery or
+        // replay that finds none of the job's orders at the broker (nothing was placed before: a
+        // first run in all but name). One that finds an order is finishing what was placed, and
+        // one whose broker cannot say runs on to the executor, which looks everything up again:
+        // neither is evaluated again.
+        let first_order = !recover
+            || executor::placed_before(&client, job, &self.policy, fence).await == Some(false);
+        if first_order {
             let verdict = retry(
                 "evaluating the risk limits",
                 &self.shutdown,

@@ -157,6 +157,13 @@ async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_
         sparky::job::JobStatus::Executing,
         "killed before the commit"
     );
+    // A kill switch set meanwhile does not stop the redelivery from recording the order the
+    // broker already has (it is finishing the job, not placing a new one).
+    sqlx::query("INSERT INTO risk_limits (user_id, kill_switch) VALUES ($1, true)")
+        .bind(user)
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
 
     let _second = spawn_worker(&app, &env).await;
     let deadline = Instant::now() + Duration::from_secs(60);

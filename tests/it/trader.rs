@@ -590,6 +590,45 @@ async fn rule_blocks_opens_not_closes(
 
 async fn nothing(_: &TestApp, _: &str, _: Uuid, _: Uuid) {}
 
+/// A delivery that started and died before placing anything runs again as a first run: limits set
+/// meanwhile apply to it (a kill switch blocks it), as they do to a replay. (One that finds an
+/// order of the job is finishing it and is not blocked: `recovery::a_worker_killed_after_...`.)
+#[tokio::test]
+async fn a_redelivery_that_finds_no_order_of_the_job_is_checked_like_a_first_run() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let mut l = no_limits(user);
+    l.kill_switch = true;
+    app.store.upsert_risk_limits(&l).await.unwrap();
+    let id = app
+        .enqueue(&order(
+            &secret,
+            "paper",
+            "buy",
+            "SOLUSDT",
+            json!({"position_size_usd": 100}),
+        ))
+        .await;
+    // Its first delivery started (attempt 1) and died before reaching the broker.
+    sqlx::query(
+        "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action, symbol, alert,
+           status, attempts, accepted_at, started_at)
+         VALUES ($1, $2, 0, '0-0', 'paper', 'buy', 'SOLUSDT', '{}', 'executing', 1, now(), now())",
+    )
+    .bind(id)
+    .bind(user)
+    .execute(&app.store.pool)
+    .await
+    .unwrap();
+    app.run_worker_until_idle().await;
+    let job = app.job(id).await;
+    assert_eq!(job.attempts, 2, "a redelivery: {job:?}");
+    assert_blocked(&job, "kill_switch");
+    assert!(app.trades(user).await.is_empty(), "no order sent");
+    assert!(app.position(user, "SOLUSDT").await.is_none());
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn risk_kill_switch() {
     rule_blocks_opens_not_closes("kill_switch", |l| l.kill_switch = true, nothing).await;
