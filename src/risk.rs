@@ -3,7 +3,8 @@
 //! Limits are set per user (`sparky risk set --user U`) and optionally per strategy (`--strategy
 //! NAME`: then they count only that strategy's jobs). Both rows apply to a job of that strategy.
 //! They are evaluated by the worker **before the first order of a job that opens a position**
-//! (`buy`/`sell`), on its first delivery:
+//! (`buy`/`sell`): on its first delivery, and on a redelivery or replay that finds no open of the
+//! job at the broker (see the end of this header):
 //!
 //! | rule ([`RiskRule`]) | blocks an open when |
 //! | --- | --- |
@@ -29,9 +30,12 @@
 //! A blocked job ends with status `blocked`, error class `risk` and a message `blocked by <rule>:
 //! <the numbers>` (in `/v1/jobs/{id}`), and counts in `sparky_jobs_blocked_total{rule}`. Blocked jobs
 //! are not dead-lettered (nothing failed). Redeliveries and replays (recovery mode) are evaluated
-//! like a first run when none of the job's orders is found at the broker
-//! (`executor::placed_before`); one that finds an order of the job is finishing what an earlier
-//! delivery placed, and is not evaluated again (nor one whose broker cannot be asked).
+//! like a first run when the job's open is not found at the broker
+//! (`executor::open_placed_before`, by its client order id); close legs found do not count, as a
+//! blocked reversal closes under the job's close ids too, and a blocked redelivery records what
+//! they filled. One that finds its open is finishing what an earlier delivery placed, and is not
+//! evaluated again, nor is one whose broker cannot be asked (the executor then looks everything
+//! up again): the limits are skipped exactly when the broker cannot say.
 
 use std::fmt;
 

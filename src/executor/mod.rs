@@ -282,22 +282,24 @@ pub async fn execute_until(
     }
 }
 
-/// Did an earlier delivery of `job` place any of its legs at the broker (each looked up by its
-/// client order id, transient failures retried on `policy`'s schedule)? `None`: the broker could
-/// not say (or the fence ended), so the caller must assume it might have.
-pub async fn placed_before(
+/// Did an earlier delivery of `job` place its opening leg at the broker (looked up by its client
+/// order id, transient failures retried on `policy`'s schedule)? `None`: the broker could not say
+/// (or the fence ended), so the caller must assume it might have. Close legs do not count: a
+/// blocked reversal closes under the job's own close ids too (closing is never blocked).
+pub async fn open_placed_before(
     ex: &dyn Exchange,
     job: &Job,
     policy: &RetryPolicy,
     fence: &Fence,
 ) -> Option<bool> {
     let mut schedule = policy.schedule();
+    let open = client_order_id(job.job_id, Leg::Open);
     loop {
         if fence.is_void() {
             return None;
         }
-        let err = match Placed::look_up(ex, job).await {
-            Ok(p) => return Some(p.open.is_some() || !p.closes.is_empty()),
+        let err = match ex.find_order(&job.alert.symbol, &open).await {
+            Ok(found) => return Some(found.is_some()),
             Err(e) => e,
         };
         if err.class == ErrorClass::Permanent {
@@ -305,12 +307,31 @@ pub async fn placed_before(
         }
         let delay = schedule.next()?;
         let delay = err.retry_after.map_or(delay, |r| r.max(delay));
-        tracing::warn!(error = %err, ?delay, "looking up the job's earlier orders failed; retrying");
+        tracing::warn!(error = %err, ?delay, "looking up the job's earlier open failed; retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = fence.voided() => return None,
         }
     }
+}
+
+/// What an earlier delivery of `job`, blocked as a reversal, closed before it died, now that the
+/// broker shows no position: its close legs, looked up by their client order ids, recorded as the
+/// close of a `closed` position (entry unknown here, so no realized PnL), and the position flat.
+/// `Ok(None)`: no close of the job was found.
+pub async fn closes_placed_before(
+    ex: &dyn Exchange,
+    job: &Job,
+    closed: Side,
+) -> Result<Option<Outcome>, ExchangeError> {
+    let placed = Placed::look_up(ex, job).await?;
+    if placed.closes.is_empty() {
+        return Ok(None);
+    }
+    let mut progress = Progress::default();
+    close::record_found(&placed.closes, closed, None, &mut progress);
+    progress.position = Some(PositionChange::Flat);
+    Ok(Some(done(&mut progress)))
 }
 
 /// Before each leg of an attempt: is the job still this worker's to run?

@@ -19,9 +19,10 @@
 //!   one failed statement more per group). A statement fails as a whole, so nothing of it was
 //!   written, and one job whose data Postgres refuses cannot fail the others' starts;
 //! - once the statement succeeded, never a second start of a job it started (that would count a
-//!   second attempt, and a job past its first attempt runs in recovery mode, without the risk
-//!   check): a row that does not decode is that job's error, and only the final jobs' status read,
-//!   a second statement, may fail into starting alone, which writes nothing for a final job.
+//!   second attempt, and a job past its first attempt runs in recovery mode: every leg looked up
+//!   at the broker first, no staleness check): a row that does not decode is that job's error,
+//!   and only the final jobs' status read, a second statement, may fail into starting alone,
+//!   which writes nothing for a final job.
 //!
 //! A start nobody waits for any more (its lane's future was dropped) is not written: its entry
 //! stays pending, and the start could only supersede the delivery of the job's next owner.

@@ -384,14 +384,16 @@ impl JobRunner {
             Ok(c) => c,
             Err(outcome) => return Some(outcome),
         };
-        // Risk limits, before the job's first order: on its first run, and on a redelivery or
-        // replay that finds none of the job's orders at the broker (nothing was placed before: a
-        // first run in all but name). One that finds an order is finishing what was placed, and
-        // one whose broker cannot say runs on to the executor, which looks everything up again:
-        // neither is evaluated again.
-        let first_order = !recover
-            || executor::placed_before(&client, job, &self.policy, fence).await == Some(false);
-        if first_order {
+        // Risk limits, before the job's open: on its first run, and on a redelivery or replay
+        // that finds no open of the job at the broker (close legs it finds may be those of a
+        // blocked reversal: `blocked` records them). One that finds its open is finishing what
+        // was placed, and one whose broker cannot say runs on to the executor, which looks
+        // everything up again: neither is evaluated again. A close is never blocked, so it is
+        // not looked up for this.
+        let check = !recover
+            || job.alert.action.side().is_none()
+            || executor::open_placed_before(&client, job, &self.policy, fence).await == Some(false);
+        if check {
             let verdict = retry(
                 "evaluating the risk limits",
                 &self.shutdown,
@@ -402,7 +404,7 @@ impl JobRunner {
             match verdict {
                 Retried::Ok(risk::Verdict::Allow) => {}
                 Retried::Ok(risk::Verdict::Block(block)) => {
-                    return self.blocked(&client, job, block, fence).await
+                    return self.blocked(&client, job, block, recover, fence).await
                 }
                 Retried::GaveUp { .. } | Retried::Shutdown => return None,
             }
@@ -419,12 +421,16 @@ impl JobRunner {
 
     /// A job a risk rule blocked: `blocked` with the rule and the numbers. Closing is never
     /// blocked: a reversal (an open against a position on the other side) still closes that
-    /// position, and the job records the close.
+    /// position, and the job records the close. `recover`: an earlier delivery of the job may have
+    /// sent some of that close (it was blocked too, and died before its commit): the close is
+    /// looked up leg by leg and what it filled recorded, also when the position is flat by now
+    /// ([`executor::closes_placed_before`]).
     async fn blocked(
         &self,
         client: &Metered,
         job: &Job,
         block: risk::Block,
+        recover: bool,
         fence: &Fence,
     ) -> Option<Outcome> {
         tracing::warn!(rule = %block.rule, detail = %block.detail, "a risk limit blocked the job");
@@ -444,31 +450,57 @@ impl JobRunner {
                 })
             }
         };
-        match position {
-            Some(p) if p.side != side => {
-                let mut close = job.clone();
-                close.alert.action = crate::domain::Action::Close;
-                let mut outcome =
-                    executor::execute_until(client, &close, false, &self.policy, fence).await?;
-                let closed = format!(
-                    "the {} position was closed (closing is never blocked)",
-                    p.side.as_str()
-                );
-                if outcome.status == JobStatus::Succeeded {
-                    outcome.status = JobStatus::Blocked;
-                    outcome.error_class = Some(FailureClass::Risk);
-                    outcome.message = Some(format!("{block}; {closed}"));
-                } else {
-                    let m = outcome.message.take().unwrap_or_default();
-                    outcome.message = Some(format!(
-                        "{block}; closing the {} position: {m}",
-                        p.side.as_str()
-                    ));
-                }
-                Some(outcome)
+        let closing = match position {
+            Some(p) if p.side != side => p.side,
+            // Flat: an earlier delivery, blocked too, may have closed the old side under this
+            // job's close ids before it died.
+            None if recover => {
+                let closed = side.opposite();
+                return Some(match executor::closes_placed_before(client, job, closed).await {
+                    Ok(Some(mut outcome)) => {
+                        outcome.status = JobStatus::Blocked;
+                        outcome.error_class = Some(FailureClass::Risk);
+                        outcome.message = Some(format!(
+                            "{block}; an earlier delivery closed the {} position (closing is never blocked)",
+                            closed.as_str()
+                        ));
+                        outcome
+                    }
+                    Ok(None) => blocked,
+                    Err(e) => Outcome {
+                        message: Some(format!(
+                            "{block}; whether an earlier delivery closed a position could not be looked up ({e}): the reconciliation compares the position"
+                        )),
+                        ..blocked
+                    },
+                });
             }
-            _ => Some(blocked),
+            _ => return Some(blocked),
+        };
+        let mut close = job.clone();
+        close.alert.action = crate::domain::Action::Close;
+        let mut outcome =
+            executor::execute_until(client, &close, recover, &self.policy, fence).await?;
+        match outcome.status {
+            JobStatus::Succeeded => {
+                outcome.status = JobStatus::Blocked;
+                outcome.error_class = Some(FailureClass::Risk);
+                outcome.message = Some(format!(
+                    "{block}; the {} position was closed (closing is never blocked)",
+                    closing.as_str()
+                ));
+            }
+            // The position went away between the reads: nothing to close.
+            JobStatus::Skipped => return Some(blocked),
+            _ => {
+                let m = outcome.message.take().unwrap_or_default();
+                outcome.message = Some(format!(
+                    "{block}; closing the {} position: {m}",
+                    closing.as_str()
+                ));
+            }
         }
+        Some(outcome)
     }
 
     /// The job's exchange client (credentials loaded, client built) and the environment of its

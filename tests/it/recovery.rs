@@ -188,6 +188,85 @@ async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_
     app.cleanup().await;
 }
 
+/// A reversal a kill switch blocks still closes the old side. A delivery of it killed after the
+/// broker took that close, before the commit, is redelivered: its open was never placed, so it is
+/// checked and blocked again; the close it sent is found by its client order id and recorded once
+/// (a buy's close of a short), the position flat; nothing is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blocked_reversal_killed_after_its_close_is_blocked_again_and_records_the_close() {
+    let (fake, url, app, user, secret) = aster_app().await;
+    let short = app
+        .run_one(&webhook(user, &secret, "aster", "sell", "ETHUSDT", 100))
+        .await;
+    assert_eq!(short.status, sparky::job::JobStatus::Succeeded, "{short:?}");
+    assert!(fake.position("ETHUSDT") < rust_decimal::Decimal::ZERO);
+    sqlx::query("INSERT INTO risk_limits (user_id, kill_switch) VALUES ($1, true)")
+        .bind(user)
+        .execute(&app.store.pool)
+        .await
+        .unwrap();
+    // The broker takes the close, then does not answer: the worker is killed while waiting.
+    fake.core
+        .inject(ORDER, Fault::HangAfterDoing(Duration::from_secs(30)));
+    let env = [
+        ("SPARKY_LEASE_TTL_MS", "1500".to_string()),
+        ("SPARKY_EXCHANGE_TIMEOUT_MS", "700".to_string()),
+        ("ASTER_BASE_URL", url.clone()),
+    ];
+    let mut first = spawn_worker(&app, &env).await;
+    let id = app
+        .enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
+        .await;
+    let close = client_order_id(id, Leg::Close);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.orders_with(&close) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the close never reached the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill9();
+    assert_eq!(fake.position("ETHUSDT"), rust_decimal::Decimal::ZERO);
+
+    let _second = spawn_worker(&app, &env).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let job = app.job(id).await;
+        if job.status != sparky::job::JobStatus::Executing {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the redelivery did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job.status, sparky::job::JobStatus::Blocked, "{job:?}");
+    assert_eq!(job.attempts, 2, "redelivered once");
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("closed the short position"),
+        "{job:?}"
+    );
+    assert_eq!(
+        fake.orders_with(&client_order_id(id, Leg::Open)),
+        0,
+        "nothing opened"
+    );
+    assert_eq!(fake.orders_with(&close), 1, "the close was sent once");
+    let trades: Vec<_> = app
+        .trades(user)
+        .await
+        .into_iter()
+        .filter(|t| t.job_id == id)
+        .collect();
+    assert_eq!(trades.len(), 1, "{trades:?}");
+    assert_eq!(trades[0].client_order_id, close);
+    assert_eq!(trades[0].side, "buy", "{trades:?}");
+    assert!(app.position(user, "ETHUSDT").await.is_none());
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_worker_that_lost_the_lease_stops_retrying_and_records_nothing() {
     let (fake, url) = AsterFake::start().await;
