@@ -164,6 +164,9 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Pending>, stats: Arc<BeginStat
         }
         let (batch, later) = one_per_job(std::mem::take(&mut next), &mut rx);
         next = later;
+        if batch.is_empty() {
+            continue; // every start taken was one nobody waits for
+        }
         stats.statements.fetch_add(1, Ordering::Relaxed);
         stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
         if let [p] = &batch[..] {
