@@ -282,6 +282,37 @@ pub async fn execute_until(
     }
 }
 
+/// `look_up` until the broker answers, transient failures retried on `policy`'s schedule: the last
+/// error once the schedule is spent, on a permanent failure, or when the fence ends.
+async fn looked_up<T, Fut>(
+    policy: &RetryPolicy,
+    fence: &Fence,
+    what: &str,
+    mut look_up: impl FnMut() -> Fut,
+) -> Result<T, ExchangeError>
+where
+    Fut: std::future::Future<Output = Result<T, ExchangeError>>,
+{
+    let mut schedule = policy.schedule();
+    loop {
+        still_ours(fence)?;
+        let err = match look_up().await {
+            Ok(found) => return Ok(found),
+            Err(e) if e.class == ErrorClass::Permanent => return Err(e),
+            Err(e) => e,
+        };
+        let Some(delay) = schedule.next() else {
+            return Err(err);
+        };
+        let delay = err.retry_after.map_or(delay, |r| r.max(delay));
+        tracing::warn!(error = %err, ?delay, "looking up {what} failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = fence.voided() => {}
+        }
+    }
+}
+
 /// Did an earlier delivery of `job` place its opening leg at the broker (looked up by its client
 /// order id, transient failures retried on `policy`'s schedule)? `None`: the broker could not say
 /// (or the fence ended), so the caller must assume it might have. Close legs do not count: a
@@ -292,44 +323,36 @@ pub async fn open_placed_before(
     policy: &RetryPolicy,
     fence: &Fence,
 ) -> Option<bool> {
-    let mut schedule = policy.schedule();
     let open = client_order_id(job.job_id, Leg::Open);
-    loop {
-        if fence.is_void() {
-            return None;
-        }
-        let err = match ex.find_order(&job.alert.symbol, &open).await {
-            Ok(found) => return Some(found.is_some()),
-            Err(e) => e,
-        };
-        if err.class == ErrorClass::Permanent {
-            return None;
-        }
-        let delay = schedule.next()?;
-        let delay = err.retry_after.map_or(delay, |r| r.max(delay));
-        tracing::warn!(error = %err, ?delay, "looking up the job's earlier open failed; retrying");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = fence.voided() => return None,
-        }
-    }
+    looked_up(policy, fence, "the job's earlier open", || {
+        ex.find_order(&job.alert.symbol, &open)
+    })
+    .await
+    .ok()
+    .map(|found| found.is_some())
 }
 
 /// What an earlier delivery of `job`, blocked as a reversal, closed before it died, now that the
-/// broker shows no position: its close legs, looked up by their client order ids, recorded as the
-/// close of a `closed` position (entry unknown here, so no realized PnL), and the position flat.
-/// `Ok(None)`: no close of the job was found.
+/// broker shows no position: its close legs, looked up by their client order ids (retried as
+/// [`open_placed_before`]), recorded as the close of a `closed` position entered at `entry` (the
+/// caller's record of it), and the position flat. `Ok(None)`: no close of the job was found.
 pub async fn closes_placed_before(
     ex: &dyn Exchange,
     job: &Job,
     closed: Side,
+    entry: Option<Decimal>,
+    policy: &RetryPolicy,
+    fence: &Fence,
 ) -> Result<Option<Outcome>, ExchangeError> {
-    let placed = Placed::look_up(ex, job).await?;
+    let placed = looked_up(policy, fence, "the job's earlier closes", || {
+        Placed::look_up(ex, job)
+    })
+    .await?;
     if placed.closes.is_empty() {
         return Ok(None);
     }
     let mut progress = Progress::default();
-    close::record_found(&placed.closes, closed, None, &mut progress);
+    close::record_found(&placed.closes, closed, entry, &mut progress);
     progress.position = Some(PositionChange::Flat);
     Ok(Some(done(&mut progress)))
 }

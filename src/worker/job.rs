@@ -404,7 +404,13 @@ impl JobRunner {
             match verdict {
                 Retried::Ok(risk::Verdict::Allow) => {}
                 Retried::Ok(risk::Verdict::Block(block)) => {
-                    return self.blocked(&client, job, block, recover, fence).await
+                    let account = Account {
+                        user_id: job.alert.user_id,
+                        exchange: job.alert.exchange,
+                        environment,
+                    };
+                    let outcome = self.blocked(&client, job, &account, block, recover, fence);
+                    return outcome.await.map(|o| Outcome { environment, ..o });
                 }
                 Retried::GaveUp { .. } | Retried::Shutdown => return None,
             }
@@ -429,6 +435,7 @@ impl JobRunner {
         &self,
         client: &Metered,
         job: &Job,
+        account: &Account,
         block: risk::Block,
         recover: bool,
         fence: &Fence,
@@ -456,7 +463,19 @@ impl JobRunner {
             // job's close ids before it died.
             None if recover => {
                 let closed = side.opposite();
-                return Some(match executor::closes_placed_before(client, job, closed).await {
+                // The entry of the position it closed, as recorded (the commit never ran), for
+                // the close's realized PnL.
+                let entry = match self
+                    .store
+                    .position(account, job.alert.symbol.as_str())
+                    .await
+                {
+                    Ok(Some(p)) if p.side == closed => Some(p.entry_price),
+                    _ => None,
+                };
+                let found =
+                    executor::closes_placed_before(client, job, closed, entry, &self.policy, fence);
+                return Some(match found.await {
                     Ok(Some(mut outcome)) => {
                         outcome.status = JobStatus::Blocked;
                         outcome.error_class = Some(FailureClass::Risk);
@@ -479,6 +498,8 @@ impl JobRunner {
         };
         let mut close = job.clone();
         close.alert.action = crate::domain::Action::Close;
+        // A reversal closes all of the old side (a `close_percent` is for close alerts).
+        close.alert.close_percent = None;
         let mut outcome =
             executor::execute_until(client, &close, recover, &self.policy, fence).await?;
         match outcome.status {

@@ -263,6 +263,16 @@ async fn a_blocked_reversal_killed_after_its_close_is_blocked_again_and_records_
     assert_eq!(trades.len(), 1, "{trades:?}");
     assert_eq!(trades[0].client_order_id, close);
     assert_eq!(trades[0].side, "buy", "{trades:?}");
+    let pnl: Option<rust_decimal::Decimal> =
+        sqlx::query_scalar("SELECT pnl FROM trades WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap();
+    assert!(
+        pnl.is_some(),
+        "the short's recorded entry gives the close its PnL"
+    );
     assert!(app.position(user, "ETHUSDT").await.is_none());
     app.cleanup().await;
 }

@@ -774,6 +774,54 @@ async fn risk_max_daily_loss_is_unevaluable_without_the_realized_pnl_of_a_close(
     app.cleanup().await;
 }
 
+/// A blocked reversal on sandbox credentials records its close in the sandbox account: the close
+/// trade says `sandbox` and the sandbox position is the one closed (a blocked outcome used to keep
+/// the default environment, `production`).
+#[tokio::test]
+async fn a_blocked_reversal_closes_the_position_of_its_own_environment() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.create_user().await;
+    app.store
+        .upsert_credentials(&sparky::store::CredentialRow {
+            user_id: user,
+            exchange: "paper".into(),
+            api_key: "k".into(),
+            api_secret: "s".into(),
+            account_id: None,
+            environment: "sandbox".into(),
+            extra_config: json!({}),
+            label: None,
+        })
+        .await
+        .unwrap();
+    let sandbox = json!({"position_size_usd": 100, "environment": "sandbox"});
+    let long = app
+        .run_one(&order(&secret, "paper", "buy", "ETHUSDT", sandbox.clone()))
+        .await;
+    assert_eq!(long.status, JobStatus::Succeeded, "{long:?}");
+    let mut l = no_limits(user);
+    l.kill_switch = true;
+    app.store.upsert_risk_limits(&l).await.unwrap();
+    let job = app
+        .run_one(&order(&secret, "paper", "sell", "ETHUSDT", sandbox))
+        .await;
+    assert_blocked(&job, "kill_switch");
+    let environments: Vec<String> =
+        sqlx::query_scalar("SELECT environment FROM trades WHERE job_id = $1")
+            .bind(job.job_id)
+            .fetch_all(&app.store.pool)
+            .await
+            .unwrap();
+    assert_eq!(environments, vec!["sandbox"], "the close, in sandbox");
+    let positions: i64 = sqlx::query_scalar("SELECT count(*) FROM positions WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&app.store.pool)
+        .await
+        .unwrap();
+    assert_eq!(positions, 0, "the sandbox long is closed");
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn risk_cooldown_blocks_the_open_of_a_reversal_but_closes() {
     let app = TestApp::spawn().await;
