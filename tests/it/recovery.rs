@@ -9,7 +9,7 @@ use sparky::exchanges::{client_order_id, Leg};
 use sparky::replay::{self, Decision, Options};
 
 use crate::fakes::*;
-use crate::helpers::captured_logs;
+use crate::helpers::{captured_logs, TestApp};
 use crate::procs::spawn_worker;
 
 const ORDER: &str = "POST /fapi/v1/order";
@@ -126,32 +126,59 @@ async fn a_permanent_rejection_is_dead_lettered_and_replayed_once_after_the_fix(
     app.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_no_second_order() {
-    let (fake, url, app, user, secret) = aster_app().await;
-    // The broker records the order, then does not answer: the worker is killed while waiting.
+/// The environment of a worker process on the fake at `url`: a short lease, and an exchange
+/// timeout within it (a lease may not be shorter: start-up check).
+fn worker_env(url: &str) -> [(&'static str, String); 3] {
+    [
+        ("SPARKY_LEASE_TTL_MS", "1500".to_string()),
+        ("SPARKY_EXCHANGE_TIMEOUT_MS", "700".to_string()),
+        ("ASTER_BASE_URL", url.to_string()),
+    ]
+}
+
+/// Enqueue `body` for a worker process whose broker takes the next order and then does not
+/// answer, and kill the worker (SIGKILL) once the broker has the job's `leg`: a delivery that died
+/// between the broker and its commit. The job's id.
+async fn killed_after_the_broker_took(
+    app: &TestApp,
+    fake: &AsterFake,
+    url: &str,
+    body: &serde_json::Value,
+    leg: Leg,
+) -> uuid::Uuid {
     fake.core
         .inject(ORDER, Fault::HangAfterDoing(Duration::from_secs(30)));
-    let env = [
-        ("SPARKY_LEASE_TTL_MS", "1500".to_string()),
-        // A lease may not be shorter than the exchange timeout (start-up check).
-        ("SPARKY_EXCHANGE_TIMEOUT_MS", "700".to_string()),
-        ("ASTER_BASE_URL", url.clone()),
-    ];
-    let mut first = spawn_worker(&app, &env).await;
-    let id = app
-        .enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
-        .await;
-    let coid = client_order_id(id, Leg::Open);
+    let mut first = spawn_worker(app, &worker_env(url)).await;
+    let id = app.enqueue(body).await;
+    let coid = client_order_id(id, leg);
     let deadline = Instant::now() + Duration::from_secs(30);
     while fake.orders_with(&coid) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the order never reached the broker"
-        );
+        assert!(Instant::now() < deadline, "{coid} never reached the broker");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     first.kill9();
+    id
+}
+
+/// The job's row once it is no longer `executing` (at most 60 s).
+async fn final_row(app: &TestApp, id: uuid::Uuid) -> sparky::store::JobRow {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = app.job(id).await;
+        if job.status != sparky::job::JobStatus::Executing {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "the redelivery did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_no_second_order() {
+    let (fake, url, app, user, secret) = aster_app().await;
+    let buy = webhook(user, &secret, "aster", "buy", "ETHUSDT", 100);
+    let id = killed_after_the_broker_took(&app, &fake, &url, &buy, Leg::Open).await;
+    let coid = client_order_id(id, Leg::Open);
     assert_eq!(
         app.job(id).await.status,
         sparky::job::JobStatus::Executing,
@@ -165,18 +192,10 @@ async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_
         .await
         .unwrap();
 
-    let _second = spawn_worker(&app, &env).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = app.job(id).await;
-        if job.status != sparky::job::JobStatus::Executing {
-            assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
-            assert_eq!(job.attempts, 2, "redelivered once");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the redelivery did not finish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _second = spawn_worker(&app, &worker_env(&url)).await;
+    let job = final_row(&app, id).await;
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
+    assert_eq!(job.attempts, 2, "redelivered once");
     assert_eq!(
         fake.orders_with(&coid),
         1,
@@ -205,40 +224,13 @@ async fn a_blocked_reversal_killed_after_its_close_is_blocked_again_and_records_
         .execute(&app.store.pool)
         .await
         .unwrap();
-    // The broker takes the close, then does not answer: the worker is killed while waiting.
-    fake.core
-        .inject(ORDER, Fault::HangAfterDoing(Duration::from_secs(30)));
-    let env = [
-        ("SPARKY_LEASE_TTL_MS", "1500".to_string()),
-        ("SPARKY_EXCHANGE_TIMEOUT_MS", "700".to_string()),
-        ("ASTER_BASE_URL", url.clone()),
-    ];
-    let mut first = spawn_worker(&app, &env).await;
-    let id = app
-        .enqueue(&webhook(user, &secret, "aster", "buy", "ETHUSDT", 100))
-        .await;
+    let buy = webhook(user, &secret, "aster", "buy", "ETHUSDT", 100);
+    let id = killed_after_the_broker_took(&app, &fake, &url, &buy, Leg::Close).await;
     let close = client_order_id(id, Leg::Close);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fake.orders_with(&close) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the close never reached the broker"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    first.kill9();
     assert_eq!(fake.position("ETHUSDT"), rust_decimal::Decimal::ZERO);
 
-    let _second = spawn_worker(&app, &env).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let job = loop {
-        let job = app.job(id).await;
-        if job.status != sparky::job::JobStatus::Executing {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "the redelivery did not finish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let _second = spawn_worker(&app, &worker_env(&url)).await;
+    let job = final_row(&app, id).await;
     assert_eq!(job.status, sparky::job::JobStatus::Blocked, "{job:?}");
     assert_eq!(job.attempts, 2, "redelivered once");
     assert!(
