@@ -486,21 +486,8 @@ impl Store {
             q = q.bind(a.strategy.as_deref().unwrap_or(""));
         }
         let rows = self.on_conn(async |c| Ok(q.fetch_all(c).await?)).await?;
-        if let Some(first) = rows.first() {
-            // The start is committed: limits that do not decode are not read (the check reads
-            // them again and blocks the job, saying why), never a reason to start it again.
-            let limits = match with_limits.then(|| risk::limits_of_begin(&rows)) {
-                Some(Ok(l)) => Some(l),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "the job's risk limits read with its start do not decode");
-                    None
-                }
-                None => None,
-            };
-            return Ok(Begin::Execute {
-                attempt: first.try_get("attempts")?,
-                limits,
-            });
+        if !rows.is_empty() {
+            return begun(&rows, with_limits);
         }
         let status =
             sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = $1").bind(job.job_id);
@@ -717,6 +704,25 @@ impl Store {
 /// Does a job's start read the risk limits that apply to it (an opening job's do)?
 fn reads_limits_at_begin(job: &Job) -> bool {
     matches!(job.alert.action, Action::Buy | Action::Sell)
+}
+
+/// A started job's answer from its rows of [`BEGIN`] or [`begins`]' statement (at least one; with
+/// `with_limits`, one per row of limits that apply). The start is committed: limits that do not
+/// decode are not read (the check reads them again and blocks the job, saying why), never a reason
+/// to start it again.
+fn begun(rows: &[sqlx::postgres::PgRow], with_limits: bool) -> Result<Begin, StoreError> {
+    let limits = match with_limits.then(|| risk::limits_of_begin(rows)) {
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "the job's risk limits read with its start do not decode");
+            None
+        }
+        None => None,
+    };
+    Ok(Begin::Execute {
+        attempt: rows[0].try_get("attempts")?,
+        limits,
+    })
 }
 
 /// The columns a job's start writes ([`BEGIN`], and [`begins`] for many jobs).

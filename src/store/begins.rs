@@ -40,12 +40,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{reads_limits_at_begin, risk, Begin, Store, StoreError, BEGIN_AGAIN, BEGIN_INTO};
+use super::{
+    begun, reads_limits_at_begin, risk, Begin, Store, StoreError, BEGIN_AGAIN, BEGIN_INTO,
+};
 use crate::domain::Job;
 use crate::job::JobStatus;
 
@@ -316,22 +317,4 @@ async fn begin_many(store: &Store, batch: &[Pending]) -> Result<Answers, StoreEr
         }
     }
     Ok(answers)
-}
-
-/// One started job's answer from its rows of [`BEGIN_MANY`] (at least one).
-fn begun(rows: &[PgRow], opening: bool) -> Result<Begin, StoreError> {
-    // As for one job: limits that do not decode are not read (the check reads them again and
-    // blocks the job, saying why), never a reason to start it again.
-    let limits = match opening.then(|| risk::limits_of_begin(rows)) {
-        Some(Ok(l)) => Some(l),
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "the job's risk limits read with its start do not decode");
-            None
-        }
-        None => None,
-    };
-    Ok(Begin::Execute {
-        attempt: rows[0].try_get("attempts")?,
-        limits,
-    })
 }
