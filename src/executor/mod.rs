@@ -869,8 +869,9 @@ pub async fn follow_fill(
 
 /// For a job that is given up (`poison`: delivered too often without finishing): record what its
 /// earlier deliveries did at the broker, looked up by client order id, and send nothing. The
-/// outcome stays `given_up`'s status and class; the legs found are its fills. Failed look-ups are
-/// retried on `policy`'s schedule; `None` once `fence` is void (the next owner looks them up).
+/// outcome stays `given_up`'s status and class; the legs found are its fills. Look-ups are retried
+/// as every look-up of earlier orders is ([`looked_up`]); `None` once `fence` is void (the next
+/// owner looks them up).
 pub async fn record_placed(
     ex: &dyn Exchange,
     job: &Job,
@@ -878,24 +879,16 @@ pub async fn record_placed(
     policy: &RetryPolicy,
     fence: &Fence,
 ) -> Option<Outcome> {
-    let mut schedule = policy.schedule();
-    let placed = loop {
-        match Placed::look_up(ex, job).await {
-            Ok(placed) => break placed,
-            Err(_) if fence.is_void() => return None,
-            Err(e) => match schedule.next() {
-                Some(delay) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = fence.voided() => return None,
-                    }
-                }
-                None => {
-                    let m = given_up.message.take().unwrap_or_default();
-                    given_up.message = Some(format!("{m}; its orders could not be looked up: {e}"));
-                    return Some(given_up);
-                }
-            },
+    let looked = looked_up(policy, fence, "the given-up job's orders", || {
+        Placed::look_up(ex, job)
+    });
+    let placed = match looked.await {
+        Ok(placed) => placed,
+        Err(_) if fence.is_void() => return None,
+        Err(e) => {
+            let m = given_up.message.take().unwrap_or_default();
+            given_up.message = Some(format!("{m}; its orders could not be looked up: {e}"));
+            return Some(given_up);
         }
     };
     let mut progress = Progress::default();
