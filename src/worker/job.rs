@@ -476,15 +476,11 @@ impl JobRunner {
                 let found =
                     executor::closes_placed_before(client, job, closed, entry, &self.policy, fence);
                 return Some(match found.await {
-                    Ok(Some(mut outcome)) => {
-                        outcome.status = JobStatus::Blocked;
-                        outcome.error_class = Some(FailureClass::Risk);
-                        outcome.message = Some(format!(
-                            "{block}; an earlier delivery closed the {} position (closing is never blocked)",
-                            closed.as_str()
-                        ));
-                        outcome
-                    }
+                    Ok(Some(outcome)) => closed_but_blocked(
+                        outcome,
+                        &block,
+                        format!("an earlier delivery closed the {} position", closed.as_str()),
+                    ),
                     Ok(None) => blocked,
                     Err(e) => Outcome {
                         message: Some(format!(
@@ -503,25 +499,22 @@ impl JobRunner {
         let mut outcome =
             executor::execute_until(client, &close, recover, &self.policy, fence).await?;
         match outcome.status {
-            JobStatus::Succeeded => {
-                outcome.status = JobStatus::Blocked;
-                outcome.error_class = Some(FailureClass::Risk);
-                outcome.message = Some(format!(
-                    "{block}; the {} position was closed (closing is never blocked)",
-                    closing.as_str()
-                ));
-            }
+            JobStatus::Succeeded => Some(closed_but_blocked(
+                outcome,
+                &block,
+                format!("the {} position was closed", closing.as_str()),
+            )),
             // The position went away between the reads: nothing to close.
-            JobStatus::Skipped => return Some(blocked),
+            JobStatus::Skipped => Some(blocked),
             _ => {
                 let m = outcome.message.take().unwrap_or_default();
                 outcome.message = Some(format!(
                     "{block}; closing the {} position: {m}",
                     closing.as_str()
                 ));
+                Some(outcome)
             }
         }
-        Some(outcome)
     }
 
     /// The job's exchange client (credentials loaded, client built) and the environment of its
@@ -805,6 +798,15 @@ impl JobRunner {
             "job finished"
         );
     }
+}
+
+/// The outcome of the close a blocked job made (`closed` says what), recorded as the job's: it is
+/// `blocked` by `block`, closing is never blocked.
+fn closed_but_blocked(mut outcome: Outcome, block: &risk::Block, closed: String) -> Outcome {
+    outcome.status = JobStatus::Blocked;
+    outcome.error_class = Some(FailureClass::Risk);
+    outcome.message = Some(format!("{block}; {closed} (closing is never blocked)"));
+    outcome
 }
 
 /// The text of a caught panic.
