@@ -29,6 +29,17 @@ fn order(secret: &str, exchange: &str, action: &str, symbol: &str, extra: Value)
     v
 }
 
+/// A $100 paper buy of SOLUSDT: the open the risk tests block or let through.
+fn buy_sol(secret: &str) -> Value {
+    order(
+        secret,
+        "paper",
+        "buy",
+        "SOLUSDT",
+        json!({"position_size_usd": 100}),
+    )
+}
+
 /// The quantity of the open leg of job `id`.
 async fn opened(app: &TestApp, user: Uuid, id: Uuid) -> Decimal {
     app.trades(user)
@@ -523,15 +534,7 @@ async fn rule_blocks_opens_not_closes(
     set(&mut l);
     app.store.upsert_risk_limits(&l).await.unwrap();
     prepare(&app, &secret, user, first).await;
-    let blocked = app
-        .run_one(&order(
-            &secret,
-            "paper",
-            "buy",
-            "SOLUSDT",
-            json!({"position_size_usd": 100}),
-        ))
-        .await;
+    let blocked = app.run_one(&buy_sol(&secret)).await;
     assert_blocked(&blocked, rule);
     assert!(
         app.trades(user)
@@ -600,15 +603,7 @@ async fn a_redelivery_that_finds_no_order_of_the_job_is_checked_like_a_first_run
     let mut l = no_limits(user);
     l.kill_switch = true;
     app.store.upsert_risk_limits(&l).await.unwrap();
-    let id = app
-        .enqueue(&order(
-            &secret,
-            "paper",
-            "buy",
-            "SOLUSDT",
-            json!({"position_size_usd": 100}),
-        ))
-        .await;
+    let id = app.enqueue(&buy_sol(&secret)).await;
     // Its first delivery started (attempt 1) and died before reaching the broker.
     sqlx::query(
         "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action, symbol, alert,
@@ -741,15 +736,7 @@ async fn risk_max_daily_loss_is_unevaluable_without_the_realized_pnl_of_a_close(
     let mut l = no_limits(user);
     l.max_daily_loss = Some(dec!(100));
     app.store.upsert_risk_limits(&l).await.unwrap();
-    let job = app
-        .run_one(&order(
-            &secret,
-            "paper",
-            "buy",
-            "SOLUSDT",
-            json!({"position_size_usd": 100}),
-        ))
-        .await;
+    let job = app.run_one(&buy_sol(&secret)).await;
     assert_blocked(&job, "max_daily_loss");
     assert!(
         job.error.as_deref().unwrap().contains("no realized PnL"),
@@ -857,15 +844,7 @@ async fn risk_cooldown_blocks_the_open_of_a_reversal_but_closes() {
         .collect();
     assert_eq!(legs, vec!["close"]);
     // another symbol has no cooldown
-    let other = app
-        .run_one(&order(
-            &secret,
-            "paper",
-            "buy",
-            "SOLUSDT",
-            json!({"position_size_usd": 100}),
-        ))
-        .await;
+    let other = app.run_one(&buy_sol(&secret)).await;
     assert_eq!(other.status, JobStatus::Succeeded);
     app.cleanup().await;
 }
@@ -1312,15 +1291,7 @@ async fn limits_that_do_not_decode_block_the_open_after_one_start() {
         .execute(&app.store.pool)
         .await
         .unwrap();
-    let job = app
-        .run_one(&order(
-            &secret,
-            "paper",
-            "buy",
-            "SOLUSDT",
-            json!({"position_size_usd": 100}),
-        ))
-        .await;
+    let job = app.run_one(&buy_sol(&secret)).await;
     assert_unevaluable(&job);
     assert_eq!(job.attempts, 1, "{job:?}");
     app.cleanup().await;
