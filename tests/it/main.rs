@@ -9,6 +9,7 @@ mod credentials;
 mod exchanges;
 mod failures;
 mod fakes;
+mod group_commit;
 mod faults;
 mod helpers;
 mod hostile;
