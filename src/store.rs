@@ -23,8 +23,6 @@ mod user_api;
 pub use user_api::{JobFilter, PositionKey, TradeRecord};
 mod begins;
 pub use begins::Begins;
-mod commits;
-pub use commits::Commits;
 pub(crate) mod commit;
 mod held;
 mod risk;

@@ -256,15 +256,14 @@ fn push_event(
         "user_id": user_id,
         "data": data,
     });
-    let gate_and = s.gate_and();
-    let (ch, ev) = (s.name("ch"), s.name("ev"));
+    let gate = s.gate;
     s.part("ch")
         .push("SELECT channel_id FROM notification_channels WHERE user_id = ")
         .push_bind(user_id)
         .push(" AND ")
         .push_bind(kind.as_str())
         .push(" = ANY(events)")
-        .push(&gate_and);
+        .push(gate.and());
     s.close();
     let q = s.part("ev");
     q.push("INSERT INTO notification_outbox (event_id, user_id, kind, job_id, payload) SELECT ");
@@ -274,10 +273,10 @@ fn push_event(
         .push_bind(kind.as_str())
         .push_bind(job_id)
         .push_bind(payload);
-    q.push(format!(" WHERE EXISTS (SELECT 1 FROM {ch}) RETURNING event_id"));
+    q.push(" WHERE EXISTS (SELECT 1 FROM ch) RETURNING event_id");
     s.close();
-    s.part("d").push(format!(
-        "INSERT INTO notification_deliveries (event_id, channel_id) SELECT ev.event_id, ch.channel_id FROM {ev} ev, {ch} ch"),
+    s.part("d").push(
+        "INSERT INTO notification_deliveries (event_id, channel_id) SELECT ev.event_id, ch.channel_id FROM ev, ch",
     );
     s.close();
 }

@@ -53,21 +53,33 @@ use crate::executor::{Fill, Outcome, PositionChange};
 pub(crate) enum Gate {
     /// Nothing: the parts always run (inside a caller's transaction).
     Always,
-    /// The fenced job update `upd` (of the job the parts belong to) having matched its row.
+    /// The fenced job update `upd` having matched its row.
     Fenced,
 }
 
+impl Gate {
+    /// Appended to an `INSERT .. SELECT <values>`.
+    pub(crate) fn from(self) -> &'static str {
+        match self {
+            Gate::Always => "",
+            Gate::Fenced => " FROM upd",
+        }
+    }
+
+    /// Appended to an `UPDATE` / `DELETE`'s `WHERE`.
+    pub(crate) fn and(self) -> &'static str {
+        match self {
+            Gate::Always => "",
+            Gate::Fenced => " AND EXISTS (SELECT 1 FROM upd)",
+        }
+    }
+}
+
 /// A `WITH` statement being built: `name AS (..)` parts, then the final `SELECT`.
-///
-/// A statement can carry the parts of several jobs ([`Statement::next_job`]): the parts of the
-/// job at index `i > 0` are named with the suffix `_i` (`upd_1`, `t_1`, ..), so each job's parts
-/// read its own fence. Index 0 has no suffix: a statement of one job is the same text whether it
-/// is written alone or as the first of a group.
 pub(crate) struct Statement<'q> {
     qb: QueryBuilder<'q, Postgres>,
     parts: usize,
-    gate: Gate,
-    suffix: String,
+    pub(crate) gate: Gate,
 }
 
 impl<'q> Statement<'q> {
@@ -76,48 +88,16 @@ impl<'q> Statement<'q> {
             qb: QueryBuilder::new("WITH "),
             parts: 0,
             gate,
-            suffix: String::new(),
         }
     }
 
-    /// The parts pushed from now on belong to the job at `index` of the statement.
-    pub(crate) fn next_job(&mut self, index: usize) {
-        self.suffix = if index == 0 {
-            String::new()
-        } else {
-            format!("_{index}")
-        };
-    }
-
-    /// The name of the current job's part `part` (to read it from another part).
-    pub(crate) fn name(&self, part: &str) -> String {
-        format!("{part}{}", self.suffix)
-    }
-
-    /// Appended to an `INSERT .. SELECT <values>`: the gate of the current job's parts.
-    pub(crate) fn gate_from(&self) -> String {
-        match self.gate {
-            Gate::Always => String::new(),
-            Gate::Fenced => format!(" FROM {}", self.name("upd")),
-        }
-    }
-
-    /// Appended to an `UPDATE` / `DELETE`'s `WHERE`: the gate of the current job's parts.
-    pub(crate) fn gate_and(&self) -> String {
-        match self.gate {
-            Gate::Always => String::new(),
-            Gate::Fenced => format!(" AND EXISTS (SELECT 1 FROM {})", self.name("upd")),
-        }
-    }
-
-    /// Start the current job's part `name`; push its SQL into the returned builder, then
-    /// [`Statement::close`].
+    /// Start the part `name`; push its SQL into the returned builder, then [`Statement::close`].
     pub(crate) fn part(&mut self, name: &str) -> &mut QueryBuilder<'q, Postgres> {
         if self.parts > 0 {
             self.qb.push(",\n     ");
         }
         self.parts += 1;
-        self.qb.push(name).push(&self.suffix).push(" AS (");
+        self.qb.push(name).push(" AS (");
         &mut self.qb
     }
 
@@ -144,65 +124,12 @@ pub(crate) async fn finish(
     outcome: &Outcome,
     attempt: i32,
 ) -> Result<bool, StoreError> {
-    let updated: i64 = one_commit(job, outcome, attempt)
-        .build_query_scalar()
-        .fetch_one(conn)
-        .await?;
-    Ok(updated > 0)
-}
-
-/// The statement [`finish`] runs.
-fn one_commit<'q>(job: &'q Job, outcome: &'q Outcome, attempt: i32) -> QueryBuilder<'q, Postgres> {
-    let mut s = Statement::new(Gate::Fenced);
-    push_commit(&mut s, job, outcome, attempt);
-    s.finish("SELECT count(*) FROM upd")
-}
-
-/// The text of a job's commit statement, without its values. Commits with the same shape are
-/// written together as one statement whose text depends only on the shape and the number of
-/// jobs ([`finish_many`]), so Postgres plans it once per connection, not per execution.
-pub(crate) fn shape(job: &Job, outcome: &Outcome, attempt: i32) -> String {
-    one_commit(job, outcome, attempt).into_sql()
-}
-
-/// One job's commit for [`finish_many`].
-pub(crate) struct ToCommit<'a> {
-    pub(crate) job: &'a Job,
-    pub(crate) outcome: &'a Outcome,
-    pub(crate) attempt: i32,
-}
-
-/// The commits of several jobs as one statement, so one transaction: job `i`'s parts (its
-/// [`finish`] statement's, named with the suffix `_i`) read its own fence only, so a delivery
-/// that was overtaken writes nothing while the others are recorded. `Ok(v)`: `v[i]` tells
-/// whether job `i`'s fence matched (one element per job). `Err`: the statement failed as a
-/// whole, nothing of it was written. The jobs must belong to different users (no row is written twice in one statement).
-pub(crate) async fn finish_many(
-    conn: &mut sqlx::PgConnection,
-    jobs: &[ToCommit<'_>],
-) -> Result<Vec<bool>, StoreError> {
-    let mut s = Statement::new(Gate::Fenced);
-    let mut fences = Vec::with_capacity(jobs.len());
-    for (i, c) in jobs.iter().enumerate() {
-        s.next_job(i);
-        fences.push(format!("(SELECT count(*) FROM {})", s.name("upd")));
-        push_commit(&mut s, c.job, c.outcome, c.attempt);
-    }
-    let counts: Vec<i64> = s
-        .finish(&format!("SELECT ARRAY[{}]::int8[]", fences.join(", ")))
-        .build_query_scalar()
-        .fetch_one(conn)
-        .await?;
-    Ok(counts.into_iter().map(|n| n > 0).collect())
-}
-
-/// The parts of a job's commit: the fenced `upd`, [`push_fills`] and the notification.
-fn push_commit<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q Outcome, attempt: i32) {
     let history: Vec<serde_json::Value> = outcome
         .history
         .iter()
         .map(|h| serde_json::json!({"at": h.at, "class": h.class, "message": pg_text(&h.message)}))
         .collect();
+    let mut s = Statement::new(Gate::Fenced);
     s.part("upd")
         .push("UPDATE jobs SET status = ")
         .push_bind(outcome.status)
@@ -218,10 +145,16 @@ fn push_commit<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q Outcome, at
         .push_bind(attempt)
         .push(" RETURNING job_id");
     s.close();
-    push_fills(s, job, outcome);
+    push_fills(&mut s, job, outcome);
     // The user's notification, in the outcome's own statement (issue 15): never lost, never sent
     // for an outcome that was not recorded.
-    crate::notify::push_job_outcome(s, job.job_id, &job.alert, outcome);
+    crate::notify::push_job_outcome(&mut s, job.job_id, &job.alert, outcome);
+    let updated: i64 = s
+        .finish("SELECT count(*) FROM upd")
+        .build_query_scalar()
+        .fetch_one(conn)
+        .await?;
+    Ok(updated > 0)
 }
 
 /// A job's essential write, inside the caller's transaction: its trade rows, the broker orders it
@@ -254,7 +187,7 @@ pub(crate) fn push_fills<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q O
         .map(String::as_str)
         .collect();
     if !cancelled.is_empty() {
-        let gate_and = s.gate_and();
+        let gate = s.gate;
         s.part("bc")
             .push("UPDATE broker_orders SET state = 'cancelled', updated_at = now() WHERE client_order_id = ANY(")
             .push_bind(cancelled)
@@ -262,7 +195,7 @@ pub(crate) fn push_fills<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q O
             .push_bind(job.alert.user_id)
             .push(" AND symbol = ")
             .push_bind(job.alert.symbol.as_str().to_string())
-            .push(&gate_and);
+            .push(gate.and());
         s.close();
     }
     for (i, o) in resting.into_iter().enumerate() {
@@ -301,7 +234,7 @@ fn last_state_per_order(resting: &[RestingOrder]) -> Vec<&RestingOrder> {
 fn push_trades<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q Outcome, fills: &[&'q Fill]) {
     const COLUMNS: &str = "job_id, user_id, exchange, symbol, leg, side, quantity, price, client_order_id, exchange_order_id, status, environment, pnl, exit_reason, fee";
     let a = &job.alert;
-    let gate_and = s.gate_and();
+    let gate = s.gate;
     let q = s.part("t");
     q.push("INSERT INTO trades (")
         .push(COLUMNS)
@@ -335,7 +268,7 @@ fn push_trades<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q Outcome, fi
     q.push(") AS v (n, ")
         .push(COLUMNS)
         .push(") WHERE true")
-        .push(&gate_and)
+        .push(gate.and())
         .push(" ORDER BY n ON CONFLICT (job_id, leg) DO NOTHING");
     s.close();
 }
@@ -353,7 +286,7 @@ fn push_resting<'q>(
         let ttl = crate::executor::working_ttl_secs(a) as i64;
         chrono::Utc::now() + chrono::Duration::seconds(ttl)
     });
-    let gate_from = s.gate_from();
+    let gate = s.gate;
     let q = s.part(name);
     q.push(
         "INSERT INTO broker_orders (client_order_id, job_id, user_id, exchange, environment, symbol, leg, side, quantity, price, exchange_order_id, state, expires_at) SELECT ",
@@ -372,7 +305,7 @@ fn push_resting<'q>(
         .push_bind(o.exchange_order_id.as_deref().map(pg_text))
         .push("'open'")
         .push_bind(expires_at);
-    q.push(&gate_from).push(
+    q.push(gate.from()).push(
         " ON CONFLICT (client_order_id) DO UPDATE SET \
                exchange_order_id = EXCLUDED.exchange_order_id, quantity = EXCLUDED.quantity, \
                price = EXCLUDED.price, state = 'open', updated_at = now()",
@@ -382,7 +315,7 @@ fn push_resting<'q>(
 
 fn push_position<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q Outcome) {
     let a = &job.alert;
-    let (gate_and, gate_from) = (s.gate_and(), s.gate_from());
+    let gate = s.gate;
     match &outcome.position {
         PositionChange::Unchanged => {}
         PositionChange::Flat => {
@@ -395,7 +328,7 @@ fn push_position<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q Outcome) 
                 .push_bind(outcome.environment.as_str())
                 .push(" AND symbol = ")
                 .push_bind(a.symbol.as_str())
-                .push(&gate_and);
+                .push(gate.and());
             s.close();
         }
         PositionChange::Open {
@@ -420,7 +353,7 @@ fn push_position<'q>(s: &mut Statement<'q>, job: &'q Job, outcome: &'q Outcome) 
                 .push_bind(*take_profit_price)
                 .push_bind(job.job_id)
                 .push_bind(outcome.environment.as_str());
-            q.push(&gate_from).push(
+            q.push(gate.from()).push(
                 " ON CONFLICT (user_id, exchange, environment, symbol) DO UPDATE SET \
                    side = EXCLUDED.side, quantity = EXCLUDED.quantity, \
                    entry_price = EXCLUDED.entry_price, stop_loss_price = EXCLUDED.stop_loss_price, \

@@ -10,9 +10,7 @@
 //!   broker request once the lease could have moved) and a panic in it ends the job `dead`
 //!   (`internal`).
 //! - *commit*: one statement, so one transaction (job status, trades, broker orders, position,
-//!   notification: `store::commit`), fenced by the attempt; written together with the commits of
-//!   the other lanes waiting at the same time (`store::Commits`: group commit, each job still
-//!   fenced by its own attempt).
+//!   notification: `store::commit`), fenced by the attempt.
 //! - *dead-letter*: `rejected` and `dead` jobs are written to `{ns}:dlq` after the commit.
 //! - *ack*: last, so a crash anywhere before leaves the entry pending and it is redelivered.
 //!
@@ -43,7 +41,7 @@ use crate::queue::{Entry, Queue};
 use crate::replay::would_be_stale;
 use crate::retry::{retry, until_ok, Retried};
 use crate::risk::{self, RiskLimits};
-use crate::store::{Begin, Begins, Commits, Store, StoreError};
+use crate::store::{Begin, Begins, Store, StoreError};
 use std::sync::Arc;
 
 /// Runs jobs; shared by every lane of a worker.
@@ -51,8 +49,6 @@ pub struct JobRunner {
     store: Store,
     /// Job starts, written together with those of the other lanes ([`Begins`]).
     begins: Begins,
-    /// Job commits, written together with those of the other lanes ([`Commits`]).
-    commits: Commits,
     queue: Queue,
     credentials: CredentialLoader,
     exchanges: Arc<dyn ExchangeFactory>,
@@ -123,7 +119,6 @@ impl JobRunner {
                 store.max_connections() as usize / 2,
             )),
             begins: Begins::new(store.clone()),
-            commits: Commits::new(store.clone()),
             store,
             queue,
             shutdown,
@@ -676,7 +671,7 @@ impl JobRunner {
             |e: &StoreError, tries| {
                 matches!(e, StoreError::Superseded(_)) || self.refused_for_good(e, tries)
             },
-            || self.commits.finish(job, outcome, attempt),
+            || self.store.finish_job(job, outcome, attempt),
         )
         .await;
         match r {

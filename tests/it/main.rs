@@ -9,7 +9,6 @@ mod credentials;
 mod exchanges;
 mod failures;
 mod fakes;
-mod group_commit;
 mod faults;
 mod helpers;
 mod hostile;

@@ -1109,7 +1109,7 @@ async fn the_start_of_an_opening_job_reads_the_limits_that_apply_to_it() {
 
 /// A paper job of `user` (as its start sees it, not enqueued): `action` of $100 of `symbol`,
 /// under `strategy` if any.
-pub(crate) fn paper_job(
+fn paper_job(
     user: Uuid,
     secret: &str,
     action: &str,
