@@ -251,6 +251,28 @@ impl Store {
         }
     }
 
+    /// Another pool of at most `max_connections` to the same database whose transactions commit
+    /// without waiting for their WAL to reach the disk (`synchronous_commit = off`, set for each
+    /// connection it opens, so no other pool's connection ever carries it).
+    ///
+    /// Such a commit is visible to every other transaction at once, and Postgres writes it out
+    /// within `3 x wal_writer_delay` (0.6 s by default), or sooner with any later synchronous
+    /// commit (the WAL is flushed in order). Only a crash of Postgres itself inside that window
+    /// loses it, together with everything written after it. The worker starts the jobs whose
+    /// broker is this database (the paper exchange) on one: see `worker::job`.
+    pub fn asynchronous_commit(&self, max_connections: u32) -> Store {
+        let opts = (*self.pool.connect_options())
+            .clone()
+            .options([("synchronous_commit", "off")]);
+        Store {
+            pool: PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .test_before_acquire(false)
+                .connect_lazy_with(opts),
+        }
+    }
+
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())

@@ -43,12 +43,17 @@ use crate::retry::{retry, until_ok, Retried};
 use crate::risk::{self, RiskLimits};
 use crate::store::{Begin, Begins, Store, StoreError};
 use std::sync::Arc;
+use tokio::sync::SemaphorePermit;
 
 /// Runs jobs; shared by every lane of a worker.
 pub struct JobRunner {
     store: Store,
-    /// Job starts, written together with those of the other lanes ([`Begins`]).
+    /// Job starts, written together with those of the other lanes ([`Begins`]) and committed as
+    /// every statement is, on disk before the job executes: for jobs at a remote broker.
     begins: Begins,
+    /// The same for jobs whose broker is Postgres itself (paper), committed without waiting for
+    /// the WAL flush ([`Store::asynchronous_commit`]): see [`start_must_be_flushed`].
+    paper_begins: Begins,
     queue: Queue,
     credentials: CredentialLoader,
     exchanges: Arc<dyn ExchangeFactory>,
@@ -60,6 +65,29 @@ pub struct JobRunner {
     holders: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
     metrics: Metrics,
+}
+
+/// Whether a delivery's start must be on disk before the job executes (issue 17, step 9).
+///
+/// At a remote broker, yes: a delivery that died after sending an order must be known as started,
+/// so that its redelivery looks the order up (recovery mode) instead of sending it again, and so
+/// that it counts toward the poison limit. A start committed without the WAL flush would be lost
+/// in a crash of Postgres while the order stands at the broker.
+///
+/// At the paper exchange, no: nothing happens outside this database. The paper order is the
+/// job's own commit, which waits for the flush and, the WAL being flushed in order, takes the
+/// start to disk with it. A start a Postgres crash loses is lost with everything its delivery did,
+/// and the redelivery is then the first run it is taken for. A worker crash loses nothing: the
+/// start is visible at once and on disk within `3 x wal_writer_delay`. So a paper job waits for
+/// one WAL flush (its commit) instead of two.
+fn start_must_be_flushed(exchange: ExchangeKind) -> bool {
+    !exchange.is_in_postgres()
+}
+
+/// A job whose outcome is recorded in Postgres, its entry not yet dead-lettered or acked.
+struct Recorded {
+    outcome: Outcome,
+    attempt: i32,
 }
 
 /// How the *commit* step ended.
@@ -119,6 +147,8 @@ impl JobRunner {
                 store.max_connections() as usize / 2,
             )),
             begins: Begins::new(store.clone()),
+            // One statement at a time (the `Begins` task), and the rare start on its own.
+            paper_begins: Begins::new(store.asynchronous_commit(2)),
             store,
             queue,
             shutdown,
@@ -155,8 +185,10 @@ impl JobRunner {
     }
 
     /// Process one entry to the end (or until shutdown / the loss of its partition, when it stays
-    /// pending).
-    pub(super) async fn process(&self, entry: Entry, fence: Fence) {
+    /// pending). `permit` is the lane's share of `SPARKY_WORKER_CONCURRENCY`: it is given back
+    /// once the job is recorded, before the entry is dead-lettered and acked, which wait on Redis
+    /// only (so another lane's job starts meanwhile; this lane's next job still waits for the ack).
+    pub(super) async fn process(&self, entry: Entry, fence: Fence, permit: SemaphorePermit<'_>) {
         let job = match &entry.job {
             Ok(job) => job.clone(),
             Err(reason) => return self.unreadable(&entry, reason).await,
@@ -168,21 +200,29 @@ impl JobRunner {
             exchange = %job.alert.exchange,
             partition = entry.partition,
         );
-        let run = self.process_job(&entry, &job, &fence).instrument(span);
+        let run = self
+            .process_job(&entry, &job, &fence)
+            .instrument(span.clone());
         // A paper job waits on nothing but Postgres: its statements share one connection (one
-        // release ping instead of one each). A job at a remote broker gives its connection back
-        // between statements, as it waits on the broker in between.
+        // release ping instead of one each), given back with the permit. A job at a remote broker
+        // gives its connection back between statements, as it waits on the broker in between.
         let hold = job.alert.exchange.is_in_postgres();
-        match hold
+        let recorded = match hold
             .then(|| self.holders.clone().try_acquire_owned().ok())
             .flatten()
         {
             Some(_holder) => Store::holding_a_connection(run).await,
             None => run.await,
+        };
+        drop(permit);
+        if let Some(recorded) = recorded {
+            self.settle(&entry, &job, recorded).instrument(span).await;
         }
     }
 
-    async fn process_job(&self, entry: &Entry, job: &Job, fence: &Fence) {
+    /// The job up to its commit: `Some` once its outcome is recorded (then [`JobRunner::settle`]),
+    /// `None` when it ended otherwise (acked here, or left pending).
+    async fn process_job(&self, entry: &Entry, job: &Job, fence: &Fence) -> Option<Recorded> {
         if let Err(errors) = job.alert.check_bounds() {
             let message = errors
                 .iter()
@@ -194,7 +234,8 @@ impl JobRunner {
                 FailureClass::Invalid,
                 format!("the alert breaks the webhook's bounds: {message}"),
             );
-            return self.finish_unrecorded(entry, job, &outcome).await;
+            self.finish_unrecorded(entry, job, &outcome).await;
+            return None;
         }
 
         let mut rerun = false;
@@ -202,7 +243,8 @@ impl JobRunner {
             let (attempt, limits) = match self.begin(entry, job).await {
                 Began::Run { attempt, limits } => (attempt, limits),
                 Began::AlreadyFinished(status) => {
-                    return self.finished_before(entry, job, status).await
+                    self.finished_before(entry, job, status).await;
+                    return None;
                 }
                 Began::Unstorable(e) => {
                     let outcome = Outcome::failed(
@@ -210,20 +252,21 @@ impl JobRunner {
                         FailureClass::Database,
                         format!("Postgres refused to record the job: {e}"),
                     );
-                    return self.finish_unrecorded(entry, job, &outcome).await;
+                    self.finish_unrecorded(entry, job, &outcome).await;
+                    return None;
                 }
-                Began::Shutdown => return,
+                Began::Shutdown => return None,
             };
             // The begin may have waited (Postgres slow or down) past this ownership's validity;
             // another worker may own the job now.
             if fence.is_void() {
-                return;
+                return None;
             }
             let Some(outcome) = self
                 .execute(entry, job, attempt, fence, rerun, limits)
                 .await
             else {
-                return; // shutting down, or the partition was lost: the entry stays pending
+                return None; // shutting down, or the partition was lost: the entry stays pending
             };
             match self.commit(job, outcome, attempt).await {
                 Committed::Recorded(o) => break (o, attempt),
@@ -234,24 +277,41 @@ impl JobRunner {
                     tracing::warn!("a stale delivery started this job meanwhile; running it again");
                     rerun = true;
                 }
-                Committed::Superseded | Committed::Shutdown => return,
+                Committed::Superseded | Committed::Shutdown => return None,
             }
         };
-        if recorded.status.is_failure() && !self.dead_letter(job, entry, &recorded).await {
+        Some(Recorded {
+            outcome: recorded,
+            attempt,
+        })
+    }
+
+    /// A recorded job's last steps: dead-letter it if it failed, ack its entry, report it.
+    async fn settle(&self, entry: &Entry, job: &Job, recorded: Recorded) {
+        let Recorded { outcome, attempt } = recorded;
+        if outcome.status.is_failure() && !self.dead_letter(job, entry, &outcome).await {
             return;
         }
         self.ack(entry).await;
-        self.report(job, &recorded, attempt);
+        self.report(job, &outcome, attempt);
     }
 
     // ---- begin ----
+
+    fn begins_for(&self, job: &Job) -> &Begins {
+        if start_must_be_flushed(job.alert.exchange) {
+            &self.begins
+        } else {
+            &self.paper_begins
+        }
+    }
 
     async fn begin(&self, entry: &Entry, job: &Job) -> Began {
         let r = retry(
             "recording the job start",
             &self.shutdown,
             |e: &StoreError, tries| self.refused_for_good(e, tries),
-            || self.begins.begin(job, entry.partition, &entry.id),
+            || self.begins_for(job).begin(job, entry.partition, &entry.id),
         )
         .await;
         match r {
@@ -837,4 +897,20 @@ fn dead_letter_fields(job: &Job, entry: &Entry, o: &Outcome) -> Vec<(&'static st
         ("job", json(serde_json::to_string(job))),
         ("at", Utc::now().to_rfc3339()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_start_at_the_paper_exchange_skips_the_flush() {
+        for exchange in ExchangeKind::ALL {
+            assert_eq!(
+                start_must_be_flushed(exchange),
+                exchange != ExchangeKind::Paper,
+                "{exchange}"
+            );
+        }
+    }
 }

@@ -2,6 +2,9 @@
 //! user's jobs run strictly one after another (the next starts only after the previous one is
 //! committed and acked, or dropped), while different users' lanes run concurrently, bounded by
 //! `SPARKY_WORKER_CONCURRENCY` permits. A slow user or broker holds one permit, not the worker.
+//! A job holds its permit until its outcome is recorded; its dead-letter record and its ack, which
+//! wait on Redis only, run without one (the lane's next job still waits for them), so another
+//! lane's job starts meanwhile.
 //!
 //! An entry starts only while its partition's [`Fence`] allows (the ownership that read it is
 //! still valid and not handed over); otherwise it is dropped and stays pending for the partition's
@@ -18,7 +21,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
@@ -127,16 +130,16 @@ impl Lane {
                 None
             };
             // Waiting for the permit may have taken a while: ask again.
-            let start = permit.is_some() && fence.may_start();
+            let permit = permit.filter(|_| fence.may_start());
             match work {
                 Work::Entry(entry) => {
                     let (partition, id) = (entry.partition, entry.id.clone());
-                    if start {
-                        self.run(*entry, &fence).await;
+                    if let Some(permit) = permit {
+                        self.run(*entry, &fence, permit).await;
                     }
                     self.table.finish(partition, &id);
                 }
-                Work::Sweep if start => self.sweep(&fence).await,
+                Work::Sweep if permit.is_some() => self.sweep(&fence).await,
                 Work::Sweep => {}
             }
         }
@@ -169,9 +172,11 @@ impl Lane {
         }
     }
 
-    async fn run(&self, entry: Entry, fence: &Fence) {
+    /// Run the job of `entry`, holding `permit` until the job is recorded (see
+    /// [`JobRunner::process`]).
+    async fn run(&self, entry: Entry, fence: &Fence, permit: SemaphorePermit<'_>) {
         let (partition, id) = (entry.partition, entry.id.clone());
-        let job = AssertUnwindSafe(self.runner.process(entry.clone(), fence.clone()));
+        let job = AssertUnwindSafe(self.runner.process(entry.clone(), fence.clone(), permit));
         let Err(panic) = job.catch_unwind().await else {
             return;
         };

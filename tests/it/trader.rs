@@ -1275,6 +1275,57 @@ async fn starts_written_together_answer_what_each_start_alone_answers() {
     app.cleanup().await;
 }
 
+/// The pool paper starts are written on (`Store::asynchronous_commit`) commits without waiting for
+/// the WAL flush, and only its own connections do: a start written there is visible to every
+/// other connection at once, and the worker's pool still waits for the flush.
+#[tokio::test]
+async fn paper_starts_commit_without_waiting_for_the_flush_and_only_they_do() {
+    use sparky::store::Begins;
+
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let show = |pool: &sqlx::PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let asynchronous = app.store.asynchronous_commit(2);
+    assert_eq!(show(&asynchronous.pool).await, "off");
+    let job = paper_job(user, &secret, "buy", None, "SOLUSDT");
+    let begins = Begins::new(asynchronous.clone());
+    assert_eq!(
+        begins.begin(&job, 0, "0-1").await.unwrap(),
+        Begin::Execute {
+            attempt: 1,
+            limits: Some(vec![])
+        }
+    );
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM jobs WHERE job_id = $1")
+        .bind(job.job_id)
+        .fetch_one(&app.store.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "visible to another connection at once");
+    // Every connection of the worker's own pool still waits for the flush.
+    let held: Vec<_> = futures::future::join_all((0..3).map(|_| app.store.pool.acquire()))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    for mut c in held {
+        let v: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+        assert_eq!(v, "on");
+    }
+    app.cleanup().await;
+}
+
 /// Limits Postgres stores but Sparky cannot decode (`NaN` passes `CHECK (max_position_usd > 0)`):
 /// the start, already committed, does not run again (one attempt, so the job is not taken for a
 /// redelivery that skips the check), and the check reads them itself and blocks the open.
