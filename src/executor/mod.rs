@@ -203,11 +203,21 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The position a close job closes, as the caller knew it before the job ran (Sparky's record of
+/// it): what a redelivered close that finds the broker flat records its found close legs against.
+/// The broker's orders do not say which side they closed, nor at what entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClosedPosition {
+    pub side: Side,
+    /// For the close's realized PnL; `None` when not known.
+    pub entry: Option<Decimal>,
+}
+
 /// Execute `job` on `ex`, retrying transient failures. `recover` says a previous delivery of this job
 /// may already have placed orders.
 pub async fn execute(ex: &dyn Exchange, job: &Job, recover: bool, policy: &RetryPolicy) -> Outcome {
     let fence = Fence::unbounded();
-    match execute_until(ex, job, recover, policy, &fence).await {
+    match execute_until(ex, job, recover, None, policy, &fence).await {
         Some(outcome) => outcome,
         None => Outcome::failed(
             JobStatus::Dead,
@@ -221,11 +231,13 @@ pub async fn execute(ex: &dyn Exchange, job: &Job, recover: bool, policy: &Retry
 /// new attempt or leg starts once it is void, and the exchange clients ask it before every request
 /// when run inside [`Fence::scope`]. `None` then: the job's next owner will look its orders up and
 /// finish it, and nothing may be recorded or acked by this worker. A request already sent is not
-/// cut off, so what the exchange did is never unknown to the attempt that caused it.
+/// cut off, so what the exchange did is never unknown to the attempt that caused it. `closed`: for a
+/// close job, the position it closes as the caller knew it ([`ClosedPosition`]), if known.
 pub async fn execute_until(
     ex: &dyn Exchange,
     job: &Job,
     mut recover: bool,
+    closed: Option<ClosedPosition>,
     policy: &RetryPolicy,
     fence: &Fence,
 ) -> Option<Outcome> {
@@ -236,7 +248,7 @@ pub async fn execute_until(
         if fence.is_void() {
             return None;
         }
-        let result = attempt(ex, job, recover, &mut progress, fence).await;
+        let result = attempt(ex, job, recover, closed, &mut progress, fence).await;
         if fence.is_void() && result.is_err() {
             // Stopped between legs (or failed after the lease was lost): the next owner finishes it.
             return None;
@@ -499,6 +511,7 @@ async fn attempt(
     ex: &dyn Exchange,
     job: &Job,
     recover: bool,
+    closed: Option<ClosedPosition>,
     progress: &mut Progress,
     fence: &Fence,
 ) -> Result<Outcome, ExchangeError> {
@@ -519,7 +532,7 @@ async fn attempt(
     protect::take_over_filled_entries(ex, job, &entries, position.as_ref(), progress).await?;
     let at = Broker { position, listing };
     match job.alert.action.side() {
-        None => close_job(ex, job, at, placed, progress, fence).await,
+        None => close_job(ex, job, at, placed, closed, progress, fence).await,
         Some(side) => open_job(ex, job, side, at, placed, progress, fence).await,
     }
 }
@@ -538,6 +551,7 @@ async fn close_job(
     job: &Job,
     at: Broker,
     placed: Placed,
+    closed: Option<ClosedPosition>,
     progress: &mut Progress,
     fence: &Fence,
 ) -> Result<Outcome, ExchangeError> {
@@ -553,9 +567,11 @@ async fn close_job(
                 format!("no open position in {sym} to close"),
             ));
         }
-        // An earlier delivery closed it all: record what it sent (a long's close, as far as
-        // anything tells now: the position is gone and the close orders do not say).
-        close::record_found(&placed.closes, Side::Long, None, progress);
+        // An earlier delivery closed it all: record what it sent, as the close of the position
+        // the caller knew (the broker's position is gone and its close orders do not say which
+        // side they closed); without one, as a long's, as far as anything tells.
+        let (side, entry) = closed.map_or((Side::Long, None), |c| (c.side, c.entry));
+        close::record_found(&placed.closes, side, entry, progress);
         progress.position = Some(PositionChange::Flat);
         return Ok(done(progress));
     };

@@ -444,6 +444,11 @@ impl JobRunner {
             Ok(c) => c,
             Err(outcome) => return Some(outcome),
         };
+        let account = Account {
+            user_id: job.alert.user_id,
+            exchange: job.alert.exchange,
+            environment,
+        };
         // Risk limits, before the job's open: on its first run, and on a redelivery or replay
         // that finds no open of the job at the broker (close legs it finds may be those of a
         // blocked reversal: `blocked` records them). One that finds its open is finishing what
@@ -464,11 +469,6 @@ impl JobRunner {
             match verdict {
                 Retried::Ok(risk::Verdict::Allow) => {}
                 Retried::Ok(risk::Verdict::Block(block)) => {
-                    let account = Account {
-                        user_id: job.alert.user_id,
-                        exchange: job.alert.exchange,
-                        environment,
-                    };
                     let outcome = self.blocked(&client, job, &account, block, recover, fence);
                     return outcome.await.map(|o| Outcome { environment, ..o });
                 }
@@ -478,11 +478,42 @@ impl JobRunner {
                 return None; // Postgres was away longer than the lease: the next owner runs it
             }
         }
-        let outcome = executor::execute_until(&client, job, recover, &self.policy, fence).await;
+        // A redelivered close that finds the broker flat records what an earlier delivery closed
+        // against Sparky's record of the position (read for a redelivered close only).
+        let closed = match recover && job.alert.action.side().is_none() {
+            true => self.recorded_position(&account, job).await,
+            false => None,
+        };
+        let outcome =
+            executor::execute_until(&client, job, recover, closed, &self.policy, fence).await;
         if outcome.is_none() {
             tracing::warn!("lease lost; leaving the job to the partition's next owner");
         }
         outcome.map(|o| Outcome { environment, ..o })
+    }
+
+    /// Sparky's record of the position `job` closes in `account`; `None` when there is none or it
+    /// cannot be read (a close found at a flat broker is then recorded as a long's, the most
+    /// anything tells without it).
+    async fn recorded_position(
+        &self,
+        account: &Account,
+        job: &Job,
+    ) -> Option<executor::ClosedPosition> {
+        match self
+            .store
+            .position(account, job.alert.symbol.as_str())
+            .await
+        {
+            Ok(p) => p.map(|p| executor::ClosedPosition {
+                side: p.side,
+                entry: Some(p.entry_price),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "the recorded position could not be read");
+                None
+            }
+        }
     }
 
     /// A job a risk rule blocked: `blocked` with the rule and the numbers. Closing is never
@@ -517,7 +548,7 @@ impl JobRunner {
                 })
             }
         };
-        let closing = match position {
+        let closing = match &position {
             Some(p) if p.side != side => p.side,
             // Flat: an earlier delivery, blocked too, may have closed the old side under this
             // job's close ids before it died.
@@ -525,14 +556,11 @@ impl JobRunner {
                 let closed = side.opposite();
                 // The entry of the position it closed, as recorded (the commit never ran), for
                 // the close's realized PnL.
-                let entry = match self
-                    .store
-                    .position(account, job.alert.symbol.as_str())
+                let entry = self
+                    .recorded_position(account, job)
                     .await
-                {
-                    Ok(Some(p)) if p.side == closed => Some(p.entry_price),
-                    _ => None,
-                };
+                    .filter(|p| p.side == closed)
+                    .and_then(|p| p.entry);
                 let found =
                     executor::closes_placed_before(client, job, closed, entry, &self.policy, fence);
                 return Some(match found.await {
@@ -556,8 +584,14 @@ impl JobRunner {
         close.alert.action = crate::domain::Action::Close;
         // A reversal closes all of the old side (a `close_percent` is for close alerts).
         close.alert.close_percent = None;
+        // The position it closes, as the broker showed it a moment ago.
+        let closed = executor::ClosedPosition {
+            side: closing,
+            entry: position.and_then(|p| p.entry_price),
+        };
         let mut outcome =
-            executor::execute_until(client, &close, recover, &self.policy, fence).await?;
+            executor::execute_until(client, &close, recover, Some(closed), &self.policy, fence)
+                .await?;
         match outcome.status {
             JobStatus::Succeeded => Some(closed_but_blocked(
                 outcome,

@@ -269,6 +269,50 @@ async fn a_blocked_reversal_killed_after_its_close_is_blocked_again_and_records_
     app.cleanup().await;
 }
 
+/// A close killed after the broker took it: the redelivery finds the broker flat and the close
+/// there, and records it as what it was, the buy-back of the recorded short (not a long's sell),
+/// with the realized PnL from the recorded entry; the close was sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_close_of_a_short_killed_after_the_broker_took_it_is_recorded_as_the_shorts_buy_back() {
+    let (fake, url, app, user, secret) = aster_app().await;
+    let short = app
+        .run_one(&webhook(user, &secret, "aster", "sell", "ETHUSDT", 100))
+        .await;
+    assert_eq!(short.status, sparky::job::JobStatus::Succeeded, "{short:?}");
+    assert!(fake.position("ETHUSDT") < rust_decimal::Decimal::ZERO);
+    let close = webhook(user, &secret, "aster", "close", "ETHUSDT", 100);
+    let id = killed_after_the_broker_took(&app, &fake, &url, &close, Leg::Close).await;
+    let coid = client_order_id(id, Leg::Close);
+    assert_eq!(fake.position("ETHUSDT"), rust_decimal::Decimal::ZERO);
+
+    let _second = spawn_worker(&app, &worker_env(&url)).await;
+    let job = final_row(&app, id).await;
+    assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
+    assert_eq!(job.attempts, 2, "redelivered once");
+    assert_eq!(fake.orders_with(&coid), 1, "the close was sent once");
+    let trades: Vec<_> = app
+        .trades(user)
+        .await
+        .into_iter()
+        .filter(|t| t.job_id == id)
+        .collect();
+    assert_eq!(trades.len(), 1, "{trades:?}");
+    assert_eq!(trades[0].client_order_id, coid);
+    assert_eq!(
+        trades[0].side, "buy",
+        "a short's close is a buy: {trades:?}"
+    );
+    let pnl: Option<rust_decimal::Decimal> =
+        sqlx::query_scalar("SELECT pnl FROM trades WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap();
+    assert!(pnl.is_some(), "the recorded entry gives the close its PnL");
+    assert!(app.position(user, "ETHUSDT").await.is_none());
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_worker_that_lost_the_lease_stops_retrying_and_records_nothing() {
     let (fake, url) = AsterFake::start().await;
@@ -292,7 +336,7 @@ async fn a_worker_that_lost_the_lease_stops_retrying_and_records_nothing() {
         max_delay: Duration::from_millis(200),
     };
     let lost = sparky::partition::Fence::unbounded();
-    let run = sparky::executor::execute_until(&ex, &j, false, &policy, &lost);
+    let run = sparky::executor::execute_until(&ex, &j, false, None, &policy, &lost);
     let cancel = async {
         while fake.core.seen(ORDER).is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
