@@ -27,6 +27,9 @@
 //! | `sparky_partition_oldest_pending_age_seconds` | gauge | `partition` |
 //! | `sparky_partitions_owned`, `sparky_partitions_assigned` | gauge | |
 //! | `sparky_credential_cache_hits_total`, `sparky_credential_cache_misses_total` | counter | |
+//! | `sparky_job_start_statements_total` | counter | `commit` (`flushed`, `asynchronous`: statements writing job starts) |
+//! | `sparky_job_starts_total` | counter | `commit` (job starts those statements wrote; divided by the statements, the starts per statement) |
+//! | `sparky_job_starts_alone_total` | counter | `commit` (starts of failed statements, written again on their own) |
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -231,6 +234,18 @@ impl Metrics {
             self.labels(ns_labels!(self, "status" => status.as_str(), "error_class" => class))
         )
         .increment(1);
+    }
+
+    /// The worker's job-start statements so far ([`crate::store::BeginStats`], sampled with the
+    /// gauges): `commit` is `flushed` (starts at remote brokers) or `asynchronous` (paper).
+    pub fn job_starts(&self, commit: &'static str, stats: &crate::store::BeginStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let labels = || self.labels(ns_labels!(self, "commit" => commit));
+        metrics::counter!("sparky_job_start_statements_total", labels())
+            .absolute(stats.statements.load(Relaxed));
+        metrics::counter!("sparky_job_starts_total", labels()).absolute(stats.jobs.load(Relaxed));
+        metrics::counter!("sparky_job_starts_alone_total", labels())
+            .absolute(stats.alone.load(Relaxed));
     }
 
     pub fn dead_letter_size(&self, n: u64) {

@@ -22,7 +22,7 @@ use crate::job::{FailureClass, FillState, JobStatus};
 mod user_api;
 pub use user_api::{JobFilter, PositionKey, TradeRecord};
 mod begins;
-pub use begins::Begins;
+pub use begins::{BeginStats, Begins};
 pub(crate) mod commit;
 mod held;
 mod risk;

@@ -1,5 +1,6 @@
 //! The partition gauges (lag, pending, oldest pending age) and the dead-letter size, sampled from
-//! Redis every [`SAMPLE_EVERY`] for the partitions this worker consumes.
+//! Redis every [`SAMPLE_EVERY`] for the partitions this worker consumes, and the job-start
+//! counters, from the worker's own start writers.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -22,6 +23,7 @@ impl Worker {
                 self.metrics.partition(*p, Some(0), 0, Duration::ZERO);
             }
             reported = active.iter().copied().collect();
+            self.record_start_metrics();
             if let Err(e) = self.record_partition_metrics(&active).await {
                 tracing::debug!(error = %e, "sampling the partition gauges failed");
             }
@@ -32,6 +34,13 @@ impl Worker {
         }
         for p in reported {
             self.metrics.partition(p, Some(0), 0, Duration::ZERO);
+        }
+    }
+
+    /// Set the job-start counters from the worker's start writers now.
+    pub fn record_start_metrics(&self) {
+        for (commit, stats) in self.runner.begin_stats() {
+            self.metrics.job_starts(commit, stats);
         }
     }
 

@@ -298,6 +298,15 @@ impl JobRunner {
 
     // ---- begin ----
 
+    /// What each of the worker's two start writers did, by how it commits (`flushed`,
+    /// `asynchronous`): for the metrics.
+    pub(super) fn begin_stats(&self) -> [(&'static str, &crate::store::BeginStats); 2] {
+        [
+            ("flushed", self.begins.stats()),
+            ("asynchronous", self.paper_begins.stats()),
+        ]
+    }
+
     fn begins_for(&self, job: &Job) -> &Begins {
         if start_must_be_flushed(job.alert.exchange) {
             &self.begins

@@ -108,6 +108,7 @@ async fn metrics_count_webhooks_jobs_exchange_calls_retries_and_the_credential_c
         .record_partition_metrics(&(0..app.config.partitions).collect::<Vec<_>>())
         .await
         .unwrap();
+    worker.record_start_metrics();
 
     // The worker's endpoint and the ingress's render the same process-wide recorder.
     let text = scrape(worker_addr).await;
@@ -164,6 +165,16 @@ async fn metrics_count_webhooks_jobs_exchange_calls_retries_and_the_credential_c
         ) == 8.0,
         "a histogram with buckets:\n{text}"
     );
+
+    // Job starts: the four paper jobs' without the flush wait, the Aster job's with it (and its
+    // retry is inside the job: one start); at most one statement per start, none failed.
+    let starts = |name: &str, commit: &str| m(name, &[("commit", commit)]);
+    assert_eq!(starts("sparky_job_starts_total", "asynchronous"), 4.0);
+    assert_eq!(starts("sparky_job_starts_total", "flushed"), 1.0);
+    let statements = starts("sparky_job_start_statements_total", "asynchronous");
+    assert!((1.0..=4.0).contains(&statements), "{statements}");
+    assert_eq!(starts("sparky_job_start_statements_total", "flushed"), 1.0);
+    assert_eq!(starts("sparky_job_starts_alone_total", "asynchronous"), 0.0);
 
     // Jobs.
     let finished = |status: &str, exchange: &str| {
