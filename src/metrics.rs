@@ -28,8 +28,8 @@
 //! | `sparky_partitions_owned`, `sparky_partitions_assigned` | gauge | |
 //! | `sparky_credential_cache_hits_total`, `sparky_credential_cache_misses_total` | counter | |
 //! | `sparky_job_start_statements_total` | counter | `commit` (`flushed`, `asynchronous`: statements writing job starts) |
-//! | `sparky_job_starts_total` | counter | `commit` (job starts those statements wrote; divided by the statements, the starts per statement) |
-//! | `sparky_job_starts_alone_total` | counter | `commit` (starts of failed statements, written again on their own) |
+//! | `sparky_job_starts_total` | counter | `commit` (job starts those statements wrote or found final; divided by the statements, the starts per statement) |
+//! | `sparky_job_starts_alone_total` | counter | `commit` (starts written on their own, mostly those of failed statements) |
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -205,9 +205,22 @@ pub enum Begin {
 #[derive(Clone)]
 pub struct Store {
     pub pool: PgPool,
+    /// Whether this store's statements may run on the connection the current job holds
+    /// ([`Store::holding_a_connection`]). Not for a pool whose connections carry a session setting
+    /// ([`Store::asynchronous_commit`]): its statements always take its own connections, and a
+    /// held connection is always one of the worker's own pool.
+    shares_held: bool,
 }
 
 impl Store {
+    /// A store on `pool`, as any other.
+    pub fn from_pool(pool: PgPool) -> Store {
+        Store {
+            pool,
+            shares_held: true,
+        }
+    }
+
     /// A pool that pings a connection before handing it out (one round trip), so a connection
     /// that died while idle (Postgres restarted, a proxy dropped it) is replaced before use: for
     /// callers that cannot run a statement again (the ingress answers a webhook once).
@@ -235,7 +248,7 @@ impl Store {
             .test_before_acquire(test_before_acquire)
             .connect_with(opts)
             .await?;
-        Ok(Store { pool })
+        Ok(Store::from_pool(pool))
     }
 
     /// Another pool of at most `max_connections` to the same database, connecting on first use.
@@ -243,22 +256,24 @@ impl Store {
     /// connection from anything else.
     pub fn sibling(&self, max_connections: u32, acquire_timeout: Duration) -> Store {
         let opts = (*self.pool.connect_options()).clone();
-        Store {
-            pool: PgPoolOptions::new()
+        Store::from_pool(
+            PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(acquire_timeout)
                 .connect_lazy_with(opts),
-        }
+        )
     }
 
     /// Another pool of at most `max_connections` to the same database whose transactions commit
     /// without waiting for their WAL to reach the disk (`synchronous_commit = off`, set for each
-    /// connection it opens, so no other pool's connection ever carries it).
+    /// connection it opens, so no other pool's connection ever carries it; its statements never run
+    /// on a job's held connection, nor does a held connection ever come from it).
     ///
     /// Such a commit is visible to every other transaction at once, and Postgres writes it out
     /// within `3 x wal_writer_delay` (0.6 s by default), or sooner with any later synchronous
-    /// commit (the WAL is flushed in order). Only a crash of Postgres itself inside that window
-    /// loses it, together with everything written after it. The worker starts the jobs whose
+    /// commit (the WAL is flushed in order). Only a crash of Postgres or of its host inside that
+    /// window (or a failover to a replica that had not received it) loses it, together with
+    /// everything written after it. The worker starts the jobs whose
     /// broker is this database (the paper exchange) on one: see `worker::job`.
     pub fn asynchronous_commit(&self, max_connections: u32) -> Store {
         let opts = (*self.pool.connect_options())
@@ -270,6 +285,9 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(5))
                 .test_before_acquire(false)
                 .connect_lazy_with(opts),
+            // A job's held connection must never be one of these: every later statement of the
+            // job, its commit included, would run on it and skip the flush too.
+            shares_held: false,
         }
     }
 

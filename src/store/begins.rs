@@ -27,9 +27,11 @@
 //! A start nobody waits for any more (its lane's future was dropped) is not written: its entry
 //! stays pending, and the start could only supersede the delivery of the job's next owner.
 //!
-//! One task writes the starts of a worker, one statement at a time: a statement that hangs (a
-//! connection cut without a reset, which sqlx does not time out) holds every start of the worker
-//! until TCP gives up, where it held one lane before.
+//! One task per `Begins` writes its starts, one statement at a time (a worker has two: the starts
+//! at remote brokers, and the paper starts, which commit without waiting for the WAL flush: see
+//! `worker::job::start_must_be_flushed`): a statement that hangs (a connection cut without a
+//! reset, which sqlx does not time out) holds every start of that writer until TCP gives up,
+//! where it held one lane before.
 //!
 //! Two deliveries of one job in one statement would make the upsert touch its row twice (an
 //! error): the second waits for the next statement. Rows are inserted in `job_id` order, so two
@@ -102,7 +104,8 @@ pub struct BeginStats {
     pub statements: AtomicU64,
     /// Jobs they started or found final.
     pub jobs: AtomicU64,
-    /// Jobs of failed statements, started on their own.
+    /// Jobs started on their own: those of failed statements, and the few that got no answer
+    /// otherwise (the task gone, a final job's status not read).
     pub alone: AtomicU64,
 }
 

@@ -4,7 +4,8 @@
 //! about 20-30 us of Postgres CPU, not configurable), so a job whose three or four statements each
 //! took a connection from the pool paid three or four pings. Inside [`Store::holding_a_connection`]
 //! the statements that go through [`Store::on_conn`] share one connection, taken from the pool at
-//! the first of them and given back (one ping) when the job's future ends.
+//! the first of them and given back (one ping) when the scope ends: at the job's commit (the
+//! worker's `JobRunner::process`), before its ack.
 //!
 //! Rules that keep this safe:
 //! - The scope is a task-local: only the statements of the task that runs the job use the held
@@ -17,6 +18,9 @@
 //!   waits on a connection another job holds.
 //! - Only jobs that wait on nothing but Postgres hold one (the paper exchange's): a job at a
 //!   remote broker would keep it idle through every broker call.
+//! - A store whose connections carry a session setting ([`Store::asynchronous_commit`]) never
+//!   uses the held connection and never becomes it: otherwise every later statement of the job,
+//!   its commit included, would run with that setting.
 //! - Any error on the held connection gives it back to the pool (which tests it and closes it if
 //!   it is broken); the next statement takes a fresh one. A retried statement never runs on a
 //!   connection that failed.
@@ -70,7 +74,8 @@ impl Store {
         &self,
         f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let Ok(slot) = HELD.try_with(Arc::clone) else {
+        let held = HELD.try_with(Arc::clone).ok().filter(|_| self.shares_held);
+        let Some(slot) = held else {
             let mut conn = self.pool.acquire().await?;
             return f(&mut conn).await;
         };

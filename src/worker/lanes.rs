@@ -173,7 +173,8 @@ impl Lane {
     }
 
     /// Run the job of `entry`, holding `permit` until the job is recorded (see
-    /// [`JobRunner::process`]).
+    /// [`JobRunner::process`]). A panic drops the permit on its way out, so the last-resort
+    /// ending after it runs without one (rare, and one job's statements).
     async fn run(&self, entry: Entry, fence: &Fence, permit: SemaphorePermit<'_>) {
         let (partition, id) = (entry.partition, entry.id.clone());
         let job = AssertUnwindSafe(self.runner.process(entry.clone(), fence.clone(), permit));

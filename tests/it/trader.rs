@@ -1310,6 +1310,20 @@ async fn paper_starts_commit_without_waiting_for_the_flush_and_only_they_do() {
         .await
         .unwrap();
     assert_eq!(attempts, 1, "visible to another connection at once");
+    // A start written on its own inside a job that holds a connection (the fallback of a failed
+    // statement) does not make the job's held connection one of the asynchronous pool's: the
+    // job's later statements, its commit included, run on a connection of the worker's pool.
+    let again = paper_job(user, &secret, "buy", None, "ETHUSDT");
+    let (held_pid, start_pid) = sparky::store::Store::holding_a_connection(async {
+        asynchronous.begin_job(&again, 0, "0-2").await.unwrap();
+        let start_pid = asynchronous.backend_pid().await.unwrap();
+        (app.store.backend_pid().await.unwrap(), start_pid)
+    })
+    .await;
+    assert_ne!(
+        held_pid, start_pid,
+        "the held connection is not the start's"
+    );
     // Every connection of the worker's own pool still waits for the flush.
     let held: Vec<_> = futures::future::join_all((0..3).map(|_| app.store.pool.acquire()))
         .await

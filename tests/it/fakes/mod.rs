@@ -272,7 +272,7 @@ pub(crate) fn ctx(timeout: Duration, aster: &str, oanda: &str, tradier: &str) ->
         .connect_lazy(&admin_database_url())
         .unwrap();
     ExchangeContext {
-        store: Store { pool },
+        store: Store::from_pool(pool),
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(timeout)
