@@ -232,7 +232,9 @@ pub async fn execute(ex: &dyn Exchange, job: &Job, recover: bool, policy: &Retry
 /// when run inside [`Fence::scope`]. `None` then: the job's next owner will look its orders up and
 /// finish it, and nothing may be recorded or acked by this worker. A request already sent is not
 /// cut off, so what the exchange did is never unknown to the attempt that caused it. `closed`: for a
-/// close job, the position it closes as the caller knew it ([`ClosedPosition`]), if known.
+/// close job, the position it closes as the caller knew it ([`ClosedPosition`]), if known; once an
+/// attempt has seen the broker's position, a later attempt (a retry after an unknown outcome that
+/// finds the broker flat) goes by that instead.
 pub async fn execute_until(
     ex: &dyn Exchange,
     job: &Job,
@@ -243,12 +245,13 @@ pub async fn execute_until(
 ) -> Option<Outcome> {
     let mut schedule = policy.schedule();
     let mut history = Vec::new();
+    let mut closed = closed;
     loop {
         let mut progress = Progress::default();
         if fence.is_void() {
             return None;
         }
-        let result = attempt(ex, job, recover, closed, &mut progress, fence).await;
+        let result = attempt(ex, job, recover, &mut closed, &mut progress, fence).await;
         if fence.is_void() && result.is_err() {
             // Stopped between legs (or failed after the lease was lost): the next owner finishes it.
             return None;
@@ -507,11 +510,12 @@ impl Placed {
     }
 }
 
+/// `closed`: what is known of the position a close job closes; updated to what the broker shows.
 async fn attempt(
     ex: &dyn Exchange,
     job: &Job,
     recover: bool,
-    closed: Option<ClosedPosition>,
+    closed: &mut Option<ClosedPosition>,
     progress: &mut Progress,
     fence: &Fence,
 ) -> Result<Outcome, ExchangeError> {
@@ -529,10 +533,16 @@ async fn attempt(
         protect::cancel_sparky_orders(ex, job, |leg| leg == Leg::Open, &mut listing, progress)
             .await?;
     let position = ex.position(&job.alert.symbol).await?;
+    if let Some(p) = &position {
+        *closed = Some(ClosedPosition {
+            side: p.side,
+            entry: p.entry_price,
+        });
+    }
     protect::take_over_filled_entries(ex, job, &entries, position.as_ref(), progress).await?;
     let at = Broker { position, listing };
     match job.alert.action.side() {
-        None => close_job(ex, job, at, placed, closed, progress, fence).await,
+        None => close_job(ex, job, at, placed, *closed, progress, fence).await,
         Some(side) => open_job(ex, job, side, at, placed, progress, fence).await,
     }
 }

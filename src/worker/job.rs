@@ -501,27 +501,27 @@ impl JobRunner {
         outcome.map(|o| Outcome { environment, ..o })
     }
 
-    /// Sparky's record of the position `job` closes in `account`; `None` when there is none or it
-    /// cannot be read (a close found at a flat broker is then recorded as a long's, the most
-    /// anything tells without it).
+    /// Sparky's record of the position `job` closes in `account` (read as every step reads,
+    /// waiting out an outage); `None` when there is none or the read gave up (a close found at a
+    /// flat broker is then recorded as a long's, the most anything tells without it).
     async fn recorded_position(
         &self,
         account: &Account,
         job: &Job,
     ) -> Option<executor::ClosedPosition> {
-        match self
-            .store
-            .position(account, job.alert.symbol.as_str())
-            .await
-        {
-            Ok(p) => p.map(|p| executor::ClosedPosition {
+        let read = retry(
+            "reading the recorded position",
+            &self.shutdown,
+            |_: &StoreError, _| false,
+            || self.store.position(account, job.alert.symbol.as_str()),
+        )
+        .await;
+        match read {
+            Retried::Ok(p) => p.map(|p| executor::ClosedPosition {
                 side: p.side,
                 entry: Some(p.entry_price),
             }),
-            Err(e) => {
-                tracing::warn!(error = %e, "the recorded position could not be read");
-                None
-            }
+            Retried::GaveUp { .. } | Retried::Shutdown => None,
         }
     }
 

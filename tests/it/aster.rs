@@ -780,3 +780,36 @@ async fn aster_fake_partial_market_fill_ends_expired_and_a_limit_rests_until_cro
         .collect();
     assert_eq!(amts, vec![("ETHUSDT", "0.025"), ("SOLUSDT", "0.000")]);
 }
+
+/// A close whose answer is lost and whose look-up fails too: the next attempt finds the broker
+/// flat and its close there, and records it as what the first attempt saw it close, the short's
+/// buy-back (not a long's sell).
+#[tokio::test]
+async fn aster_close_retried_after_its_answer_was_lost_is_recorded_as_the_shorts_buy_back() {
+    let (fake, url) = AsterFake::start().await;
+    let ex = aster_client(&url, Duration::from_millis(700), json!({}));
+    let short = run(
+        &ex,
+        &job(ExchangeKind::Aster, Action::Sell, "ETHUSDT", dec!(100)),
+    )
+    .await;
+    assert_eq!(short.status, JobStatus::Succeeded, "{short:?}");
+    fake.core.inject(
+        "POST /fapi/v1/order",
+        Fault::HangAfterDoing(Duration::from_secs(3)),
+    );
+    for _ in 0..2 {
+        fake.core.inject(
+            "GET /fapi/v1/order",
+            Fault::Reply(503, json!({"code": -1001, "msg": "Internal error"}), vec![]),
+        );
+    }
+    let j = job(ExchangeKind::Aster, Action::Close, "ETHUSDT", dec!(100));
+    let out = run(&ex, &j).await;
+    assert_eq!(out.status, JobStatus::Succeeded, "{out:?}");
+    assert!(!out.history.is_empty(), "a second attempt: {out:?}");
+    assert_eq!(fake.orders_with(&client_order_id(j.job_id, Leg::Close)), 1);
+    let close: Vec<_> = out.fills.iter().filter(|f| f.leg == Leg::Close).collect();
+    assert_eq!(close.len(), 1, "{out:?}");
+    assert_eq!(close[0].side, OrderSide::Buy, "{out:?}");
+}
