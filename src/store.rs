@@ -274,7 +274,9 @@ impl Store {
     /// commit (the WAL is flushed in order). Only a crash of Postgres or of its host inside that
     /// window (or a failover to a replica that had not received it) loses it, together with
     /// everything written after it. The worker starts the jobs whose
-    /// broker is this database (the paper exchange) on one: see `worker::job`.
+    /// broker is this database (the paper exchange) on one: see `worker::job`. The setting travels
+    /// as the startup parameter `options`, which a connection pooler must pass on (README,
+    /// `DATABASE_URL`).
     pub fn asynchronous_commit(&self, max_connections: u32) -> Store {
         let opts = (*self.pool.connect_options())
             .clone()
