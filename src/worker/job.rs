@@ -147,8 +147,9 @@ impl JobRunner {
                 store.max_connections() as usize / 2,
             )),
             begins: Begins::new(store.clone()),
-            // One statement at a time (the `Begins` task), and the rare start on its own.
-            paper_begins: Begins::new(store.asynchronous_commit(2)),
+            // One statement at a time (the `Begins` task) on its own pool; a start its statement
+            // did not answer is written on the worker's pool, flushed.
+            paper_begins: Begins::alone_on(store.asynchronous_commit(2), store.clone()),
             store,
             queue,
             shutdown,

@@ -1324,6 +1324,31 @@ async fn paper_starts_commit_without_waiting_for_the_flush_and_only_they_do() {
         held_pid, start_pid,
         "the held connection is not the start's"
     );
+    // A writer whose statements cannot reach Postgres (its pool cannot connect, as behind a
+    // pooler that refuses the startup parameter) still starts jobs: each on its own, on the
+    // worker's pool.
+    let unreachable = sparky::store::Store::from_pool(
+        sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+            .unwrap(),
+    );
+    let begins = Begins::alone_on(unreachable, app.store.clone());
+    let third = paper_job(user, &secret, "buy", None, "XRPUSDT");
+    assert_eq!(
+        begins.begin(&third, 0, "0-3").await.unwrap(),
+        Begin::Execute {
+            attempt: 1,
+            limits: Some(vec![])
+        }
+    );
+    assert_eq!(
+        begins
+            .stats()
+            .alone
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     // Every connection of the worker's own pool still waits for the flush.
     let held: Vec<_> = futures::future::join_all((0..3).map(|_| app.store.pool.acquire()))
         .await
