@@ -160,6 +160,50 @@ async fn killed_after_the_broker_took(
     id
 }
 
+/// The job `id`'s one trade is its close, sent once: the buy-back of the ETH short (a buy, with
+/// the PnL the short's recorded entry gives), and the position is gone.
+async fn recorded_as_the_shorts_buy_back(
+    app: &TestApp,
+    fake: &AsterFake,
+    user: uuid::Uuid,
+    id: uuid::Uuid,
+) {
+    let close = client_order_id(id, Leg::Close);
+    assert_eq!(fake.orders_with(&close), 1, "the close was sent once");
+    let trades: Vec<_> = app
+        .trades(user)
+        .await
+        .into_iter()
+        .filter(|t| t.job_id == id)
+        .collect();
+    assert_eq!(trades.len(), 1, "{trades:?}");
+    assert_eq!(trades[0].client_order_id, close);
+    assert_eq!(
+        trades[0].side, "buy",
+        "a short's close is a buy: {trades:?}"
+    );
+    let pnl: Option<rust_decimal::Decimal> =
+        sqlx::query_scalar("SELECT pnl FROM trades WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&app.store.pool)
+            .await
+            .unwrap();
+    assert!(
+        pnl.is_some(),
+        "the short's recorded entry gives the close its PnL"
+    );
+    assert!(app.position(user, "ETHUSDT").await.is_none());
+}
+
+/// An ETH short of `user`, run to the end.
+async fn short_eth(app: &TestApp, fake: &AsterFake, user: uuid::Uuid, secret: &str) {
+    let short = app
+        .run_one(&webhook(user, secret, "aster", "sell", "ETHUSDT", 100))
+        .await;
+    assert_eq!(short.status, sparky::job::JobStatus::Succeeded, "{short:?}");
+    assert!(fake.position("ETHUSDT") < rust_decimal::Decimal::ZERO);
+}
+
 /// The job's row once it is no longer `executing` (at most 60 s).
 async fn final_row(app: &TestApp, id: uuid::Uuid) -> sparky::store::JobRow {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -214,11 +258,7 @@ async fn a_worker_killed_after_the_broker_accepted_but_before_the_commit_places_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blocked_reversal_killed_after_its_close_is_blocked_again_and_records_the_close() {
     let (fake, url, app, user, secret) = aster_app().await;
-    let short = app
-        .run_one(&webhook(user, &secret, "aster", "sell", "ETHUSDT", 100))
-        .await;
-    assert_eq!(short.status, sparky::job::JobStatus::Succeeded, "{short:?}");
-    assert!(fake.position("ETHUSDT") < rust_decimal::Decimal::ZERO);
+    short_eth(&app, &fake, user, &secret).await;
     sqlx::query("INSERT INTO risk_limits (user_id, kill_switch) VALUES ($1, true)")
         .bind(user)
         .execute(&app.store.pool)
@@ -226,7 +266,6 @@ async fn a_blocked_reversal_killed_after_its_close_is_blocked_again_and_records_
         .unwrap();
     let buy = webhook(user, &secret, "aster", "buy", "ETHUSDT", 100);
     let id = killed_after_the_broker_took(&app, &fake, &url, &buy, Leg::Close).await;
-    let close = client_order_id(id, Leg::Close);
     assert_eq!(fake.position("ETHUSDT"), rust_decimal::Decimal::ZERO);
 
     let _second = spawn_worker(&app, &worker_env(&url)).await;
@@ -245,27 +284,7 @@ async fn a_blocked_reversal_killed_after_its_close_is_blocked_again_and_records_
         0,
         "nothing opened"
     );
-    assert_eq!(fake.orders_with(&close), 1, "the close was sent once");
-    let trades: Vec<_> = app
-        .trades(user)
-        .await
-        .into_iter()
-        .filter(|t| t.job_id == id)
-        .collect();
-    assert_eq!(trades.len(), 1, "{trades:?}");
-    assert_eq!(trades[0].client_order_id, close);
-    assert_eq!(trades[0].side, "buy", "{trades:?}");
-    let pnl: Option<rust_decimal::Decimal> =
-        sqlx::query_scalar("SELECT pnl FROM trades WHERE job_id = $1")
-            .bind(id)
-            .fetch_one(&app.store.pool)
-            .await
-            .unwrap();
-    assert!(
-        pnl.is_some(),
-        "the short's recorded entry gives the close its PnL"
-    );
-    assert!(app.position(user, "ETHUSDT").await.is_none());
+    recorded_as_the_shorts_buy_back(&app, &fake, user, id).await;
     app.cleanup().await;
 }
 
@@ -275,41 +294,16 @@ async fn a_blocked_reversal_killed_after_its_close_is_blocked_again_and_records_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_close_of_a_short_killed_after_the_broker_took_it_is_recorded_as_the_shorts_buy_back() {
     let (fake, url, app, user, secret) = aster_app().await;
-    let short = app
-        .run_one(&webhook(user, &secret, "aster", "sell", "ETHUSDT", 100))
-        .await;
-    assert_eq!(short.status, sparky::job::JobStatus::Succeeded, "{short:?}");
-    assert!(fake.position("ETHUSDT") < rust_decimal::Decimal::ZERO);
+    short_eth(&app, &fake, user, &secret).await;
     let close = webhook(user, &secret, "aster", "close", "ETHUSDT", 100);
     let id = killed_after_the_broker_took(&app, &fake, &url, &close, Leg::Close).await;
-    let coid = client_order_id(id, Leg::Close);
     assert_eq!(fake.position("ETHUSDT"), rust_decimal::Decimal::ZERO);
 
     let _second = spawn_worker(&app, &worker_env(&url)).await;
     let job = final_row(&app, id).await;
     assert_eq!(job.status, sparky::job::JobStatus::Succeeded, "{job:?}");
     assert_eq!(job.attempts, 2, "redelivered once");
-    assert_eq!(fake.orders_with(&coid), 1, "the close was sent once");
-    let trades: Vec<_> = app
-        .trades(user)
-        .await
-        .into_iter()
-        .filter(|t| t.job_id == id)
-        .collect();
-    assert_eq!(trades.len(), 1, "{trades:?}");
-    assert_eq!(trades[0].client_order_id, coid);
-    assert_eq!(
-        trades[0].side, "buy",
-        "a short's close is a buy: {trades:?}"
-    );
-    let pnl: Option<rust_decimal::Decimal> =
-        sqlx::query_scalar("SELECT pnl FROM trades WHERE job_id = $1")
-            .bind(id)
-            .fetch_one(&app.store.pool)
-            .await
-            .unwrap();
-    assert!(pnl.is_some(), "the recorded entry gives the close its PnL");
-    assert!(app.position(user, "ETHUSDT").await.is_none());
+    recorded_as_the_shorts_buy_back(&app, &fake, user, id).await;
     app.cleanup().await;
 }
 
