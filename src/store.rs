@@ -256,12 +256,7 @@ impl Store {
     /// connection from anything else.
     pub fn sibling(&self, max_connections: u32, acquire_timeout: Duration) -> Store {
         let opts = (*self.pool.connect_options()).clone();
-        Store::from_pool(
-            PgPoolOptions::new()
-                .max_connections(max_connections)
-                .acquire_timeout(acquire_timeout)
-                .connect_lazy_with(opts),
-        )
+        Store::from_pool(lazy_pool(opts, max_connections, acquire_timeout, true))
     }
 
     /// Another pool of at most `max_connections` to the same database whose transactions commit
@@ -282,11 +277,8 @@ impl Store {
             .clone()
             .options([("synchronous_commit", "off")]);
         Store {
-            pool: PgPoolOptions::new()
-                .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(5))
-                .test_before_acquire(false)
-                .connect_lazy_with(opts),
+            // Untested on acquire, as the worker's own pool: its one user retries every statement.
+            pool: lazy_pool(opts, max_connections, Duration::from_secs(5), false),
             // A job's held connection must never be one of these: every later statement of the
             // job, its commit included, would run on it and skip the flush too.
             shares_held: false,
@@ -741,6 +733,21 @@ impl Store {
         .await?;
         Ok(rows.iter().map(position_row).collect::<Result<_, _>>()?)
     }
+}
+
+/// A pool of at most `max_connections` with `opts`, connecting on first use; `test_before_acquire`
+/// as [`Store::connect`] (`true`) or [`Store::connect_retrying`] (`false`).
+fn lazy_pool(
+    opts: PgConnectOptions,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    test_before_acquire: bool,
+) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(test_before_acquire)
+        .connect_lazy_with(opts)
 }
 
 /// Does a job's start read the risk limits that apply to it (an opening job's do)?

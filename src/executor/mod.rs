@@ -239,13 +239,12 @@ pub async fn execute_until(
     ex: &dyn Exchange,
     job: &Job,
     mut recover: bool,
-    closed: Option<ClosedPosition>,
+    mut closed: Option<ClosedPosition>,
     policy: &RetryPolicy,
     fence: &Fence,
 ) -> Option<Outcome> {
     let mut schedule = policy.schedule();
     let mut history = Vec::new();
-    let mut closed = closed;
     loop {
         let mut progress = Progress::default();
         if fence.is_void() {

@@ -490,9 +490,10 @@ impl JobRunner {
         }
         // A redelivered close that finds the broker flat records what an earlier delivery closed
         // against Sparky's record of the position (read for a redelivered close only).
-        let closed = match recover && job.alert.action.side().is_none() {
-            true => self.recorded_position(&account, job).await,
-            false => None,
+        let closed = if recover && job.alert.action.side().is_none() {
+            self.recorded_position(&account, job).await
+        } else {
+            None
         };
         let outcome =
             executor::execute_until(&client, job, recover, closed, &self.policy, fence).await;
