@@ -17,6 +17,7 @@
 //! | `sparky_jobs_finished_total` | counter | `status`, `exchange` |
 //! | `sparky_job_duration_seconds` | histogram | `exchange` (acceptance to final state) |
 //! | `sparky_accept_to_order_seconds` | histogram | `exchange` (acceptance to the first order acknowledged) |
+//! | `sparky_job_phase_seconds` | histogram | `exchange`, `phase` (one step of a job in the worker: [`JobPhase`]) |
 //! | `sparky_exchange_request_duration_seconds` | histogram | `exchange`, `op`, `outcome` |
 //! | `sparky_exchange_retries_total` | counter | `exchange` |
 //! | `sparky_dead_letters_total` | counter | `status`, `error_class` |
@@ -27,9 +28,9 @@
 //! | `sparky_partition_oldest_pending_age_seconds` | gauge | `partition` |
 //! | `sparky_partitions_owned`, `sparky_partitions_assigned` | gauge | |
 //! | `sparky_credential_cache_hits_total`, `sparky_credential_cache_misses_total` | counter | |
-//! | `sparky_job_start_statements_total` | counter | `commit` (`flushed`, `asynchronous`: statements writing job starts) |
-//! | `sparky_job_starts_total` | counter | `commit` (job starts those statements wrote or found final; divided by the statements, the starts per statement) |
-//! | `sparky_job_starts_alone_total` | counter | `commit` (starts written on their own, mostly those of failed statements) |
+//! | `sparky_job_start_statements_total` | counter | (statements writing job starts recorded before the job executes) |
+//! | `sparky_job_starts_total` | counter | (job starts those statements wrote or found final; divided by the statements, the starts per statement) |
+//! | `sparky_job_starts_alone_total` | counter | (starts written on their own, mostly those of failed statements) |
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -173,6 +174,15 @@ impl Metrics {
         .record(since_accept.as_secs_f64());
     }
 
+    /// One step of one job in the worker ([`JobPhase`]): where a job's time goes.
+    pub fn job_phase(&self, exchange: &'static str, phase: JobPhase, elapsed: Duration) {
+        metrics::histogram!(
+            "sparky_job_phase_seconds",
+            self.labels(ns_labels!(self, "exchange" => exchange, "phase" => phase.as_str()))
+        )
+        .record(elapsed.as_secs_f64());
+    }
+
     pub fn accept_to_order(&self, exchange: &'static str, elapsed: Duration) {
         metrics::histogram!(
             "sparky_accept_to_order_seconds",
@@ -237,10 +247,10 @@ impl Metrics {
     }
 
     /// The worker's job-start statements so far ([`crate::store::BeginStats`], sampled with the
-    /// gauges): `commit` is `flushed` (starts at remote brokers) or `asynchronous` (paper).
-    pub fn job_starts(&self, commit: &'static str, stats: &crate::store::BeginStats) {
+    /// gauges).
+    pub fn job_starts(&self, stats: &crate::store::BeginStats) {
         use std::sync::atomic::Ordering::Relaxed;
-        let labels = || self.labels(ns_labels!(self, "commit" => commit));
+        let labels = || self.labels(ns_labels!(self));
         metrics::counter!("sparky_job_start_statements_total", labels())
             .absolute(stats.statements.load(Relaxed));
         metrics::counter!("sparky_job_starts_total", labels()).absolute(stats.jobs.load(Relaxed));
@@ -311,6 +321,45 @@ impl Metrics {
                 self.labels(ns_labels!(self))
             )
             .increment(1);
+        }
+    }
+}
+
+/// The steps of a job in the worker, in order (`sparky_job_phase_seconds{phase}`). The first three
+/// and [`JobPhase::Commit`] hold one of the worker's `SPARKY_WORKER_CONCURRENCY` slots, except
+/// [`JobPhase::Waiting`], which is the wait for one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobPhase {
+    /// From the read that took the entry to the slot it runs in: behind the user's earlier jobs
+    /// (its lane), then behind the other lanes.
+    Waiting,
+    /// Recording the delivery's start (the attempt fence), with the starts of other lanes.
+    Start,
+    /// Between the start and the commit: credentials, the exchange client, the risk check, the
+    /// orders.
+    Execute,
+    /// The statement that records the job's outcome.
+    Commit,
+    /// The dead-letter record (a failed job's) and the ack, after the slot is given back.
+    Settle,
+}
+
+impl JobPhase {
+    pub const ALL: [JobPhase; 5] = [
+        JobPhase::Waiting,
+        JobPhase::Start,
+        JobPhase::Execute,
+        JobPhase::Commit,
+        JobPhase::Settle,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPhase::Waiting => "waiting",
+            JobPhase::Start => "start",
+            JobPhase::Execute => "execute",
+            JobPhase::Commit => "commit",
+            JobPhase::Settle => "settle",
         }
     }
 }

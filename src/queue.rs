@@ -149,6 +149,10 @@ pub struct Entry {
     pub raw: Option<String>,
     /// Set when an operator re-enqueued the job (`sparky replay`).
     pub replay: Option<Replay>,
+    /// Read as a new entry (`XREADGROUP` with `>`): never delivered to a consumer of the group
+    /// before, so no delivery of it can have died mid-way. `false` for an entry read again from the
+    /// consumer's pending list (a history pass after a takeover or a restart).
+    pub first_delivery: bool,
 }
 
 /// The `replay` field of an entry written by `sparky replay`.
@@ -687,18 +691,24 @@ impl Queue {
             }
             cmd
         };
+        let mut out = Vec::new();
         if !conn.is_cluster() {
             let v: Value = command(cursors, Some(block)).query_async(conn).await?;
-            return self.parse_read(v);
+            out = self.parse_read(v)?;
+        } else {
+            let reads = cursors.iter().map(|c| {
+                let mut conn = conn.clone();
+                let cmd = command(std::slice::from_ref(c), None);
+                async move { cmd.query_async::<Value>(&mut conn).await }
+            });
+            for v in futures::future::join_all(reads).await {
+                out.extend(self.parse_read(v?)?);
+            }
         }
-        let reads = cursors.iter().map(|c| {
-            let mut conn = conn.clone();
-            let cmd = command(std::slice::from_ref(c), None);
-            async move { cmd.query_async::<Value>(&mut conn).await }
-        });
-        let mut out = Vec::new();
-        for v in futures::future::join_all(reads).await {
-            out.extend(self.parse_read(v?)?);
+        for e in &mut out {
+            e.first_delivery = cursors
+                .iter()
+                .any(|(p, cursor)| *p == e.partition && cursor == ">");
         }
         Ok(out)
     }
@@ -753,6 +763,7 @@ impl Queue {
                     job,
                     raw,
                     replay,
+                    first_delivery: false,
                 });
             }
         }

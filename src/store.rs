@@ -26,7 +26,7 @@ pub use begins::{BeginStats, Begins};
 pub(crate) mod commit;
 mod held;
 mod risk;
-pub use commit::record_fills;
+pub use commit::{record_fills, FirstStart};
 mod strategies;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -205,20 +205,12 @@ pub enum Begin {
 #[derive(Clone)]
 pub struct Store {
     pub pool: PgPool,
-    /// Whether this store's statements may run on the connection the current job holds
-    /// ([`Store::holding_a_connection`]). Not for a pool whose connections carry a session setting
-    /// ([`Store::asynchronous_commit`]): its statements always take its own connections, and a
-    /// held connection is always one of the worker's own pool.
-    shares_held: bool,
 }
 
 impl Store {
     /// A store on `pool`, as any other.
     pub fn from_pool(pool: PgPool) -> Store {
-        Store {
-            pool,
-            shares_held: true,
-        }
+        Store { pool }
     }
 
     /// A pool that pings a connection before handing it out (one round trip), so a connection
@@ -256,33 +248,12 @@ impl Store {
     /// connection from anything else.
     pub fn sibling(&self, max_connections: u32, acquire_timeout: Duration) -> Store {
         let opts = (*self.pool.connect_options()).clone();
-        Store::from_pool(lazy_pool(opts, max_connections, acquire_timeout, true))
-    }
-
-    /// Another pool of at most `max_connections` to the same database whose transactions commit
-    /// without waiting for their WAL to reach the disk (`synchronous_commit = off`, set for each
-    /// connection it opens, so no other pool's connection ever carries it; its statements never run
-    /// on a job's held connection, nor does a held connection ever come from it).
-    ///
-    /// Such a commit is visible to every other transaction at once, and Postgres writes it out
-    /// within `3 x wal_writer_delay` (0.6 s by default), or sooner with any later synchronous
-    /// commit (the WAL is flushed in order). Only a crash of Postgres or of its host inside that
-    /// window (or a failover to a replica that had not received it) loses it, together with
-    /// everything written after it. The worker starts the jobs whose
-    /// broker is this database (the paper exchange) on one: see `worker::job`. The setting travels
-    /// as the startup parameter `options`, which a connection pooler must pass on (README,
-    /// `DATABASE_URL`).
-    pub fn asynchronous_commit(&self, max_connections: u32) -> Store {
-        let opts = (*self.pool.connect_options())
-            .clone()
-            .options([("synchronous_commit", "off")]);
-        Store {
-            // Untested on acquire, as the worker's own pool: its one user retries every statement.
-            pool: lazy_pool(opts, max_connections, Duration::from_secs(5), false),
-            // A job's held connection must never be one of these: every later statement of the
-            // job, its commit included, would run on it and skip the flush too.
-            shares_held: false,
-        }
+        Store::from_pool(
+            PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(acquire_timeout)
+                .connect_lazy_with(opts),
+        )
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -554,6 +525,25 @@ impl Store {
         }
     }
 
+    /// Commit a delivery whose start was not written ([`commit::finish_first`]): the job's row
+    /// is inserted with its outcome, in one statement. [`StoreError::Superseded`] when the job
+    /// already had a row (nothing was written).
+    pub async fn finish_first(
+        &self,
+        job: &Job,
+        outcome: &Outcome,
+        first: &commit::FirstStart<'_>,
+    ) -> Result<(), StoreError> {
+        if self
+            .on_conn(async |c| commit::finish_first(c, job, outcome, first).await)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(StoreError::Superseded(job.job_id))
+        }
+    }
+
     /// End a job that cannot run to its commit (its alert breaks a bound, or the worker failed
     /// around it) in a failed state, if it has a row that is not final yet. `false` when no such
     /// row exists (it was never begun, or it already finished).
@@ -733,21 +723,6 @@ impl Store {
         .await?;
         Ok(rows.iter().map(position_row).collect::<Result<_, _>>()?)
     }
-}
-
-/// A pool of at most `max_connections` with `opts`, connecting on first use; `test_before_acquire`
-/// as [`Store::connect`] (`true`) or [`Store::connect_retrying`] (`false`).
-fn lazy_pool(
-    opts: PgConnectOptions,
-    max_connections: u32,
-    acquire_timeout: Duration,
-    test_before_acquire: bool,
-) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(acquire_timeout)
-        .test_before_acquire(test_before_acquire)
-        .connect_lazy_with(opts)
 }
 
 /// Does a job's start read the risk limits that apply to it (an opening job's do)?

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::cpu::{self, CpuUse};
+use crate::phases;
 use crate::setup::{self, Ctx, Scope, User};
 
 pub struct LatencyResult {
@@ -35,6 +36,8 @@ pub struct LatencyResult {
     /// accept -> the worker started the job (queueing), p50 / p99 ms.
     pub queued_p50_ms: f64,
     pub queued_p99_ms: f64,
+    /// Where the worker's time per job went ([`phases::Phases::summary`]).
+    pub phases: String,
     pub cpu: CpuUse,
 }
 
@@ -119,11 +122,9 @@ async fn run_in(
     let users = setup::create_users(&scope.store, 1000, json!({})).await?;
     let port = setup::free_port()?;
     let ingress = setup::spawn_ingress(ctx, scope, port).await?;
-    let worker = setup::spawn(
-        ctx,
-        "sparky-worker",
-        &setup::worker_env(ctx, scope, &scope.ns, concurrency),
-    )?;
+    let mut env = setup::worker_env(ctx, scope, &scope.ns, concurrency);
+    let metrics_port = setup::metrics_port(&mut env)?;
+    let worker = setup::spawn(ctx, "sparky-worker", &env)?;
     let mut procs = [ingress, worker];
     let url = format!("http://127.0.0.1:{port}/webhook");
 
@@ -140,6 +141,7 @@ async fn run_in(
 
     let count = (rate * secs) as usize;
     let steady = bodies(&users, count, "LAT");
+    let phases_before = phases::scrape(metrics_port, &scope.ns).await?;
     let measured_from: DateTime<Utc> = Utc::now();
     let pids = [procs[0].pid(), procs[1].pid()];
     let before = cpu::snapshot(&pids);
@@ -153,6 +155,9 @@ async fn run_in(
         &mut procs,
     )
     .await?;
+    let phases = phases::scrape(metrics_port, &scope.ns)
+        .await?
+        .since(&phases_before);
     for p in procs.iter_mut() {
         p.stop(Duration::from_secs(5)).await;
     }
@@ -188,6 +193,7 @@ async fn run_in(
         max_ms: max,
         queued_p50_ms: q50,
         queued_p99_ms: q99,
+        phases: phases.summary(),
         cpu: cpu_use,
     })
 }

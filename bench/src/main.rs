@@ -25,6 +25,7 @@ mod cpu;
 mod flood;
 mod ingress;
 mod latency;
+mod phases;
 mod pipeline;
 mod profile;
 mod report;

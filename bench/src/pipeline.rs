@@ -40,8 +40,8 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::cpu::{self, CpuUse};
-use crate::profile;
 use crate::setup::{self, Ctx, Scope, User};
+use crate::{phases, profile};
 
 const POSITION_USD: i64 = 1000;
 
@@ -62,6 +62,8 @@ pub struct PipelineResult {
     /// Per-job time inside the worker (started_at -> finished_at), p50 / p99 in ms.
     pub run_p50_ms: f64,
     pub run_p99_ms: f64,
+    /// Where the worker's time per job went ([`phases::Phases::summary`]).
+    pub phases: String,
     /// `--perf`: the worker's top symbols during 10 s of its run.
     pub profile: Option<String>,
 }
@@ -294,7 +296,8 @@ async fn run_in(
     reset_tables(&scope.store).await?;
 
     enqueue_all(&scope.queue, &jobs).await?;
-    let env = setup::worker_env(ctx, scope, &scope.ns, concurrency);
+    let mut env = setup::worker_env(ctx, scope, &scope.ns, concurrency);
+    let metrics_port = setup::metrics_port(&mut env)?;
     let worker = setup::spawn(ctx, "sparky-worker", &env)?;
     let before = cpu::snapshot(&[worker.pid()]);
     let rec = perf.then(|| profile::start(ctx, "worker", worker.pid(), 10));
@@ -312,6 +315,7 @@ async fn run_in(
         None => None,
     };
     let cpu_use = cpu::between(&before, &cpu::snapshot(&[procs[0].pid()]));
+    let phases = phases::scrape(metrics_port, &scope.ns).await?;
     procs[0].stop(Duration::from_secs(5)).await;
     let bad = setup::failed_summary(&scope.store).await?;
     if !bad.is_empty() {
@@ -340,6 +344,7 @@ async fn run_in(
         ceiling_cpu,
         run_p50_ms: p50,
         run_p99_ms: p99,
+        phases: phases.summary(),
         profile,
     })
 }

@@ -314,6 +314,11 @@ impl Report {
                 "  CPU during the worker's run ({}), during the ceiling ({}), during the essential write ({}; the ceilings are `bench`).",
                 r.cpu, r.ceiling_cpu, r.essential_cpu
             );
+            let _ = writeln!(
+                d,
+                "  Per job in the worker (`sparky_job_phase_seconds`, mean and the bucket its p99 falls under): {}.",
+                r.phases
+            );
         }
         if let Some(r) = &self.latency {
             let _ = writeln!(
@@ -326,15 +331,15 @@ impl Report {
                 r.sent, r.rate, r.achieved, r.concurrency, r.not_accepted, r.queued_p50_ms, r.queued_p99_ms,
                 r.http_p50_ms, r.http_p99_ms
             );
-            let _ = writeln!(d, "  CPU ({}).", r.cpu);
+            let _ = writeln!(d, "  CPU ({}). Per job in the worker: {}.", r.cpu, r.phases);
         }
         if let Some(r) = &self.latency_low {
             let _ = writeln!(
                 d,
                 "- **Latency at {}/s** (same set-up, {} s): achieved {:.0}/s, {} not answered 202; waiting for a worker p50 {:.1} ms, \
-                 p99 {:.1} ms; HTTP p50 {:.2} ms, p99 {:.2} ms; CPU ({}).",
+                 p99 {:.1} ms; HTTP p50 {:.2} ms, p99 {:.2} ms; CPU ({}); per job in the worker: {}.",
                 r.rate, r.secs, r.achieved, r.not_accepted, r.queued_p50_ms, r.queued_p99_ms, r.http_p50_ms,
-                r.http_p99_ms, r.cpu
+                r.http_p99_ms, r.cpu, r.phases
             );
         }
         if let Some(r) = &self.scaling {

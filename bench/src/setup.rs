@@ -362,6 +362,17 @@ pub fn worker_env(
     ]
 }
 
+/// Serve the worker's `/metrics` on a free port (instead of none) and return it.
+pub fn metrics_port(env: &mut [(&'static str, String)]) -> anyhow::Result<u16> {
+    let port = free_port()?;
+    for (k, v) in env.iter_mut() {
+        if *k == "WORKER_PORT" {
+            *v = port.to_string();
+        }
+    }
+    Ok(port)
+}
+
 /// Start the real ingress binary on 127.0.0.1:`port` (it binds every address; the bench only sends
 /// to 127.0.0.1) and wait until it answers `/healthz`.
 pub async fn spawn_ingress(ctx: &Ctx, scope: &Scope, port: u16) -> anyhow::Result<Proc> {

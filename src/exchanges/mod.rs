@@ -506,11 +506,21 @@ impl ExchangeContext {
 /// behaviour no real broker shows on demand (a client that panics, one that blocks).
 pub trait ExchangeFactory: Send + Sync {
     fn build(&self, creds: &Credentials) -> Result<Box<dyn Exchange>, ExchangeError>;
+
+    /// Whether the clients this builds for `exchange` keep their orders in Sparky's own database,
+    /// written by the job's commit (the paper exchange), so that no order exists before the
+    /// commit does: a first delivery of such a job needs no start recorded before it executes
+    /// (`worker::job::Start`).
+    fn orders_are_commits(&self, exchange: ExchangeKind) -> bool;
 }
 
 impl ExchangeFactory for ExchangeContext {
     fn build(&self, creds: &Credentials) -> Result<Box<dyn Exchange>, ExchangeError> {
         build_exchange(creds, self)
+    }
+
+    fn orders_are_commits(&self, exchange: ExchangeKind) -> bool {
+        exchange.is_in_postgres()
     }
 }
 

@@ -13,9 +13,8 @@
 //! - its `attempts` after the upsert (the same `BEGIN_INTO` and `BEGIN_AGAIN` as one job's), and
 //!   for an opening job the risk limits that apply to it, read by the same statement;
 //! - `Finished(status)` when the job is final (the upsert returned no row for it);
-//! - when the statement fails, for any reason (a statement of one job: when it cannot reach
-//!   Postgres), no answer: each of its jobs runs its own [`Store::begin_job`] in its own task
-//!   (on the other store of a [`Begins::alone_on`]), with that method's fallback without limits and the
+//! - when a statement of several jobs fails, for any reason, no answer: each of its jobs runs its
+//!   own [`Store::begin_job`] in its own task, with that method's fallback without limits and the
 //!   caller's retries (what every lane did before starts were grouped: during an outage that is
 //!   one failed statement more per group). A statement fails as a whole, so nothing of it was
 //!   written, and one job whose data Postgres refuses cannot fail the others' starts;
@@ -28,9 +27,8 @@
 //! A start nobody waits for any more (its lane's future was dropped) is not written: its entry
 //! stays pending, and the start could only supersede the delivery of the job's next owner.
 //!
-//! One task per `Begins` writes its starts, one statement at a time (a worker has two: the starts
-//! at remote brokers, and the paper starts, which commit without waiting for the WAL flush: see
-//! `worker::job::start_must_be_flushed`): a statement that hangs (a connection cut without a
+//! One task per `Begins` writes its starts, one statement at a time (a worker has one; a paper
+//! job's first delivery writes no start here: see `worker::job::Start`): a statement that hangs (a connection cut without a
 //! reset, which sqlx does not time out) holds every start of that writer until TCP gives up,
 //! where it held one lane before.
 //!
@@ -93,10 +91,8 @@ struct Pending {
 /// Starts jobs through one task that writes the starts queued meanwhile as one statement (see the
 /// module's header). The task starts on first use and ends when the `Begins` is dropped.
 pub struct Begins {
-    /// Where the task writes its statements.
+    /// Where the task writes its statements, and the starts that got no answer from it.
     store: Store,
-    /// Where a start that got no answer from the task is written on its own.
-    alone: Store,
     queue: OnceLock<mpsc::Sender<Pending>>,
     stats: Arc<BeginStats>,
 }
@@ -116,22 +112,9 @@ pub struct BeginStats {
 impl Begins {
     pub fn new(store: Store) -> Begins {
         Begins {
-            alone: store.clone(),
             store,
             queue: OnceLock::new(),
             stats: Arc::default(),
-        }
-    }
-
-    /// A `Begins` whose statements are written on `store` and whose starts that get no answer
-    /// from them (a failed statement) on `alone`. The worker's paper starts: statements on the
-    /// asynchronous-commit pool, starts on their own on the worker's pool, flushed, so a pool that
-    /// cannot connect with its setting (a pooler that refuses the startup parameter) slows the
-    /// starts down but never stops them.
-    pub fn alone_on(store: Store, alone: Store) -> Begins {
-        Begins {
-            alone,
-            ..Begins::new(store)
         }
     }
 
@@ -160,7 +143,7 @@ impl Begins {
             }
         }
         self.stats.alone.fetch_add(1, Ordering::Relaxed);
-        self.alone.begin_job(job, partition, entry_id).await
+        self.store.begin_job(job, partition, entry_id).await
     }
 
     fn sender(&self) -> &mpsc::Sender<Pending> {
@@ -193,13 +176,10 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Pending>, stats: Arc<BeginStat
         if let [p] = &batch[..] {
             // Alone: the one-row statement, planned once (the array statement is planned again
             // on every execution, which costs about what a statement of two jobs saves).
-            // A statement that could not reach Postgres is answered as a failed group's: the job
-            // starts on its own (for a `Begins::alone_on`, on the other store). Any other answer,
-            // an error included, is the job's (a start that committed must not run again).
+            // Its answer, an error included, is the job's (the caller retries an outage).
             let answer = store.begin_job(&p.job, p.partition, &p.entry_id).await;
             let p = batch.into_iter().next().expect("one");
-            let unreached = matches!(&answer, Err(e) if e.is_outage());
-            let _ = p.reply.send((!unreached).then_some(answer));
+            let _ = p.reply.send(Some(answer));
             continue;
         }
         match begin_many(&store, &batch).await {

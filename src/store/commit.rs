@@ -116,6 +116,17 @@ impl<'q> Statement<'q> {
     }
 }
 
+/// The outcome's attempt history as the `history` column holds it.
+fn history(outcome: &Outcome) -> serde_json::Value {
+    serde_json::Value::Array(
+        outcome
+            .history
+            .iter()
+            .map(|h| serde_json::json!({"at": h.at, "class": h.class, "message": pg_text(&h.message)}))
+            .collect(),
+    )
+}
+
 /// A job's commit: the fenced status update, then [`push_fills`] and the notification, gated on it.
 /// Runs as one statement; `Ok(false)`: the fence did not match (nothing was written).
 pub(crate) async fn finish(
@@ -124,11 +135,7 @@ pub(crate) async fn finish(
     outcome: &Outcome,
     attempt: i32,
 ) -> Result<bool, StoreError> {
-    let history: Vec<serde_json::Value> = outcome
-        .history
-        .iter()
-        .map(|h| serde_json::json!({"at": h.at, "class": h.class, "message": pg_text(&h.message)}))
-        .collect();
+    let history = history(outcome);
     let mut s = Statement::new(Gate::Fenced);
     s.part("upd")
         .push("UPDATE jobs SET status = ")
@@ -138,7 +145,7 @@ pub(crate) async fn finish(
         .push(", error = ")
         .push_bind(outcome.message.as_deref().map(pg_text))
         .push(", history = history || ")
-        .push_bind(serde_json::Value::Array(history))
+        .push_bind(history)
         .push("::jsonb, finished_at = now(), updated_at = now() WHERE job_id = ")
         .push_bind(job.job_id)
         .push(" AND status = 'executing' AND attempts = ")
@@ -155,6 +162,72 @@ pub(crate) async fn finish(
         .fetch_one(conn)
         .await?;
     Ok(updated > 0)
+}
+
+/// The commit of a job whose start was not written (a paper job's first delivery: see
+/// `worker::job::Start`): the job's row is inserted in its final state as the statement's `upd`
+/// (attempt 1, started at `started_at`), and the same parts as [`finish`]'s are gated on it.
+/// `Ok(false)`: the job already has a row (another delivery started or finished it), so nothing
+/// was written, and the caller takes the usual path (start, execute again, commit).
+pub(crate) async fn finish_first(
+    conn: &mut sqlx::PgConnection,
+    job: &Job,
+    outcome: &Outcome,
+    first: &FirstStart<'_>,
+) -> Result<bool, StoreError> {
+    let a = &job.alert;
+    let mut s = Statement::new(Gate::Fenced);
+    s.part("upd")
+        .push(
+            "INSERT INTO jobs (job_id, user_id, partition, entry_id, exchange, action, symbol, \
+             alert, status, attempts, accepted_at, started_at, finished_at, updated_at, \
+             error_class, error, history) VALUES (",
+        )
+        .push_bind(job.job_id)
+        .push(", ")
+        .push_bind(a.user_id)
+        .push(", ")
+        .push_bind(first.partition as i32)
+        .push(", ")
+        .push_bind(first.entry_id)
+        .push(", ")
+        .push_bind(a.exchange.as_str())
+        .push(", ")
+        .push_bind(a.action.as_str())
+        .push(", ")
+        .push_bind(a.symbol.as_str())
+        .push(", ")
+        .push_bind(serde_json::to_value(a).expect("alert serialises"))
+        .push(", ")
+        .push_bind(outcome.status)
+        .push(", 1, ")
+        .push_bind(job.accepted_at)
+        .push(", ")
+        .push_bind(first.started_at)
+        .push(", now(), now(), ")
+        .push_bind(outcome.error_class)
+        .push(", ")
+        .push_bind(outcome.message.as_deref().map(pg_text))
+        .push(", ")
+        .push_bind(history(outcome))
+        .push("::jsonb) ON CONFLICT (job_id) DO NOTHING RETURNING job_id");
+    s.close();
+    push_fills(&mut s, job, outcome);
+    crate::notify::push_job_outcome(&mut s, job.job_id, &job.alert, outcome);
+    let inserted: i64 = s
+        .finish("SELECT count(*) FROM upd")
+        .build_query_scalar()
+        .fetch_one(conn)
+        .await?;
+    Ok(inserted > 0)
+}
+
+/// What a job's row records of a delivery whose start was not written before it executed
+/// ([`finish_first`]).
+pub struct FirstStart<'a> {
+    pub partition: u32,
+    pub entry_id: &'a str,
+    pub started_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// A job's essential write, inside the caller's transaction: its trade rows, the broker orders it

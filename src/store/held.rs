@@ -18,9 +18,6 @@
 //!   waits on a connection another job holds.
 //! - Only jobs that wait on nothing but Postgres hold one (the paper exchange's): a job at a
 //!   remote broker would keep it idle through every broker call.
-//! - A store whose connections carry a session setting ([`Store::asynchronous_commit`]) never
-//!   uses the held connection and never becomes it: otherwise every later statement of the job,
-//!   its commit included, would run with that setting.
 //! - Any error on the held connection gives it back to the pool (which tests it and closes it if
 //!   it is broken); the next statement takes a fresh one. A retried statement never runs on a
 //!   connection that failed.
@@ -74,7 +71,7 @@ impl Store {
         &self,
         f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let held = HELD.try_with(Arc::clone).ok().filter(|_| self.shares_held);
+        let held = HELD.try_with(Arc::clone).ok();
         let Some(slot) = held else {
             let mut conn = self.pool.acquire().await?;
             return f(&mut conn).await;

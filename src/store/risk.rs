@@ -101,11 +101,12 @@ impl Store {
         user: Uuid,
         strategy: Option<&str>,
     ) -> Result<Vec<RiskLimits>, StoreError> {
-        let rows = sqlx::query(&LIMITS_FOR)
+        let q = sqlx::query(&LIMITS_FOR)
             .bind(user)
-            .bind(strategy.unwrap_or(""))
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(strategy.unwrap_or(""));
+        // On the job's held connection when there is one (a paper job's first delivery reads
+        // its limits here, not with a recorded start).
+        let rows = self.on_conn(async |c| Ok(q.fetch_all(c).await?)).await?;
         rows.iter().map(limits_row).collect()
     }
 

@@ -39,9 +39,7 @@ impl Worker {
 
     /// Set the job-start counters from the worker's start writers now.
     pub fn record_start_metrics(&self) {
-        for (commit, stats) in self.runner.begin_stats() {
-            self.metrics.job_starts(commit, stats);
-        }
+        self.metrics.job_starts(self.runner.begin_stats());
     }
 
     /// Set the lag / pending / oldest-pending-age gauges of `partitions` and the dead-letter size

@@ -3,14 +3,16 @@
 //! - *begin*: the bounds the ingress enforces are checked again (replayed and old entries), then
 //!   the delivery is recorded (`begin_job`, written together with the starts of the other lanes
 //!   waiting at the same time: `store::Begins`; the attempt number fences the commit). A job that
-//!   already finished is acked (its dead-letter record written again first if it failed).
+//!   already finished is acked (its dead-letter record written again first if it failed). A paper
+//!   job's first delivery records its start with its commit instead ([`Start`]).
 //! - *execute*: a job that never started and is too old is `dead` (`stale`) without running; a
 //!   started one (a redelivery) always runs, in recovery mode, so an order it placed is found and
 //!   recorded rather than called "not executed". Execution runs inside the partition's fence (no
 //!   broker request once the lease could have moved) and a panic in it ends the job `dead`
 //!   (`internal`).
 //! - *commit*: one statement, so one transaction (job status, trades, broker orders, position,
-//!   notification: `store::commit`), fenced by the attempt.
+//!   notification: `store::commit`), fenced by the attempt (or, without a recorded start, by the
+//!   job having no row yet).
 //! - *dead-letter*: `rejected` and `dead` jobs are written to `{ns}:dlq` after the commit.
 //! - *ack*: last, so a crash anywhere before leaves the entry pending and it is redelivered.
 //!
@@ -20,7 +22,7 @@
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
@@ -35,25 +37,22 @@ use crate::exchanges::metered::Metered;
 use crate::exchanges::{Exchange, ExchangeContext, ExchangeFactory};
 use crate::executor::{self, Outcome, PositionChange, RetryPolicy};
 use crate::job::{FailureClass, JobStatus};
-use crate::metrics::Metrics;
+use crate::metrics::{JobPhase, Metrics};
 use crate::partition::Fence;
 use crate::queue::{Entry, Queue};
 use crate::replay::would_be_stale;
 use crate::retry::{retry, until_ok, Retried};
 use crate::risk::{self, RiskLimits};
-use crate::store::{Begin, Begins, Store, StoreError};
+use crate::store::{Begin, Begins, FirstStart, Store, StoreError};
 use std::sync::Arc;
 use tokio::sync::SemaphorePermit;
 
 /// Runs jobs; shared by every lane of a worker.
 pub struct JobRunner {
     store: Store,
-    /// Job starts, written together with those of the other lanes ([`Begins`]) and committed as
-    /// every statement is, on disk before the job executes: for jobs at a remote broker.
+    /// Job starts recorded before the job executes, written together with those of the other
+    /// lanes ([`Begins`]); not a paper job's first delivery's ([`Start`]).
     begins: Begins,
-    /// The same for jobs whose broker is Postgres itself (paper), committed without waiting for
-    /// the WAL flush ([`Store::asynchronous_commit`]): see [`start_must_be_flushed`].
-    paper_begins: Begins,
     queue: Queue,
     credentials: CredentialLoader,
     exchanges: Arc<dyn ExchangeFactory>,
@@ -67,21 +66,51 @@ pub struct JobRunner {
     metrics: Metrics,
 }
 
-/// Whether a delivery's start must be on disk before the job executes (issue 17, step 9).
+/// Whether this delivery's start is written with its commit instead of before it executes
+/// (issue 17, step 10): a paper job's first delivery.
 ///
-/// At a remote broker, yes: a delivery that died after sending an order must be known as started,
-/// so that its redelivery looks the order up (recovery mode) instead of sending it again, and so
-/// that it counts toward the poison limit. A start committed without the WAL flush would be lost
-/// in a crash of Postgres while the order stands at the broker.
-///
-/// At the paper exchange, no: nothing happens outside this database. The paper order is the
-/// job's own commit, which waits for the flush and, the WAL being flushed in order, takes the
-/// start to disk with it. A start a Postgres crash loses is lost with everything its delivery did,
-/// and the redelivery is then the first run it is taken for. A worker crash loses nothing: the
-/// start is visible at once and on disk within `3 x wal_writer_delay`. So a paper job waits for
-/// one WAL flush (its commit) instead of two.
-fn start_must_be_flushed(exchange: ExchangeKind) -> bool {
-    !exchange.is_in_postgres()
+/// A start written before the job executes is what makes a delivery that died after sending an
+/// order known as started, so the next delivery looks the order up instead of sending it again;
+/// and it counts deliveries toward the poison limit. At the paper exchange nothing happens
+/// outside this database: the paper order *is* the job's commit. So a paper job's first delivery
+/// (its entry never delivered before: nothing of it can have happened) executes without a
+/// recorded start, and its commit inserts the job's row with its outcome in one statement
+/// ([`Store::finish_first`]): one statement and one transaction per paper job instead of two.
+/// - **Exactly once.** The insert is `ON CONFLICT DO NOTHING` and every other part of the
+///   statement depends on it: if the job has a row (a late begin of a previous owner, a duplicate
+///   entry, a replay), nothing is written and the delivery takes the usual path (a recorded start,
+///   in recovery mode, where the paper exchange finds any order committed meanwhile). Two
+///   deliveries can never both record: the usual commit needs its own start's row, this one needs
+///   there to be none.
+/// - **Poison.** A first delivery that kills the process leaves no row; its redelivery (read
+///   from the pending list, so not a first delivery) records its start as usual. A paper job that
+///   kills every worker is stopped after `SPARKY_MAX_DELIVERIES` + 1 deliveries instead of
+///   `SPARKY_MAX_DELIVERIES`.
+/// - **What is not seen:** the job's row in state `executing` while it runs (a few milliseconds;
+///   the user API shows it once it is final), and its `start` phase in the metrics.
+/// - Replays (`sparky replay` sets the row back to `queued`) and redeliveries record their start.
+fn starts_with_its_commit(entry: &Entry, job: &Job, exchanges: &dyn ExchangeFactory) -> bool {
+    entry.first_delivery
+        && entry.replay.is_none()
+        && exchanges.orders_are_commits(job.alert.exchange)
+}
+
+/// How a delivery's start is recorded ([`starts_with_its_commit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// Before the job executes, as this attempt ([`Store::begin_job`]): the attempt fence.
+    Recorded(i32),
+    /// With the job's outcome, as attempt 1 started at this time ([`Store::finish_first`]).
+    WithTheCommit(DateTime<Utc>),
+}
+
+impl Start {
+    fn attempt(self) -> i32 {
+        match self {
+            Start::Recorded(attempt) => attempt,
+            Start::WithTheCommit(_) => 1,
+        }
+    }
 }
 
 /// A job whose outcome is recorded in Postgres, its entry not yet dead-lettered or acked.
@@ -149,7 +178,6 @@ impl JobRunner {
             begins: Begins::new(store.clone()),
             // One statement at a time (the `Begins` task) on its own pool; a start its statement
             // did not answer is written on the worker's pool, flushed.
-            paper_begins: Begins::alone_on(store.asynchronous_commit(2), store.clone()),
             store,
             queue,
             shutdown,
@@ -189,11 +217,19 @@ impl JobRunner {
     /// pending). `permit` is the lane's share of `SPARKY_WORKER_CONCURRENCY`: it is given back
     /// once the job is recorded, before the entry is dead-lettered and acked, which wait on Redis
     /// only (so another lane's job starts meanwhile; this lane's next job still waits for the ack).
-    pub(super) async fn process(&self, entry: Entry, fence: Fence, permit: SemaphorePermit<'_>) {
+    /// `queued`: when the read loop queued the entry on its lane (the `waiting` phase ends now).
+    pub(super) async fn process(
+        &self,
+        entry: Entry,
+        fence: Fence,
+        permit: SemaphorePermit<'_>,
+        queued: Instant,
+    ) {
         let job = match &entry.job {
             Ok(job) => job.clone(),
             Err(reason) => return self.unreadable(&entry, reason).await,
         };
+        self.phase(&job, JobPhase::Waiting, queued);
         let span = tracing::info_span!(
             "job",
             job_id = %job.job_id,
@@ -217,8 +253,16 @@ impl JobRunner {
         };
         drop(permit);
         if let Some(recorded) = recorded {
+            let settling = Instant::now();
             self.settle(&entry, &job, recorded).instrument(span).await;
+            self.phase(&job, JobPhase::Settle, settling);
         }
+    }
+
+    /// Record that `phase` of `job` ran from `since` until now.
+    fn phase(&self, job: &Job, phase: JobPhase, since: Instant) {
+        self.metrics
+            .job_phase(job.alert.exchange.as_str(), phase, since.elapsed());
     }
 
     /// The job up to its commit: `Some` once its outcome is recorded (then [`JobRunner::settle`]),
@@ -240,43 +284,45 @@ impl JobRunner {
         }
 
         let mut rerun = false;
+        let mut with_the_commit = starts_with_its_commit(entry, job, &*self.exchanges);
         let (recorded, attempt) = loop {
-            let (attempt, limits) = match self.begin(entry, job).await {
-                Began::Run { attempt, limits } => (attempt, limits),
-                Began::AlreadyFinished(status) => {
-                    self.finished_before(entry, job, status).await;
-                    return None;
-                }
-                Began::Unstorable(e) => {
-                    let outcome = Outcome::failed(
-                        JobStatus::Dead,
-                        FailureClass::Database,
-                        format!("Postgres refused to record the job: {e}"),
-                    );
-                    self.finish_unrecorded(entry, job, &outcome).await;
-                    return None;
-                }
-                Began::Shutdown => return None,
+            let (start, limits) = if with_the_commit {
+                // Read by the risk check itself (on the job's held connection).
+                (Start::WithTheCommit(Utc::now()), None)
+            } else {
+                let (attempt, limits) = self.begin_recorded(entry, job).await?;
+                (Start::Recorded(attempt), limits)
             };
+            let attempt = start.attempt();
             // The begin may have waited (Postgres slow or down) past this ownership's validity;
             // another worker may own the job now.
             if fence.is_void() {
                 return None;
             }
+            let executing = Instant::now();
             let Some(outcome) = self
                 .execute(entry, job, attempt, fence, rerun, limits)
                 .await
             else {
                 return None; // shutting down, or the partition was lost: the entry stays pending
             };
-            match self.commit(job, outcome, attempt).await {
+            self.phase(job, JobPhase::Execute, executing);
+            let committing = Instant::now();
+            let committed = self.commit(job, entry, outcome, start).await;
+            self.phase(job, JobPhase::Commit, committing);
+            match committed {
                 Committed::Recorded(o) => break (o, attempt),
                 Committed::Superseded if !fence.is_void() => {
-                    // A previous owner's late begin overtook this delivery while this worker still
-                    // owns the partition: the job is this worker's to finish. Run it again (in
-                    // recovery mode: the attempt grew), so its entry is not left behind.
-                    tracing::warn!("a stale delivery started this job meanwhile; running it again");
+                    // Another delivery recorded this job meanwhile (a previous owner's late begin
+                    // overtook this one, or the job had a row this delivery's one-statement commit
+                    // did not expect) while this worker still owns the partition: the job is this
+                    // worker's to finish. Run it again from a recorded start (in recovery mode: the
+                    // attempt grew), so its entry is not left behind.
+                    tracing::warn!(
+                        "another delivery recorded this job meanwhile; running it again"
+                    );
                     rerun = true;
+                    with_the_commit = false;
                 }
                 Committed::Superseded | Committed::Shutdown => return None,
             }
@@ -285,6 +331,36 @@ impl JobRunner {
             outcome: recorded,
             attempt,
         })
+    }
+
+    /// The begin step: the delivery's start recorded before it executes, as its attempt and the
+    /// risk limits read with it. `None` when the job ended here (already finished, or Postgres
+    /// refuses it: dead-lettered and acked) or shutdown came first.
+    async fn begin_recorded(
+        &self,
+        entry: &Entry,
+        job: &Job,
+    ) -> Option<(i32, Option<Vec<RiskLimits>>)> {
+        let starting = Instant::now();
+        let began = self.begin(entry, job).await;
+        self.phase(job, JobPhase::Start, starting);
+        match began {
+            Began::Run { attempt, limits } => Some((attempt, limits)),
+            Began::AlreadyFinished(status) => {
+                self.finished_before(entry, job, status).await;
+                None
+            }
+            Began::Unstorable(e) => {
+                let outcome = Outcome::failed(
+                    JobStatus::Dead,
+                    FailureClass::Database,
+                    format!("Postgres refused to record the job: {e}"),
+                );
+                self.finish_unrecorded(entry, job, &outcome).await;
+                None
+            }
+            Began::Shutdown => None,
+        }
     }
 
     /// A recorded job's last steps: dead-letter it if it failed, ack its entry, report it.
@@ -299,21 +375,9 @@ impl JobRunner {
 
     // ---- begin ----
 
-    /// What each of the worker's two start writers did, by how it commits (`flushed`,
-    /// `asynchronous`): for the metrics.
-    pub(super) fn begin_stats(&self) -> [(&'static str, &crate::store::BeginStats); 2] {
-        [
-            ("flushed", self.begins.stats()),
-            ("asynchronous", self.paper_begins.stats()),
-        ]
-    }
-
-    fn begins_for(&self, job: &Job) -> &Begins {
-        if start_must_be_flushed(job.alert.exchange) {
-            &self.begins
-        } else {
-            &self.paper_begins
-        }
+    /// What the worker's start writer did (for the metrics).
+    pub(super) fn begin_stats(&self) -> &crate::store::BeginStats {
+        self.begins.stats()
     }
 
     async fn begin(&self, entry: &Entry, job: &Job) -> Began {
@@ -321,7 +385,7 @@ impl JobRunner {
             "recording the job start",
             &self.shutdown,
             |e: &StoreError, tries| self.refused_for_good(e, tries),
-            || self.begins_for(job).begin(job, entry.partition, &entry.id),
+            || self.begins.begin(job, entry.partition, &entry.id),
         )
         .await;
         match r {
@@ -738,8 +802,8 @@ impl JobRunner {
     /// Commit `outcome`. An outcome Postgres refuses (a data error, `SPARKY_MAX_DELIVERIES`
     /// times) is replaced by a `dead` (`database`) one without trades; if even that is refused, the
     /// job is dead-lettered and acked unrecorded rather than block the user's lane.
-    async fn commit(&self, job: &Job, outcome: Outcome, attempt: i32) -> Committed {
-        let e = match self.try_commit(job, &outcome, attempt).await {
+    async fn commit(&self, job: &Job, entry: &Entry, outcome: Outcome, start: Start) -> Committed {
+        let e = match self.try_commit(job, entry, &outcome, start).await {
             Ok(()) => return Committed::Recorded(outcome),
             Err(Commit::Refused(e)) => e,
             Err(Commit::Superseded) => return Committed::Superseded,
@@ -758,7 +822,7 @@ impl JobRunner {
                 ),
             )
         };
-        match self.try_commit(job, &dead, attempt).await {
+        match self.try_commit(job, entry, &dead, start).await {
             Ok(()) => Committed::Recorded(dead),
             Err(Commit::Refused(e)) => {
                 tracing::error!(error = %e, "Postgres refused even the dead outcome; dead-lettering the job unrecorded");
@@ -769,14 +833,33 @@ impl JobRunner {
         }
     }
 
-    async fn try_commit(&self, job: &Job, outcome: &Outcome, attempt: i32) -> Result<(), Commit> {
+    async fn try_commit(
+        &self,
+        job: &Job,
+        entry: &Entry,
+        outcome: &Outcome,
+        start: Start,
+    ) -> Result<(), Commit> {
+        let record = || async move {
+            match start {
+                Start::Recorded(attempt) => self.store.finish_job(job, outcome, attempt).await,
+                Start::WithTheCommit(started_at) => {
+                    let first = FirstStart {
+                        partition: entry.partition,
+                        entry_id: &entry.id,
+                        started_at,
+                    };
+                    self.store.finish_first(job, outcome, &first).await
+                }
+            }
+        };
         let r = retry(
             "recording the job outcome",
             &self.shutdown,
             |e: &StoreError, tries| {
                 matches!(e, StoreError::Superseded(_)) || self.refused_for_good(e, tries)
             },
-            || self.store.finish_job(job, outcome, attempt),
+            record,
         )
         .await;
         match r {
@@ -942,20 +1025,4 @@ fn dead_letter_fields(job: &Job, entry: &Entry, o: &Outcome) -> Vec<(&'static st
         ("job", json(serde_json::to_string(job))),
         ("at", Utc::now().to_rfc3339()),
     ]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_start_at_the_paper_exchange_skips_the_flush() {
-        for exchange in ExchangeKind::ALL {
-            assert_eq!(
-                start_must_be_flushed(exchange),
-                exchange != ExchangeKind::Paper,
-                "{exchange}"
-            );
-        }
-    }
 }

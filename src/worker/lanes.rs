@@ -19,6 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use futures::FutureExt;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -31,7 +32,8 @@ use crate::queue::Entry;
 
 /// What a lane runs.
 enum Work {
-    Entry(Box<Entry>),
+    /// An entry, and when it was queued.
+    Entry(Box<Entry>, Instant),
     /// Reconcile the user's accounts with their brokers.
     Sweep,
 }
@@ -74,7 +76,7 @@ impl Lanes {
             .as_ref()
             .map(|j| j.alert.user_id)
             .unwrap_or_else(|_| Uuid::nil());
-        self.queue(user, (Work::Entry(Box::new(entry)), fence));
+        self.queue(user, (Work::Entry(Box::new(entry), Instant::now()), fence));
     }
 
     /// Queue a reconciliation of `user`'s accounts on the user's lane; `false` when one is already
@@ -132,10 +134,10 @@ impl Lane {
             // Waiting for the permit may have taken a while: ask again.
             let permit = permit.filter(|_| fence.may_start());
             match work {
-                Work::Entry(entry) => {
+                Work::Entry(entry, queued) => {
                     let (partition, id) = (entry.partition, entry.id.clone());
                     if let Some(permit) = permit {
-                        self.run(*entry, &fence, permit).await;
+                        self.run(*entry, &fence, permit, queued).await;
                     }
                     self.table.finish(partition, &id);
                 }
@@ -175,9 +177,13 @@ impl Lane {
     /// Run the job of `entry`, holding `permit` until the job is recorded (see
     /// [`JobRunner::process`]). A panic drops the permit on its way out, so the last-resort
     /// ending after it runs without one (rare, and one job's statements).
-    async fn run(&self, entry: Entry, fence: &Fence, permit: SemaphorePermit<'_>) {
+    async fn run(&self, entry: Entry, fence: &Fence, permit: SemaphorePermit<'_>, queued: Instant) {
         let (partition, id) = (entry.partition, entry.id.clone());
-        let job = AssertUnwindSafe(self.runner.process(entry.clone(), fence.clone(), permit));
+        let job =
+            AssertUnwindSafe(
+                self.runner
+                    .process(entry.clone(), fence.clone(), permit, queued),
+            );
         let Err(panic) = job.catch_unwind().await else {
             return;
         };

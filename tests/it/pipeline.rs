@@ -469,9 +469,10 @@ async fn refused_commits(app: &TestApp) -> i64 {
 async fn an_entry_is_acked_only_after_its_commit() {
     let app = TestApp::spawn().await;
     let (user, secret) = app.paper_user().await;
-    // In this test's own database: the job's final UPDATE fails, as it would with Postgres
-    // refusing connections (SQLSTATE 57P03, so the worker waits it out rather than recording the
-    // job as dead).
+    // In this test's own database: the job's commit fails, as it would with Postgres refusing
+    // connections (SQLSTATE 57P03, so the worker waits it out rather than recording the job as
+    // dead). A paper job's first delivery commits by inserting its row in its final state; a
+    // delivery whose start was recorded, by updating it.
     sqlx::raw_sql(
         r#"
         CREATE SEQUENCE refused_commits;
@@ -480,7 +481,7 @@ async fn an_entry_is_acked_only_after_its_commit() {
           PERFORM nextval('refused_commits');
           RAISE EXCEPTION 'test: the commit is refused' USING ERRCODE = '57P03';
         END $$;
-        CREATE TRIGGER refuse_commit BEFORE UPDATE ON jobs FOR EACH ROW
+        CREATE TRIGGER refuse_commit BEFORE INSERT OR UPDATE ON jobs FOR EACH ROW
           WHEN (NEW.status NOT IN ('queued', 'executing')) EXECUTE FUNCTION refuse_commit();
         "#,
     )
@@ -513,15 +514,16 @@ async fn an_entry_is_acked_only_after_its_commit() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // The job ran (the order is at the paper exchange) but its commit failed twice: the entry is
-    // still pending, for this worker, and nothing is recorded.
-    let job = app.job(id).await;
-    assert_eq!(job.status, sparky::job::JobStatus::Executing, "{job:?}");
+    // The job ran (its paper order was the commit) but its commit failed twice: the entry is
+    // still pending, for this worker, and nothing is recorded (not even its start, which a first
+    // paper delivery writes with its commit).
+    assert_eq!(app.store.get_job(id).await.unwrap(), None);
     assert!(app.trades(user).await.is_empty());
-    let p = job.partition as u32;
+    let p = app.queue.partition_of(&user);
+    let pending = app.pending_entries(p).await;
     assert_eq!(
-        app.pending_entries(p).await,
-        vec![(job.entry_id.clone(), consumer.clone())],
+        pending.iter().map(|(_, c)| c).collect::<Vec<_>>(),
+        vec![&consumer],
         "the entry was acked before its job's outcome was committed"
     );
 
@@ -540,8 +542,8 @@ async fn an_entry_is_acked_only_after_its_commit() {
     }
     let job = app.job(id).await;
     assert_eq!(
-        (job.status.as_str(), job.attempts),
-        ("succeeded", 1),
+        (job.status.as_str(), job.attempts, &job.entry_id),
+        ("succeeded", 1, &pending[0].0),
         "{job:?}"
     );
     assert_eq!(app.trades(user).await.len(), 1);

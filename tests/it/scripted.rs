@@ -132,6 +132,12 @@ impl ExchangeFactory for Factory {
     fn build(&self, _creds: &Credentials) -> Result<Box<dyn Exchange>, ExchangeError> {
         Ok(Box::new(Client(self.0.clone())))
     }
+
+    /// A scripted broker stands in for a remote one, whatever the alert's exchange says: its
+    /// orders exist before the job's commit.
+    fn orders_are_commits(&self, _exchange: ExchangeKind) -> bool {
+        false
+    }
 }
 
 /// One job's client.
