@@ -325,9 +325,11 @@ impl Metrics {
     }
 }
 
-/// The steps of a job in the worker, in order (`sparky_job_phase_seconds{phase}`). The first three
-/// and [`JobPhase::Commit`] hold one of the worker's `SPARKY_WORKER_CONCURRENCY` slots, except
-/// [`JobPhase::Waiting`], which is the wait for one.
+/// The steps of a job in the worker, in order (`sparky_job_phase_seconds{phase}`). `start`,
+/// `execute` and `commit` hold one of the worker's `SPARKY_WORKER_CONCURRENCY` slots; `waiting`
+/// is the wait for one, and `settle` runs after it is given back. A job run again within its
+/// delivery (its commit found another delivery's record) counts its steps again; one that finds
+/// the job finished counts `waiting` and `start` only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobPhase {
     /// From the read that took the entry to the slot it runs in: behind the user's earlier jobs

@@ -149,9 +149,11 @@ pub struct Entry {
     pub raw: Option<String>,
     /// Set when an operator re-enqueued the job (`sparky replay`).
     pub replay: Option<Replay>,
-    /// Read as a new entry (`XREADGROUP` with `>`): never delivered to a consumer of the group
-    /// before, so no delivery of it can have died mid-way. `false` for an entry read again from the
-    /// consumer's pending list (a history pass after a takeover or a restart).
+    /// Read as a new entry (`XREADGROUP` with `>`): not delivered to a consumer of this group
+    /// before (unless the group was created again after Redis lost it, or a replica that had not
+    /// seen the delivery took over: the job's row, not this flag, keeps a job from being recorded
+    /// twice). `false` for an entry read again from the consumer's pending list (a history pass
+    /// after a takeover or a restart).
     pub first_delivery: bool,
 }
 

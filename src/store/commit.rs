@@ -166,7 +166,8 @@ pub(crate) async fn finish(
 
 /// The commit of a job whose start was not written (a paper job's first delivery: see
 /// `worker::job::Start`): the job's row is inserted in its final state as the statement's `upd`
-/// (attempt 1, started at `started_at`), and the same parts as [`finish`]'s are gated on it.
+/// (attempt 1, started `running_for` before the statement), and the same parts as [`finish`]'s
+/// are gated on it.
 /// `Ok(false)`: the job already has a row (another delivery started or finished it), so nothing
 /// was written, and the caller takes the usual path (start, execute again, commit).
 pub(crate) async fn finish_first(
@@ -175,6 +176,19 @@ pub(crate) async fn finish_first(
     outcome: &Outcome,
     first: &FirstStart<'_>,
 ) -> Result<bool, StoreError> {
+    let inserted: i64 = first_statement(job, outcome, first)
+        .build_query_scalar()
+        .fetch_one(conn)
+        .await?;
+    Ok(inserted > 0)
+}
+
+/// [`finish_first`]'s statement.
+fn first_statement<'q>(
+    job: &'q Job,
+    outcome: &'q Outcome,
+    first: &FirstStart<'q>,
+) -> QueryBuilder<'q, Postgres> {
     let a = &job.alert;
     let mut s = Statement::new(Gate::Fenced);
     s.part("upd")
@@ -203,8 +217,10 @@ pub(crate) async fn finish_first(
         .push(", 1, ")
         .push_bind(job.accepted_at)
         .push(", ")
-        .push_bind(first.started_at)
-        .push(", now(), now(), ")
+        // The server's clock, as every other start's `now()`: the job's execution before it.
+        .push("now() - make_interval(secs => ")
+        .push_bind(first.running_for.as_secs_f64())
+        .push("), now(), now(), ")
         .push_bind(outcome.error_class)
         .push(", ")
         .push_bind(outcome.message.as_deref().map(pg_text))
@@ -214,12 +230,7 @@ pub(crate) async fn finish_first(
     s.close();
     push_fills(&mut s, job, outcome);
     crate::notify::push_job_outcome(&mut s, job.job_id, &job.alert, outcome);
-    let inserted: i64 = s
-        .finish("SELECT count(*) FROM upd")
-        .build_query_scalar()
-        .fetch_one(conn)
-        .await?;
-    Ok(inserted > 0)
+    s.finish("SELECT count(*) FROM upd")
 }
 
 /// What a job's row records of a delivery whose start was not written before it executed
@@ -227,7 +238,8 @@ pub(crate) async fn finish_first(
 pub struct FirstStart<'a> {
     pub partition: u32,
     pub entry_id: &'a str,
-    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// How long the delivery has been running: its `started_at` is the commit's `now()` less this.
+    pub running_for: std::time::Duration,
 }
 
 /// A job's essential write, inside the caller's transaction: its trade rows, the broker orders it
@@ -550,6 +562,46 @@ mod tests {
                 "a part not gated on the fence: {part}"
             );
         }
+    }
+
+    #[test]
+    fn a_commit_without_a_recorded_start_inserts_the_job_and_gates_every_part_on_the_insert() {
+        let j = job();
+        let o = full();
+        let first = FirstStart {
+            partition: 3,
+            entry_id: "1-0",
+            running_for: std::time::Duration::from_millis(2),
+        };
+        let sql = first_statement(&j, &o, &first).into_sql();
+        let parts: Vec<&str> = sql.split(",\n     ").collect();
+        assert!(
+            parts[0].starts_with("WITH upd AS (INSERT INTO jobs")
+                && parts[0].ends_with("ON CONFLICT (job_id) DO NOTHING RETURNING job_id)"),
+            "{sql}"
+        );
+        let names: Vec<&str> = parts
+            .iter()
+            .map(|p| p.trim_start_matches("WITH ").split(' ').next().unwrap())
+            .collect();
+        // the trades, the cancel, the resting order, the position and the notification, as in a
+        // fenced commit: each gated on the insert (the event and its deliveries through `ch`)
+        assert_eq!(
+            names,
+            ["upd", "t", "bc", "r0", "pos", "ch", "ev", "d"],
+            "{sql}"
+        );
+        for part in &parts[1..6] {
+            assert!(
+                part.contains("FROM upd"),
+                "a part not gated on the insert: {part}"
+            );
+        }
+        assert!(
+            parts[6].contains("WHERE EXISTS (SELECT 1 FROM ch)"),
+            "{sql}"
+        );
+        assert!(parts[7].contains("FROM ev, ch"), "{sql}");
     }
 
     #[test]

@@ -100,8 +100,8 @@ fn starts_with_its_commit(entry: &Entry, job: &Job, exchanges: &dyn ExchangeFact
 enum Start {
     /// Before the job executes, as this attempt ([`Store::begin_job`]): the attempt fence.
     Recorded(i32),
-    /// With the job's outcome, as attempt 1 started at this time ([`Store::finish_first`]).
-    WithTheCommit(DateTime<Utc>),
+    /// With the job's outcome, as attempt 1 started at this instant ([`Store::finish_first`]).
+    WithTheCommit(Instant),
 }
 
 impl Start {
@@ -176,8 +176,6 @@ impl JobRunner {
                 store.max_connections() as usize / 2,
             )),
             begins: Begins::new(store.clone()),
-            // One statement at a time (the `Begins` task) on its own pool; a start its statement
-            // did not answer is written on the worker's pool, flushed.
             store,
             queue,
             shutdown,
@@ -288,7 +286,7 @@ impl JobRunner {
         let (recorded, attempt) = loop {
             let (start, limits) = if with_the_commit {
                 // Read by the risk check itself (on the job's held connection).
-                (Start::WithTheCommit(Utc::now()), None)
+                (Start::WithTheCommit(Instant::now()), None)
             } else {
                 let (attempt, limits) = self.begin_recorded(entry, job).await?;
                 (Start::Recorded(attempt), limits)
@@ -321,7 +319,9 @@ impl JobRunner {
                     tracing::warn!(
                         "another delivery recorded this job meanwhile; running it again"
                     );
-                    rerun = true;
+                    // A start this delivery recorded was counted (poison limit) and checked
+                    // (staleness) already; one it did not record was not: its begin decides.
+                    rerun = matches!(start, Start::Recorded(_));
                     with_the_commit = false;
                 }
                 Committed::Superseded | Committed::Shutdown => return None,
@@ -843,11 +843,11 @@ impl JobRunner {
         let record = || async move {
             match start {
                 Start::Recorded(attempt) => self.store.finish_job(job, outcome, attempt).await,
-                Start::WithTheCommit(started_at) => {
+                Start::WithTheCommit(started) => {
                     let first = FirstStart {
                         partition: entry.partition,
                         entry_id: &entry.id,
-                        started_at,
+                        running_for: started.elapsed(),
                     };
                     self.store.finish_first(job, outcome, &first).await
                 }
@@ -910,18 +910,41 @@ impl JobRunner {
             Ok(job) => job,
             Err(reason) => return self.unreadable(entry, reason).await,
         };
-        // The panic may have come after the commit (in the ack, say): then the job is final and
-        // only its entry is left to acknowledge.
-        if let Ok(Some(row)) = self.store.get_job(job.job_id).await {
-            if row.status.is_final() {
-                return self.finished_before(entry, job, row.status).await;
-            }
-        }
         let outcome = Outcome::failed(
             JobStatus::Dead,
             FailureClass::Internal,
             format!("internal error around the job ({panic}); a replay looks up any order it placed before sending anything"),
         );
+        match self.store.get_job(job.job_id).await {
+            // The panic may have come after the commit (in the ack, say): then the job is final
+            // and only its entry is left to acknowledge.
+            Ok(Some(row)) if row.status.is_final() => {
+                return self.finished_before(entry, job, row.status).await;
+            }
+            // No row (a paper job's first delivery writes its start with its commit, or the panic
+            // came before the start): the job's row is written with this outcome, so the job can
+            // be found and replayed, then dead-lettered and acked as any failed job.
+            Ok(None) => {
+                let first = FirstStart {
+                    partition: entry.partition,
+                    entry_id: &entry.id,
+                    running_for: Duration::ZERO,
+                };
+                if self.store.finish_first(job, &outcome, &first).await.is_ok() {
+                    return self
+                        .settle(
+                            entry,
+                            job,
+                            Recorded {
+                                outcome,
+                                attempt: 1,
+                            },
+                        )
+                        .await;
+                }
+            }
+            _ => {}
+        }
         self.finish_unrecorded(entry, job, &outcome).await
     }
 

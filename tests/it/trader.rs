@@ -1275,6 +1275,81 @@ async fn starts_written_together_answer_what_each_start_alone_answers() {
     app.cleanup().await;
 }
 
+/// A paper job's first delivery writes its start with its commit (`worker::job::Start`): one
+/// statement. When the job already has a row (here: a delivery that began it and died, and a
+/// duplicate entry of a job that finished), that statement writes nothing and the delivery takes
+/// the usual path, so the job is recorded exactly once.
+#[tokio::test]
+async fn a_paper_first_delivery_records_its_start_with_its_commit_unless_the_job_has_a_row() {
+    let app = TestApp::spawn().await;
+    let (user, secret) = app.paper_user().await;
+    let fresh = paper_job(user, &secret, "buy", None, "SOLUSDT");
+    let begun = paper_job(user, &secret, "buy", None, "ETHUSDT");
+    for job in [&fresh, &begun] {
+        app.queue.enqueue(job).await.unwrap();
+    }
+    // `begun` was started by a delivery that died (as a previous owner's late begin would).
+    let p = app.queue.partition_of(&user);
+    app.store.begin_job(&begun, p, "0-1").await.unwrap();
+    app.run_worker_until_idle().await;
+
+    let row = app.job(fresh.job_id).await;
+    assert_eq!(
+        (row.status, row.attempts),
+        (JobStatus::Succeeded, 1),
+        "{row:?}"
+    );
+    let (started, finished) = (row.started_at.unwrap(), row.finished_at.unwrap());
+    assert!(started <= finished && row.accepted_at <= started, "{row:?}");
+    assert_ne!(row.entry_id, "0-1");
+    let row = app.job(begun.job_id).await;
+    assert_eq!(
+        (row.status, row.attempts),
+        (JobStatus::Succeeded, 2),
+        "the start that was there counts: {row:?}"
+    );
+    assert_eq!(app.trades(user).await.len(), 2, "one trade per job");
+    assert_eq!(starts_recorded(&app), 1.0, "only `begun`'s second delivery");
+
+    // The finished job's entry appended again (a duplicate): read as a first delivery, it finds
+    // the job's row and records nothing.
+    app.queue.enqueue(&fresh).await.unwrap();
+    app.run_worker_until_idle().await;
+    let row = app.job(fresh.job_id).await;
+    assert_eq!(
+        (row.status, row.attempts),
+        (JobStatus::Succeeded, 1),
+        "{row:?}"
+    );
+    let trades = app.trades(user).await;
+    assert_eq!(trades.len(), 2, "nothing recorded twice");
+    let sol = trades.iter().find(|t| t.symbol == "SOLUSDT").unwrap();
+    assert_eq!(
+        app.position(user, "SOLUSDT").await.map(|p| p.quantity),
+        Some(sol.quantity),
+        "the position holds the one open"
+    );
+    assert!(app.pending_entries(p).await.is_empty(), "every entry acked");
+    assert_eq!(
+        starts_recorded(&app),
+        2.0,
+        "the duplicate's, after its commit found the row"
+    );
+    app.cleanup().await;
+}
+
+/// Paper deliveries of `app`'s workers that recorded their start before executing (the `start`
+/// phase of `sparky_job_phase_seconds`).
+fn starts_recorded(app: &TestApp) -> f64 {
+    let text = sparky::metrics::install().expect("recorder").render();
+    metric(
+        &text,
+        &app.config.namespace,
+        "sparky_job_phase_seconds_count",
+        &[("exchange", "paper"), ("phase", "start")],
+    )
+}
+
 /// Limits Postgres stores but Sparky cannot decode (`NaN` passes `CHECK (max_position_usd > 0)`):
 /// the start, already committed, does not run again (one attempt, so the job is not taken for a
 /// redelivery that skips the check), and the check reads them itself and blocks the open.
