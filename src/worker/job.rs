@@ -319,8 +319,8 @@ impl JobRunner {
                     tracing::warn!(
                         "another delivery recorded this job meanwhile; running it again"
                     );
-                    // A start this delivery recorded was counted (poison limit) and checked
-                    // (staleness) already; one it did not record was not: its begin decides.
+                    // A start this delivery recorded was counted toward the poison limit
+                    // already; one it did not record was not: the begin's attempt decides.
                     rerun = matches!(start, Start::Recorded(_));
                     with_the_commit = false;
                 }
@@ -915,34 +915,68 @@ impl JobRunner {
             FailureClass::Internal,
             format!("internal error around the job ({panic}); a replay looks up any order it placed before sending anything"),
         );
-        match self.store.get_job(job.job_id).await {
+        let read = || {
+            retry(
+                "reading the job after a panic",
+                &self.shutdown,
+                |e: &StoreError, tries| self.refused_for_good(e, tries),
+                || self.store.get_job(job.job_id),
+            )
+        };
+        match read().await {
             // The panic may have come after the commit (in the ack, say): then the job is final
             // and only its entry is left to acknowledge.
-            Ok(Some(row)) if row.status.is_final() => {
+            Retried::Ok(Some(row)) if row.status.is_final() => {
                 return self.finished_before(entry, job, row.status).await;
             }
             // No row (a paper job's first delivery writes its start with its commit, or the panic
             // came before the start): the job's row is written with this outcome, so the job can
             // be found and replayed, then dead-lettered and acked as any failed job.
-            Ok(None) => {
-                let first = FirstStart {
-                    partition: entry.partition,
-                    entry_id: &entry.id,
-                    running_for: Duration::ZERO,
+            Retried::Ok(None) => {
+                let record = || async {
+                    let first = FirstStart {
+                        partition: entry.partition,
+                        entry_id: &entry.id,
+                        running_for: Duration::ZERO,
+                    };
+                    self.store.finish_first(job, &outcome, &first).await
                 };
-                if self.store.finish_first(job, &outcome, &first).await.is_ok() {
-                    return self
-                        .settle(
-                            entry,
-                            job,
-                            Recorded {
-                                outcome,
-                                attempt: 1,
-                            },
-                        )
-                        .await;
+                let written = retry(
+                    "recording the job after a panic",
+                    &self.shutdown,
+                    |e: &StoreError, tries| {
+                        matches!(e, StoreError::Superseded(_)) || self.refused_for_good(e, tries)
+                    },
+                    record,
+                )
+                .await;
+                match written {
+                    Retried::Ok(()) => {
+                        let recorded = Recorded {
+                            outcome,
+                            attempt: 1,
+                        };
+                        return self.settle(entry, job, recorded).await;
+                    }
+                    Retried::Shutdown => return,
+                    // Another delivery recorded the job meanwhile (its commit was running when
+                    // the row was read): if it is final, this entry is only to be acknowledged.
+                    Retried::GaveUp {
+                        error: StoreError::Superseded(_),
+                        ..
+                    } => {
+                        if let Retried::Ok(Some(row)) = read().await {
+                            if row.status.is_final() {
+                                return self.finished_before(entry, job, row.status).await;
+                            }
+                        }
+                    }
+                    Retried::GaveUp { error, .. } => {
+                        tracing::error!(%error, "the job's dead row cannot be written");
+                    }
                 }
             }
+            Retried::Shutdown => return,
             _ => {}
         }
         self.finish_unrecorded(entry, job, &outcome).await

@@ -621,6 +621,7 @@ async fn outbox_of(app: &TestApp, job: uuid::Uuid) -> (i64, i64) {
 
 #[tokio::test]
 async fn a_superseded_commit_writes_no_part_of_its_outcome_and_the_latest_writes_all_of_it() {
+    // (Superseded: a fenced commit of an earlier attempt, and a commit without a recorded start.)
     let app = TestApp::spawn().await;
     let (user, secret) = app.paper_user().await;
     crate::notify::add_webhook(
@@ -659,6 +660,18 @@ async fn a_superseded_commit_writes_no_part_of_its_outcome_and_the_latest_writes
     assert!(
         matches!(late, Err(sparky::store::StoreError::Superseded(_))),
         "{late:?}"
+    );
+    // Nor does a commit without a recorded start (a paper job's first delivery's) that finds the
+    // job's row: its insert matches nothing, and every part depends on it.
+    let first = sparky::store::FirstStart {
+        partition: e2.partition,
+        entry_id: &e2.id,
+        running_for: std::time::Duration::from_millis(1),
+    };
+    let unexpected = app.store.finish_first(&job, &outcome, &first).await;
+    assert!(
+        matches!(unexpected, Err(sparky::store::StoreError::Superseded(_))),
+        "{unexpected:?}"
     );
     assert_eq!(
         app.job(job.job_id).await.status,

@@ -1285,13 +1285,25 @@ async fn a_paper_first_delivery_records_its_start_with_its_commit_unless_the_job
     let (user, secret) = app.paper_user().await;
     let fresh = paper_job(user, &secret, "buy", None, "SOLUSDT");
     let begun = paper_job(user, &secret, "buy", None, "ETHUSDT");
-    for job in [&fresh, &begun] {
+    let poisoned = paper_job(user, &secret, "buy", None, "BTCUSDT");
+    for job in [&fresh, &begun, &poisoned] {
         app.queue.enqueue(job).await.unwrap();
     }
-    // `begun` was started by a delivery that died (as a previous owner's late begin would).
+    // `begun` was started by a delivery that died (as a previous owner's late begin would);
+    // `poisoned` by as many as `SPARKY_MAX_DELIVERIES`.
     let p = app.queue.partition_of(&user);
     app.store.begin_job(&begun, p, "0-1").await.unwrap();
+    for _ in 0..app.config.max_deliveries {
+        app.store.begin_job(&poisoned, p, "0-2").await.unwrap();
+    }
     app.run_worker_until_idle().await;
+    // The delivery that found those starts counts too: one more than the limit, so it is poison.
+    let row = app.job(poisoned.job_id).await;
+    assert_eq!(
+        (row.status, row.error_class),
+        (JobStatus::Dead, Some(FailureClass::Poison)),
+        "{row:?}"
+    );
 
     let row = app.job(fresh.job_id).await;
     assert_eq!(
@@ -1308,8 +1320,12 @@ async fn a_paper_first_delivery_records_its_start_with_its_commit_unless_the_job
         (JobStatus::Succeeded, 2),
         "the start that was there counts: {row:?}"
     );
-    assert_eq!(app.trades(user).await.len(), 2, "one trade per job");
-    assert_eq!(starts_recorded(&app), 1.0, "only `begun`'s second delivery");
+    assert_eq!(app.trades(user).await.len(), 2, "one trade per job run");
+    assert_eq!(
+        starts_recorded(&app),
+        2.0,
+        "only the deliveries whose commit found a row"
+    );
 
     // The finished job's entry appended again (a duplicate): read as a first delivery, it finds
     // the job's row and records nothing.
@@ -1332,8 +1348,8 @@ async fn a_paper_first_delivery_records_its_start_with_its_commit_unless_the_job
     assert!(app.pending_entries(p).await.is_empty(), "every entry acked");
     assert_eq!(
         starts_recorded(&app),
-        2.0,
-        "the duplicate's, after its commit found the row"
+        3.0,
+        "and the duplicate's, after its commit found the row"
     );
     app.cleanup().await;
 }
