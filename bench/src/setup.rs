@@ -365,11 +365,10 @@ pub fn worker_env(
 /// Serve the worker's `/metrics` on a free port (instead of none) and return it.
 pub fn metrics_port(env: &mut [(&'static str, String)]) -> anyhow::Result<u16> {
     let port = free_port()?;
-    for (k, v) in env.iter_mut() {
-        if *k == "WORKER_PORT" {
-            *v = port.to_string();
-        }
-    }
+    let Some((_, v)) = env.iter_mut().find(|(k, _)| *k == "WORKER_PORT") else {
+        anyhow::bail!("the worker's environment sets no WORKER_PORT");
+    };
+    *v = port.to_string();
     Ok(port)
 }
 

@@ -143,6 +143,14 @@ async fn lease_owners(app: &TestApp) -> Vec<Option<String>> {
     out
 }
 
+/// A job row's attempts, status, `started_at` and `finished_at`.
+type JobTimes = (
+    i32,
+    String,
+    chrono::DateTime<chrono::Utc>,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
+
 /// The jobs worker `w` (frozen) is running: started according to its log and not finished
 /// there, and not final in Postgres (`executing`, or no row yet: a paper job's first delivery
 /// writes its start with its commit).
@@ -277,18 +285,16 @@ async fn three_workers_one_killed_every_alert_once_and_in_order() {
     // later).
     let mut rerun = 0;
     for job_id in &cut_short {
-        let (attempts, status, started_at, finished_at): (
-            i32,
-            String,
-            chrono::DateTime<chrono::Utc>,
-            Option<chrono::DateTime<chrono::Utc>>,
-        ) = sqlx::query_as(
+        let row: Option<JobTimes> = sqlx::query_as(
             "SELECT attempts, status, started_at, finished_at FROM jobs WHERE job_id = $1",
         )
         .bind(job_id)
-        .fetch_one(&app.store.pool)
+        .fetch_optional(&app.store.pool)
         .await
         .unwrap();
+        let Some((attempts, status, started_at, finished_at)) = row else {
+            panic!("job {job_id}, running on the killed worker, has no row: it was never recorded");
+        };
         if started_at > killed_at_db {
             rerun += 1;
         } else {
