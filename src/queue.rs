@@ -693,20 +693,21 @@ impl Queue {
             }
             cmd
         };
-        let mut out = Vec::new();
-        if !conn.is_cluster() {
+        let mut out = if !conn.is_cluster() {
             let v: Value = command(cursors, Some(block)).query_async(conn).await?;
-            out = self.parse_read(v)?;
+            self.parse_read(v)?
         } else {
             let reads = cursors.iter().map(|c| {
                 let mut conn = conn.clone();
                 let cmd = command(std::slice::from_ref(c), None);
                 async move { cmd.query_async::<Value>(&mut conn).await }
             });
+            let mut out = Vec::new();
             for v in futures::future::join_all(reads).await {
                 out.extend(self.parse_read(v?)?);
             }
-        }
+            out
+        };
         for e in &mut out {
             e.first_delivery = cursors
                 .iter()

@@ -27,10 +27,10 @@
 //! A start nobody waits for any more (its lane's future was dropped) is not written: its entry
 //! stays pending, and the start could only supersede the delivery of the job's next owner.
 //!
-//! One task per `Begins` writes its starts, one statement at a time (a worker has one; a paper
-//! job's first delivery writes no start here: see `worker::job::Start`): a statement that hangs (a connection cut without a
-//! reset, which sqlx does not time out) holds every start of that writer until TCP gives up,
-//! where it held one lane before.
+//! One task writes the starts of a worker, one statement at a time (a paper job's first delivery
+//! writes no start here: see `worker::job::Start`): a statement that hangs (a connection cut
+//! without a reset, which sqlx does not time out) holds every start of the worker until TCP gives
+//! up, where it held one lane before.
 //!
 //! Two deliveries of one job in one statement would make the upsert touch its row twice (an
 //! error): the second waits for the next statement. Rows are inserted in `job_id` order, so two

@@ -71,8 +71,7 @@ impl Store {
         &self,
         f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let held = HELD.try_with(Arc::clone).ok();
-        let Some(slot) = held else {
+        let Ok(slot) = HELD.try_with(Arc::clone) else {
             let mut conn = self.pool.acquire().await?;
             return f(&mut conn).await;
         };

@@ -933,45 +933,28 @@ impl JobRunner {
             // came before the start): the job's row is written with this outcome, so the job can
             // be found and replayed, then dead-lettered and acked as any failed job.
             Retried::Ok(None) => {
-                let record = || async {
-                    let first = FirstStart {
-                        partition: entry.partition,
-                        entry_id: &entry.id,
-                        running_for: Duration::ZERO,
-                    };
-                    self.store.finish_first(job, &outcome, &first).await
-                };
-                let written = retry(
-                    "recording the job after a panic",
-                    &self.shutdown,
-                    |e: &StoreError, tries| {
-                        matches!(e, StoreError::Superseded(_)) || self.refused_for_good(e, tries)
-                    },
-                    record,
-                )
-                .await;
+                let written = self
+                    .try_commit(job, entry, &outcome, Start::WithTheCommit(Instant::now()))
+                    .await;
                 match written {
-                    Retried::Ok(()) => {
+                    Ok(()) => {
                         let recorded = Recorded {
                             outcome,
                             attempt: 1,
                         };
                         return self.settle(entry, job, recorded).await;
                     }
-                    Retried::Shutdown => return,
+                    Err(Commit::Shutdown) => return,
                     // Another delivery recorded the job meanwhile (its commit was running when
                     // the row was read): if it is final, this entry is only to be acknowledged.
-                    Retried::GaveUp {
-                        error: StoreError::Superseded(_),
-                        ..
-                    } => {
+                    Err(Commit::Superseded) => {
                         if let Retried::Ok(Some(row)) = read().await {
                             if row.status.is_final() {
                                 return self.finished_before(entry, job, row.status).await;
                             }
                         }
                     }
-                    Retried::GaveUp { error, .. } => {
+                    Err(Commit::Refused(error)) => {
                         tracing::error!(%error, "the job's dead row cannot be written");
                     }
                 }
