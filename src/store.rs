@@ -25,6 +25,7 @@ mod begins;
 pub use begins::{BeginStats, Begins};
 pub(crate) mod commit;
 mod held;
+pub use held::{Holds, IDLE_HOLD, MAX_HOLD};
 mod risk;
 pub use commit::{record_fills, FirstStart};
 mod strategies;
@@ -788,22 +789,31 @@ const POSITION_SELECT: &str = "SELECT user_id, symbol, exchange, environment, si
     entry_price, stop_loss_price, take_profit_price FROM positions";
 
 fn position_row(r: &sqlx::postgres::PgRow) -> Result<PositionRow, sqlx::Error> {
-    let side: &str = r.try_get("side")?;
-    let environment: &str = r.try_get("environment")?;
+    position_row_prefixed(r, "")
+}
+
+/// A position from the columns [`POSITION_SELECT`] names, each with `prefix` in front.
+fn position_row_prefixed(
+    r: &sqlx::postgres::PgRow,
+    prefix: &str,
+) -> Result<PositionRow, sqlx::Error> {
+    let col = |name: &str| format!("{prefix}{name}");
+    let side: &str = r.try_get(col("side").as_str())?;
+    let environment: &str = r.try_get(col("environment").as_str())?;
     let decode = |column: &str, e: String| sqlx::Error::ColumnDecode {
-        index: column.into(),
+        index: col(column),
         source: e.into(),
     };
     Ok(PositionRow {
-        user_id: r.try_get("user_id")?,
-        symbol: r.try_get("symbol")?,
-        exchange: r.try_get("exchange")?,
+        user_id: r.try_get(col("user_id").as_str())?,
+        symbol: r.try_get(col("symbol").as_str())?,
+        exchange: r.try_get(col("exchange").as_str())?,
         environment: CredentialEnv::from_str(environment).map_err(|e| decode("environment", e))?,
         side: Side::from_str(side).map_err(|e| decode("side", e))?,
-        quantity: r.try_get("quantity")?,
-        entry_price: r.try_get("entry_price")?,
-        stop_loss_price: r.try_get("stop_loss_price")?,
-        take_profit_price: r.try_get("take_profit_price")?,
+        quantity: r.try_get(col("quantity").as_str())?,
+        entry_price: r.try_get(col("entry_price").as_str())?,
+        stop_loss_price: r.try_get(col("stop_loss_price").as_str())?,
+        take_profit_price: r.try_get(col("take_profit_price").as_str())?,
     })
 }
 

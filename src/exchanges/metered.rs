@@ -131,6 +131,9 @@ impl Exchange for Metered {
     fn protects_on_fill(&self) -> bool {
         self.inner.protects_on_fill()
     }
+    fn prime_stored_position(&self, symbol: &Symbol, stored: Option<crate::store::PositionRow>) {
+        self.inner.prime_stored_position(symbol, stored)
+    }
     fn lists_every_open_order(&self) -> bool {
         self.inner.lists_every_open_order()
     }

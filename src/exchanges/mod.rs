@@ -419,6 +419,13 @@ pub trait Exchange: Send + Sync {
     fn protects_on_fill(&self) -> bool {
         false
     }
+    /// The account's position in `symbol` as Sparky's store holds it, read by the caller together
+    /// with other data (issue 17: a paper job's first delivery reads it with its risk limits). An
+    /// exchange whose book is that store (paper) uses it for this client's life (one job) instead
+    /// of reading it again; any other ignores it.
+    fn prime_stored_position(&self, symbol: &Symbol, stored: Option<crate::store::PositionRow>) {
+        let _ = (symbol, stored);
+    }
 }
 
 /// What the factory needs besides the credentials.

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::credentials::Credentials;
 use crate::domain::{Account, ExchangeKind, OrderSide, OrderType, Symbol};
-use crate::store::Store;
+use crate::store::{PositionRow, Store};
 
 /// (symbol, price, step, min notional)
 pub const KNOWN: &[(&str, Decimal, Decimal, Decimal)] = &[
@@ -78,6 +78,9 @@ pub struct PaperExchange {
     /// The orders this client filled (this job's, not committed yet): symbol, client order id,
     /// signed quantity (positive buys), price.
     filled: std::sync::Mutex<Vec<(String, OrderAck, Decimal)>>,
+    /// The stored position of one symbol, read by the job with its risk limits
+    /// ([`Exchange::prime_stored_position`]): read from the store no more.
+    primed: std::sync::Mutex<Option<(Symbol, Option<PositionRow>)>>,
     /// Simulated order latency, uniformly in `min..=max` ms (`extra_config.latency_ms`).
     latency_ms: Option<(u64, u64)>,
     /// The starting balance (`extra_config.balance`).
@@ -119,6 +122,7 @@ impl PaperExchange {
                 environment: creds.environment,
             },
             filled: std::sync::Mutex::new(Vec::new()),
+            primed: std::sync::Mutex::new(None),
             latency_ms,
             balance,
         }
@@ -164,6 +168,14 @@ impl PaperExchange {
     }
 
     /// The net quantity this client filled in `symbol` (signed) and the last fill's price.
+    /// The stored position primed for `symbol`, if it was (`Some(None)`: primed flat).
+    fn primed_position(&self, symbol: &Symbol) -> Option<Option<PositionRow>> {
+        match &*self.primed.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((s, stored)) if s == symbol => Some(stored.clone()),
+            _ => None,
+        }
+    }
+
     fn own_fills(&self, symbol: &Symbol) -> Result<(Decimal, Option<Decimal>), ExchangeError> {
         let filled = self.filled.lock().unwrap_or_else(|e| e.into_inner());
         let mut net = Decimal::ZERO;
@@ -186,6 +198,10 @@ impl Exchange for PaperExchange {
         ExchangeKind::Paper
     }
 
+    fn prime_stored_position(&self, symbol: &Symbol, stored: Option<PositionRow>) {
+        *self.primed.lock().unwrap_or_else(|e| e.into_inner()) = Some((symbol.clone(), stored));
+    }
+
     async fn symbol_rules(&self, symbol: &Symbol) -> Result<SymbolRules, ExchangeError> {
         Ok(paper_market(symbol.as_str()).1)
     }
@@ -195,11 +211,14 @@ impl Exchange for PaperExchange {
     }
 
     async fn position(&self, symbol: &Symbol) -> Result<Option<ExPosition>, ExchangeError> {
-        let p = self
-            .store
-            .position(&self.account, symbol.as_str())
-            .await
-            .map_err(db_error)?;
+        let p = match self.primed_position(symbol) {
+            Some(stored) => stored,
+            None => self
+                .store
+                .position(&self.account, symbol.as_str())
+                .await
+                .map_err(db_error)?,
+        };
         let committed = match &p {
             Some(p) if p.side == crate::domain::Side::Long => p.quantity,
             Some(p) => -p.quantity,

@@ -1,32 +1,37 @@
-//! One connection for all of a job's statements (issue 17).
+//! One connection for all of a job's statements, kept from one job to the next (issue 17).
 //!
 //! sqlx 0.8 pings a connection every time it goes back to the pool (a round trip of its own,
-//! about 20-30 us of Postgres CPU, not configurable), so a job whose three or four statements each
-//! took a connection from the pool paid three or four pings. Inside [`Store::holding_a_connection`]
-//! the statements that go through [`Store::on_conn`] share one connection, taken from the pool at
-//! the first of them and given back (one ping) when the scope ends: at the job's commit (the
-//! worker's `JobRunner::process`), before its ack.
+//! about 20-30 us of Postgres CPU and a send and a receive in the worker, not configurable), so a
+//! job whose three or four statements each took a connection from the pool paid three or four
+//! pings. Inside a hold the statements that go through [`Store::on_conn`] share one connection,
+//! and a worker's holds ([`Holds`]) keep their connections between jobs: a paper job in a steady
+//! stream pays no ping at all.
 //!
 //! Rules that keep this safe:
-//! - The scope is a task-local: only the statements of the task that runs the job use the held
+//! - The hold is a task-local: only the statements of the task that runs the job use the held
 //!   connection; anything the job spawns, and every method not written with [`Store::on_conn`],
 //!   takes a connection from the pool as before, for that one statement.
-//! - A job holds at most one connection, and at most half the pool's connections are held at once
-//!   (the worker's `holders`; a paper job beyond that runs as any other): the other half serves the
-//!   statements outside the held connections (a holding job's credential load or risk counts, the
-//!   jobs at remote brokers, the sweeps), so such a statement always gets one in turn, and no job
-//!   waits on a connection another job holds.
+//! - A worker has at most half its pool's connections in holds (its [`Holds`]; a paper job
+//!   beyond that runs as any other): the other half serves the statements outside the holds (a
+//!   holding job's credential load or risk counts, the jobs at remote brokers, the sweeps), so
+//!   such a statement always gets one in turn, and no job waits on a connection another job holds.
 //! - Only jobs that wait on nothing but Postgres hold one (the paper exchange's): a job at a
 //!   remote broker would keep it idle through every broker call.
-//! - Any error on the held connection gives it back to the pool (which tests it and closes it if
-//!   it is broken); the next statement takes a fresh one. A retried statement never runs on a
+//! - **A hold keeps a connection only between statements that ended well.** A statement takes the
+//!   connection out of the hold while it runs and puts it back when it succeeds. A statement that
+//!   fails, or that is cancelled mid-way (its job dropped at shutdown, a timeout), drops it, so it
+//!   goes back to the pool, which tests it (sqlx waits for the pending answers) and closes it if it
+//!   is broken; the next statement takes a fresh one. A retried statement never runs on a
 //!   connection that failed.
-//! - A job cancelled mid-statement drops the scope and so the connection, which the pool tests
-//!   (sqlx waits for the pending answers) before it hands it out again, as for any dropped
-//!   statement.
+//! - **A kept connection is not kept for ever.** One idle in a hold for longer than
+//!   [`IDLE_HOLD`] goes back to the pool when the next job takes the hold (it may have died while
+//!   idle: the pool tests it), and one taken from the pool longer than [`MAX_HOLD`] ago goes back
+//!   when its job ends, so the pool's own life-time rules still see every connection regularly.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, Postgres};
@@ -34,15 +39,87 @@ use tokio::sync::Mutex;
 
 use super::{Store, StoreError};
 
-type Slot = Arc<Mutex<Option<PoolConnection<Postgres>>>>;
+/// A hold kept idle this long gives its connection back to the pool before its next job.
+pub const IDLE_HOLD: Duration = Duration::from_secs(10);
+/// A connection held this long since it left the pool goes back to it when its job ends.
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// A connection in a hold: since when it left the pool, and when a statement last ended well on it.
+struct Held {
+    conn: PoolConnection<Postgres>,
+    taken: Instant,
+    used: Instant,
+}
+
+type Slot = Arc<Mutex<Option<Held>>>;
 
 tokio::task_local! {
     static HELD: Slot;
 }
 
+/// A worker's holds: at most `n` jobs at once run their statements on a held connection, each
+/// kept for the next job that takes the same hold (see the module's header).
+pub struct Holds {
+    holds: Vec<(AtomicBool, Slot)>,
+}
+
+/// Frees a hold when its job ends or is dropped.
+struct Taken<'a>(&'a AtomicBool);
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Holds {
+    pub fn new(n: usize) -> Holds {
+        Holds {
+            holds: (0..n)
+                .map(|_| (AtomicBool::new(false), Slot::default()))
+                .collect(),
+        }
+    }
+
+    /// Run `fut` (one job) in a free hold, or as it is when every hold is taken.
+    pub async fn run<F: Future>(&self, fut: F) -> F::Output {
+        let free = self.holds.iter().find(|(taken, _)| {
+            taken
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        });
+        let Some((taken, slot)) = free else {
+            return fut.await;
+        };
+        let _taken = Taken(taken);
+        // Free, so nothing else locks the slot: `try_lock` cannot fail.
+        if let Ok(mut held) = slot.try_lock() {
+            if held.as_ref().is_some_and(|h| h.used.elapsed() > IDLE_HOLD) {
+                *held = None;
+            }
+        }
+        let out = HELD.scope(Arc::clone(slot), fut).await;
+        if let Ok(mut held) = slot.try_lock() {
+            if held.as_ref().is_some_and(|h| h.taken.elapsed() > MAX_HOLD) {
+                *held = None;
+            }
+        }
+        out
+    }
+
+    /// How many holds keep a connection now. For tests and diagnostics.
+    pub fn kept(&self) -> usize {
+        self.holds
+            .iter()
+            .filter(|(_, slot)| slot.try_lock().is_ok_and(|h| h.is_some()))
+            .count()
+    }
+}
+
 impl Store {
-    /// Run `fut` (one job) with the statements it makes through [`Store::on_conn`] on one
-    /// connection (see the module's header). The connection goes back to the pool when `fut` ends.
+    /// Run `fut` with the statements it makes through [`Store::on_conn`] on one connection (see
+    /// the module's header), given back to the pool when `fut` ends: a hold of its own, for one
+    /// scope. A worker's jobs use its [`Holds`] instead.
     pub async fn holding_a_connection<F: Future>(fut: F) -> F::Output {
         HELD.scope(Slot::default(), fut).await
     }
@@ -53,8 +130,8 @@ impl Store {
     }
 
     /// The Postgres backend (process id) that serves this task's statements made through
-    /// [`Store::on_conn`]: inside [`Store::holding_a_connection`] always the same one. For tests and
-    /// diagnostics.
+    /// [`Store::on_conn`]: inside a hold always the same one, until a statement fails. For tests
+    /// and diagnostics.
     pub async fn backend_pid(&self) -> Result<i32, StoreError> {
         self.on_conn(async |c| {
             Ok(sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -64,9 +141,9 @@ impl Store {
         .await
     }
 
-    /// Run `f` on the connection held by the current job ([`Store::holding_a_connection`]), or on
-    /// one from the pool for this call. `f` must not call back into the store (it would wait for
-    /// the connection it holds).
+    /// Run `f` on the connection held by the current job (a hold), or on one from the pool for
+    /// this call. `f` must not call back into the store (it would wait for the connection it
+    /// holds).
     pub(crate) async fn on_conn<T>(
         &self,
         f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
@@ -76,13 +153,24 @@ impl Store {
             return f(&mut conn).await;
         };
         let mut held = slot.lock().await;
-        let conn = match &mut *held {
-            Some(c) => c,
-            None => held.insert(self.pool.acquire().await?),
+        // Out of the hold while the statement runs: if it fails or is cancelled, the connection
+        // is dropped, so it goes back to the pool, which tests it.
+        let mut h = match held.take() {
+            Some(h) => h,
+            None => {
+                let conn = self.pool.acquire().await?;
+                let now = Instant::now();
+                Held {
+                    conn,
+                    taken: now,
+                    used: now,
+                }
+            }
         };
-        let r = f(conn).await;
-        if r.is_err() {
-            *held = None; // back to the pool, which tests it
+        let r = f(&mut h.conn).await;
+        if r.is_ok() {
+            h.used = Instant::now();
+            *held = Some(h);
         }
         r
     }

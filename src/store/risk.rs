@@ -3,8 +3,8 @@
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
-use super::{Store, StoreError};
-use crate::domain::ExchangeKind;
+use super::{PositionRow, Store, StoreError};
+use crate::domain::{Account, ExchangeKind};
 use crate::risk::{RiskFacts, RiskLimits};
 use chrono::{DateTime, NaiveTime, Utc};
 use sqlx::Row;
@@ -90,6 +90,23 @@ pub(super) fn limits_of_begin(
     Ok(out)
 }
 
+/// [`Store::limits_and_position`]'s statement: `$1` the user and `$2` the strategy or '' (the
+/// limits), `$3`-`$6` the account and symbol (the position).
+static LIMITS_AND_POSITION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT p.user_id AS p_user_id, p.symbol AS p_symbol, p.exchange AS p_exchange,
+                p.environment AS p_environment, p.side AS p_side, p.quantity AS p_quantity,
+                p.entry_price AS p_entry_price, p.stop_loss_price AS p_stop_loss_price,
+                p.take_profit_price AS p_take_profit_price, l.*
+           FROM (SELECT 1) one
+           LEFT JOIN positions p ON p.user_id = $3 AND p.exchange = $4 AND p.environment = $5
+                                AND p.symbol = $6
+           LEFT JOIN ({}) l ON true
+          ORDER BY l.strategy",
+        limits_that_apply("$1", "$2")
+    )
+});
+
 /// `strategy` filter shared by the counting queries: `$2` NULL counts every job of the user.
 const OF_STRATEGY: &str = "($2::text IS NULL OR j.alert->>'strategy' = $2)";
 
@@ -105,9 +122,37 @@ impl Store {
             .bind(user)
             .bind(strategy.unwrap_or(""));
         // On the job's held connection when there is one (a paper job's first delivery reads
-        // its limits here, not with a recorded start).
+        // its limits here when the read with its position failed, or on a retried check).
         let rows = self.on_conn(async |c| Ok(q.fetch_all(c).await?)).await?;
         rows.iter().map(limits_row).collect()
+    }
+
+    /// [`Store::risk_limits_for`] and [`Store::position`] of `account` in `symbol` as one
+    /// statement (issue 17): a paper job's first delivery reads both before it opens, and each
+    /// read of its own was a round trip. One row per row of limits, or one with NULL limits; the
+    /// position's columns (prefixed `p_`) on every row.
+    pub async fn limits_and_position(
+        &self,
+        user: Uuid,
+        strategy: Option<&str>,
+        account: &Account,
+        symbol: &str,
+    ) -> Result<(Vec<RiskLimits>, Option<PositionRow>), StoreError> {
+        let q = sqlx::query(&LIMITS_AND_POSITION)
+            .bind(user)
+            .bind(strategy.unwrap_or(""))
+            .bind(account.user_id)
+            .bind(account.exchange.as_str())
+            .bind(account.environment.as_str())
+            .bind(symbol);
+        let rows = self.on_conn(async |c| Ok(q.fetch_all(c).await?)).await?;
+        let position = match rows.first() {
+            Some(r) if r.try_get::<Option<String>, _>("p_side")?.is_some() => {
+                Some(super::position_row_prefixed(r, "p_")?)
+            }
+            _ => None,
+        };
+        Ok((limits_of_begin(&rows)?, position))
     }
 
     /// Every row of limits of `user`.

@@ -43,7 +43,7 @@ use crate::queue::{Entry, Queue};
 use crate::replay::would_be_stale;
 use crate::retry::{retry, until_ok, Retried};
 use crate::risk::{self, RiskLimits};
-use crate::store::{Begin, Begins, FirstStart, Store, StoreError};
+use crate::store::{Begin, Begins, FirstStart, Holds, Store, StoreError};
 use std::sync::Arc;
 use tokio::sync::SemaphorePermit;
 
@@ -59,9 +59,9 @@ pub struct JobRunner {
     policy: RetryPolicy,
     max_signal_age: Duration,
     max_deliveries: u32,
-    /// Paper jobs that may run their statements on one held connection at once
-    /// ([`Store::holding_a_connection`]): half the pool's connections.
-    holders: Arc<tokio::sync::Semaphore>,
+    /// Paper jobs that may run their statements on one held connection at once, each kept for
+    /// the next job ([`Holds`]): half the pool's connections.
+    holds: Holds,
     shutdown: CancellationToken,
     metrics: Metrics,
 }
@@ -172,9 +172,7 @@ impl JobRunner {
             },
             max_signal_age: config.max_signal_age,
             max_deliveries: config.max_deliveries,
-            holders: Arc::new(tokio::sync::Semaphore::new(
-                store.max_connections() as usize / 2,
-            )),
+            holds: Holds::new(store.max_connections() as usize / 2),
             begins: Begins::new(store.clone()),
             store,
             queue,
@@ -238,16 +236,13 @@ impl JobRunner {
         let run = self
             .process_job(&entry, &job, &fence)
             .instrument(span.clone());
-        // A paper job waits on nothing but Postgres: its statements share one connection (one
-        // release ping instead of one each), given back with the permit. A job at a remote broker
-        // gives its connection back between statements, as it waits on the broker in between.
-        let hold = job.alert.exchange.is_in_postgres();
-        let recorded = match hold
-            .then(|| self.holders.clone().try_acquire_owned().ok())
-            .flatten()
-        {
-            Some(_holder) => Store::holding_a_connection(run).await,
-            None => run.await,
+        // A paper job waits on nothing but Postgres: its statements share one connection, kept
+        // for the next paper job (no release ping). A job at a remote broker gives its connection
+        // back between statements, as it waits on the broker in between.
+        let recorded = if job.alert.exchange.is_in_postgres() {
+            self.holds.run(run).await
+        } else {
+            run.await
         };
         drop(permit);
         if let Some(recorded) = recorded {
@@ -285,7 +280,7 @@ impl JobRunner {
         let mut with_the_commit = starts_with_its_commit(entry, job, &*self.exchanges);
         let (recorded, attempt) = loop {
             let (start, limits) = if with_the_commit {
-                // Read by the risk check itself (on the job's held connection).
+                // Read with the job's stored position before it opens (`limits_with_position`).
                 (Start::WithTheCommit(Instant::now()), None)
             } else {
                 let (attempt, limits) = self.begin_recorded(entry, job).await?;
@@ -537,7 +532,16 @@ impl JobRunner {
                 "evaluating the risk limits",
                 &self.shutdown,
                 |_: &StoreError, _| false,
-                || risk::check(&self.store, &client, job, limits.take()),
+                || {
+                    let read = limits.take();
+                    async {
+                        let limits = match read {
+                            Some(limits) => Some(limits),
+                            None => self.limits_with_position(&client, job, &account).await?,
+                        };
+                        risk::check(&self.store, &client, job, limits).await
+                    }
+                },
             )
             .await;
             match verdict {
@@ -565,6 +569,39 @@ impl JobRunner {
             tracing::warn!("lease lost; leaving the job to the partition's next owner");
         }
         outcome.map(|o| Outcome { environment, ..o })
+    }
+
+    /// A paper open's risk limits, read with the account's stored position in one statement
+    /// (issue 17), the position primed into its client (the paper exchange reads it no more).
+    /// `None` for any other job, and when the statement fails other than by an outage: the risk
+    /// check then reads the limits itself (and decides on its error as it always does).
+    async fn limits_with_position(
+        &self,
+        client: &Metered,
+        job: &Job,
+        account: &Account,
+    ) -> Result<Option<Vec<RiskLimits>>, StoreError> {
+        let a = &job.alert;
+        if !a.exchange.is_in_postgres()
+            || !matches!(
+                a.action,
+                crate::domain::Action::Buy | crate::domain::Action::Sell
+            )
+        {
+            return Ok(None);
+        }
+        let read = self
+            .store
+            .limits_and_position(a.user_id, a.strategy.as_deref(), account, a.symbol.as_str())
+            .await;
+        match read {
+            Ok((limits, stored)) => {
+                client.prime_stored_position(&a.symbol, stored);
+                Ok(Some(limits))
+            }
+            Err(e) if e.is_outage() => Err(e),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Sparky's record of the position `job` closes in `account` (read as every step reads,

@@ -835,3 +835,87 @@ async fn a_held_connection_serves_every_statement_of_its_scope_and_is_given_back
     .await;
     app.cleanup().await;
 }
+
+/// A worker's holds keep a connection from one job to the next (no release ping between paper
+/// jobs) and only between statements that ended well: a failed or cancelled statement drops it,
+/// and the next job of that hold takes a fresh one. Beyond the holds, a job runs unheld.
+#[tokio::test]
+async fn a_hold_keeps_its_connection_between_jobs_until_a_statement_fails_or_is_cancelled() {
+    let app = TestApp::spawn().await;
+    let store = &app.store;
+    let holds = std::sync::Arc::new(sparky::store::Holds::new(1));
+    assert_eq!(holds.kept(), 0, "a hold starts without a connection");
+    let first = holds.run(store.backend_pid()).await.unwrap();
+    assert_eq!(
+        holds.kept(),
+        1,
+        "the connection stays in the hold after its job"
+    );
+    let second = holds.run(store.backend_pid()).await.unwrap();
+    assert_eq!(second, first, "the next job runs on the kept connection");
+
+    // While the only hold is taken, another lane's job runs unheld (on the pool's connections).
+    let (inside, outside) = holds
+        .run(async {
+            let inside = store.backend_pid().await.unwrap();
+            let (other, s) = (holds.clone(), store.clone());
+            let outside = tokio::spawn(async move { other.run(s.backend_pid()).await.unwrap() });
+            (inside, outside.await.unwrap())
+        })
+        .await;
+    assert_eq!(inside, first);
+    assert_ne!(outside, first, "a job beyond the holds does not share one");
+
+    // A failed statement gives the connection back to the pool: the hold is empty.
+    let (user, _) = app.paper_user().await;
+    let account = sparky::domain::Account {
+        user_id: user,
+        exchange: sparky::domain::ExchangeKind::Paper,
+        environment: sparky::domain::CredentialEnv::Production,
+    };
+    sqlx::query("ALTER TABLE positions RENAME TO positions_gone")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let failed = holds.run(store.position(&account, "ETHUSDT")).await;
+    sqlx::query("ALTER TABLE positions_gone RENAME TO positions")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    assert!(failed.is_err());
+    assert_eq!(
+        holds.kept(),
+        0,
+        "a failed statement's connection is not kept"
+    );
+    assert!(holds
+        .run(store.position(&account, "ETHUSDT"))
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(holds.kept(), 1);
+
+    // A statement cancelled mid-way (its job dropped while it waits on a lock) is not kept
+    // either, and the next job runs.
+    let mut locker = store.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE positions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let waiting = holds.run(store.position(&account, "ETHUSDT"));
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), waiting)
+            .await
+            .is_err(),
+        "the read waits on the lock until it is cancelled"
+    );
+    locker.rollback().await.unwrap();
+    assert_eq!(
+        holds.kept(),
+        0,
+        "a cancelled statement's connection is not kept"
+    );
+    holds.run(store.backend_pid()).await.unwrap();
+    assert_eq!(holds.kept(), 1);
+    app.cleanup().await;
+}

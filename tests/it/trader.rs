@@ -506,6 +506,61 @@ async fn user_with_a_long(app: &TestApp) -> (Uuid, String, Uuid) {
     (user, secret, job.job_id)
 }
 
+/// A paper open's first delivery reads its limits and its stored position in one statement
+/// (`Store::limits_and_position`): the same limits as `risk_limits_for` (the user's row and the
+/// job's strategy's, no other strategy's) and the same position as `position`, with or without
+/// either.
+#[tokio::test]
+async fn limits_and_position_read_together_what_each_read_alone() {
+    let app = TestApp::spawn().await;
+    let store = &app.store;
+    let (user, _, _) = user_with_a_long(&app).await;
+    let account = sparky::domain::Account {
+        user_id: user,
+        exchange: ExchangeKind::Paper,
+        environment: sparky::domain::CredentialEnv::Production,
+    };
+    let alone = async |strategy: Option<&str>, symbol: &str| {
+        (
+            store.risk_limits_for(user, strategy).await.unwrap(),
+            store.position(&account, symbol).await.unwrap(),
+        )
+    };
+    let together = async |strategy: Option<&str>, symbol: &str| {
+        store
+            .limits_and_position(user, strategy, &account, symbol)
+            .await
+            .unwrap()
+    };
+
+    // No limits; a position and none.
+    let (limits, long) = together(None, "ETHUSDT").await;
+    assert!(limits.is_empty());
+    assert_eq!(
+        long.as_ref().map(|p| p.side),
+        Some(sparky::domain::Side::Long)
+    );
+    assert_eq!((limits, long), alone(None, "ETHUSDT").await);
+    assert_eq!(together(None, "SOLUSDT").await, (vec![], None));
+
+    // The user's row, two strategies' rows: a job of `s1` gets the user's and s1's.
+    for strategy in [None, Some("s1"), Some("s2")] {
+        let mut l = no_limits(user);
+        l.strategy = strategy.map(str::to_string);
+        l.max_trades_per_day = Some(7);
+        store.upsert_risk_limits(&l).await.unwrap();
+    }
+    let (limits, long) = together(Some("s1"), "ETHUSDT").await;
+    let strategies: Vec<_> = limits.iter().map(|l| l.strategy.as_deref()).collect();
+    assert_eq!(strategies, [None, Some("s1")]);
+    assert!(long.is_some());
+    assert_eq!((limits, long), alone(Some("s1"), "ETHUSDT").await);
+    let (limits, flat) = together(None, "SOLUSDT").await;
+    assert_eq!(limits.len(), 1);
+    assert_eq!((limits, flat), alone(None, "SOLUSDT").await);
+    app.cleanup().await;
+}
+
 /// Blocked because the limits cannot be evaluated (unreadable, or not decodable).
 fn assert_unevaluable(job: &JobRow) {
     assert_blocked(job, "limits");
