@@ -420,7 +420,7 @@ pub trait Exchange: Send + Sync {
         false
     }
     /// The account's position in `symbol` as Sparky's store holds it, read by the caller together
-    /// with other data (issue 17: a paper job's first delivery reads it with its risk limits). An
+    /// with other data (issue 17: a paper buy or sell reads it with its risk limits). An
     /// exchange whose book is that store (paper) uses it for this client's life (one job) instead
     /// of reading it again; any other ignores it.
     fn prime_stored_position(&self, symbol: &Symbol, stored: Option<crate::store::PositionRow>) {

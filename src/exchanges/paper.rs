@@ -167,7 +167,6 @@ impl PaperExchange {
         ack
     }
 
-    /// The net quantity this client filled in `symbol` (signed) and the last fill's price.
     /// The stored position primed for `symbol`, if it was (`Some(None)`: primed flat).
     fn primed_position(&self, symbol: &Symbol) -> Option<Option<PositionRow>> {
         match &*self.primed.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -176,6 +175,7 @@ impl PaperExchange {
         }
     }
 
+    /// The net quantity this client filled in `symbol` (signed) and the last fill's price.
     fn own_fills(&self, symbol: &Symbol) -> Result<(Decimal, Option<Decimal>), ExchangeError> {
         let filled = self.filled.lock().unwrap_or_else(|e| e.into_inner());
         let mut net = Decimal::ZERO;

@@ -24,9 +24,15 @@
 //!   is broken; the next statement takes a fresh one. A retried statement never runs on a
 //!   connection that failed.
 //! - **A kept connection is not kept for ever.** One idle in a hold for longer than
-//!   [`IDLE_HOLD`] goes back to the pool when the next job takes the hold (it may have died while
-//!   idle: the pool tests it), and one taken from the pool longer than [`MAX_HOLD`] ago goes back
-//!   when its job ends, so the pool's own life-time rules still see every connection regularly.
+//!   [`IDLE_HOLD`] goes back to the pool (a task sweeps the free holds; the pool tests it, it may
+//!   have died while idle), and one taken from the pool longer than [`MAX_HOLD`] ago goes back
+//!   when its job ends, so the pool's own life-time rules still see every connection regularly and
+//!   a worker with nothing to run holds none (closing the pool waits for no hold). A kept
+//!   connection is not tested before its next statement: one that died within [`IDLE_HOLD`] (a
+//!   Postgres restart) fails that statement once, which the worker retries on a fresh one, as a
+//!   statement on any connection that dies is.
+//! - The bound is per [`Holds`], one per worker (`JobRunner`): two on one pool (only tests make
+//!   that) could hold all of it, idle, for up to [`IDLE_HOLD`].
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,9 +45,11 @@ use tokio::sync::Mutex;
 
 use super::{Store, StoreError};
 
-/// A hold kept idle this long gives its connection back to the pool before its next job.
-pub const IDLE_HOLD: Duration = Duration::from_secs(10);
-/// A connection held this long since it left the pool goes back to it when its job ends.
+/// A connection idle in a hold this long goes back to the pool (the holds' sweep, every half of
+/// it, and a job taking the hold): a worker with no paper job to run keeps none for long.
+pub const IDLE_HOLD: Duration = Duration::from_secs(1);
+/// A connection held this long since it left the pool goes back to it when its job ends (or at
+/// the next sweep), so the pool's own life-time rules still see it.
 pub const MAX_HOLD: Duration = Duration::from_secs(60);
 
 /// A connection in a hold: since when it left the pool, and when a statement last ended well on it.
@@ -58,9 +66,16 @@ tokio::task_local! {
 }
 
 /// A worker's holds: at most `n` jobs at once run their statements on a held connection, each
-/// kept for the next job that takes the same hold (see the module's header).
+/// kept for the next job that takes the same hold (see the module's header). Dropping the holds
+/// gives their connections back.
 pub struct Holds {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     holds: Vec<(AtomicBool, Slot)>,
+    idle: Duration,
+    max: Duration,
 }
 
 /// Frees a hold when its job ends or is dropped.
@@ -74,45 +89,98 @@ impl Drop for Taken<'_> {
 
 impl Holds {
     pub fn new(n: usize) -> Holds {
-        Holds {
+        Holds::with_limits(n, IDLE_HOLD, MAX_HOLD)
+    }
+
+    /// Holds whose connections go back to the pool after `idle` unused or `max` held. A task
+    /// sweeps the free holds every `idle / 2` (when made inside a Tokio runtime) and ends with the
+    /// holds.
+    pub fn with_limits(n: usize, idle: Duration, max: Duration) -> Holds {
+        let inner = Arc::new(Inner {
             holds: (0..n)
                 .map(|_| (AtomicBool::new(false), Slot::default()))
                 .collect(),
+            idle,
+            max,
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sweep(Arc::downgrade(&inner)));
         }
+        Holds { inner }
     }
 
     /// Run `fut` (one job) in a free hold, or as it is when every hold is taken.
     pub async fn run<F: Future>(&self, fut: F) -> F::Output {
-        let free = self.holds.iter().find(|(taken, _)| {
-            taken
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        });
-        let Some((taken, slot)) = free else {
+        let Some((taken, slot)) = self.inner.take() else {
             return fut.await;
         };
         let _taken = Taken(taken);
-        // Free, so nothing else locks the slot: `try_lock` cannot fail.
-        if let Ok(mut held) = slot.try_lock() {
-            if held.as_ref().is_some_and(|h| h.used.elapsed() > IDLE_HOLD) {
-                *held = None;
-            }
-        }
+        self.inner.expire(&mut *slot.lock().await);
         let out = HELD.scope(Arc::clone(slot), fut).await;
-        if let Ok(mut held) = slot.try_lock() {
-            if held.as_ref().is_some_and(|h| h.taken.elapsed() > MAX_HOLD) {
-                *held = None;
-            }
-        }
+        self.inner.expire(&mut *slot.lock().await);
         out
     }
 
     /// How many holds keep a connection now. For tests and diagnostics.
     pub fn kept(&self) -> usize {
-        self.holds
+        self.inner
+            .holds
             .iter()
             .filter(|(_, slot)| slot.try_lock().is_ok_and(|h| h.is_some()))
             .count()
+    }
+}
+
+impl Inner {
+    /// A free hold, taken.
+    fn take(&self) -> Option<&(AtomicBool, Slot)> {
+        self.holds.iter().find(|(taken, _)| {
+            taken
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    /// Give the connection of a hold back to the pool if it was idle or held too long.
+    fn expire(&self, held: &mut Option<Held>) {
+        if held
+            .as_ref()
+            .is_some_and(|h| h.used.elapsed() > self.idle || h.taken.elapsed() > self.max)
+        {
+            *held = None;
+        }
+    }
+
+    /// [`Inner::expire`] every free hold.
+    fn sweep(&self) {
+        for (taken, slot) in &self.holds {
+            let free = taken
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok();
+            if free {
+                let _taken = Taken(taken);
+                if let Ok(mut held) = slot.try_lock() {
+                    self.expire(&mut held);
+                }
+            }
+        }
+    }
+}
+
+/// The holds' sweep: until they are dropped.
+async fn sweep(inner: std::sync::Weak<Inner>) {
+    let Some(every) = inner
+        .upgrade()
+        .map(|i| (i.idle / 2).max(Duration::from_millis(10)))
+    else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        match inner.upgrade() {
+            Some(inner) => inner.sweep(),
+            None => return,
+        }
     }
 }
 

@@ -121,15 +121,16 @@ impl Store {
         let q = sqlx::query(&LIMITS_FOR)
             .bind(user)
             .bind(strategy.unwrap_or(""));
-        // On the job's held connection when there is one (a paper job's first delivery reads
-        // its limits here when the read with its position failed, or on a retried check).
+        // On the job's held connection when there is one (a paper job reads its limits here when
+        // the read with its position failed other than by an outage).
         let rows = self.on_conn(async |c| Ok(q.fetch_all(c).await?)).await?;
         rows.iter().map(limits_row).collect()
     }
 
     /// [`Store::risk_limits_for`] and [`Store::position`] of `account` in `symbol` as one
-    /// statement (issue 17): a paper job's first delivery reads both before it opens, and each
-    /// read of its own was a round trip. One row per row of limits, or one with NULL limits; the
+    /// statement (issue 17): a paper buy or sell evaluated without limits read with its start (a
+    /// first delivery, which records no start) reads both before it opens, and each read of its
+    /// own was a round trip. One row per row of limits, or one with NULL limits; the
     /// position's columns (prefixed `p_`) on every row.
     pub async fn limits_and_position(
         &self,

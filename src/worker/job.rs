@@ -571,10 +571,13 @@ impl JobRunner {
         outcome.map(|o| Outcome { environment, ..o })
     }
 
-    /// A paper open's risk limits, read with the account's stored position in one statement
-    /// (issue 17), the position primed into its client (the paper exchange reads it no more).
-    /// `None` for any other job, and when the statement fails other than by an outage: the risk
-    /// check then reads the limits itself (and decides on its error as it always does).
+    /// A paper buy or sell's risk limits, read with the account's stored position in one
+    /// statement (issue 17), the position primed into its client (the paper exchange reads it no
+    /// more for this job: only this user's jobs, one at a time, change it). Called when the
+    /// evaluation has no limits read with the job's start: a first delivery (which records no
+    /// start), and every retried evaluation. `None` for any other job, and when the statement
+    /// fails other than by an outage: the risk check then reads the limits itself (and decides on
+    /// its error as it always does).
     async fn limits_with_position(
         &self,
         client: &Metered,

@@ -792,7 +792,7 @@ async fn no_index_on_jobs_covers_a_column_a_successful_commit_changes() {
     app.cleanup().await;
 }
 
-/// Inside `Store::holding_a_connection` (a paper job's scope) every statement runs on one
+/// Inside `Store::holding_a_connection` (a hold for one scope) every statement runs on one
 /// connection; a statement that fails gives it back, and the next one runs (on a connection that
 /// is not in a failed state); outside the scope statements take connections from the pool.
 #[tokio::test]
@@ -843,7 +843,8 @@ async fn a_held_connection_serves_every_statement_of_its_scope_and_is_given_back
 async fn a_hold_keeps_its_connection_between_jobs_until_a_statement_fails_or_is_cancelled() {
     let app = TestApp::spawn().await;
     let store = &app.store;
-    let holds = std::sync::Arc::new(sparky::store::Holds::new(1));
+    let long = std::time::Duration::from_secs(60);
+    let holds = std::sync::Arc::new(sparky::store::Holds::with_limits(1, long, long));
     assert_eq!(holds.kept(), 0, "a hold starts without a connection");
     let first = holds.run(store.backend_pid()).await.unwrap();
     assert_eq!(
@@ -917,5 +918,32 @@ async fn a_hold_keeps_its_connection_between_jobs_until_a_statement_fails_or_is_
     );
     holds.run(store.backend_pid()).await.unwrap();
     assert_eq!(holds.kept(), 1);
+    drop(holds);
+    app.cleanup().await;
+}
+
+/// A kept connection goes back to the pool once idle for the holds' idle limit (the sweep, with
+/// no job to take the hold), or when its job ends after the held limit: a worker with nothing to
+/// run keeps none, so closing the pool waits for no hold.
+#[tokio::test]
+async fn a_hold_gives_its_connection_back_when_idle_or_held_too_long() {
+    use std::time::Duration;
+    let app = TestApp::spawn().await;
+    let store = &app.store;
+    let idle =
+        sparky::store::Holds::with_limits(2, Duration::from_millis(200), Duration::from_secs(60));
+    idle.run(store.backend_pid()).await.unwrap();
+    assert_eq!(idle.kept(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(idle.kept(), 0, "the idle connection went back to the pool");
+
+    let held = sparky::store::Holds::with_limits(2, Duration::from_secs(60), Duration::ZERO);
+    held.run(store.backend_pid()).await.unwrap();
+    assert_eq!(
+        held.kept(),
+        0,
+        "held longer than the limit: back when its job ends"
+    );
+    // Holds still alive here: the cleanup's pool close does not wait for them.
     app.cleanup().await;
 }

@@ -533,6 +533,20 @@ async fn limits_and_position_read_together_what_each_read_alone() {
             .unwrap()
     };
 
+    // Positions of the same user in SOLUSDT on other accounts are not this account's.
+    for (exchange, environment) in [("paper", "sandbox"), ("aster", "production")] {
+        sqlx::query(
+            "INSERT INTO positions (user_id, exchange, environment, symbol, side, quantity, entry_price)
+             VALUES ($1, $2, $3, 'SOLUSDT', 'short', 2, 150)",
+        )
+        .bind(user)
+        .bind(exchange)
+        .bind(environment)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    }
+
     // No limits; a position and none.
     let (limits, long) = together(None, "ETHUSDT").await;
     assert!(limits.is_empty());
@@ -544,7 +558,7 @@ async fn limits_and_position_read_together_what_each_read_alone() {
     assert_eq!(together(None, "SOLUSDT").await, (vec![], None));
 
     // The user's row, two strategies' rows: a job of `s1` gets the user's and s1's.
-    for strategy in [None, Some("s1"), Some("s2")] {
+    for strategy in [Some("s2"), Some("s1"), None] {
         let mut l = no_limits(user);
         l.strategy = strategy.map(str::to_string);
         l.max_trades_per_day = Some(7);
