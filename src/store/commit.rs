@@ -540,6 +540,17 @@ mod tests {
         assert_eq!(orders[0].quantity, dec!(1.5));
     }
 
+    /// The parts of a built statement (`name AS (..)`, separated as [`Statement::part`] writes
+    /// them) and their names.
+    fn parts_of(sql: &str) -> (Vec<&str>, Vec<&str>) {
+        let parts: Vec<&str> = sql.split(",\n     ").collect();
+        let names = parts
+            .iter()
+            .map(|p| p.trim_start_matches("WITH ").split(' ').next().unwrap())
+            .collect();
+        (parts, names)
+    }
+
     #[test]
     fn every_part_of_a_fenced_commit_reads_the_fence() {
         let j = job();
@@ -552,7 +563,7 @@ mod tests {
         let sql = s.finish("SELECT count(*) FROM upd").into_sql();
         // upd, the trades (three rows), the cancel of `old` only (s1 is left resting), one order,
         // the position
-        let parts: Vec<&str> = sql.split(",\n     ").collect();
+        let (parts, _) = parts_of(&sql);
         assert_eq!(parts.len(), 5, "{sql}");
         assert_eq!(parts[1].matches("), (").count(), 2, "three rows: {sql}");
         assert!(parts[2].contains("client_order_id = ANY("), "{sql}");
@@ -574,16 +585,12 @@ mod tests {
             running_for: std::time::Duration::from_millis(2),
         };
         let sql = first_statement(&j, &o, &first).into_sql();
-        let parts: Vec<&str> = sql.split(",\n     ").collect();
+        let (parts, names) = parts_of(&sql);
         assert!(
             parts[0].starts_with("WITH upd AS (INSERT INTO jobs")
                 && parts[0].ends_with("ON CONFLICT (job_id) DO NOTHING RETURNING job_id)"),
             "{sql}"
         );
-        let names: Vec<&str> = parts
-            .iter()
-            .map(|p| p.trim_start_matches("WITH ").split(' ').next().unwrap())
-            .collect();
         // the trades, the cancel, the resting order, the position and the notification, as in a
         // fenced commit: each gated on the insert (the event and its deliveries through `ch`)
         assert_eq!(
@@ -619,11 +626,7 @@ mod tests {
         push_fills(&mut s, &j, &o);
         crate::notify::push_job_outcome(&mut s, j.job_id, &j.alert, &o);
         let sql = s.finish("SELECT count(*) FROM upd").into_sql();
-        let parts: Vec<&str> = sql.split(",\n     ").collect();
-        let names: Vec<&str> = parts
-            .iter()
-            .map(|p| p.trim_start_matches("WITH ").split(' ').next().unwrap())
-            .collect();
+        let (parts, names) = parts_of(&sql);
         assert_eq!(names, ["upd", "t", "pos", "ch", "ev", "d"], "{sql}");
         assert!(
             parts[2].starts_with("pos AS (DELETE FROM positions"),
