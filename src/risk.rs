@@ -214,6 +214,12 @@ fn store_stop(what: &str, e: StoreError) -> Stop {
     }
 }
 
+/// Do the risk limits apply to an alert with this action? Only an open (a buy or a sell) is
+/// evaluated: closing is never blocked.
+pub fn limits_apply(action: Action) -> bool {
+    matches!(action, Action::Buy | Action::Sell)
+}
+
 async fn evaluate(
     store: &Store,
     ex: &dyn Exchange,
@@ -221,7 +227,7 @@ async fn evaluate(
     limits: Option<Vec<RiskLimits>>,
 ) -> Result<(), Stop> {
     let a = &job.alert;
-    if !matches!(a.action, Action::Buy | Action::Sell) {
+    if !limits_apply(a.action) {
         return Ok(());
     }
     let unreadable = |e: StoreError| store_stop("the limits cannot be read", e);

@@ -15,7 +15,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 use uuid::Uuid;
 
-use crate::domain::{Account, Action, CredentialEnv, Job, Side};
+use crate::domain::{Account, CredentialEnv, Job, Side};
 use crate::executor::Outcome;
 use crate::job::{FailureClass, FillState, JobStatus};
 
@@ -728,7 +728,7 @@ impl Store {
 
 /// Does a job's start read the risk limits that apply to it (an opening job's do)?
 fn reads_limits_at_begin(job: &Job) -> bool {
-    matches!(job.alert.action, Action::Buy | Action::Sell)
+    crate::risk::limits_apply(job.alert.action)
 }
 
 /// A started job's answer from its rows of [`BEGIN`] or [`begins`]' statement (at least one; with
@@ -797,23 +797,30 @@ fn position_row_prefixed(
     r: &sqlx::postgres::PgRow,
     prefix: &str,
 ) -> Result<PositionRow, sqlx::Error> {
-    let col = |name: &str| format!("{prefix}{name}");
-    let side: &str = r.try_get(col("side").as_str())?;
-    let environment: &str = r.try_get(col("environment").as_str())?;
-    let decode = |column: &str, e: String| sqlx::Error::ColumnDecode {
-        index: col(column),
+    // No allocation for the unprefixed columns (every other position read).
+    let col = |name: &'static str| -> std::borrow::Cow<'static, str> {
+        if prefix.is_empty() {
+            name.into()
+        } else {
+            format!("{prefix}{name}").into()
+        }
+    };
+    let side: &str = r.try_get(&*col("side"))?;
+    let environment: &str = r.try_get(&*col("environment"))?;
+    let decode = |column: &'static str, e: String| sqlx::Error::ColumnDecode {
+        index: col(column).into_owned(),
         source: e.into(),
     };
     Ok(PositionRow {
-        user_id: r.try_get(col("user_id").as_str())?,
-        symbol: r.try_get(col("symbol").as_str())?,
-        exchange: r.try_get(col("exchange").as_str())?,
+        user_id: r.try_get(&*col("user_id"))?,
+        symbol: r.try_get(&*col("symbol"))?,
+        exchange: r.try_get(&*col("exchange"))?,
         environment: CredentialEnv::from_str(environment).map_err(|e| decode("environment", e))?,
         side: Side::from_str(side).map_err(|e| decode("side", e))?,
-        quantity: r.try_get(col("quantity").as_str())?,
-        entry_price: r.try_get(col("entry_price").as_str())?,
-        stop_loss_price: r.try_get(col("stop_loss_price").as_str())?,
-        take_profit_price: r.try_get(col("take_profit_price").as_str())?,
+        quantity: r.try_get(&*col("quantity"))?,
+        entry_price: r.try_get(&*col("entry_price"))?,
+        stop_loss_price: r.try_get(&*col("stop_loss_price"))?,
+        take_profit_price: r.try_get(&*col("take_profit_price"))?,
     })
 }
 

@@ -185,13 +185,6 @@ async fn sweep(inner: std::sync::Weak<Inner>) {
 }
 
 impl Store {
-    /// Run `fut` with the statements it makes through [`Store::on_conn`] on one connection (see
-    /// the module's header), given back to the pool when `fut` ends: a hold of its own, for one
-    /// scope. A worker's jobs use its [`Holds`] instead.
-    pub async fn holding_a_connection<F: Future>(fut: F) -> F::Output {
-        HELD.scope(Slot::default(), fut).await
-    }
-
     /// The pool's size.
     pub fn max_connections(&self) -> u32 {
         self.pool.options().get_max_connections()

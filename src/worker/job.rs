@@ -585,12 +585,7 @@ impl JobRunner {
         account: &Account,
     ) -> Result<Option<Vec<RiskLimits>>, StoreError> {
         let a = &job.alert;
-        if !a.exchange.is_in_postgres()
-            || !matches!(
-                a.action,
-                crate::domain::Action::Buy | crate::domain::Action::Sell
-            )
-        {
+        if !a.exchange.is_in_postgres() || !risk::limits_apply(a.action) {
             return Ok(None);
         }
         let read = self

@@ -792,47 +792,48 @@ async fn no_index_on_jobs_covers_a_column_a_successful_commit_changes() {
     app.cleanup().await;
 }
 
-/// Inside `Store::holding_a_connection` (a hold for one scope) every statement runs on one
+/// Inside a hold (`Holds::run`, a paper job's scope) every statement runs on one
 /// connection; a statement that fails gives it back, and the next one runs (on a connection that
 /// is not in a failed state); outside the scope statements take connections from the pool.
 #[tokio::test]
 async fn a_held_connection_serves_every_statement_of_its_scope_and_is_given_back_on_an_error() {
     let app = TestApp::spawn().await;
     let store = &app.store;
-    sparky::store::Store::holding_a_connection(async {
-        let first = store.backend_pid().await.unwrap();
-        let other = store.clone();
-        // Another task's statements meanwhile do not take it.
-        let elsewhere = tokio::spawn(async move { other.backend_pid().await.unwrap() });
-        assert_ne!(
-            elsewhere.await.unwrap(),
-            first,
-            "the held connection is this task's"
-        );
-        let (user, _) = app.paper_user().await;
-        let job = uuid::Uuid::now_v7();
-        assert!(store.get_job(job).await.unwrap().is_none());
-        assert_eq!(store.backend_pid().await.unwrap(), first);
-        // An error: a store error comes back and the next statement runs.
-        let bad = sparky::domain::Account {
-            user_id: user,
-            exchange: sparky::domain::ExchangeKind::Paper,
-            environment: sparky::domain::CredentialEnv::Production,
-        };
-        sqlx::query("ALTER TABLE positions RENAME TO positions_gone")
-            .execute(&app.store.pool)
-            .await
-            .unwrap();
-        assert!(store.position(&bad, "ETHUSDT").await.is_err());
-        sqlx::query("ALTER TABLE positions_gone RENAME TO positions")
-            .execute(&app.store.pool)
-            .await
-            .unwrap();
-        assert!(store.position(&bad, "ETHUSDT").await.unwrap().is_none());
-        let again = store.backend_pid().await.unwrap();
-        assert_eq!(store.backend_pid().await.unwrap(), again);
-    })
-    .await;
+    sparky::store::Holds::new(1)
+        .run(async {
+            let first = store.backend_pid().await.unwrap();
+            let other = store.clone();
+            // Another task's statements meanwhile do not take it.
+            let elsewhere = tokio::spawn(async move { other.backend_pid().await.unwrap() });
+            assert_ne!(
+                elsewhere.await.unwrap(),
+                first,
+                "the held connection is this task's"
+            );
+            let (user, _) = app.paper_user().await;
+            let job = uuid::Uuid::now_v7();
+            assert!(store.get_job(job).await.unwrap().is_none());
+            assert_eq!(store.backend_pid().await.unwrap(), first);
+            // An error: a store error comes back and the next statement runs.
+            let bad = sparky::domain::Account {
+                user_id: user,
+                exchange: sparky::domain::ExchangeKind::Paper,
+                environment: sparky::domain::CredentialEnv::Production,
+            };
+            sqlx::query("ALTER TABLE positions RENAME TO positions_gone")
+                .execute(&app.store.pool)
+                .await
+                .unwrap();
+            assert!(store.position(&bad, "ETHUSDT").await.is_err());
+            sqlx::query("ALTER TABLE positions_gone RENAME TO positions")
+                .execute(&app.store.pool)
+                .await
+                .unwrap();
+            assert!(store.position(&bad, "ETHUSDT").await.unwrap().is_none());
+            let again = store.backend_pid().await.unwrap();
+            assert_eq!(store.backend_pid().await.unwrap(), again);
+        })
+        .await;
     app.cleanup().await;
 }
 
